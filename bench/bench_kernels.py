@@ -1,0 +1,113 @@
+"""Kernel benchmarks (run by hand): python bench/bench_kernels.py [--quick]
+
+Prints a read-bandwidth probe (vectorised numba sum over ~1 GB of uint64), then
+matmul_q80_q40 GB/s of weight bytes at T=1 and GFLOP/s-equivalent (2*rows*cols*T per call)
+at T=20 and T=128, each with 1 and 2 numba threads, and the fraction of the probe bandwidth.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import numba
+import numpy as np
+from numba import njit, prange
+
+from dllama_mpi import kernels as K
+from dllama_mpi.quant import Q40Matrix, quantize_q40
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def _sum_u64(a, nchunks):
+    n = a.size
+    part = np.zeros(nchunks, np.uint64)
+    step = (n + nchunks - 1) // nchunks
+    for c in prange(nchunks):
+        s = np.uint64(0)
+        for i in range(c * step, min(n, (c + 1) * step)):
+            s += a[i]
+        part[c] = s
+    return part.sum()
+
+
+def best_of(fn, reps: int, min_time: float = 0.0) -> float:
+    best = float("inf")
+    t_end = time.perf_counter() + min_time
+    i = 0
+    while i < reps or time.perf_counter() < t_end:
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+        i += 1
+    return best
+
+
+def probe(nbytes: int, threads: int, reps: int) -> float:
+    a = np.ones(nbytes // 8, np.uint64)
+    numba.set_num_threads(threads)
+    _sum_u64(a[:1024], threads)
+    t = best_of(lambda: _sum_u64(a, threads), reps)
+    return a.nbytes / t / 1e9
+
+
+def make_matrix(rows: int, cols: int, seed: int = 0) -> Q40Matrix:
+    rng = np.random.default_rng(seed)
+    return Q40Matrix.from_blocks(quantize_q40(rng.standard_normal((rows, cols), dtype=np.float32)))
+
+
+def bench_matmul(w: Q40Matrix, T: int, threads: int, reps: int, copies: int) -> float:
+    """seconds per call, best of reps; cycles through `copies` matrices so T=1 reads from DRAM."""
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((T, w.cols), dtype=np.float32)
+    xq = np.empty((T, w.cols), np.int8)
+    xd = np.empty((T, w.cols // 32), np.float32)
+    K.quantize_q80_act(xq, xd, x)
+    out = np.empty((T, w.rows), np.float32)
+    mats = [w] + [Q40Matrix(w.qs.copy(), w.d.copy(), w.rows, w.cols) for _ in range(copies - 1)]
+    numba.set_num_threads(threads)
+    K.matmul_q80_q40(out, xq, xd, w)
+    state = [0]
+
+    def call():
+        K.matmul_q80_q40(out, xq, xd, mats[state[0] % len(mats)])
+        state[0] += 1
+    return best_of(call, reps, min_time=0.5)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="fewer repetitions")
+    ap.add_argument("--probe-gb", type=float, default=1.0)
+    args = ap.parse_args()
+    reps = 3 if args.quick else 7
+    maxthr = numba.config.NUMBA_NUM_THREADS
+    thr_list = [1, 2] if maxthr >= 2 else [1]
+    K.warmup()
+
+    bw = {}
+    for th in thr_list:
+        bw[th] = probe(int(args.probe_gb * 1e9), th, reps)
+        print(f"read probe (numba uint64 sum, {args.probe_gb:.1f} GB), {th} thread(s): {bw[th]:6.2f} GB/s")
+
+    for rows, cols in [(8192, 2048), (2048, 8192)]:
+        w = make_matrix(rows, cols)
+        mb = w.nbytes / 1e6
+        for th in thr_list:
+            t = bench_matmul(w, 1, th, reps * 3, copies=8)   # 8 x 9.4 MB > L3
+            gbs = w.nbytes / t / 1e9
+            print(f"matmul_q80_q40 {rows}x{cols} ({mb:.1f} MB) T=1   {th} thr: {t*1e3:7.3f} ms  "
+                  f"{gbs:6.2f} GB/s  ({gbs / bw[th]:.0%} of probe)")
+        for T in (20, 128):
+            for th in thr_list:
+                t = bench_matmul(w, T, th, reps, copies=1)
+                gf = 2.0 * rows * cols * T / t / 1e9
+                print(f"matmul_q80_q40 {rows}x{cols} T={T:<4d}{th} thr: {t*1e3:7.3f} ms  {gf:6.1f} GFLOP/s-eq  "
+                      f"({T / t:8.0f} tokens*matrices/s)")
+
+
+if __name__ == "__main__":
+    main()

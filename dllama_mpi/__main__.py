@@ -1,0 +1,52 @@
+"""`python -m dllama_mpi`: an error on any rank ends the whole job, never a hang."""
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+
+
+def _world_size() -> int:
+    for var in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "SLURM_NTASKS"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return 1
+
+
+def _abort(code: int) -> None:
+    """Take every rank down: a rank left waiting in a collective would hang the job."""
+    if _world_size() > 1:
+        try:
+            from mpi4py import MPI
+            sys.stdout.flush()
+            sys.stderr.flush()
+            MPI.COMM_WORLD.Abort(code)
+        except Exception:
+            pass
+    os._exit(code)
+
+
+def main(argv=None) -> int:
+    from .errors import DllamaError
+    from .session import StartupFailed
+    try:
+        from .cli import main as cli_main
+        return cli_main(argv)
+    except StartupFailed as e:        # the root already said why; every rank leaves
+        return int(e.code or 1)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        _abort(130)
+    except DllamaError as e:
+        print(f"error: {e}", file=sys.stderr)
+        _abort(1)
+    except Exception:
+        rank = os.environ.get("PMI_RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "0"))
+        print(f"rank {rank}: internal error, aborting the job:", file=sys.stderr)
+        traceback.print_exc()
+        _abort(1)
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

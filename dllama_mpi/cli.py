@@ -1,0 +1,85 @@
+"""Subcommands. Builds configs from arguments and prints; no math here."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from . import models
+from .config import BUFFER_TYPES, WEIGHT_TYPES, RunConfig
+from .errors import DllamaError
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True,
+                   help=f"a .gguf file, or a known model name ({', '.join(models.KNOWN_MODELS)})")
+    p.add_argument("--weights-float-type", choices=WEIGHT_TYPES, default="q40",
+                   help="runtime weight format (default q40)")
+    p.add_argument("--buffer-float-type", choices=BUFFER_TYPES, default=None,
+                   help="activations between ranks (default: q80 with q40 weights, else f32)")
+    p.add_argument("--max-seq-len", type=int, default=0,
+                   help="KV cache positions (default: the model's context, at most 4096)")
+    p.add_argument("--nthreads", type=int, default=0,
+                   help="threads per rank (default: cores this rank may use / ranks on the node)")
+    p.add_argument("--kv-cache-dir", default=None,
+                   help="keep the KV cache in memory-mapped files in this directory")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--topp", type=float, default=0.9)
+    p.add_argument("--topk", type=int, default=0, help="0 = off")
+    p.add_argument("--seed", type=int, default=None)
+
+
+def run_config(args) -> RunConfig:
+    wire = args.buffer_float_type or ("q80" if args.weights_float_type == "q40" else "f32")
+    return RunConfig(weights_float_type=args.weights_float_type, buffer_float_type=wire,
+                     max_seq_len=args.max_seq_len, nthreads=args.nthreads,
+                     temperature=getattr(args, "temperature", 0.0),
+                     topp=getattr(args, "topp", 1.0), topk=getattr(args, "topk", 0),
+                     seed=getattr(args, "seed", None))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dllama_mpi", description="Tensor-parallel LLM inference on MPI. Run under "
+        "mpiexec -n N for N ranks (N up to the model's number of query heads).")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("inference", help="generate a continuation of one prompt")
+    _add_model_args(p)
+    _add_sampling_args(p)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--steps", type=int, default=64, help="tokens to generate at most")
+    p.add_argument("--chat", action="store_true",
+                   help="wrap the prompt as a user message with the model's chat template")
+    p.add_argument("--stats", action="store_true", help="per-token timing lines on stderr")
+    p.add_argument("--json", action="store_true", help="print one JSON object at the end")
+
+    p = sub.add_parser("pull", help="download a known model into the cache")
+    p.add_argument("name", choices=sorted(models.KNOWN_MODELS))
+
+    p = sub.add_parser("info", help="print a model's config and the memory per rank")
+    p.add_argument("--model", required=True)
+    p.add_argument("-n", "--ranks", type=int, default=1)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "pull":
+        print(models.pull(args.name))
+        return 0
+    if args.command == "info":
+        from .info import print_info
+        return print_info(args.model, args.ranks)
+    if args.command == "inference":
+        from .inference import run_inference
+        return run_inference(args, run_config(args))
+    raise DllamaError(f"unknown command {args.command}")
+
+
+def print_json(obj) -> None:
+    sys.stdout.write(json.dumps(obj) + "\n")
+    sys.stdout.flush()

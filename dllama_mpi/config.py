@@ -1,0 +1,128 @@
+"""Model and run configuration: plain dataclasses, derived fields, one validation."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from .errors import DllamaError
+
+WEIGHT_TYPES = ("q40", "f32")
+BUFFER_TYPES = ("q80", "f32")
+DEFAULT_MAX_SEQ_LEN = 4096  # cap on the model's context unless --max-seq-len says otherwise
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    arch: str
+    dim: int
+    hidden_dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    vocab_size: int
+    context_length: int
+    head_dim: int = 0                # 0: dim // n_heads
+    rope_theta: float = 10000.0
+    # per rope pair i, inv_freq_i is divided by this factor (llama3 / linear scaling);
+    # q/k rows are always held for interleaved-pair rope (GGUF's Llama order)
+    rope_freq_factors: tuple[float, ...] | None = None
+    norm_eps: float = 1e-5
+    tied_embeddings: bool = False
+
+    def __post_init__(self):
+        if self.head_dim == 0:
+            object.__setattr__(self, "head_dim", self.dim // self.n_heads)
+
+    @property
+    def q_dim(self) -> int:
+        return self.n_heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.n_kv_heads * self.head_dim
+
+    @property
+    def group(self) -> int:
+        """Query heads per KV head."""
+        return self.n_heads // self.n_kv_heads
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        d = dict(d)
+        if d.get("rope_freq_factors") is not None:
+            d["rope_freq_factors"] = tuple(d["rope_freq_factors"])
+        return cls(**d)
+
+    def check(self) -> None:
+        """Raise DllamaError if the shape cannot describe a Llama."""
+        for name in ("dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size"):
+            if getattr(self, name) <= 0:
+                raise DllamaError(f"model config: {name} must be positive, got {getattr(self, name)}")
+        if self.n_heads % self.n_kv_heads:
+            raise DllamaError(f"model config: n_heads ({self.n_heads}) is not a multiple of "
+                              f"n_kv_heads ({self.n_kv_heads})")
+        if self.head_dim % 2:
+            raise DllamaError(f"model config: head_dim ({self.head_dim}) must be even for rope")
+        if self.rope_freq_factors is not None and len(self.rope_freq_factors) != self.head_dim // 2:
+            raise DllamaError(f"model config: {len(self.rope_freq_factors)} rope frequency "
+                              f"factors for head_dim {self.head_dim}")
+
+
+@dataclass
+class RunConfig:
+    weights_float_type: str = "q40"
+    buffer_float_type: str = "q80"
+    max_seq_len: int = 0             # 0: the model's context, capped at DEFAULT_MAX_SEQ_LEN
+    nthreads: int = 0                # 0: cores available to this rank / ranks on the node
+    temperature: float = 0.8
+    topp: float = 0.9
+    topk: int = 0
+    seed: int | None = None
+    prefill_chunk: int = 128         # prompt tokens per forward (a matrix through the weights)
+    extra: dict = field(default_factory=dict)
+
+    def resolved_max_seq_len(self, model: ModelConfig) -> int:
+        if self.max_seq_len > 0:
+            return self.max_seq_len
+        return min(model.context_length or DEFAULT_MAX_SEQ_LEN, DEFAULT_MAX_SEQ_LEN)
+
+    def validate(self, model: ModelConfig, world_size: int) -> None:
+        """All checks that must fail on rank 0 before any loading, with one clear message."""
+        model.check()
+        if self.weights_float_type not in WEIGHT_TYPES:
+            raise DllamaError(f"--weights-float-type must be one of {WEIGHT_TYPES}, "
+                              f"got {self.weights_float_type!r}")
+        if self.buffer_float_type not in BUFFER_TYPES:
+            raise DllamaError(f"--buffer-float-type must be one of {BUFFER_TYPES}, "
+                              f"got {self.buffer_float_type!r}")
+        if world_size > model.n_heads:
+            raise DllamaError(
+                f"{world_size} ranks cannot split a model with {model.n_heads} query heads: "
+                f"run with at most {model.n_heads} ranks")
+        if self.weights_float_type == "q40":
+            from .shard import plan
+            for r in range(world_size):
+                p = plan(model, r, world_size)
+                if model.dim % 32 or p.q_cols % 32 or p.ffn_len % 32:
+                    raise DllamaError(
+                        f"Q40 weights need dim, each rank's attention width and FFN slice to be "
+                        f"multiples of 32 (dim {model.dim}, head_dim {model.head_dim}, "
+                        f"hidden {model.hidden_dim}, {world_size} ranks): "
+                        f"use --weights-float-type f32")
+        ctx = self.resolved_max_seq_len(model)
+        if ctx <= 0:
+            raise DllamaError(f"--max-seq-len must be positive, got {ctx}")
+        if model.context_length and ctx > model.context_length:
+            raise DllamaError(f"--max-seq-len {ctx} exceeds the model's context "
+                              f"length {model.context_length}")
+        if self.temperature < 0:
+            raise DllamaError("--temperature must be >= 0")
+        if not 0.0 < self.topp <= 1.0:
+            raise DllamaError("--topp must be in (0, 1]")
+        if self.topk < 0:
+            raise DllamaError("--topk must be >= 0")
+        if self.prefill_chunk <= 0:
+            raise DllamaError("prefill chunk must be positive")

@@ -1,0 +1,85 @@
+"""The root/worker step loop: the root decides each forward, every rank runs it.
+
+The root broadcasts a step packet (n_tokens, first position, flags) and the embedded
+tokens; all ranks run the same forward on their shard; n_tokens == 0 means stop.
+The engine knows token ids only: text lives with the tokenizer on the root.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .comm import STEP_HEADER
+
+FLAG_ALL_LOGITS = 1
+
+
+@dataclass
+class StepStats:
+    n_tokens: int
+    seconds: float
+    sync_seconds: float
+    bytes_sent: int
+    bytes_recv: int
+
+    @property
+    def compute_seconds(self) -> float:
+        return self.seconds - self.sync_seconds
+
+
+@dataclass
+class Engine:
+    comm: object
+    model: object            # Transformer for this rank's shard
+    dim: int
+    embedding: object = None  # root only: ids -> [T, dim] f32
+    steps: list[StepStats] = field(default_factory=list)
+
+    # -- root --------------------------------------------------------------------------
+    def forward(self, tokens, pos: int, all_logits: bool = False) -> np.ndarray:
+        """Root: run tokens at positions pos.. on every rank; logits [T or 1, vocab]."""
+        t = len(tokens)
+        header = np.array([t, pos, FLAG_ALL_LOGITS if all_logits else 0, 0], np.int32)
+        start, s0 = time.perf_counter(), self._snapshot()
+        self.comm.bcast_step(header)
+        x = self.comm.bcast_array(self.embedding.lookup(tokens))
+        logits = self.model.forward(x, np.arange(pos, pos + t, dtype=np.int32), all_logits)
+        self._record(t, start, s0)
+        return logits
+
+    def stop(self) -> None:
+        """Root: tell the workers to leave their loop."""
+        self.comm.bcast_step(np.zeros(STEP_HEADER, np.int32))
+
+    # -- workers -----------------------------------------------------------------------
+    def serve_forever(self) -> None:
+        """Worker: run forwards until the root sends n_tokens == 0."""
+        while True:
+            start, s0 = time.perf_counter(), self._snapshot()
+            header = self.comm.bcast_step(None)
+            t, pos, flags = int(header[0]), int(header[1]), int(header[2])
+            if t == 0:
+                return
+            x = self.comm.bcast_array(np.empty((t, self.dim), np.float32))
+            self.model.forward(x, np.arange(pos, pos + t, dtype=np.int32),
+                               bool(flags & FLAG_ALL_LOGITS))
+            self._record(t, start, s0)
+
+    # -- statistics --------------------------------------------------------------------
+    def _snapshot(self):
+        s = self.comm.stats
+        return s.sync_seconds, s.bytes_sent, s.bytes_recv
+
+    def _record(self, t: int, start: float, s0) -> None:
+        s = self.comm.stats
+        self.steps.append(StepStats(t, time.perf_counter() - start, s.sync_seconds - s0[0],
+                                    s.bytes_sent - s0[1], s.bytes_recv - s0[2]))
+
+    def gather_step_stats(self) -> list[list[StepStats]] | None:
+        """Every rank's step statistics, on the root (call on all ranks after stop)."""
+        rows = [(s.n_tokens, s.seconds, s.sync_seconds, s.bytes_sent, s.bytes_recv)
+                for s in self.steps]
+        everyone = self.comm.allgather_obj(rows)
+        return [[StepStats(*r) for r in rank_rows] for rank_rows in everyone]

@@ -1,0 +1,154 @@
+"""GGUF (llama.cpp) models: header -> ModelConfig, canonical tensor name -> tensor.
+
+Read with the `gguf` package (memory-mapped): only the slices a rank needs are touched.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from ..config import ModelConfig
+from ..errors import DllamaError
+
+SUPPORTED_ARCHS = ("llama",)
+SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")
+
+_LAYER_NAMES = {
+    "attn_norm": "attn_norm", "wq": "attn_q", "wk": "attn_k", "wv": "attn_v",
+    "wo": "attn_output", "ffn_norm": "ffn_norm", "w1": "ffn_gate", "w2": "ffn_down",
+    "w3": "ffn_up",
+}
+
+
+def gguf_name(name: str) -> str:
+    """Canonical name ('layers.3.wq', 'embedding', 'final_norm', 'wcls') -> GGUF name."""
+    if name.startswith("layers."):
+        _, index, short = name.split(".")
+        return f"blk.{index}.{_LAYER_NAMES[short]}.weight"
+    return {"embedding": "token_embd.weight", "final_norm": "output_norm.weight",
+            "wcls": "output.weight", "rope_freqs": "rope_freqs.weight"}[name]
+
+
+class GGUFTensor:
+    """One tensor: raw rows (bytes or values) of W[out, in] and its type."""
+
+    def __init__(self, t):
+        self.name = t.name
+        self.type = t.tensor_type.name
+        # GGUF lists dims innermost first: shape [in, out]
+        self.shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+        self.data = t.data  # np.memmap: [out, bytes per row] for quantised, [out, in] else
+        self.ggml_type = t.tensor_type
+
+
+class GGUFModel:
+    """An open GGUF file, checked up front so that errors come before any loading."""
+
+    format = "gguf"
+
+    def __init__(self, path: str):
+        from gguf import GGUFReader
+        if not os.path.isfile(path):
+            raise DllamaError(f"model file not found: {path}")
+        with open(path, "rb") as f:
+            magic = f.read(4)
+        if magic != b"GGUF":
+            raise DllamaError(f"{path} is not a GGUF file (magic {magic!r}, expected b'GGUF')")
+        try:
+            self.reader = GGUFReader(path, "r")
+        except Exception as e:  # the gguf package raises ValueError/IndexError/... on damage
+            raise DllamaError(f"cannot read GGUF file {path}: {type(e).__name__}: {e} "
+                              f"(truncated or corrupt?)") from None
+        self.path = path
+        self.file_size = os.path.getsize(path)
+        self.tensors = {t.name: GGUFTensor(t) for t in self.reader.tensors}
+        self.config = self._read_config()
+        self._check_tensors()
+
+    # -- header ----------------------------------------------------------------------
+    def field(self, key: str, default=None):
+        f = self.reader.fields.get(key)
+        if f is None:
+            return default
+        return f.contents()
+
+    def _read_config(self) -> ModelConfig:
+        arch = self.field("general.architecture")
+        if arch not in SUPPORTED_ARCHS:
+            raise DllamaError(f"{self.path}: unsupported architecture {arch!r} "
+                              f"(supported: {', '.join(SUPPORTED_ARCHS)})")
+        a = arch
+
+        def need(key):
+            v = self.field(f"{a}.{key}")
+            if v is None:
+                raise DllamaError(f"{self.path}: GGUF metadata lacks {a}.{key}")
+            return v
+
+        n_heads = int(need("attention.head_count"))
+        dim = int(need("embedding_length"))
+        emb = self.tensors.get("token_embd.weight")
+        vocab = self.field(f"{a}.vocab_size")
+        if vocab is None:
+            if emb is None:
+                raise DllamaError(f"{self.path}: no token_embd.weight tensor")
+            vocab = emb.shape[0]
+        head_dim = int(self.field(f"{a}.attention.key_length", dim // n_heads))
+        freq_factors = None
+        if "rope_freqs.weight" in self.tensors:
+            freq_factors = tuple(float(v) for v in np.asarray(
+                self.tensors["rope_freqs.weight"].data, np.float32).reshape(-1))
+        else:
+            stype = self.field(f"{a}.rope.scaling.type")
+            factor = self.field(f"{a}.rope.scaling.factor")
+            if stype == "linear" and factor:
+                freq_factors = (float(factor),) * (head_dim // 2)
+            elif stype not in (None, "none") and factor and float(factor) != 1.0:
+                raise DllamaError(f"{self.path}: unsupported rope scaling {stype!r}")
+        return ModelConfig(
+            arch=arch, dim=dim, hidden_dim=int(need("feed_forward_length")),
+            n_layers=int(need("block_count")), n_heads=n_heads,
+            n_kv_heads=int(self.field(f"{a}.attention.head_count_kv", n_heads)),
+            vocab_size=int(vocab), context_length=int(self.field(f"{a}.context_length", 0)),
+            head_dim=head_dim, rope_theta=float(self.field(f"{a}.rope.freq_base", 10000.0)),
+            rope_freq_factors=freq_factors,
+            norm_eps=float(self.field(f"{a}.attention.layer_norm_rms_epsilon", 1e-5)),
+            tied_embeddings="output.weight" not in self.tensors)
+
+    def _check_tensors(self) -> None:
+        c = self.config
+        c.check()
+        expected = {"embedding": (c.vocab_size, c.dim), "final_norm": (c.dim,)}
+        if not c.tied_embeddings:
+            expected["wcls"] = (c.vocab_size, c.dim)
+        for i in range(c.n_layers):
+            p = f"layers.{i}."
+            expected.update({p + "attn_norm": (c.dim,), p + "ffn_norm": (c.dim,),
+                             p + "wq": (c.q_dim, c.dim), p + "wk": (c.kv_dim, c.dim),
+                             p + "wv": (c.kv_dim, c.dim), p + "wo": (c.dim, c.q_dim),
+                             p + "w1": (c.hidden_dim, c.dim), p + "w3": (c.hidden_dim, c.dim),
+                             p + "w2": (c.dim, c.hidden_dim)})
+        for name, shape in expected.items():
+            t = self.tensors.get(gguf_name(name))
+            if t is None:
+                raise DllamaError(f"{self.path}: missing tensor {gguf_name(name)}")
+            if t.type not in SUPPORTED_TYPES:
+                raise DllamaError(f"{self.path}: tensor {t.name} has type {t.type}; supported: "
+                                  f"{', '.join(SUPPORTED_TYPES)}")
+            if t.shape != shape:
+                raise DllamaError(f"{self.path}: tensor {t.name} has shape {t.shape}, "
+                                  f"expected {shape}")
+            if t.data.size == 0 or t.data.shape[0] != shape[0]:
+                raise DllamaError(f"{self.path}: tensor {t.name} is truncated")
+        last = max(self.reader.tensors, key=lambda t: t.data_offset + t.n_bytes)
+        if last.data_offset + last.n_bytes > self.file_size:
+            raise DllamaError(f"{self.path} is truncated: tensor {last.name} ends at byte "
+                              f"{last.data_offset + last.n_bytes}, file has {self.file_size}")
+
+    # -- tensors ---------------------------------------------------------------------
+    def tensor(self, name: str) -> GGUFTensor:
+        return self.tensors[gguf_name(name)]
+
+    def close(self) -> None:
+        self.reader = None

@@ -1,0 +1,45 @@
+"""Per-rank K/V storage: this rank's KV heads, every layer, every position.
+
+In RAM, or in memory-mapped files (one per rank) when a directory is given.
+Knows nothing of MPI or models.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+
+class KVCache:
+    def __init__(self, n_layers: int, max_seq_len: int, n_kv_heads: int, head_dim: int,
+                 directory: str | None = None, tag: str = "rank0"):
+        shape = (n_layers, max_seq_len, n_kv_heads, head_dim)  # [L, S, kv, hd]
+        self.max_seq_len = max_seq_len
+        self.paths: list[str] = []
+        if directory is None:
+            self.k = np.zeros(shape, np.float32)
+            self.v = np.zeros(shape, np.float32)
+        else:
+            os.makedirs(directory, exist_ok=True)
+            self.paths = [os.path.join(directory, f"kv-{tag}-{name}.bin") for name in "kv"]
+            self.k, self.v = (np.memmap(p, np.float32, "w+", shape=shape) for p in self.paths)
+
+    @staticmethod
+    def bytes_needed(n_layers: int, max_seq_len: int, n_kv_heads: int, head_dim: int) -> int:
+        return 2 * 4 * n_layers * max_seq_len * n_kv_heads * head_dim
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+    def layer(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """K and V of one layer: [S, kv, hd] views."""
+        return self.k[index], self.v[index]
+
+    def close(self) -> None:
+        for p in self.paths:
+            try:
+                os.remove(p)
+            except OSError:
+                pass
+        self.paths = []

@@ -1,0 +1,139 @@
+"""Model file -> this rank's weights.
+
+The root reads every tensor, cuts each rank's slice (shard.py), converts it to the
+runtime type and sends it with MPI; workers receive into arrays of the size of their
+slice and never open the model file. Q40 slices travel as GGML Q4_0 block bytes and
+are repacked into the kernel layout by the rank that uses them.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .config import ModelConfig, RunConfig
+from .errors import DllamaError
+from .model import LayerWeights, ShardWeights
+from .quant import Q40_BLOCK_BYTES, QK, Q40Matrix, quantize_q40
+from .shard import Range, ShardPlan, in_split, out_split, plan
+
+LAYER_TENSORS = ("attn_norm", "wq", "wk", "wv", "wo", "ffn_norm", "w1", "w2", "w3")
+
+
+def tensor_specs(config: ModelConfig) -> list[tuple[str, str]]:
+    """(canonical name, how it is split) in the order weights travel."""
+    kinds = dict(attn_norm="rep", wq="out:q", wk="out:kv", wv="out:kv", wo="in:q",
+                 ffn_norm="rep", w1="out:ffn", w2="in:ffn", w3="out:ffn")
+    specs = [(f"layers.{i}.{n}", kinds[n]) for i in range(config.n_layers) for n in LAYER_TENSORS]
+    return specs + [("final_norm", "rep"), ("wcls", "out:vocab")]
+
+
+def _range(p: ShardPlan, axis: str) -> Range:
+    return {"q": p.q_rows, "kv": p.kv_rows, "ffn": p.ffn, "vocab": p.vocab}[axis]
+
+
+def slice_shape(config: ModelConfig, name: str, kind: str, p: ShardPlan) -> tuple[int, ...]:
+    """Shape of this rank's slice, as values [rows, cols] (or [n] for a norm)."""
+    if kind == "rep":
+        return (config.dim,)
+    split, axis = kind.split(":")
+    size = _range(p, axis).size
+    if split == "out":
+        return (size, config.dim)
+    return (config.dim, size)
+
+
+def _file_name(config: ModelConfig, name: str) -> str:
+    return "embedding" if name == "wcls" and config.tied_embeddings else name
+
+
+def convert_slice(tensor, kind: str, rng: Range | None, target: str) -> np.ndarray:
+    """Cut a rank's slice of a file tensor and convert it: f32 values, or Q40 block bytes."""
+    from gguf.quants import dequantize
+    raw, quantised = tensor.data, tensor.type not in ("F32", "F16", "BF16")
+    if kind == "rep":
+        return np.ascontiguousarray(dequantize(raw, tensor.ggml_type), dtype=np.float32)
+    split = kind.split(":")[0]
+    aligned = rng.start % QK == 0 and rng.stop % QK == 0
+    if split == "out":
+        raw = out_split(raw, rng)
+    elif not quantised:
+        raw = in_split(raw, rng)
+    elif aligned:
+        raw = in_split(raw, rng, block_bytes=raw.shape[1] // (tensor.shape[1] // QK))
+    else:  # f32 runtime with a band that is not whole blocks: dequantise rows, then cut
+        raw = None
+    if target == "q40" and tensor.type == "Q4_0" and raw is not None:
+        return np.ascontiguousarray(raw)  # a pure repack later: identical bits
+    if raw is None:
+        values = in_split(dequantize(tensor.data, tensor.ggml_type), rng)
+    else:
+        values = dequantize(np.ascontiguousarray(raw), tensor.ggml_type)
+    values = np.ascontiguousarray(values, dtype=np.float32)
+    return quantize_q40(values) if target == "q40" else values
+
+
+def _runtime(arr: np.ndarray, kind: str, target: str):
+    if kind != "rep" and target == "q40":
+        return Q40Matrix.from_blocks(arr)
+    return arr
+
+
+def _wire_shape(shape: tuple[int, ...], kind: str, target: str):
+    if kind != "rep" and target == "q40":
+        return (shape[0], shape[1] // QK * Q40_BLOCK_BYTES), np.uint8
+    return shape, np.float32
+
+
+def load_shard(comm, model, config: ModelConfig, run: RunConfig, progress: bool = True):
+    """Every rank calls this; `model` (an open model file) is needed on the root only.
+    Returns (ShardWeights, vocab rows per rank)."""
+    plans = [plan(config, r, comm.size) for r in range(comm.size)]
+    me, target = plans[comm.rank], run.weights_float_type
+    arrays: dict[str, object] = {}
+    specs = tensor_specs(config)
+    bar = _progress(len(specs), progress and comm.is_root)
+    for name, kind in specs:
+        if comm.is_root:
+            tensor = model.tensor(_file_name(config, name))
+            for r, p in enumerate(plans):
+                rng = None if kind == "rep" else _range(p, kind.split(":")[1])
+                try:
+                    arr = convert_slice(tensor, kind, rng, target)
+                except ValueError as e:
+                    raise DllamaError(f"cannot convert tensor {tensor.name}: {e}") from None
+                if r == 0:
+                    arrays[name] = _runtime(arr, kind, target)
+                else:
+                    comm.send_array(arr, r)
+        else:
+            shape, dtype = _wire_shape(slice_shape(config, name, kind, me), kind, target)
+            arrays[name] = _runtime(comm.recv_array(np.empty(shape, dtype)), kind, target)
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    layers = [LayerWeights(**{n: arrays.pop(f"layers.{i}.{n}") for n in LAYER_TENSORS})
+              for i in range(config.n_layers)]
+    weights = ShardWeights(layers=layers, final_norm=arrays["final_norm"], wcls=arrays["wcls"])
+    return weights, [p.vocab.size for p in plans]
+
+
+def _progress(total: int, enabled: bool):
+    if not enabled:
+        return None
+    import sys
+
+    from tqdm import tqdm
+    return tqdm(total=total, desc="loading", unit="tensor", file=sys.stderr,
+                disable=not sys.stderr.isatty(), leave=False)
+
+
+class Embedding:
+    """Token embedding rows on the root, dequantised on lookup (the file stays mapped)."""
+
+    def __init__(self, tensor):
+        self.tensor = tensor
+
+    def lookup(self, ids) -> np.ndarray:
+        from gguf.quants import dequantize
+        rows = np.asarray(self.tensor.data[np.asarray(ids, np.int64)])
+        return np.ascontiguousarray(dequantize(rows, self.tensor.ggml_type), dtype=np.float32)

@@ -1,0 +1,231 @@
+"""Q40 / Q80 block formats and their numpy reference implementations.
+
+Both formats are GGML's (Q4_0 and Q8_0), which Distributed Llama calls Q40 and Q80:
+
+* Q40 block, 18 bytes for 32 values: float16 scale ``d`` (little-endian), then 16 bytes;
+  byte ``j`` holds element ``j`` in its low nibble and element ``j + 16`` in its high nibble;
+  value = (nibble - 8) * d.
+* Q80 block, 34 bytes for 32 values: float16 scale ``d``, then 32 int8; value = q * d.
+
+The functions here are vectorised numpy and bit-identical to ``gguf.quants`` (tested).
+They are the reference twins of the numba kernels in :mod:`dllama_mpi.kernels`.
+
+:class:`Q40Matrix` is the runtime form of a Q40 weight matrix: the file layout is only
+the input, the matrix is repacked at load into the layout the decode kernel streams best
+(see the class docstring).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+QK = 32                 # values per block (both formats)
+Q40_BLOCK_BYTES = 18    # 2 (fp16 scale) + 16 (32 nibbles)
+Q80_BLOCK_BYTES = 34    # 2 (fp16 scale) + 32 (int8)
+
+_CHUNK_VALUES = 1 << 22  # values per numpy chunk: bounds temporaries to ~100 MB
+
+
+def _as_f32_rows(x: np.ndarray, what: str) -> tuple[np.ndarray, tuple[int, ...]]:
+    x = np.asarray(x)
+    if x.ndim == 0:
+        raise ValueError(f"{what}: expected an array with a last axis, got a scalar")
+    n = x.shape[-1]
+    if n % QK != 0:
+        raise ValueError(f"{what}: last axis ({n}) must be a multiple of {QK}")
+    x2 = np.ascontiguousarray(x.reshape(-1, n) if x.size else x.reshape(0, n), dtype=np.float32)
+    return x2, x.shape
+
+
+def _as_u8_rows(raw: np.ndarray, block_bytes: int, what: str) -> tuple[np.ndarray, tuple[int, ...]]:
+    raw = np.asarray(raw)
+    if raw.dtype != np.uint8:
+        raise ValueError(f"{what}: expected uint8 bytes, got {raw.dtype}")
+    if raw.ndim == 0 or raw.shape[-1] % block_bytes != 0:
+        raise ValueError(f"{what}: last axis must be a multiple of {block_bytes} bytes, got shape {raw.shape}")
+    nbytes = raw.shape[-1]
+    return np.ascontiguousarray(raw.reshape(-1, nbytes)), raw.shape
+
+
+def _row_chunks(n_rows: int, row_len: int):
+    step = max(1, _CHUNK_VALUES // max(row_len, 1))
+    for r0 in range(0, n_rows, step):
+        yield r0, min(n_rows, r0 + step)
+
+
+# ---------------------------------------------------------------- Q40 (GGML Q4_0)
+
+def _q40_blocks(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """f32 [nb, 32] -> (fp16 scale [nb], packed nibbles uint8 [nb, 16]); same ops as GGML/gguf."""
+    imax = np.abs(blocks).argmax(axis=-1)[:, None]          # first index of the largest |x|
+    vmax = np.take_along_axis(blocks, imax, axis=-1)         # signed value of largest magnitude
+    d = vmax / np.float32(-8)
+    with np.errstate(divide="ignore"):
+        inv = np.where(d == 0, np.float32(0), np.float32(1) / d).astype(np.float32)
+    q = np.trunc(blocks * inv + np.float32(8.5)).astype(np.uint8)
+    np.minimum(q, 15, out=q)
+    packed = q[:, :16] | (q[:, 16:] << np.uint8(4))
+    return d[:, 0].astype(np.float16), packed
+
+
+def quantize_q40(x: np.ndarray) -> np.ndarray:
+    """f32 ``[..., n]`` (n % 32 == 0) -> uint8 ``[..., n//32*18]`` GGML Q4_0 blocks."""
+    x2, shape = _as_f32_rows(x, "quantize_q40")
+    rows, n = x2.shape
+    nb = n // QK
+    out = np.empty((rows, nb, Q40_BLOCK_BYTES), dtype=np.uint8)
+    for r0, r1 in _row_chunks(rows, n):
+        d, packed = _q40_blocks(x2[r0:r1].reshape(-1, QK))
+        o = out[r0:r1].reshape(-1, Q40_BLOCK_BYTES)
+        o[:, :2] = d.view(np.uint8).reshape(-1, 2)
+        o[:, 2:] = packed
+    return out.reshape(shape[:-1] + (nb * Q40_BLOCK_BYTES,))
+
+
+def split_q40(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 Q4_0 bytes ``[rows, nb*18]`` -> (fp16 scales ``[rows, nb]``, nibble bytes ``[rows, nb, 16]``)."""
+    r2, _ = _as_u8_rows(raw, Q40_BLOCK_BYTES, "split_q40")
+    rows, nb = r2.shape[0], r2.shape[1] // Q40_BLOCK_BYTES
+    b = r2.reshape(rows, nb, Q40_BLOCK_BYTES)
+    d = np.ascontiguousarray(b[:, :, :2]).view(np.float16).reshape(rows, nb)
+    return d, np.ascontiguousarray(b[:, :, 2:])
+
+
+def unpack_nibbles(qs: np.ndarray) -> np.ndarray:
+    """packed nibble bytes ``[..., 16]`` -> uint8 nibbles ``[..., 32]`` (0..15) in element order."""
+    return np.concatenate([qs & np.uint8(0x0F), qs >> np.uint8(4)], axis=-1)
+
+
+def dequantize_q40(raw: np.ndarray) -> np.ndarray:
+    """uint8 ``[..., nb*18]`` GGML Q4_0 blocks -> f32 ``[..., nb*32]``."""
+    r2, shape = _as_u8_rows(raw, Q40_BLOCK_BYTES, "dequantize_q40")
+    rows, nbytes = r2.shape
+    nb = nbytes // Q40_BLOCK_BYTES
+    out = np.empty((rows, nb * QK), dtype=np.float32)
+    for r0, r1 in _row_chunks(rows, nb * QK):
+        d, qs = split_q40(r2[r0:r1])
+        q = unpack_nibbles(qs).astype(np.int8) - np.int8(8)            # [r, nb, 32]
+        vals = d.astype(np.float32)[:, :, None] * q.astype(np.float32)
+        out[r0:r1] = vals.reshape(r1 - r0, nb * QK)
+    return out.reshape(shape[:-1] + (nb * QK,))
+
+
+# ---------------------------------------------------------------- Q80 (GGML Q8_0)
+
+def roundf(v: np.ndarray) -> np.ndarray:
+    """Round half away from zero, exactly like C ``roundf`` (float32 in, float32 out)."""
+    a = np.abs(v)
+    fl = np.floor(a)
+    return np.sign(v) * (fl + np.floor(np.float32(2) * (a - fl)))
+
+
+def quantize_q80_parts(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """f32 ``[..., n]`` -> (int8 q ``[..., n]``, f32 scales ``[..., n//32]`` = float32(float16(d))).
+
+    This is the split form the activation kernel produces (``kernels.quantize_q80_act``).
+    """
+    x2, shape = _as_f32_rows(x, "quantize_q80_parts")
+    rows, n = x2.shape
+    nb = n // QK
+    qs = np.empty((rows, n), dtype=np.int8)
+    ds = np.empty((rows, nb), dtype=np.float32)
+    for r0, r1 in _row_chunks(rows, n):
+        blocks = x2[r0:r1].reshape(-1, QK)
+        d = np.abs(blocks).max(axis=-1, keepdims=True) / np.float32(127)
+        with np.errstate(divide="ignore"):
+            inv = np.where(d == 0, np.float32(0), np.float32(1) / d).astype(np.float32)
+        qs[r0:r1] = roundf(blocks * inv).astype(np.int8).reshape(r1 - r0, n)
+        ds[r0:r1] = d.astype(np.float16).astype(np.float32).reshape(r1 - r0, nb)
+    return qs.reshape(shape), ds.reshape(shape[:-1] + (nb,))
+
+
+def quantize_q80(x: np.ndarray) -> np.ndarray:
+    """f32 ``[..., n]`` (n % 32 == 0) -> uint8 ``[..., n//32*34]`` GGML Q8_0 blocks."""
+    x2, shape = _as_f32_rows(x, "quantize_q80")
+    rows, n = x2.shape
+    nb = n // QK
+    qs, ds = quantize_q80_parts(x2)
+    out = np.empty((rows, nb, Q80_BLOCK_BYTES), dtype=np.uint8)
+    out[:, :, :2] = ds.astype(np.float16).view(np.uint8).reshape(rows, nb, 2)
+    out[:, :, 2:] = qs.view(np.uint8).reshape(rows, nb, QK)
+    return out.reshape(shape[:-1] + (nb * Q80_BLOCK_BYTES,))
+
+
+def dequantize_q80(raw: np.ndarray) -> np.ndarray:
+    """uint8 ``[..., nb*34]`` GGML Q8_0 blocks -> f32 ``[..., nb*32]``."""
+    r2, shape = _as_u8_rows(raw, Q80_BLOCK_BYTES, "dequantize_q80")
+    rows, nbytes = r2.shape
+    nb = nbytes // Q80_BLOCK_BYTES
+    b = r2.reshape(rows, nb, Q80_BLOCK_BYTES)
+    d = np.ascontiguousarray(b[:, :, :2]).view(np.float16).astype(np.float32)   # [rows, nb, 1]
+    q = np.ascontiguousarray(b[:, :, 2:]).view(np.int8).astype(np.float32)
+    return (q * d).reshape(shape[:-1] + (nb * QK,))
+
+
+def dequantize_q80_parts(qs: np.ndarray, ds: np.ndarray) -> np.ndarray:
+    """(int8 ``[..., n]``, f32 ``[..., n//32]``) -> f32 ``[..., n]``."""
+    qs = np.asarray(qs)
+    n = qs.shape[-1]
+    q = qs.reshape(-1, n // QK, QK).astype(np.float32)
+    return (q * np.asarray(ds, dtype=np.float32).reshape(-1, n // QK, 1)).reshape(qs.shape)
+
+
+# ---------------------------------------------------------------- runtime Q40 matrix
+
+class Q40Matrix:
+    """A Q40 weight matrix ``W[rows, cols]`` in the layout the kernels stream.
+
+    Layout (all plain numpy arrays, so the object pickles and can be memory-mapped):
+
+    * ``qs``: uint8 ``[rows, nb * 16]`` -- the 16 nibble bytes of each block, back to back per row
+      (the fp16 scales removed, so the byte stream the kernel reads is contiguous).
+    * ``d``: float16 ``[rows, nb]`` -- the block scales in their own array (stored as fp16, 2 bytes,
+      widened by the kernel).
+
+    The kernel unpacks nibbles to a small per-thread scratch and does u8 x s8 integer dot products
+    with the Q80 activation, subtracting ``8 * sum(xq)`` per block afterwards.
+    """
+
+    __slots__ = ("rows", "cols", "qs", "d")
+
+    def __init__(self, qs: np.ndarray, d: np.ndarray, rows: int, cols: int):
+        nb = cols // QK
+        if cols % QK or qs.shape != (rows, nb * 16) or d.shape != (rows, nb):
+            raise ValueError(f"Q40Matrix: inconsistent parts qs{qs.shape} d{d.shape} for {rows}x{cols}")
+        if qs.dtype != np.uint8 or d.dtype != np.float16:
+            raise ValueError("Q40Matrix: qs must be uint8 and d float16")
+        self.rows, self.cols = int(rows), int(cols)
+        self.qs = np.ascontiguousarray(qs)
+        self.d = np.ascontiguousarray(d)
+
+    @classmethod
+    def from_blocks(cls, raw: np.ndarray) -> "Q40Matrix":
+        """raw GGML Q4_0 bytes ``uint8 [rows, cols//32*18]`` (row-major, rows quantised along cols)."""
+        raw = np.asarray(raw)
+        if raw.dtype != np.uint8 or raw.ndim != 2 or raw.shape[1] % Q40_BLOCK_BYTES:
+            raise ValueError(f"Q40Matrix.from_blocks: expected uint8 [rows, nb*18], got {raw.dtype} {raw.shape}")
+        rows, nb = raw.shape[0], raw.shape[1] // Q40_BLOCK_BYTES
+        d, qs = split_q40(raw)
+        return cls(qs.reshape(rows, nb * 16), d, rows, nb * QK)
+
+    @classmethod
+    def from_f32(cls, w: np.ndarray) -> "Q40Matrix":
+        """Quantise an f32 matrix (convenience for tests and converters)."""
+        return cls.from_blocks(quantize_q40(np.asarray(w, dtype=np.float32)))
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.qs.nbytes + self.d.nbytes)
+
+    def to_blocks(self) -> np.ndarray:
+        """Back to raw GGML Q4_0 bytes ``uint8 [rows, nb*18]``."""
+        nb = self.cols // QK
+        out = np.empty((self.rows, nb, Q40_BLOCK_BYTES), dtype=np.uint8)
+        out[:, :, :2] = self.d.view(np.uint8).reshape(self.rows, nb, 2)
+        out[:, :, 2:] = self.qs.reshape(self.rows, nb, 16)
+        return out.reshape(self.rows, nb * Q40_BLOCK_BYTES)
+
+    def dequantize(self) -> np.ndarray:
+        return dequantize_q40(self.to_blocks())
+
+    def __repr__(self) -> str:
+        return f"Q40Matrix({self.rows}x{self.cols}, {self.nbytes} bytes)"

@@ -1,0 +1,108 @@
+"""Start-up shared by every subcommand: open, validate, load, build the engine.
+
+The root opens the model and tokenizer and validates the run before anything is
+loaded; a problem there is reported once, by the root, and every rank exits.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+
+from . import kernels, models
+from .config import ModelConfig, RunConfig
+from .engine import Engine
+from .errors import DllamaError
+from .kvcache import KVCache
+from .loading import Embedding, load_shard
+from .model import Transformer
+from .shard import plan
+
+
+class StartupFailed(SystemExit):
+    """Raised on every rank when the root reported a start-up error (already printed)."""
+
+
+@dataclass
+class Session:
+    comm: object
+    config: ModelConfig
+    run: RunConfig
+    engine: Engine
+    tokenizer: object = None      # root only
+    max_seq_len: int = 0
+    nthreads: int = 1
+    memory: list | None = None    # per rank: (weights bytes, kv bytes), on the root
+
+
+def open_model(path: str):
+    from .formats.gguf import GGUFModel
+    if os.path.isdir(path):
+        raise DllamaError(f"{path} is a directory; give a .gguf file")
+    return GGUFModel(path)
+
+
+def default_threads(comm) -> int:
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    return max(1, cores // comm.node_local_size())
+
+
+def _root_open(model_arg: str, run: RunConfig, size: int, want_tokenizer: bool):
+    path = models.resolve(model_arg)
+    model = open_model(path)
+    run.validate(model.config, size)
+    tokenizer = None
+    if want_tokenizer:
+        from .tokenizer import Tokenizer
+        try:
+            tokenizer = Tokenizer.from_gguf(model.reader)
+        except ValueError as e:
+            raise DllamaError(f"{path}: {e}") from None
+    return model, tokenizer
+
+
+def start(comm, model_arg: str, run: RunConfig, want_tokenizer: bool = True,
+          kv_dir: str | None = None) -> Session:
+    model = tokenizer = None
+    status = None
+    if comm.is_root:
+        try:
+            model, tokenizer = _root_open(model_arg, run, comm.size, want_tokenizer)
+            status = ("ok", model.config.to_dict(), run)
+        except DllamaError as e:
+            status = ("error", str(e))
+    status = comm.bcast_obj(status)
+    if status[0] == "error":
+        if comm.is_root:
+            print(f"error: {status[1]}", file=sys.stderr)
+        raise StartupFailed(1)
+    config, run = ModelConfig.from_dict(status[1]), status[2]
+
+    nthreads = run.nthreads or default_threads(comm)
+    kernels.set_num_threads(nthreads)
+    _warm_kernels(comm)
+    weights, vocab_counts = load_shard(comm, model, config, run)
+    me = plan(config, comm.rank, comm.size)
+    max_seq_len = run.resolved_max_seq_len(config)
+    kv = KVCache(config.n_layers, max_seq_len, me.kv_heads.size, config.head_dim,
+                 directory=kv_dir, tag=f"rank{comm.rank}")
+    transformer = Transformer(config, me, weights, kv, comm, wire=run.buffer_float_type)
+    transformer.vocab_counts = vocab_counts
+    embedding = Embedding(model.tensor("embedding")) if comm.is_root else None
+    engine = Engine(comm, transformer, config.dim, embedding)
+    memory = comm.allgather_obj((weights.nbytes(), kv.nbytes))
+    comm.stats.reset()
+    return Session(comm, config, run, engine, tokenizer, max_seq_len, nthreads, memory)
+
+
+def _warm_kernels(comm) -> None:
+    """Compile (or load from numba's cache) on the root first, so ranks never race to
+    write the same cache files; then everyone else loads them."""
+    if comm.is_root:
+        kernels.warmup()
+    comm.barrier()
+    if not comm.is_root:
+        kernels.warmup()

@@ -1,0 +1,292 @@
+"""Every kernel against a naive numpy twin, odd sizes, T in {1, 3, 17}, numba threads 1 and 2."""
+import math
+
+import numba
+import numpy as np
+import pytest
+
+from dllama_mpi import kernels as K
+from dllama_mpi.quant import Q40Matrix, dequantize_q40, dequantize_q80_parts, quantize_q40, quantize_q80_parts
+
+TS = [1, 3, 17]
+THREADS = [1, 2] if numba.config.NUMBA_NUM_THREADS >= 2 else [1]
+
+
+@pytest.fixture(params=THREADS, ids=lambda n: f"thr{n}")
+def threads(request):
+    old = numba.get_num_threads()
+    K.set_num_threads(request.param)
+    yield request.param
+    numba.set_num_threads(old)
+
+
+def rng(seed=0):
+    return np.random.default_rng(seed)
+
+
+# ---------------------------------------------------------------- naive twins
+
+def naive_rmsnorm(x, w, eps):
+    x64 = x.astype(np.float64)
+    return (x64 / np.sqrt((x64 * x64).mean(axis=1, keepdims=True) + eps) * w).astype(np.float32)
+
+
+def naive_rope(x, pos, cos, sin, hd):
+    y = x.astype(np.float64).copy()
+    T, width = x.shape
+    for t in range(T):
+        for h in range(width // hd):
+            for i in range(hd // 2):
+                a, b = x[t, h * hd + 2 * i], x[t, h * hd + 2 * i + 1]
+                c, s = cos[pos[t], i], sin[pos[t], i]
+                y[t, h * hd + 2 * i] = a * c - b * s
+                y[t, h * hd + 2 * i + 1] = a * s + b * c
+    return y
+
+
+def naive_attention(q, kc, vc, pos, kv_of_q, scale):
+    T, width = q.shape
+    hd = kc.shape[2]
+    out = np.zeros((T, width))
+    for t in range(T):
+        n = pos[t] + 1
+        for h in range(width // hd):
+            qh = q[t, h * hd:(h + 1) * hd].astype(np.float64)
+            k = kc[:n, kv_of_q[h]].astype(np.float64)
+            v = vc[:n, kv_of_q[h]].astype(np.float64)
+            s = scale * (k @ qh)
+            p = np.exp(s - s.max())
+            p /= p.sum()
+            out[t, h * hd:(h + 1) * hd] = p @ v
+    return out
+
+
+def naive_q80_q40(xq, xd, w_deq):
+    """returns (reference f64 result, sum of |terms|) for the matmul tolerance."""
+    x = dequantize_q80_parts(xq, xd).astype(np.float64)
+    w = w_deq.astype(np.float64)
+    return x @ w.T, np.abs(x) @ np.abs(w).T
+
+
+# ---------------------------------------------------------------- quantize_q80_act
+
+@pytest.mark.parametrize("T", TS)
+@pytest.mark.parametrize("n", [32, 96, 2048])
+def test_quantize_q80_act(T, n, threads):
+    x = (rng(T).standard_normal((T, n)) * 3).astype(np.float32)
+    x[0, :32] = 0.0                                   # d == 0 block
+    x[-1, -32:] = np.linspace(-127, 127, 32).astype(np.float32)   # exact .5 ties at d = 1
+    x[-1, -1] = 127.0
+    if T > 1:
+        x[1, :32] = 1e-6                              # tiny d -> fp16 subnormal
+        x[1, 32 % n:32 % n + 32] *= 1e5               # huge values (fp16 d near the top)
+    qs = np.empty((T, n), np.int8)
+    d = np.empty((T, n // 32), np.float32)
+    K.quantize_q80_act(qs, d, x)
+    rq, rd = quantize_q80_parts(x)
+    assert np.array_equal(qs, rq)
+    assert np.array_equal(d, rd)
+
+
+def test_f16_rounding_exhaustive_sample():
+    r = rng(5)
+    v = np.concatenate([np.abs(r.standard_normal(20000)).astype(np.float32) * s
+                        for s in (1e-7, 1e-5, 1e-3, 1.0, 1e3, 6e4 / 4)]).astype(np.float32)
+    # exact fp16 midpoints (ties to even)
+    h = np.arange(0, 0x7BFF, 7, dtype=np.uint16).view(np.float16).astype(np.float64)
+    mids = ((h[:-1] + h[1:]) / 2).astype(np.float32)
+    v = np.concatenate([v, mids, h.astype(np.float32)])
+    x = np.zeros((v.size, 32), np.float32)
+    x[:, 0] = v * 127
+    qs = np.empty_like(x, dtype=np.int8)
+    d = np.empty((v.size, 1), np.float32)
+    K.quantize_q80_act(qs, d, x)
+    _, rd = quantize_q80_parts(x)
+    assert np.array_equal(d, rd)
+
+
+# ---------------------------------------------------------------- matmul_q80_q40
+
+MM_SHAPES = [(1, 32), (7, 96), (33, 160), (70, 64), (130, 256), (257, 2048), (64, 4096)]
+
+
+@pytest.mark.parametrize("T", TS)
+@pytest.mark.parametrize("rows,cols", MM_SHAPES)
+def test_matmul_q80_q40(rows, cols, T, threads):
+    r = rng(rows * 7 + cols + T)
+    raw = quantize_q40((r.standard_normal((rows, cols)) * 0.05).astype(np.float32))
+    w = Q40Matrix.from_blocks(raw)
+    x = r.standard_normal((T, cols)).astype(np.float32)
+    xq = np.empty((T, cols), np.int8)
+    xd = np.empty((T, cols // 32), np.float32)
+    K.quantize_q80_act(xq, xd, x)
+    out = np.full((T, rows), np.nan, np.float32)
+    K.matmul_q80_q40(out, xq, xd, w)
+    ref, mag = naive_q80_q40(xq, xd, dequantize_q40(raw))
+    # exact int32 block dots; error only from f32 scale products and the f32 sum over blocks
+    tol = 1e-5 * mag + 1e-30
+    assert np.all(np.abs(out - ref) <= tol), np.max(np.abs(out - ref) / tol)
+
+
+def test_matmul_q80_q40_extremes(threads):
+    # all nibbles 0 or 15 and |xq| = 127: the largest integer block sums
+    rows, cols = 9, 256
+    r = rng(9)
+    raw = quantize_q40(np.where(r.random((rows, cols)) < 0.5, -8.0, 7.0).astype(np.float32) * 0.01)
+    w = Q40Matrix.from_blocks(raw)
+    xq = np.where(r.random((2, cols)) < 0.5, -127, 127).astype(np.int8)
+    xd = np.full((2, cols // 32), 0.5, np.float32)
+    out = np.empty((2, rows), np.float32)
+    K.matmul_q80_q40(out, xq, xd, w)
+    ref, mag = naive_q80_q40(xq, xd, dequantize_q40(raw))
+    assert np.all(np.abs(out - ref) <= 1e-5 * mag)
+
+
+def test_q40matrix_dequantize():
+    raw = quantize_q40(rng(3).standard_normal((33, 160)).astype(np.float32))
+    assert np.array_equal(Q40Matrix.from_blocks(raw).dequantize(), dequantize_q40(raw))
+
+
+# ---------------------------------------------------------------- matmul_f32
+
+@pytest.mark.parametrize("T", TS)
+def test_matmul_f32(T):
+    r = rng(T)
+    x = r.standard_normal((T, 96)).astype(np.float32)
+    w = r.standard_normal((33, 96)).astype(np.float32)
+    out = np.empty((T, 33), np.float32)
+    K.matmul_f32(out, x, w)
+    np.testing.assert_allclose(out, x.astype(np.float64) @ w.T.astype(np.float64), rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------- rmsnorm, rope, silu
+
+@pytest.mark.parametrize("T", TS + [64])
+@pytest.mark.parametrize("n", [32, 576, 2048])
+def test_rmsnorm(T, n, threads):
+    r = rng(n + T)
+    x = (r.standard_normal((T, n)) * 5).astype(np.float32)
+    w = r.standard_normal(n).astype(np.float32)
+    out = np.empty_like(x)
+    K.rmsnorm(out, x, w, 1e-5)
+    np.testing.assert_allclose(out, naive_rmsnorm(x, w, 1e-5), rtol=2e-6, atol=1e-6)
+    K.rmsnorm(x, x, w, 1e-5)                          # in place is allowed
+    np.testing.assert_array_equal(x, out)
+
+
+def _rope_tables(P, hd, theta=10000.0):
+    inv = theta ** (-np.arange(0, hd, 2, dtype=np.float64) / hd)
+    ang = np.arange(P)[:, None] * inv[None, :]
+    return np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
+
+
+@pytest.mark.parametrize("T", TS + [40])
+@pytest.mark.parametrize("nh,hd", [(1, 2), (3, 64), (9, 64), (32, 128)])
+def test_rope(T, nh, hd, threads):
+    r = rng(T * nh)
+    x = r.standard_normal((T, nh * hd)).astype(np.float32)
+    pos = r.integers(0, 50, T).astype(np.int32)
+    cos, sin = _rope_tables(50, hd)
+    ref = naive_rope(x, pos, cos, sin, hd)
+    K.rope_interleaved(x, pos, cos, sin, hd)
+    np.testing.assert_allclose(x, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("T", TS + [64])
+@pytest.mark.parametrize("n", [1, 96, 1536])
+def test_silu_mul(T, n, threads):
+    r = rng(n)
+    a = (r.standard_normal((T, n)) * 4).astype(np.float32)
+    a[0, 0] = -100.0                                   # exp overflow side stays finite
+    b = r.standard_normal((T, n)).astype(np.float32)
+    out = np.empty_like(a)
+    K.silu_mul(out, a, b)
+    a64 = a.astype(np.float64)
+    np.testing.assert_allclose(out, a64 / (1 + np.exp(-a64)) * b, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------- attention
+
+@pytest.mark.parametrize("T", TS)
+@pytest.mark.parametrize("nq,nkv,hd,S", [(1, 1, 8, 5), (3, 1, 64, 40), (9, 3, 64, 40), (4, 2, 32, 8192)])
+@pytest.mark.parametrize("use_scratch", [False, True])
+def test_attention(T, nq, nkv, hd, S, use_scratch, threads):
+    r = rng(T + nq + S)
+    q = r.standard_normal((T, nq * hd)).astype(np.float32)
+    kc = r.standard_normal((S, nkv, hd)).astype(np.float32)
+    vc = r.standard_normal((S, nkv, hd)).astype(np.float32)
+    if S > 100:
+        pos = np.sort(r.integers(S - 300, S, T)).astype(np.int32)
+        pos[-1] = S - 1
+    else:
+        pos = (np.arange(T) + (S - T if S >= T else 0)).astype(np.int32) % S
+        pos[0] = 0
+    kv_of_q = (np.arange(nq) // (nq // nkv)).astype(np.int32)
+    scale = 1.0 / math.sqrt(hd)
+    out = np.full((T, nq * hd), np.nan, np.float32)
+    scratch = np.empty((3, S), np.float32) if use_scratch else None   # fewer rows than pairs: chunked
+    K.attention(out, q, kc, vc, pos, kv_of_q, scale, scratch)
+    np.testing.assert_allclose(out, naive_attention(q, kc, vc, pos, kv_of_q, scale), rtol=1e-4, atol=2e-5)
+
+
+def test_attention_ignores_future_rows():
+    r = rng(1)
+    T, nq, hd, S = 2, 2, 16, 10
+    q = r.standard_normal((T, nq * hd)).astype(np.float32)
+    kc = r.standard_normal((S, 1, hd)).astype(np.float32)
+    vc = r.standard_normal((S, 1, hd)).astype(np.float32)
+    pos = np.array([3, 4], np.int32)
+    kvq = np.zeros(nq, np.int32)
+    a = np.empty((T, nq * hd), np.float32)
+    K.attention(a, q, kc, vc, pos, kvq, 0.3)
+    kc[5:] = np.nan
+    vc[5:] = np.nan
+    b = np.empty_like(a)
+    K.attention(b, q, kc, vc, pos, kvq, 0.3)
+    np.testing.assert_array_equal(a, b)
+
+
+# ---------------------------------------------------------------- errors
+
+def test_errors():
+    f = np.zeros((2, 64), np.float32)
+    with pytest.raises(ValueError, match="dtype"):
+        K.rmsnorm(f, f.astype(np.float64), np.ones(64, np.float32), 1e-5)
+    with pytest.raises(ValueError, match="shape"):
+        K.rmsnorm(f, f, np.ones(63, np.float32), 1e-5)
+    with pytest.raises(ValueError, match="contiguous"):
+        K.silu_mul(f[:, ::2].copy(), f[:, ::2], f[:, ::2])
+    with pytest.raises(ValueError, match="multiple of 32"):
+        K.quantize_q80_act(np.zeros((1, 40), np.int8), np.zeros((1, 1), np.float32), np.zeros((1, 40), np.float32))
+    with pytest.raises(ValueError, match="d_out"):
+        K.quantize_q80_act(np.zeros((2, 64), np.int8), np.zeros((2, 3), np.float32), f)
+    w = Q40Matrix.from_blocks(quantize_q40(np.ones((5, 64), np.float32)))
+    xq, xd = np.zeros((2, 64), np.int8), np.zeros((2, 2), np.float32)
+    with pytest.raises(ValueError, match="out"):
+        K.matmul_q80_q40(np.zeros((2, 6), np.float32), xq, xd, w)
+    with pytest.raises(ValueError, match="columns"):
+        K.matmul_q80_q40(np.zeros((2, 5), np.float32), np.zeros((2, 96), np.int8), np.zeros((2, 3), np.float32), w)
+    with pytest.raises(ValueError, match="dtype"):
+        K.matmul_q80_q40(np.zeros((2, 5), np.float32), xq.astype(np.uint8), xd, w)
+    with pytest.raises(ValueError, match="Q40Matrix"):
+        K.matmul_q80_q40(np.zeros((2, 5), np.float32), xq, xd, np.zeros((5, 64), np.float32))
+    with pytest.raises(ValueError, match="positions"):
+        K.rope_interleaved(f, np.array([0, 9], np.int32), np.ones((4, 8), np.float32), np.ones((4, 8), np.float32), 16)
+    with pytest.raises(ValueError, match="head_dim"):
+        K.rope_interleaved(f, np.array([0, 1], np.int32), np.ones((4, 8), np.float32), np.ones((4, 8), np.float32), 15)
+    kc = np.zeros((4, 1, 16), np.float32)
+    with pytest.raises(ValueError, match="positions"):
+        K.attention(np.zeros((2, 32), np.float32), np.zeros((2, 32), np.float32), kc, kc,
+                    np.array([0, 4], np.int32), np.zeros(2, np.int32), 1.0)
+    with pytest.raises(ValueError, match="kv_of_q"):
+        K.attention(np.zeros((2, 32), np.float32), np.zeros((2, 32), np.float32), kc, kc,
+                    np.array([0, 1], np.int32), np.array([0, 1], np.int32), 1.0)
+    with pytest.raises(ValueError, match="scratch"):
+        K.attention(np.zeros((2, 32), np.float32), np.zeros((2, 32), np.float32), kc, kc,
+                    np.array([0, 3], np.int32), np.zeros(2, np.int32), 1.0, np.zeros((2, 2), np.float32))
+    with pytest.raises(ValueError, match="columns"):
+        K.matmul_f32(np.zeros((2, 3), np.float32), f, np.zeros((3, 32), np.float32))
+
+
+def test_warmup():
+    K.warmup()
