@@ -162,18 +162,119 @@ def _bytes_to_unicode() -> dict[int, str]:
 # ---------------------------------------------------------------------------------------------
 # GGUF metadata access
 # ---------------------------------------------------------------------------------------------
-def _open_gguf(path_or_reader):
+_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_GGUF_NUMPY = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "<u1", 10: "<u8", 11: "<i8", 12: "<f8"}
+
+
+def _read_gguf_metadata(path: str) -> dict[str, Any]:
+    """The key/value header of a little-endian GGUF (v2/v3) file, without its tensor table.
+
+    Much faster than ``gguf.GGUFReader`` (which also indexes every array element) when only the
+    tokenizer is wanted.  Numeric arrays come back as lists, strings decoded as UTF-8.
+    """
+    import mmap
+    import struct
+
+    import numpy as np
+
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise ValueError(f"{path}: not a GGUF file (bad magic)")
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            buf = memoryview(mm)
+            try:
+                (version,) = struct.unpack_from("<I", buf, 4)
+                if version not in (2, 3):
+                    raise ValueError(f"{path}: unsupported GGUF version {version}")
+                _n_tensors, n_kv = struct.unpack_from("<QQ", buf, 8)
+                pos = 24
+                unpack_u64 = struct.Struct("<Q").unpack_from
+                unpack_u32 = struct.Struct("<I").unpack_from
+
+                def read_str(pos):
+                    (n,) = unpack_u64(buf, pos)
+                    pos += 8
+                    return str(buf[pos : pos + n], "utf-8", "replace"), pos + n
+
+                def read_value(vtype, pos):
+                    if vtype == 8:
+                        return read_str(pos)
+                    if vtype == 9:
+                        (itype,) = unpack_u32(buf, pos)
+                        (count,) = unpack_u64(buf, pos + 4)
+                        pos += 12
+                        if itype == 8:
+                            out = [None] * count
+                            for k in range(count):
+                                (n,) = unpack_u64(buf, pos)
+                                pos += 8
+                                out[k] = str(buf[pos : pos + n], "utf-8", "replace")
+                                pos += n
+                            return out, pos
+                        if itype in _GGUF_NUMPY:
+                            dt = np.dtype(_GGUF_NUMPY[itype])
+                            arr = np.frombuffer(buf, dtype=dt, count=count, offset=pos)
+                            vals = arr.astype(bool).tolist() if itype == 7 else arr.tolist()
+                            return vals, pos + count * dt.itemsize
+                        out = []
+                        for _ in range(count):
+                            v, pos = read_value(itype, pos)
+                            out.append(v)
+                        return out, pos
+                    fmt = _GGUF_SCALARS.get(vtype)
+                    if fmt is None:
+                        raise ValueError(f"unknown GGUF value type {vtype}")
+                    (v,) = struct.unpack_from(fmt, buf, pos)
+                    return v, pos + struct.calcsize(fmt)
+
+                meta: dict[str, Any] = {}
+                for _ in range(n_kv):
+                    key, pos = read_str(pos)
+                    (vtype,) = unpack_u32(buf, pos)
+                    meta[key], pos = read_value(vtype, pos + 4)
+                return meta
+            except (struct.error, IndexError, OverflowError, TypeError) as e:
+                raise ValueError(f"{path}: truncated or corrupt GGUF header ({e})") from e
+            finally:
+                buf.release()
+
+
+class _Meta:
+    """Uniform access to GGUF metadata, from a ``gguf.GGUFReader`` or from a parsed header dict."""
+
+    def __init__(self, source, where: str):
+        self.where = where
+        self._dict = source if isinstance(source, dict) else None
+        self._reader = None if isinstance(source, dict) else source
+
+    def get(self, key: str, default=None):
+        if self._dict is not None:
+            return self._dict.get(key, default)
+        return _gguf_value(self._reader, key, default)
+
+    def get_numbers(self, key: str):
+        if self._dict is not None:
+            return self._dict.get(key)
+        return _gguf_int_array(self._reader, key)
+
+
+def _open_gguf(path_or_reader) -> _Meta:
     import gguf
 
     if isinstance(path_or_reader, gguf.GGUFReader):
-        return path_or_reader
+        return _Meta(path_or_reader, str(getattr(path_or_reader, "path", None) or "GGUF file"))
     if isinstance(path_or_reader, (str, os.PathLike)):
         path = os.fspath(path_or_reader)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"GGUF file not found: {path}")
         try:
-            return gguf.GGUFReader(path, "r")
-        except Exception as e:  # gguf raises ValueError / struct errors on garbage
+            return _Meta(_read_gguf_metadata(path), path)
+        except ValueError as e:
+            if "unsupported GGUF version" not in str(e) and "unknown GGUF value type" not in str(e):
+                raise
+        try:  # unusual files (big-endian, other versions): let the gguf package try
+            return _Meta(gguf.GGUFReader(path, "r"), path)
+        except Exception as e:
             raise ValueError(f"{path}: not a readable GGUF file ({e})") from e
     raise TypeError(f"expected a path or a gguf.GGUFReader, got {type(path_or_reader).__name__}")
 
@@ -192,10 +293,9 @@ def _gguf_value(reader, key: str, default=None):
         if len(types) > 1 and types[-1] == GGUFValueType.STRING:
             parts = field.parts
             return [bytes(parts[i]).decode("utf-8", errors="replace") for i in field.data]
-        if len(types) > 1 and types[-1] == GGUFValueType.ARRAY:
+        if len(types) > 2:
             raise ValueError(f"GGUF key {key}: nested arrays are not supported")
-        parts = field.parts
-        return [parts[i].tolist()[0] if len(parts[i]) == 1 else parts[i].tolist() for i in field.data]
+        return _gguf_int_array(reader, key)
     value = field.parts[field.data[0]]
     if types[0] == GGUFValueType.STRING:
         return bytes(value).decode("utf-8", errors="replace")
@@ -207,7 +307,7 @@ def _gguf_value(reader, key: str, default=None):
 
 
 def _gguf_int_array(reader, key: str):
-    """An integer/float array as a flat Python list, read in one go (token types, scores)."""
+    """A numeric array as a flat Python list, read in one go (token types, scores)."""
     import numpy as np
 
     field = reader.fields.get(key)
@@ -398,36 +498,36 @@ class Tokenizer:
         ``path_or_reader`` is a file path or an open ``gguf.GGUFReader``.  Raises ``ValueError`` when
         the file has no tokenizer or one of an unsupported kind.
         """
-        reader = _open_gguf(path_or_reader)
-        where = getattr(reader, "path", None) or "GGUF file"
-        model = _gguf_value(reader, "tokenizer.ggml.model")
-        tokens = _gguf_value(reader, "tokenizer.ggml.tokens")
+        meta = _open_gguf(path_or_reader)
+        where = meta.where
+        model = meta.get("tokenizer.ggml.model")
+        tokens = meta.get("tokenizer.ggml.tokens")
         if model is None or tokens is None:
             raise ValueError(
                 f"{where}: no tokenizer in this GGUF file (tokenizer.ggml.model / tokenizer.ggml.tokens missing)"
             )
         if not tokens:
             raise ValueError(f"{where}: tokenizer.ggml.tokens is empty")
-        types = _gguf_int_array(reader, "tokenizer.ggml.token_type")
+        types = meta.get_numbers("tokenizer.ggml.token_type")
         if types is not None and len(types) != len(tokens):
             raise ValueError(f"{where}: {len(types)} token types for {len(tokens)} tokens")
         if types is None:
             types = [_NORMAL] * len(tokens)
 
-        add_bos_meta = _gguf_value(reader, "tokenizer.ggml.add_bos_token")
+        add_bos_meta = meta.get("tokenizer.ggml.add_bos_token")
         if model == "gpt2":
-            pre = _gguf_value(reader, "tokenizer.ggml.pre")
-            merges = _gguf_value(reader, "tokenizer.ggml.merges")
+            pre = meta.get("tokenizer.ggml.pre")
+            merges = meta.get("tokenizer.ggml.merges")
             if merges is None:
                 raise ValueError(f"{where}: gpt2 tokenizer without tokenizer.ggml.merges")
             hf, add_bos_default = _build_byte_level_bpe(tokens, types, merges, pre, where)
         elif model == "llama":
-            scores = _gguf_int_array(reader, "tokenizer.ggml.scores")
+            scores = meta.get_numbers("tokenizer.ggml.scores")
             if scores is not None and len(scores) != len(tokens):
                 raise ValueError(f"{where}: {len(scores)} scores for {len(tokens)} tokens")
-            merges = _gguf_value(reader, "tokenizer.ggml.merges")
-            add_space_prefix = _gguf_value(reader, "tokenizer.ggml.add_space_prefix", True)
-            unk_id = _gguf_value(reader, "tokenizer.ggml.unknown_token_id")
+            merges = meta.get("tokenizer.ggml.merges")
+            add_space_prefix = meta.get("tokenizer.ggml.add_space_prefix", True)
+            unk_id = meta.get("tokenizer.ggml.unknown_token_id")
             hf = _build_sentencepiece_bpe(tokens, types, scores, merges, bool(add_space_prefix), unk_id)
             add_bos_default = True
         else:
@@ -441,13 +541,13 @@ class Tokenizer:
         def _valid(i):
             return i if isinstance(i, int) and 0 <= i < n else None
 
-        bos_id = _valid(_gguf_value(reader, "tokenizer.ggml.bos_token_id"))
-        eos_id = _valid(_gguf_value(reader, "tokenizer.ggml.eos_token_id"))
-        unk_id = _valid(_gguf_value(reader, "tokenizer.ggml.unknown_token_id"))
-        pad_id = _valid(_gguf_value(reader, "tokenizer.ggml.padding_token_id"))
+        bos_id = _valid(meta.get("tokenizer.ggml.bos_token_id"))
+        eos_id = _valid(meta.get("tokenizer.ggml.eos_token_id"))
+        unk_id = _valid(meta.get("tokenizer.ggml.unknown_token_id"))
+        pad_id = _valid(meta.get("tokenizer.ggml.padding_token_id"))
         eos_ids = [eos_id] if eos_id is not None else []
         for key in ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"):
-            i = _valid(_gguf_value(reader, key))
+            i = _valid(meta.get(key))
             if i is not None:
                 eos_ids.append(i)
         index = {}
@@ -456,7 +556,7 @@ class Tokenizer:
                 index[t] = i
         eos_ids += [index[t] for t in _END_OF_TURN_TOKENS if t in index]
 
-        chat_template = _gguf_value(reader, "tokenizer.chat_template")
+        chat_template = meta.get("tokenizer.chat_template")
         special = {
             "bos_token": tokens[bos_id] if bos_id is not None else None,
             "eos_token": tokens[eos_id] if eos_id is not None else None,

@@ -426,8 +426,8 @@ def write_llama_gguf(path: str | os.PathLike, *, dim: int, hidden_dim: int, n_la
     ``rope_type``/``type`` "llama3" adds ``rope_freqs.weight``, "linear" writes
     ``rope.scaling.type``/``rope.scaling.factor``.  ``tokenizer``: "bytes" (synthetic byte-level
     BPE), None, or the path of a GGUF whose ``tokenizer.*`` fields are copied.
-    ``extra_metadata``: additional key -> str/int/float/bool values (ints as INT32/UINT32 are
-    written as UINT32 when >= 0).  Returns the path written.
+    ``extra_metadata``: additional key -> value pairs (str; bool; int as UINT32, or INT64 when
+    negative or large; float as FLOAT32).  Returns the path written.
     """
     if weight_type not in WEIGHT_TYPES:
         raise ValueError(f"weight_type must be one of {sorted(WEIGHT_TYPES)}, got {weight_type!r}")

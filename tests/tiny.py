@@ -1,0 +1,116 @@
+"""Random tiny Llamas made with transformers, written as GGUF by our writer, and helpers
+to run them through dllama_mpi. References are computed at test time."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+# Awkward shapes: heads not a power of two, n_kv_heads < n_heads, FFN not a power of two,
+# vocab not a multiple of 32, tied and untied, head_dim 16/32/64.
+SHAPES = {
+    "gqa6": dict(dim=96, hidden_dim=160, n_layers=2, n_heads=6, n_kv_heads=2, vocab_size=300),
+    "mqa3_tied": dict(dim=96, hidden_dim=224, n_layers=2, n_heads=3, n_kv_heads=1,
+                      vocab_size=257, tied=True),
+    "q40_9h": dict(dim=288, hidden_dim=416, n_layers=2, n_heads=9, n_kv_heads=3,
+                   vocab_size=320, head_dim=32),
+    "llama3_rope": dict(dim=128, hidden_dim=192, n_layers=2, n_heads=4, n_kv_heads=2,
+                        vocab_size=270, rope_scaling={"rope_type": "llama3", "factor": 8.0,
+                                                      "low_freq_factor": 1.0,
+                                                      "high_freq_factor": 4.0,
+                                                      "original_max_position_embeddings": 64}),
+}
+
+
+def hf_model(shape: str, seed: int = 0):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    s = dict(SHAPES[shape])
+    tied = s.pop("tied", False)
+    head_dim = s.pop("head_dim", s["dim"] // s["n_heads"])
+    cfg = LlamaConfig(vocab_size=s["vocab_size"], hidden_size=s["dim"],
+                      intermediate_size=s["hidden_dim"], num_hidden_layers=s["n_layers"],
+                      num_attention_heads=s["n_heads"], num_key_value_heads=s["n_kv_heads"],
+                      head_dim=head_dim, max_position_embeddings=256, rms_norm_eps=1e-5,
+                      rope_theta=10000.0, tie_word_embeddings=tied,
+                      rope_scaling=s.get("rope_scaling"), initializer_range=0.1)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(cfg).float().eval()
+    with torch.no_grad():  # norms away from 1 so that a missing norm weight shows
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+    return model
+
+
+def write_tiny_gguf(path: str, shape: str, weight_type: str = "f32", seed: int = 0) -> str:
+    from dllama_mpi.formats.gguf_write import write_llama_gguf
+    s = dict(SHAPES[shape])
+    model = hf_model(shape, seed)
+    tensors = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
+    if s.pop("tied", False):
+        tensors.pop("lm_head.weight", None)
+    write_llama_gguf(path, dim=s["dim"], hidden_dim=s["hidden_dim"], n_layers=s["n_layers"],
+                     n_heads=s["n_heads"], n_kv_heads=s["n_kv_heads"],
+                     vocab_size=s["vocab_size"], context_length=256,
+                     head_dim=s.get("head_dim"), rope_scaling=s.get("rope_scaling"),
+                     tensors=tensors, weight_type=weight_type, tokenizer=None)
+    return path
+
+
+def hf_logits(shape: str, ids, seed: int = 0) -> np.ndarray:
+    import torch
+    with torch.no_grad():
+        return hf_model(shape, seed)(torch.tensor([list(ids)])).logits[0].float().numpy()
+
+
+def hf_greedy(shape: str, ids, n: int, seed: int = 0) -> list[int]:
+    import torch
+    model = hf_model(shape, seed)
+    with torch.no_grad():
+        out = model.generate(torch.tensor([list(ids)]), max_new_tokens=n, do_sample=False,
+                             eos_token_id=None, pad_token_id=0)
+    return out[0, len(ids):].tolist()
+
+
+def our_logits(comm, path: str, ids, weights="f32", wire="f32", max_seq_len=64):
+    """All positions' logits (root; None elsewhere). Every rank of comm must call this."""
+    from dllama_mpi.config import RunConfig
+    from dllama_mpi.session import start
+    run = RunConfig(weights_float_type=weights, buffer_float_type=wire, max_seq_len=max_seq_len)
+    s = start(comm, path, run, want_tokenizer=False)
+    if not comm.is_root:
+        s.engine.serve_forever()
+        return None
+    logits = s.engine.forward(list(ids), 0, all_logits=True)
+    s.engine.stop()
+    return logits
+
+
+def our_greedy(comm, path: str, ids, n: int, weights="f32", wire="f32", max_seq_len=64):
+    from dllama_mpi.config import RunConfig
+    from dllama_mpi.generation import generate
+    from dllama_mpi.session import start
+    run = RunConfig(weights_float_type=weights, buffer_float_type=wire, max_seq_len=max_seq_len)
+    s = start(comm, path, run, want_tokenizer=False)
+    if not comm.is_root:
+        s.engine.serve_forever()
+        return None
+    g = generate(s.engine, list(ids), n, lambda l: int(np.argmax(l)), set(), max_seq_len)
+    s.engine.stop()
+    return g.generated_tokens
+
+
+def tolerance(ref: np.ndarray) -> float:
+    """F32 against F32 through a few layers: differences come from summation order only,
+    a few float32 ulps of the largest intermediate; 1e-4 of the logit scale covers them
+    with a wide margin while any real error (a wrong rope pair, a missed norm) is O(scale)."""
+    return 1e-4 * float(np.abs(ref).max())
+
+
+def smollm2_path() -> str:
+    path = os.environ.get("DLLAMA_SMOLLM2_GGUF")
+    if path and os.path.isfile(path):
+        return path
+    from dllama_mpi.models import pull
+    return pull("smollm2-135m", quiet=True)
