@@ -194,6 +194,8 @@ def _read_gguf_metadata(path: str) -> dict[str, Any]:
                 def read_str(pos):
                     (n,) = unpack_u64(buf, pos)
                     pos += 8
+                    if pos + n > len(buf):
+                        raise IndexError("string runs past the end of the file")
                     return str(buf[pos : pos + n], "utf-8", "replace"), pos + n
 
                 def read_value(vtype, pos):
@@ -203,19 +205,26 @@ def _read_gguf_metadata(path: str) -> dict[str, Any]:
                         (itype,) = unpack_u32(buf, pos)
                         (count,) = unpack_u64(buf, pos + 4)
                         pos += 12
+                        if count > len(buf) - pos:
+                            raise IndexError(f"array of {count} items cannot fit in the file")
                         if itype == 8:
                             out = [None] * count
                             for k in range(count):
                                 (n,) = unpack_u64(buf, pos)
                                 pos += 8
+                                if pos + n > len(buf):
+                                    raise IndexError("string runs past the end of the file")
                                 out[k] = str(buf[pos : pos + n], "utf-8", "replace")
                                 pos += n
                             return out, pos
                         if itype in _GGUF_NUMPY:
                             dt = np.dtype(_GGUF_NUMPY[itype])
-                            arr = np.frombuffer(buf, dtype=dt, count=count, offset=pos)
+                            size = count * dt.itemsize
+                            if pos + size > len(buf):
+                                raise IndexError("array runs past the end of the file")
+                            arr = np.frombuffer(bytes(buf[pos : pos + size]), dtype=dt)  # a copy: no view on the mmap
                             vals = arr.astype(bool).tolist() if itype == 7 else arr.tolist()
-                            return vals, pos + count * dt.itemsize
+                            return vals, pos + size
                         out = []
                         for _ in range(count):
                             v, pos = read_value(itype, pos)

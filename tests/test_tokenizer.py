@@ -344,15 +344,26 @@ def test_spm_special_and_user_defined(spm):
 
 
 def test_spm_without_space_prefix(tmp_path):
+    """add_space_prefix = false: no "▁" is prepended (llama.cpp).  transformers' GGUF loader
+    ignores this flag, so its backend gets Metaspace(prepend_scheme="never") -- the file's
+    setting -- while its vocabulary and merges stay the reference."""
     transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, pre_tokenizers
+
     path = _write_gguf(tmp_path / "spm_noprefix.gguf", tokenizer=_spm_writer(add_space_prefix=False, add_bos=False))
     tok = Tokenizer.from_gguf(path)
     ref = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=path.name)
+    backend = HFTokenizer.from_str(ref.backend_tokenizer.to_str())
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never", split=False)
+    backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
     assert tok.add_bos is False
     for text in SPM_TEXTS + [" hello", "  hi"]:
         ids = tok.encode(text)
-        assert ids == ref.encode(text, add_special_tokens=False), text
-        assert tok.decode(ids) == text
+        assert ids == backend.encode(text, add_special_tokens=False).ids, text
+        assert tok.decode(ids) == backend.decode(ids) == text
+        assert "".join(_stream(tok, ids)) == text
+    assert tok.encode("hello") != tok.encode(" hello")
 
 
 @pytest.mark.parametrize("text", SPM_TEXTS + [" hello", "x<|user|>hello"])
@@ -390,7 +401,7 @@ def test_chat_template_rendering_and_errors(spm_file):
     tok.chat_template = "{% for m in messages %}{{ m.content }"
     with pytest.raises(ValueError, match="chat template"):
         tok.apply_chat_template(msgs)
-    tok.chat_template = "{{ messages[0].__class__ }}"  # sandboxed: no access to internals
+    tok.chat_template = "{{ messages.append(1) }}"  # immutable sandbox: templates cannot mutate input
     with pytest.raises(ValueError):
         tok.apply_chat_template(msgs)
 
@@ -462,8 +473,8 @@ def test_pre_tokenizer_digit_handling(tmp_path):
     pieces = {}
     for pre in ("llama-bpe", "qwen2", "smollm"):
         tok = Tokenizer.from_gguf(_write_gguf(tmp_path / f"d-{pre}.gguf", tokenizer=_bpe_writer(pre)))
-        pieces[pre] = [tok.decode([i]) for i in tok.encode("123456")]
-    assert pieces["llama-bpe"] == ["123", "456"]
+        pieces[pre] = [tok.decode([i]) for i in tok.encode("123456", add_bos=False)]
+    assert pieces["llama-bpe"] == ["123", "4", "5", "6"]  # chunks "123" "456"; only "123" is a token
     assert pieces["qwen2"] == pieces["smollm"] == list("123456")
     assert {"smollm", "llama-bpe", "qwen2", "gpt2", "default"} <= set(PRE_TOKENIZER_TYPES)
 
