@@ -12,9 +12,11 @@ import math
 
 import numba
 import numpy as np
-from numba import njit, prange
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic
 
-from .quant import QK, Q40Matrix
+from .quant import QK, SLAB_BLOCKS, Q40Matrix
 
 # ---------------------------------------------------------------- numba flags (the one place)
 
@@ -62,29 +64,28 @@ def _check_out(name: str, arr, dtype, shape) -> np.ndarray:
 
 # ---------------------------------------------------------------- fp16 -> f32
 
-@_serial
-def _f16_bits_to_f32(out_f32, bits_u16, n):
-    """out_f32[:n] = float32(float16 bits).  Finite values only (no inf/nan in weight scales)."""
-    ob = out_f32.view(np.uint32)
-    for i in range(n):
-        h = np.uint32(bits_u16[i])
-        ob[i] = ((h & np.uint32(0x8000)) << np.uint32(16)) | ((h & np.uint32(0x7FFF)) << np.uint32(13))
-    for i in range(n):
-        out_f32[i] = out_f32[i] * np.float32(5.192296858534828e33)   # 2**112 rebias, exact
+@intrinsic
+def _h2f(typingctx, h):
+    """float16 bit pattern (uint16) -> float32 (LLVM fpext half; vcvtph2ps with F16C, vectorisable)."""
+    sig = types.float32(types.uint16)
+
+    def codegen(context, builder, signature, args):
+        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+    return sig, codegen
 
 
-@njit(inline="always", cache=True, fastmath=True)
-def _h2f(h):
-    """one fp16 bit pattern (uint16) -> float32, finite values."""
-    e = (np.int32(h) >> 10) & 31
-    m = np.int32(h) & 1023
-    if e == 0:
-        v = np.float32(m) * np.float32(5.960464477539063e-08)
-    else:
-        v = np.float32(math.ldexp(np.float64(m + 1024), e - 25))
-    if np.int32(h) & 0x8000:
-        v = -v
-    return v
+_SCRATCH: dict = {}
+
+
+def _scratch(name: str, shape: tuple, dtype) -> np.ndarray:
+    """A per-(name, shape) buffer reused across calls (kernels are called from one Python thread)."""
+    key = (name, shape, np.dtype(dtype).str)
+    buf = _SCRATCH.get(key)
+    if buf is None:
+        if len(_SCRATCH) > 256:
+            _SCRATCH.clear()
+        buf = _SCRATCH[key] = np.empty(shape, dtype)
+    return buf
 
 
 # ---------------------------------------------------------------- activation quantisation (Q80)
@@ -143,24 +144,92 @@ def quantize_q80_act(qs_out: np.ndarray, d_out: np.ndarray, x: np.ndarray) -> No
 
 
 # ---------------------------------------------------------------- Q80 x Q40 matmul
+#
+# Layout (see quant.Q40Matrix): per (slab s, row r) a [16, G] tile of nibble bytes, byte k of the
+# slab's G <= 64 blocks side by side.  The activation is rearranged once per call to match:
+# xlo[t, s, k, b] = xq[t, block b, k], xhi[...] = xq[t, block b, 16 + k] (int16), so the inner loop
+# is, for every lane (block) b of the slab:
+#     a[b] = -8*sum(xq of block b) + sum_k lo(q[k, b]) * xlo[k, b] + hi(q[k, b]) * xhi[k, b]
+# computed in int16 (16 lanes per AVX2 vpmullw).  It is exact: the true block dot
+# sum (nib - 8) * xq lies in [-32512, 32512] and int16 arithmetic is exact modulo 2**16.
+# Then out += sum_b float32(a[b]) * (d_w[b] * xd[b]) in float32.
+
+_SG = SLAB_BLOCKS
+
+
+@_serial
+def _prep_x(xlo, xhi, xinit, xq, T, nb, xs):
+    """Rearrange the Q80 activation for the slab kernel (xlo/xhi flat [T * xs], xinit [T, nb])."""
+    for t in range(T):
+        xt = xq[t]
+        base = t * xs
+        for b in range(nb):
+            s = b // _SG
+            bl = b - s * _SG
+            o = base + s * 16 * _SG + bl
+            tot = 0
+            for k in range(16):
+                lo = np.int16(xt[b * QK + k])
+                hi = np.int16(xt[b * QK + 16 + k])
+                xlo[o + k * _SG] = lo
+                xhi[o + k * _SG] = hi
+                tot += lo + hi
+            xinit[t, b] = np.int16(-8 * tot)
+
+
+@njit(inline="always", cache=True, fastmath=True, boundscheck=False, error_model="numpy")
+def _slab_dot(q2, l2, h2, xi, db, xd, g, s16):
+    """sum over the g blocks of one (slab, row) of d_w * xd * (int block dot), float32."""
+    for bl in range(g):
+        a = np.int16(xi[bl])
+        for k in range(16):
+            byte = np.int16(q2[k, bl])
+            a += (byte & 15) * l2[k, bl] + (byte >> 4) * h2[k, bl]
+        s16[bl] = a                       # truncation to int16: the exact block dot (see above)
+    acc = np.float32(0.0)
+    for bl in range(g):
+        acc += np.float32(s16[bl]) * (_h2f(db[bl]) * xd[bl])
+    return acc
+
+
+@_serial
+def _q40_rows(out, xlo, xhi, xinit, xd, qs, dbits, rows, nb, nslab, T, xs, r0, r1, s16):
+    """out[:, r0:r1] for all T tokens; slab-major so the activation slab stays in L1."""
+    for s in range(nslab):
+        g = min(_SG, nb - s * _SG)
+        qbase = s * rows * 16 * _SG
+        dbase = s * rows * _SG
+        b0 = s * _SG
+        for r in range(r0, r1):
+            qo = qbase + r * 16 * g
+            db = dbits[dbase + r * g:dbase + r * g + g]
+            for t in range(T):
+                xo = t * xs + s * 16 * _SG
+                l2 = xlo[xo:xo + 16 * _SG].reshape((16, _SG))
+                h2 = xhi[xo:xo + 16 * _SG].reshape((16, _SG))
+                if g == _SG:       # full slab: constant strides (a separate, specialised inlined copy)
+                    a = _slab_dot(qs[qo:qo + 16 * _SG].reshape((16, _SG)), l2, h2, xinit[t, b0:b0 + _SG],
+                                  db, xd[t, b0:b0 + _SG], _SG, s16)
+                else:
+                    a = _slab_dot(qs[qo:qo + 16 * g].reshape((16, g)), l2, h2, xinit[t, b0:b0 + g],
+                                  db, xd[t, b0:b0 + g], g, s16)
+                if s == 0:
+                    out[t, r] = a
+                else:
+                    out[t, r] += a
+
 
 @_parallel
-def _matmul_q80_q40_simple(out, xq, xd, qs, dbits, T, rows, nb):
-    for r in prange(rows):
-        for t in range(T):
-            acc = np.float32(0.0)
-            for b in range(nb):
-                s = np.int32(0)
-                for j in range(16):
-                    byte = np.int32(qs[r, b * 16 + j])
-                    s += ((byte & 15) - 8) * np.int32(xq[t, b * QK + j])
-                    s += ((byte >> 4) - 8) * np.int32(xq[t, b * QK + 16 + j])
-                acc += np.float32(s) * (_h2f(dbits[r, b]) * xd[t, b])
-            out[t, r] = acc
+def _q40_par(out, xlo, xhi, xinit, xd, qs, dbits, rows, nb, nslab, T, xs, s16):
+    nch = s16.shape[0]
+    per = (rows + nch - 1) // nch
+    for c in prange(nch):
+        _q40_rows(out, xlo, xhi, xinit, xd, qs, dbits, rows, nb, nslab, T, xs,
+                  min(rows, c * per), min(rows, c * per + per), s16[c])
 
 
 def matmul_q80_q40(out: np.ndarray, xq: np.ndarray, xd: np.ndarray, w: Q40Matrix) -> None:
-    """out[t, r] = sum_b d_w[r,b] * xd[t,b] * sum_i (nib - 8) * xq[t, i]  (int32 block dots, f32 scales)."""
+    """out[t, r] = sum_b d_w[r,b] * xd[t,b] * sum_i (nib - 8) * xq[t, i]  (exact int block dots, f32 scales)."""
     if not isinstance(w, Q40Matrix):
         raise ValueError(f"w: expected a Q40Matrix, got {type(w).__name__}")
     _check("xq", xq, np.int8, ndim=2)
@@ -169,7 +238,22 @@ def matmul_q80_q40(out: np.ndarray, xq: np.ndarray, xd: np.ndarray, w: Q40Matrix
         raise ValueError(f"xq: has {cols} columns but w is {w.rows}x{w.cols}")
     _check("xd", xd, np.float32, (T, cols // QK))
     _check_out("out", out, np.float32, (T, w.rows))
-    _matmul_q80_q40_simple(out, xq, xd, w.qs, w.d.view(np.uint16), T, w.rows, cols // QK)
+    if T == 0 or w.rows == 0:
+        return
+    nb, nslab = w.nb, w.nslab
+    xs = nslab * 16 * _SG
+    xlo = _scratch("xlo", (T * xs,), np.int16)
+    xhi = _scratch("xhi", (T * xs,), np.int16)
+    xinit = _scratch("xinit", (T, nb), np.int16)
+    _prep_x(xlo, xhi, xinit, xq, T, nb, xs)
+    dbits = w.d.view(np.uint16)
+    nthr = numba.get_num_threads()
+    if nthr == 1 or w.rows * cols * T < 1 << 18:
+        s16 = _scratch("s16", (1, _SG), np.int16)
+        _q40_rows(out, xlo, xhi, xinit, xd, w.qs, dbits, w.rows, nb, nslab, T, xs, 0, w.rows, s16[0])
+    else:
+        s16 = _scratch("s16", (nthr, _SG), np.int16)
+        _q40_par(out, xlo, xhi, xinit, xd, w.qs, dbits, w.rows, nb, nslab, T, xs, s16)
 
 
 # ---------------------------------------------------------------- f32 matmul
@@ -400,6 +484,11 @@ def warmup() -> None:
     out = np.empty((T, rows), np.float32)
     matmul_q80_q40(out, xq, xd, w)
     matmul_q80_q40(out[:1].copy(), xq[:1].copy(), xd[:1].copy(), w)
+    s16 = np.zeros((2, SLAB_BLOCKS), np.int16)
+    xs = w.nslab * 16 * SLAB_BLOCKS
+    xlo, xhi, xi = np.zeros(T * xs, np.int16), np.zeros(T * xs, np.int16), np.zeros((T, w.nb), np.int16)
+    _prep_x(xlo, xhi, xi, xq, T, w.nb, xs)
+    _q40_par(out, xlo, xhi, xi, xd, w.qs, w.d.view(np.uint16), w.rows, w.nb, w.nslab, T, xs, s16)
     y = np.empty_like(x)
     rmsnorm(y, x, np.ones(n, np.float32), 1e-5)
     _rmsnorm_par(y, x, np.ones(n, np.float32), 1e-5, T, n)

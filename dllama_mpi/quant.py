@@ -171,41 +171,70 @@ def dequantize_q80_parts(qs: np.ndarray, ds: np.ndarray) -> np.ndarray:
 
 # ---------------------------------------------------------------- runtime Q40 matrix
 
+SLAB_BLOCKS = 64        # blocks per column slab of the runtime layout (64 blocks = 2048 columns)
+
+
 class Q40Matrix:
     """A Q40 weight matrix ``W[rows, cols]`` in the layout the kernels stream.
 
-    Layout (all plain numpy arrays, so the object pickles and can be memory-mapped):
+    The columns are cut into slabs of ``SLAB_BLOCKS`` = 64 blocks (2048 columns; the last slab may
+    be narrower, width ``G``).  Slabs are stored one after the other; inside a slab, rows one after
+    the other; inside a (slab, row) the 16 nibble bytes of its G blocks are stored *byte-major*:
+    byte ``k`` of every block, then byte ``k + 1`` ... (a ``[16, G]`` tile).  So the decode kernel
+    reads one contiguous stream and its vector lanes are the G blocks of the slab: each lane sums
+    its block's 32 products in int16, with no horizontal reductions.
 
-    * ``qs``: uint8 ``[rows, nb * 16]`` -- the 16 nibble bytes of each block, back to back per row
-      (the fp16 scales removed, so the byte stream the kernel reads is contiguous).
-    * ``d``: float16 ``[rows, nb]`` -- the block scales in their own array (stored as fp16, 2 bytes,
-      widened by the kernel).
+    * ``qs``: uint8 ``[rows * nb * 16]`` -- byte ``(s, r, k, b)`` at
+      ``s*rows*16*64 + r*16*G_s + k*G_s + b``.
+    * ``d``: float16 ``[rows * nb]`` -- the block scales, in their own array, at
+      ``s*rows*64 + r*G_s + b`` (2 bytes per block: 18 bytes per 32 weights in total, as in the file).
 
-    The kernel unpacks nibbles to a small per-thread scratch and does u8 x s8 integer dot products
-    with the Q80 activation, subtracting ``8 * sum(xq)`` per block afterwards.
+    Plain numpy arrays only (picklable, could be memory-mapped).
     """
 
-    __slots__ = ("rows", "cols", "qs", "d")
+    __slots__ = ("rows", "cols", "nb", "nslab", "qs", "d")
 
     def __init__(self, qs: np.ndarray, d: np.ndarray, rows: int, cols: int):
+        rows, cols = int(rows), int(cols)
+        if cols <= 0 or cols % QK or rows < 0:
+            raise ValueError(f"Q40Matrix: bad shape {rows}x{cols} (cols must be a positive multiple of {QK})")
         nb = cols // QK
-        if cols % QK or qs.shape != (rows, nb * 16) or d.shape != (rows, nb):
-            raise ValueError(f"Q40Matrix: inconsistent parts qs{qs.shape} d{d.shape} for {rows}x{cols}")
         if qs.dtype != np.uint8 or d.dtype != np.float16:
             raise ValueError("Q40Matrix: qs must be uint8 and d float16")
-        self.rows, self.cols = int(rows), int(cols)
+        if qs.shape != (rows * nb * 16,) or d.shape != (rows * nb,):
+            raise ValueError(f"Q40Matrix: inconsistent parts qs{qs.shape} d{d.shape} for {rows}x{cols}")
+        self.rows, self.cols, self.nb = rows, cols, nb
+        self.nslab = (nb + SLAB_BLOCKS - 1) // SLAB_BLOCKS
         self.qs = np.ascontiguousarray(qs)
         self.d = np.ascontiguousarray(d)
+
+    def _slabs(self):
+        """yield (slab index, first block, width G, byte offset in qs, offset in d)."""
+        for s in range(self.nslab):
+            b0 = s * SLAB_BLOCKS
+            g = min(SLAB_BLOCKS, self.nb - b0)
+            yield s, b0, g, b0 * 16 * self.rows, b0 * self.rows
 
     @classmethod
     def from_blocks(cls, raw: np.ndarray) -> "Q40Matrix":
         """raw GGML Q4_0 bytes ``uint8 [rows, cols//32*18]`` (row-major, rows quantised along cols)."""
         raw = np.asarray(raw)
-        if raw.dtype != np.uint8 or raw.ndim != 2 or raw.shape[1] % Q40_BLOCK_BYTES:
+        if raw.dtype != np.uint8 or raw.ndim != 2 or raw.shape[1] == 0 or raw.shape[1] % Q40_BLOCK_BYTES:
             raise ValueError(f"Q40Matrix.from_blocks: expected uint8 [rows, nb*18], got {raw.dtype} {raw.shape}")
         rows, nb = raw.shape[0], raw.shape[1] // Q40_BLOCK_BYTES
-        d, qs = split_q40(raw)
-        return cls(qs.reshape(rows, nb * 16), d, rows, nb * QK)
+        b = raw.reshape(rows, nb, Q40_BLOCK_BYTES)
+        qs = np.empty(rows * nb * 16, np.uint8)
+        d = np.empty(rows * nb, np.uint16)
+        m = cls.__new__(cls)
+        m.rows, m.cols, m.nb = rows, nb * QK, nb
+        m.nslab = (nb + SLAB_BLOCKS - 1) // SLAB_BLOCKS
+        for s, b0, g, qo, do in m._slabs():
+            # [rows, g, 16] -> [rows, 16, g]
+            qs[qo:qo + rows * 16 * g].reshape(rows, 16, g)[...] = b[:, b0:b0 + g, 2:].transpose(0, 2, 1)
+            d[do:do + rows * g].reshape(rows, g)[...] = b[:, b0:b0 + g, 0].astype(np.uint16) | (
+                b[:, b0:b0 + g, 1].astype(np.uint16) << np.uint16(8))
+        m.qs, m.d = qs, d.view(np.float16)
+        return m
 
     @classmethod
     def from_f32(cls, w: np.ndarray) -> "Q40Matrix":
@@ -218,14 +247,23 @@ class Q40Matrix:
 
     def to_blocks(self) -> np.ndarray:
         """Back to raw GGML Q4_0 bytes ``uint8 [rows, nb*18]``."""
-        nb = self.cols // QK
-        out = np.empty((self.rows, nb, Q40_BLOCK_BYTES), dtype=np.uint8)
-        out[:, :, :2] = self.d.view(np.uint8).reshape(self.rows, nb, 2)
-        out[:, :, 2:] = self.qs.reshape(self.rows, nb, 16)
-        return out.reshape(self.rows, nb * Q40_BLOCK_BYTES)
+        rows, nb = self.rows, self.nb
+        out = np.empty((rows, nb, Q40_BLOCK_BYTES), dtype=np.uint8)
+        dbytes = self.d.view(np.uint8)
+        for s, b0, g, qo, do in self._slabs():
+            out[:, b0:b0 + g, 2:] = self.qs[qo:qo + rows * 16 * g].reshape(rows, 16, g).transpose(0, 2, 1)
+            out[:, b0:b0 + g, :2] = dbytes[2 * do:2 * (do + rows * g)].reshape(rows, g, 2)
+        return out.reshape(rows, nb * Q40_BLOCK_BYTES)
 
     def dequantize(self) -> np.ndarray:
         return dequantize_q40(self.to_blocks())
+
+    def __getstate__(self):
+        return {k: getattr(self, k) for k in self.__slots__}
+
+    def __setstate__(self, state):
+        for k, v in state.items():
+            setattr(self, k, v)
 
     def __repr__(self) -> str:
         return f"Q40Matrix({self.rows}x{self.cols}, {self.nbytes} bytes)"
