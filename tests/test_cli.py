@@ -1,0 +1,116 @@
+"""The command line as a user runs it: output, JSON schema, and clean errors."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from dllama_mpi.comm import SerialComm
+from tiny import our_greedy, write_tiny_gguf
+
+TIMEOUT = 300
+
+
+def run(*args, ranks=None, **kw):
+    cmd = [sys.executable, "-m", "dllama_mpi", *args]
+    if ranks:
+        cmd = [shutil.which("mpiexec") or "mpiexec", "-n", str(ranks), *cmd]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, **kw)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny random Llama with a byte-level BPE tokenizer (written by our GGUF writer)."""
+    from dllama_mpi.formats.gguf_write import random_llama_tensors, write_llama_gguf
+    path = str(tmp_path_factory.mktemp("cli") / "tiny.gguf")
+    shape = dict(dim=96, hidden_dim=160, n_layers=2, n_heads=3, n_kv_heads=1, vocab_size=400)
+    write_llama_gguf(path, **shape, context_length=128, weight_type="f32", tokenizer="bytes",
+                     tensors=random_llama_tensors(**shape, std=0.1, seed=3))
+    return path
+
+
+def assert_clean_error(p, *words):
+    assert p.returncode != 0
+    assert "error:" in p.stderr and "Traceback" not in p.stderr, p.stderr
+    for w in words:
+        assert w in p.stderr, p.stderr
+
+
+def test_inference_json(tiny):
+    from dllama_mpi.tokenizer import Tokenizer
+    p = run("inference", "--model", tiny, "--prompt", "hello world", "--steps", "8",
+            "--temperature", "0", "--weights-float-type", "f32", "--json", "--max-seq-len", "64")
+    assert p.returncode == 0, p.stderr
+    out = json.loads(p.stdout)
+    tok = Tokenizer.from_gguf(tiny)
+    assert out["prompt_tokens"] == tok.encode("hello world")
+    expected = our_greedy(SerialComm(), tiny, out["prompt_tokens"], 8, max_seq_len=64)
+    stop = next((i for i, t in enumerate(expected) if t in tok.eos_ids), len(expected))
+    assert out["generated_tokens"] == expected[:stop]
+    assert out["text"] == tok.decode(out["generated_tokens"])
+    for key in ("prompt_tokens_per_s", "decode_tokens_per_s", "finish_reason", "per_rank"):
+        assert key in out
+    assert set(out["per_rank"][0]) >= {"rank", "compute_ms", "sync_ms", "bytes_sent", "bytes_recv"}
+
+
+def test_inference_streams_text_then_summary(tiny):
+    p = run("inference", "--model", tiny, "--prompt", "abc", "--steps", "4", "--temperature", "0",
+            "--weights-float-type", "f32", "--max-seq-len", "32", "--stats")
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.startswith("abc")
+    assert "decode:" in p.stderr and "[token" in p.stderr
+
+
+def test_two_ranks_report_bytes(tiny):
+    p = run("inference", "--model", tiny, "--prompt", "abc", "--steps", "4", "--temperature", "0",
+            "--weights-float-type", "f32", "--max-seq-len", "32", "--json", ranks=2)
+    assert p.returncode == 0, p.stderr
+    out = json.loads(p.stdout)
+    assert out["n_ranks"] == 2 and len(out["per_rank"]) == 2
+    # per decode token: 2 layers x 2 all-gathers of dim f32 to one peer, plus the step
+    assert out["per_rank"][1]["bytes_sent"] >= 2 * 2 * 96 * 4
+
+
+def test_missing_file():
+    assert_clean_error(run("inference", "--model", "/nonexistent.gguf", "--prompt", "x"),
+                       "not found")
+
+
+def test_not_a_gguf(tmp_path):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"this is not a model" * 100)
+    assert_clean_error(run("inference", "--model", str(bad), "--prompt", "x"), "not a GGUF")
+
+
+def test_truncated_file(tiny, tmp_path):
+    cut = tmp_path / "cut.gguf"
+    data = open(tiny, "rb").read()
+    cut.write_bytes(data[: len(data) * 2 // 3])
+    assert_clean_error(run("inference", "--model", str(cut), "--prompt", "x"))
+
+
+def test_prompt_longer_than_context(tiny):
+    assert_clean_error(run("inference", "--model", tiny, "--prompt", "a long prompt " * 10,
+                           "--max-seq-len", "8", "--weights-float-type", "f32"), "max-seq-len")
+
+
+def test_prompt_too_long_on_two_ranks_exits_everywhere(tiny):
+    p = run("inference", "--model", tiny, "--prompt", "a long prompt " * 10,
+            "--max-seq-len", "8", "--weights-float-type", "f32", ranks=2)
+    assert_clean_error(p, "max-seq-len")
+
+
+def test_more_ranks_than_heads_is_one_clear_error(tiny):
+    p = run("inference", "--model", tiny, "--prompt", "x", ranks=4)  # 3 query heads
+    assert_clean_error(p, "at most 3 ranks")
+    assert p.stderr.count("error:") == 1
+
+
+def test_q40_on_a_model_that_cannot_take_it(tiny):
+    # head_dim 32 with 3 heads on 2 ranks is fine; dim 96 works; hidden 160 splits 96/64: ok.
+    # The 400-token vocabulary is fine too, so Q40 must run here.
+    p = run("inference", "--model", tiny, "--prompt", "x", "--steps", "2", "--max-seq-len", "16",
+            ranks=2)
+    assert p.returncode == 0, p.stderr
