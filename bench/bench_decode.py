@@ -1,0 +1,64 @@
+"""One measured run, under mpiexec: prompt tokens/s and decode tokens/s on fixed token ids.
+
+    mpiexec -n R python bench/bench_decode.py --model M.gguf --nthreads T [--prompt-tokens 20]
+        [--steps 64] [--weights-float-type q40] [--buffer-float-type q80]
+
+Prints one JSON line (rank 0): the speeds, the bytes of weights all ranks read per token
+(for the roofline), and per-rank per-token compute/sync/bytes.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import numpy as np  # noqa: E402
+
+from dllama_mpi.comm import make_comm  # noqa: E402
+from dllama_mpi.config import RunConfig  # noqa: E402
+from dllama_mpi.generation import generate  # noqa: E402
+from dllama_mpi.inference import decode_averages  # noqa: E402
+from dllama_mpi.session import start  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--nthreads", type=int, default=1)
+    ap.add_argument("--prompt-tokens", type=int, default=20)
+    ap.add_argument("--steps", type=int, default=64)
+    ap.add_argument("--weights-float-type", default="q40")
+    ap.add_argument("--buffer-float-type", default=None)
+    args = ap.parse_args()
+    wire = args.buffer_float_type or ("q80" if args.weights_float_type == "q40" else "f32")
+    run = RunConfig(weights_float_type=args.weights_float_type, buffer_float_type=wire,
+                    nthreads=args.nthreads, max_seq_len=args.prompt_tokens + args.steps + 8,
+                    prefill_chunk=max(128, args.prompt_tokens))
+    comm = make_comm()
+    s = start(comm, args.model, run, want_tokenizer=False)
+    if not comm.is_root:
+        s.engine.serve_forever()
+        s.engine.gather_step_stats()
+        return
+    rng = np.random.default_rng(0)
+    prompt = rng.integers(3, s.config.vocab_size, args.prompt_tokens).tolist()
+    # warm-up forward (first-call costs), then reset the cache positions by starting at 0
+    s.engine.forward(prompt[:2], 0)
+    g = generate(s.engine, prompt, args.steps, lambda l: int(np.argmax(l)), set(),
+                 s.max_seq_len, run.prefill_chunk)
+    s.engine.stop()
+    per_rank = [decode_averages(steps[1:]) for steps in s.engine.gather_step_stats()]
+    weight_bytes = sum(w for w, _ in s.memory)
+    print(json.dumps({
+        "model": os.path.basename(args.model), "ranks": comm.size, "nthreads": s.nthreads,
+        "weights": run.weights_float_type, "wire": run.buffer_float_type,
+        "prompt_tokens": len(prompt), "generated": len(g.generated_tokens),
+        "prompt_tok_s": g.prompt_tokens_per_s, "decode_tok_s": g.decode_tokens_per_s,
+        "weight_bytes_per_token": weight_bytes, "per_rank": per_rank}))
+
+
+if __name__ == "__main__":
+    main()

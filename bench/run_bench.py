@@ -1,0 +1,113 @@
+"""The benchmark table (run by hand; never part of the tests).
+
+    python bench/run_bench.py [--repeats 3] [--steps 64] [--quick]
+
+Makes the synthetic 1.1B Llama (bench/make_synthetic.py) if needed, pulls SmolLM2, then for
+each workload runs bench/bench_decode.py under mpiexec several times and takes medians.
+The read-bandwidth roofline is probed in the same invocation (before and after; the best
+is used). Prints a markdown table with the peers' figures measured on this machine
+(../shared/notes/targets.md) and writes bench/results/bench-<time>.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, ".."))
+sys.path.insert(0, HERE)
+
+# Peers on this machine (../shared/notes/targets.md, 2026-11-24): decode tok/s.
+PEERS = {
+    ("synthetic", 1, 1, "decode"): (7.26, 16.1), ("synthetic", 1, 2, "decode"): (11.56, 29.1),
+    ("synthetic", 2, 1, "decode"): (14.04, 11.2), ("synthetic", 1, 1, "prompt"): (20.4, 40.0),
+    ("smollm2", 1, 1, "decode"): (57.6, 91.2), ("smollm2", 1, 2, "decode"): (81.1, 131.5),
+    ("smollm2", 1, 1, "prompt"): (169.0, 304.0),
+}
+
+
+def bandwidth() -> tuple[float, float]:
+    """(1-thread, 2-thread) read GB/s: a vectorised numba sum over 1 GB of uint64."""
+    from bench_kernels import probe
+    return probe(1 << 30, 1, 4), probe(1 << 30, 2, 4)
+
+
+def one_run(model: str, ranks: int, threads: int, steps: int, prompt: int) -> dict:
+    cmd = [shutil.which("mpiexec") or "mpiexec", "-n", str(ranks), sys.executable,
+           os.path.join(HERE, "bench_decode.py"), "--model", model, "--nthreads", str(threads),
+           "--steps", str(steps), "--prompt-tokens", str(prompt)]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    if p.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{p.stderr[-3000:]}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def median_run(model, ranks, threads, steps, prompt, repeats) -> dict:
+    runs = [one_run(model, ranks, threads, steps, prompt) for _ in range(repeats)]
+    out = dict(runs[0])
+    out["decode_tok_s"] = statistics.median(r["decode_tok_s"] for r in runs)
+    out["prompt_tok_s"] = statistics.median(r["prompt_tok_s"] for r in runs)
+    out["all_decode_tok_s"] = [r["decode_tok_s"] for r in runs]
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=64)
+    ap.add_argument("--quick", action="store_true", help="SmolLM2 only, one repeat")
+    args = ap.parse_args()
+    from dllama_mpi.models import pull
+    models = {"smollm2": pull("smollm2-135m")}
+    if not args.quick:
+        synth = os.path.join(HERE, "results", "synthetic-1.1b-q4_0.gguf")
+        os.makedirs(os.path.dirname(synth), exist_ok=True)
+        subprocess.run([sys.executable, os.path.join(HERE, "make_synthetic.py"), synth], check=True)
+        models["synthetic"] = synth
+    repeats = 1 if args.quick else args.repeats
+    bw_before = bandwidth()
+    rows = []
+    for name, path in models.items():
+        for ranks, threads in ((1, 1), (1, 2), (2, 1)):
+            r = median_run(path, ranks, threads, args.steps, 20, repeats)
+            rows.append((name, ranks, threads, "decode", r))
+        r = median_run(path, 1, 1, 1, 128, repeats)
+        rows.append((name, 1, 1, "prompt", r))
+    bw_after = bandwidth()
+    bw1, bw2 = max(bw_before[0], bw_after[0]), max(bw_before[1], bw_after[1])
+    lines = [f"read bandwidth (numba probe): {bw1:.1f} GB/s on 1 core, {bw2:.1f} GB/s on 2 "
+             f"(before {bw_before[0]:.1f}/{bw_before[1]:.1f}, after {bw_after[0]:.1f}/{bw_after[1]:.1f})",
+             "", "| model | ranks × threads | workload | tok/s | roofline tok/s | fraction | "
+             "sync ms/token | kB sent/token (rank 0) | Distributed Llama | llama.cpp |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, ranks, threads, kind, r in rows:
+        cores = ranks * threads
+        bw = bw1 if cores == 1 else bw2
+        roof = bw * 1e9 / r["weight_bytes_per_token"]
+        tok = r["decode_tok_s"] if kind == "decode" else r["prompt_tok_s"]
+        frac = f"{tok / roof:.0%}" if kind == "decode" else "compute-bound"
+        roof_s = f"{roof:.1f}" if kind == "decode" else "—"
+        pr = r["per_rank"][0]
+        dl, lc = PEERS.get((name, ranks, threads, kind), ("—", "—"))
+        label = "decode" if kind == "decode" else f"prompt ({r['prompt_tokens']} tokens)"
+        lines.append(f"| {name} | {ranks} × {threads} | {label} | {tok:.1f} | {roof_s} | {frac} | "
+                     f"{pr['sync_ms']:.2f} | {pr['bytes_sent'] / 1e3:.1f} | {dl} | {lc} |")
+    table = "\n".join(lines)
+    print(table)
+    out = os.path.join(HERE, "results", time.strftime("bench-%Y%m%d-%H%M%S.json"))
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump({"bandwidth_gb_s": [bw1, bw2], "rows": [
+            dict(model=n, ranks=a, threads=b, kind=k, **r) for n, a, b, k, r in rows],
+            "table": table}, f, indent=1)
+    print(f"\nwritten {out}")
+
+
+if __name__ == "__main__":
+    main()
