@@ -30,15 +30,16 @@ def main() -> None:
     ap.add_argument("--nthreads", type=int, default=1)
     ap.add_argument("--prompt-tokens", type=int, default=20)
     ap.add_argument("--steps", type=int, default=64)
-    ap.add_argument("--weights-float-type", default="q40")
-    ap.add_argument("--buffer-float-type", default=None)
+    ap.add_argument("--weights-float-type", default="auto")
+    ap.add_argument("--buffer-float-type", default="auto")
     args = ap.parse_args()
-    wire = args.buffer_float_type or ("q80" if args.weights_float_type == "q40" else "f32")
-    run = RunConfig(weights_float_type=args.weights_float_type, buffer_float_type=wire,
+    run = RunConfig(weights_float_type=args.weights_float_type,
+                    buffer_float_type=args.buffer_float_type,
                     nthreads=args.nthreads, max_seq_len=args.prompt_tokens + args.steps + 8,
                     prefill_chunk=max(128, args.prompt_tokens))
     comm = make_comm()
     s = start(comm, args.model, run, want_tokenizer=False)
+    run = s.run
     if not comm.is_root:
         s.engine.serve_forever()
         s.engine.gather_step_stats()

@@ -13,10 +13,11 @@ from .errors import DllamaError
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True,
                    help=f"a .gguf file, or a known model name ({', '.join(models.KNOWN_MODELS)})")
-    p.add_argument("--weights-float-type", choices=WEIGHT_TYPES, default="q40",
-                   help="runtime weight format (default q40)")
-    p.add_argument("--buffer-float-type", choices=BUFFER_TYPES, default=None,
-                   help="activations between ranks (default: q80 with q40 weights, else f32)")
+    p.add_argument("--weights-float-type", choices=("auto",) + WEIGHT_TYPES, default="auto",
+                   help="runtime weight format; auto (default): Q4_0 files run as q40, Q4_1 "
+                   "files as q41, other quantised files are quantised to q40, float files f32")
+    p.add_argument("--buffer-float-type", choices=("auto",) + BUFFER_TYPES, default="auto",
+                   help="activations between ranks (auto: q80 with 4-bit weights, else f32)")
     p.add_argument("--max-seq-len", type=int, default=0,
                    help="KV cache positions (default: the model's context, at most 4096)")
     p.add_argument("--nthreads", type=int, default=0,
@@ -33,8 +34,8 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
 
 
 def run_config(args) -> RunConfig:
-    wire = args.buffer_float_type or ("q80" if args.weights_float_type == "q40" else "f32")
-    return RunConfig(weights_float_type=args.weights_float_type, buffer_float_type=wire,
+    return RunConfig(weights_float_type=args.weights_float_type,
+                     buffer_float_type=args.buffer_float_type,
                      max_seq_len=args.max_seq_len, nthreads=args.nthreads,
                      temperature=getattr(args, "temperature", 0.0),
                      topp=getattr(args, "topp", 1.0), topk=getattr(args, "topk", 0),

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from .errors import DllamaError
 
-WEIGHT_TYPES = ("q40", "f32")
+WEIGHT_TYPES = ("q40", "q41", "f32")  # runtime forms; "auto" picks one per file
 BUFFER_TYPES = ("q80", "f32")
 DEFAULT_MAX_SEQ_LEN = 4096  # cap on the model's context unless --max-seq-len says otherwise
 
@@ -73,8 +73,8 @@ class ModelConfig:
 
 @dataclass
 class RunConfig:
-    weights_float_type: str = "q40"
-    buffer_float_type: str = "q80"
+    weights_float_type: str = "auto"   # auto: the file's 4-bit type kept, f32 for float files
+    buffer_float_type: str = "auto"    # auto: q80 with 4-bit weights, f32 with f32 weights
     max_seq_len: int = 0             # 0: the model's context, capped at DEFAULT_MAX_SEQ_LEN
     nthreads: int = 0                # 0: cores available to this rank / ranks on the node
     temperature: float = 0.8
@@ -84,6 +84,14 @@ class RunConfig:
     prefill_chunk: int = 128         # prompt tokens per forward (a matrix through the weights)
     extra: dict = field(default_factory=dict)
 
+    def resolved(self, file_weight_type: str) -> "RunConfig":
+        """Settle the "auto" types; file_weight_type is what the model file suggests."""
+        w = file_weight_type if self.weights_float_type == "auto" else self.weights_float_type
+        b = self.buffer_float_type
+        if b == "auto":
+            b = "f32" if w == "f32" else "q80"
+        return dataclasses.replace(self, weights_float_type=w, buffer_float_type=b)
+
     def resolved_max_seq_len(self, model: ModelConfig) -> int:
         if self.max_seq_len > 0:
             return self.max_seq_len
@@ -92,23 +100,23 @@ class RunConfig:
     def validate(self, model: ModelConfig, world_size: int) -> None:
         """All checks that must fail on rank 0 before any loading, with one clear message."""
         model.check()
-        if self.weights_float_type not in WEIGHT_TYPES:
+        if self.weights_float_type not in WEIGHT_TYPES + ("auto",):
             raise DllamaError(f"--weights-float-type must be one of {WEIGHT_TYPES}, "
                               f"got {self.weights_float_type!r}")
-        if self.buffer_float_type not in BUFFER_TYPES:
+        if self.buffer_float_type not in BUFFER_TYPES + ("auto",):
             raise DllamaError(f"--buffer-float-type must be one of {BUFFER_TYPES}, "
                               f"got {self.buffer_float_type!r}")
         if world_size > model.n_heads:
             raise DllamaError(
                 f"{world_size} ranks cannot split a model with {model.n_heads} query heads: "
                 f"run with at most {model.n_heads} ranks")
-        if self.weights_float_type == "q40":
+        if self.weights_float_type in ("q40", "q41"):
             from .shard import plan
             for r in range(world_size):
                 p = plan(model, r, world_size)
                 if model.dim % 32 or p.q_cols % 32 or p.ffn_len % 32:
                     raise DllamaError(
-                        f"Q40 weights need dim, each rank's attention width and FFN slice to be "
+                        f"4-bit weights need dim, each rank's attention width and FFN slice to be "
                         f"multiples of 32 (dim {model.dim}, head_dim {model.head_dim}, "
                         f"hidden {model.hidden_dim}, {world_size} ranks): "
                         f"use --weights-float-type f32")

@@ -15,9 +15,8 @@ from .shard import plan
 def print_info(model_arg: str, ranks: int) -> int:
     model = open_model(models.resolve(model_arg))
     c = model.config
-    run = RunConfig()
-    run.validate(c, ranks) if ranks <= c.n_heads else None
-    print(f"file: {model.path}")
+    run = RunConfig().resolved(model.preferred_weight_type())
+    print(f"file: {model.path} (runs as {run.weights_float_type} by default)")
     for k, v in c.to_dict().items():
         if k == "rope_freq_factors" and v is not None:
             v = f"{len(v)} factors"

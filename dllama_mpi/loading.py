@@ -12,6 +12,7 @@ import numpy as np
 from .config import ModelConfig, RunConfig
 from .errors import DllamaError
 from .model import LayerWeights, ShardWeights
+from .qformats import Q41_BLOCK_BYTES, Q41Matrix, quantize_q41
 from .quant import Q40_BLOCK_BYTES, QK, Q40Matrix, quantize_q40
 from .shard import Range, ShardPlan, in_split, out_split, plan
 
@@ -61,25 +62,29 @@ def convert_slice(tensor, kind: str, rng: Range | None, target: str) -> np.ndarr
         raw = in_split(raw, rng, block_bytes=raw.shape[1] // (tensor.shape[1] // QK))
     else:  # f32 runtime with a band that is not whole blocks: dequantise rows, then cut
         raw = None
-    if target == "q40" and tensor.type == "Q4_0" and raw is not None:
+    if raw is not None and (target, tensor.type) in (("q40", "Q4_0"), ("q41", "Q4_1")):
         return np.ascontiguousarray(raw)  # a pure repack later: identical bits
     if raw is None:
         values = in_split(dequantize(tensor.data, tensor.ggml_type), rng)
     else:
         values = dequantize(np.ascontiguousarray(raw), tensor.ggml_type)
     values = np.ascontiguousarray(values, dtype=np.float32)
-    return quantize_q40(values) if target == "q40" else values
+    return {"q40": quantize_q40, "q41": quantize_q41}.get(target, lambda v: v)(values)
+
+
+# runtime weight type -> (class built from block bytes, bytes per block)
+BLOCK_FORMATS = {"q40": (Q40Matrix, Q40_BLOCK_BYTES), "q41": (Q41Matrix, Q41_BLOCK_BYTES)}
 
 
 def _runtime(arr: np.ndarray, kind: str, target: str):
-    if kind != "rep" and target == "q40":
-        return Q40Matrix.from_blocks(arr)
+    if kind != "rep" and target in BLOCK_FORMATS:
+        return BLOCK_FORMATS[target][0].from_blocks(arr)
     return arr
 
 
 def _wire_shape(shape: tuple[int, ...], kind: str, target: str):
-    if kind != "rep" and target == "q40":
-        return (shape[0], shape[1] // QK * Q40_BLOCK_BYTES), np.uint8
+    if kind != "rep" and target in BLOCK_FORMATS:
+        return (shape[0], shape[1] // QK * BLOCK_FORMATS[target][1]), np.uint8
     return shape, np.float32
 
 

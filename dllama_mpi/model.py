@@ -12,10 +12,11 @@ import numpy as np
 
 from . import kernels
 from .config import ModelConfig
+from .qformats import Q41Matrix, add_offsets, block_sums
 from .quant import QK, Q40Matrix
 from .shard import ShardPlan
 
-Matrix = "np.ndarray | Q40Matrix"  # f32 [out, in] or Q40 runtime form
+Matrix = "np.ndarray | Q40Matrix | Q41Matrix"  # f32 [out, in] or a 4-bit runtime form
 
 
 @dataclass
@@ -57,21 +58,34 @@ def rope_tables(config: ModelConfig, max_seq_len: int) -> tuple[np.ndarray, np.n
 
 
 class _Input:
-    """A matmul input: f32 rows, and their Q80 form when Q40 weights need it (made once)."""
+    """A matmul input: f32 rows, and their Q80 form made once, when a 4-bit weight asks."""
 
-    def __init__(self, x: np.ndarray, q80: bool):
+    def __init__(self, x: np.ndarray):
         self.x = x
-        if q80:
-            t, n = x.shape
-            self.qs = np.empty((t, n), np.int8)
-            self.d = np.empty((t, n // QK), np.float32)
-            kernels.quantize_q80_act(self.qs, self.d, x)
+        self._q80 = None
+        self._sums = None
+
+    def q80(self) -> tuple[np.ndarray, np.ndarray]:
+        if self._q80 is None:
+            t, n = self.x.shape
+            qs, d = np.empty((t, n), np.int8), np.empty((t, n // QK), np.float32)
+            kernels.quantize_q80_act(qs, d, self.x)
+            self._q80 = (qs, d)
+        return self._q80
+
+    def block_sums(self) -> np.ndarray:
+        if self._sums is None:
+            self._sums = block_sums(*self.q80())
+        return self._sums
 
 
 def matmul(out: np.ndarray, inp: _Input, w) -> np.ndarray:
     """out [T, rows] = inp [T, cols] @ w[rows, cols]^T."""
     if isinstance(w, Q40Matrix):
-        kernels.matmul_q80_q40(out, inp.qs, inp.d, w)
+        kernels.matmul_q80_q40(out, *inp.q80(), w)
+    elif isinstance(w, Q41Matrix):
+        kernels.matmul_q80_q40(out, *inp.q80(), w.q40)
+        add_offsets(out, inp.block_sums(), w)
     else:
         kernels.matmul_f32(out, inp.x, w)
     return out
@@ -82,7 +96,6 @@ class Transformer:
                  kv_cache, comm, wire: str = "f32"):
         self.config, self.plan, self.w = config, plan, weights
         self.kv, self.comm, self.wire = kv_cache, comm, wire
-        self.q80 = isinstance(weights.layers[0].wq, Q40Matrix) if weights.layers else False
         self.cos, self.sin = rope_tables(config, kv_cache.max_seq_len)
         self.kv_of_q = plan.kv_of_q()
         self.scale = 1.0 / np.sqrt(config.head_dim)
@@ -114,7 +127,7 @@ class Transformer:
         for index, lw in enumerate(self.w.layers):
             # attention: x += wo · attention(rope(wq·xb), rope(wk·xb), wv·xb)
             kernels.rmsnorm(b["xb"], x, lw.attn_norm, c.norm_eps)
-            xb = _Input(b["xb"], self.q80)
+            xb = _Input(b["xb"])
             matmul(b["q"], xb, lw.wq)
             matmul(b["k"], xb, lw.wk)
             matmul(b["v"], xb, lw.wv)
@@ -125,20 +138,20 @@ class Transformer:
             v_cache[positions] = b["v"].reshape(t, -1, hd)
             kernels.attention(b["att"], b["q"], k_cache, v_cache, positions,
                               self.kv_of_q, self.scale)
-            matmul(b["attn_out"], _Input(b["att"], self.q80), lw.wo)
+            matmul(b["attn_out"], _Input(b["att"]), lw.wo)
             x += self.comm.allreduce_sum(b["attn_out"], self.wire)
             # feed-forward: x += w2 · (silu(w1·xb) * w3·xb)
             kernels.rmsnorm(b["xb"], x, lw.ffn_norm, c.norm_eps)
-            xb = _Input(b["xb"], self.q80)
+            xb = _Input(b["xb"])
             matmul(b["h1"], xb, lw.w1)
             matmul(b["h3"], xb, lw.w3)
             kernels.silu_mul(b["h"], b["h1"], b["h3"])
-            matmul(b["ffn_out"], _Input(b["h"], self.q80), lw.w2)
+            matmul(b["ffn_out"], _Input(b["h"]), lw.w2)
             x += self.comm.allreduce_sum(b["ffn_out"], self.wire)
         rows = x if all_logits else x[-1:]
         final = np.empty_like(rows)
         kernels.rmsnorm(final, rows, self.w.final_norm, c.norm_eps)
         logits = np.empty((rows.shape[0], self.plan.vocab.size), np.float32)
-        matmul(logits, _Input(final, self.q80), self.w.wcls)
+        matmul(logits, _Input(final), self.w.wcls)
         counts = self.vocab_counts or [self.plan.vocab.size]
         return self.comm.gather_rows(logits, counts)

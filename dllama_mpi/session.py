@@ -53,6 +53,7 @@ def default_threads(comm) -> int:
 def _root_open(model_arg: str, run: RunConfig, size: int, want_tokenizer: bool):
     path = models.resolve(model_arg)
     model = open_model(path)
+    run = run.resolved(model.preferred_weight_type())
     run.validate(model.config, size)
     tokenizer = None
     if want_tokenizer:
@@ -61,7 +62,7 @@ def _root_open(model_arg: str, run: RunConfig, size: int, want_tokenizer: bool):
             tokenizer = Tokenizer.from_gguf(model.reader)
         except ValueError as e:
             raise DllamaError(f"{path}: {e}") from None
-    return model, tokenizer
+    return model, tokenizer, run
 
 
 def start(comm, model_arg: str, run: RunConfig, want_tokenizer: bool = True,
@@ -70,7 +71,7 @@ def start(comm, model_arg: str, run: RunConfig, want_tokenizer: bool = True,
     status = None
     if comm.is_root:
         try:
-            model, tokenizer = _root_open(model_arg, run, comm.size, want_tokenizer)
+            model, tokenizer, run = _root_open(model_arg, run, comm.size, want_tokenizer)
             status = ("ok", model.config.to_dict(), run)
         except DllamaError as e:
             status = ("error", str(e))

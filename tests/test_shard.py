@@ -59,8 +59,8 @@ def test_smollm2_on_two_and_four_ranks_shares_kv_heads():
 def test_too_many_ranks_is_one_clear_error():
     c = dict(configs())["smollm2"]
     with pytest.raises(DllamaError, match="at most 9 ranks"):
-        RunConfig().validate(c, 10)
-    RunConfig().validate(c, 9)
+        RunConfig(weights_float_type="q40").validate(c, 10)
+    RunConfig(weights_float_type="q40").validate(c, 9)
 
 
 def test_q40_needs_whole_blocks():

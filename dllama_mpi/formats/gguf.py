@@ -146,6 +146,16 @@ class GGUFModel:
             raise DllamaError(f"{self.path} is truncated: tensor {last.name} ends at byte "
                               f"{last.data_offset + last.n_bytes}, file has {self.file_size}")
 
+    def preferred_weight_type(self) -> str:
+        """Runtime type that loses nothing more than the file: Q4_1 files stay q41, other
+        quantised files become q40 (Q4_0 bit for bit), float files stay f32."""
+        types = [t.type for n, t in self.tensors.items() if n.startswith("blk.") and
+                 len(t.shape) == 2]
+        common = max(set(types), key=types.count) if types else "F32"
+        if common == "Q4_1":
+            return "q41"
+        return "f32" if common in ("F32", "F16", "BF16") else "q40"
+
     # -- tensors ---------------------------------------------------------------------
     def tensor(self, name: str) -> GGUFTensor:
         return self.tensors[gguf_name(name)]
