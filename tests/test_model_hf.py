@@ -24,14 +24,15 @@ def test_greedy_decode_matches_transformers(tmp_path, shape):
     assert our_greedy(SerialComm(), path, IDS[:4], 16) == hf_greedy(shape, IDS[:4], 16)
 
 
-def test_q40_runtime_matches_its_numpy_twin(tmp_path, monkeypatch):
-    """A Q4_0 file run two ways: the Q40/Q80 kernels (the Q40 path repacks the file's bits),
+@pytest.mark.parametrize("file_type,runtime", [("q4_0", "q40"), ("q4_1", "q41")])
+def test_4bit_runtime_matches_its_numpy_twin(tmp_path, monkeypatch, file_type, runtime):
+    """A Q4_0 (Q4_1) file run two ways: the Q40 (Q41) kernels on the file's own bits,
     and the F32 path on the dequantised weights with every matmul input rounded through
     Q80 in numpy (quant.py) -- the same arithmetic, so only f32 summation order differs."""
     from dllama_mpi import model as model_module
     from dllama_mpi.quant import dequantize_q80_parts, quantize_q80_parts
-    path = write_tiny_gguf(str(tmp_path / "q.gguf"), "q40_9h", weight_type="q4_0")
-    q = our_logits(SerialComm(), path, IDS, weights="q40", wire="q80")
+    path = write_tiny_gguf(str(tmp_path / "q.gguf"), "q40_9h", weight_type=file_type)
+    q = our_logits(SerialComm(), path, IDS, weights=runtime, wire="q80")
     plain = our_logits(SerialComm(), path, IDS)
     f32_matmul = model_module.matmul
 

@@ -61,12 +61,14 @@ __all__ = [
 ]
 
 #: weight_type name -> GGML type of the 2-D matrices
-WEIGHT_TYPES: dict[str, QT] = {"f32": QT.F32, "f16": QT.F16, "q4_0": QT.Q4_0, "q8_0": QT.Q8_0}
+WEIGHT_TYPES: dict[str, QT] = {"f32": QT.F32, "f16": QT.F16, "q4_0": QT.Q4_0, "q4_1": QT.Q4_1,
+                               "q8_0": QT.Q8_0}
 #: weight_type name -> ``general.file_type`` (llama.cpp's LlamaFileType)
 FILE_TYPES: dict[str, int] = {
     "f32": int(gguf.LlamaFileType.ALL_F32),
     "f16": int(gguf.LlamaFileType.MOSTLY_F16),
     "q4_0": int(gguf.LlamaFileType.MOSTLY_Q4_0),
+    "q4_1": int(gguf.LlamaFileType.MOSTLY_Q4_1),
     "q8_0": int(gguf.LlamaFileType.MOSTLY_Q8_0),
 }
 

@@ -1,0 +1,35 @@
+"""Q41 (GGML Q4_1 kept at run time) against the gguf package's own dequantiser."""
+import numpy as np
+import pytest
+
+from dllama_mpi import kernels
+from dllama_mpi.qformats import Q41Matrix, add_offsets, block_sums, dequantize_q41, quantize_q41
+from dllama_mpi.quant import dequantize_q80_parts, quantize_q80_parts
+
+
+@pytest.mark.parametrize("rows,cols", [(1, 32), (7, 96), (33, 2080)])
+def test_q41_matrix_dequantises_like_gguf(rows, cols):
+    w = np.random.default_rng(rows).standard_normal((rows, cols)).astype(np.float32) + 0.3
+    raw = quantize_q41(w)
+    m = Q41Matrix.from_blocks(raw)
+    np.testing.assert_allclose(m.dequantize(), dequantize_q41(raw), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("t", [1, 5])
+def test_q41_matmul_equals_dequantised_product(t):
+    rng = np.random.default_rng(t)
+    w = rng.standard_normal((40, 160)).astype(np.float32) + 0.5  # offsets matter
+    x = rng.standard_normal((t, 160)).astype(np.float32)
+    m = Q41Matrix.from_blocks(quantize_q41(w))
+    xq, xd = quantize_q80_parts(x)
+    out = np.empty((t, 40), np.float32)
+    kernels.matmul_q80_q40(out, xq, xd, m.q40)
+    add_offsets(out, block_sums(xq, xd), m)
+    ref = dequantize_q80_parts(xq, xd) @ m.dequantize().T
+    scale = np.abs(dequantize_q80_parts(xq, xd)) @ np.abs(m.dequantize()).T
+    assert np.all(np.abs(out - ref) <= 1e-5 * scale + 1e-6)
+
+
+def test_bad_blocks_rejected():
+    with pytest.raises(ValueError, match="nb\\*20"):
+        Q41Matrix.from_blocks(np.zeros((2, 18), np.uint8))
