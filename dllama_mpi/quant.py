@@ -174,20 +174,31 @@ def dequantize_q80_parts(qs: np.ndarray, ds: np.ndarray) -> np.ndarray:
 SLAB_BLOCKS = 64        # blocks per column slab of the runtime layout (64 blocks = 2048 columns)
 
 
+def rows_per_tile(g: int) -> int:
+    """Rows sharing one weight tile in a slab of g blocks: 1 if g >= 16 (a 16-lane vector is filled
+    by one row), else 64 // g (several rows side by side, so narrow matrices still fill the lanes)."""
+    return 1 if g >= 16 else SLAB_BLOCKS // g
+
+
 class Q40Matrix:
     """A Q40 weight matrix ``W[rows, cols]`` in the layout the kernels stream.
 
     The columns are cut into slabs of ``SLAB_BLOCKS`` = 64 blocks (2048 columns; the last slab may
-    be narrower, width ``G``).  Slabs are stored one after the other; inside a slab, rows one after
-    the other; inside a (slab, row) the 16 nibble bytes of its G blocks are stored *byte-major*:
-    byte ``k`` of every block, then byte ``k + 1`` ... (a ``[16, G]`` tile).  So the decode kernel
-    reads one contiguous stream and its vector lanes are the G blocks of the slab: each lane sums
-    its block's 32 products in int16, with no horizontal reductions.
+    be narrower, width ``G``).  Slabs are stored one after the other.  Inside a slab the rows are
+    taken R at a time (``rows_per_tile``: 1 if G >= 16, else 64 // G; the last group may hold fewer
+    rows) and each row group is a *tile* of ``L = rows_in_group * G <= 64`` lanes (lane = (row, block)),
+    stored ``[8, L, 2]``: byte pair (2p, 2p+1) of every lane side by side, for p = 0..7.  So the
+    decode kernel reads one contiguous stream, and one 32-byte load holds byte pair p of 16 lanes:
+    exactly what AVX2 ``vpmaddubsw`` (u8 x s8, adjacent pairs summed to int16) needs, each lane
+    summing its own block with no horizontal reductions; narrow slabs (G < 16) still fill the
+    vector lanes because several rows share a tile.
 
-    * ``qs``: uint8 ``[rows * nb * 16]`` -- byte ``(s, r, k, b)`` at
-      ``s*rows*16*64 + r*16*G_s + k*G_s + b``.
+    * ``qs``: uint8 ``[rows * nb * 16]``.  Slab s starts at ``s*rows*16*64``; its tile k (rows
+      k*R ...) at ``+ k*R*16*G``; byte k' = 2p + e of lane l at ``+ p*2*L + 2*l + e``.  Byte k' holds
+      element k' (low nibble) and element k' + 16 (high nibble) of its block, as in GGML.
     * ``d``: float16 ``[rows * nb]`` -- the block scales, in their own array, at
-      ``s*rows*64 + r*G_s + b`` (2 bytes per block: 18 bytes per 32 weights in total, as in the file).
+      ``s*rows*64 + r*G + b`` (i.e. in lane order; 2 bytes per block: 18 bytes per 32 weights in
+      total, as in the file).
 
     Plain numpy arrays only (picklable, could be memory-mapped).
     """
@@ -209,11 +220,20 @@ class Q40Matrix:
         self.d = np.ascontiguousarray(d)
 
     def _slabs(self):
-        """yield (slab index, first block, width G, byte offset in qs, offset in d)."""
+        """yield (first block b0, width G, rows per tile R, byte offset of the slab in qs, offset in d)."""
         for s in range(self.nslab):
             b0 = s * SLAB_BLOCKS
             g = min(SLAB_BLOCKS, self.nb - b0)
-            yield s, b0, g, b0 * 16 * self.rows, b0 * self.rows
+            yield b0, g, rows_per_tile(g), b0 * 16 * self.rows, b0 * self.rows
+
+    @staticmethod
+    def _tiles(rows: int, R: int):
+        """yield (first row, rows in tile) for the row groups of a slab: full groups, then the rest."""
+        nfull = rows // R
+        if nfull:
+            yield 0, nfull * R          # all full tiles at once (same shape)
+        if rows % R:
+            yield nfull * R, rows % R
 
     @classmethod
     def from_blocks(cls, raw: np.ndarray) -> "Q40Matrix":
@@ -228,9 +248,13 @@ class Q40Matrix:
         m = cls.__new__(cls)
         m.rows, m.cols, m.nb = rows, nb * QK, nb
         m.nslab = (nb + SLAB_BLOCKS - 1) // SLAB_BLOCKS
-        for s, b0, g, qo, do in m._slabs():
-            # [rows, g, 16] -> [rows, 16, g]
-            qs[qo:qo + rows * 16 * g].reshape(rows, 16, g)[...] = b[:, b0:b0 + g, 2:].transpose(0, 2, 1)
+        for b0, g, R, qo, do in m._slabs():
+            for r0, n in cls._tiles(rows, R):
+                nr = min(n, R)          # rows per tile in this run of tiles
+                nt = n // nr
+                src = b[r0:r0 + n, b0:b0 + g, 2:].reshape(nt, nr, g, 8, 2)
+                # [tiles, rows, g, 8, 2] -> [tiles, 8, rows*g (lanes), 2]
+                qs[qo + r0 * 16 * g:qo + (r0 + n) * 16 * g].reshape(nt, 8, nr, g, 2)[...] = src.transpose(0, 3, 1, 2, 4)
             d[do:do + rows * g].reshape(rows, g)[...] = b[:, b0:b0 + g, 0].astype(np.uint16) | (
                 b[:, b0:b0 + g, 1].astype(np.uint16) << np.uint16(8))
         m.qs, m.d = qs, d.view(np.float16)
@@ -250,8 +274,12 @@ class Q40Matrix:
         rows, nb = self.rows, self.nb
         out = np.empty((rows, nb, Q40_BLOCK_BYTES), dtype=np.uint8)
         dbytes = self.d.view(np.uint8)
-        for s, b0, g, qo, do in self._slabs():
-            out[:, b0:b0 + g, 2:] = self.qs[qo:qo + rows * 16 * g].reshape(rows, 16, g).transpose(0, 2, 1)
+        for b0, g, R, qo, do in self._slabs():
+            for r0, n in self._tiles(rows, R):
+                nr = min(n, R)
+                nt = n // nr
+                tiles = self.qs[qo + r0 * 16 * g:qo + (r0 + n) * 16 * g].reshape(nt, 8, nr, g, 2)
+                out[r0:r0 + n, b0:b0 + g, 2:] = tiles.transpose(0, 2, 3, 1, 4).reshape(n, g, 16)
             out[:, b0:b0 + g, :2] = dbytes[2 * do:2 * (do + rows * g)].reshape(rows, g, 2)
         return out.reshape(rows, nb * Q40_BLOCK_BYTES)
 

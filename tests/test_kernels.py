@@ -14,10 +14,10 @@ THREADS = [1, 2] if numba.config.NUMBA_NUM_THREADS >= 2 else [1]
 
 @pytest.fixture(params=THREADS, ids=lambda n: f"thr{n}")
 def threads(request):
-    old = numba.get_num_threads()
+    old = K.get_num_threads()
     K.set_num_threads(request.param)
     yield request.param
-    numba.set_num_threads(old)
+    K.set_num_threads(old)
 
 
 def rng(seed=0):
@@ -107,7 +107,10 @@ def test_f16_rounding_exhaustive_sample():
 
 # ---------------------------------------------------------------- matmul_q80_q40
 
-MM_SHAPES = [(1, 32), (7, 96), (33, 160), (70, 64), (130, 256), (257, 2048), (64, 4096)]
+# slab widths G: 1, 3, 5, 2, 8, 16, 18, 24, 50, 64 + 1, 64, 2 x 64; rows per tile 64 // G with partial
+# last tiles; the big ones take the parallel path (thread bands aligned to tiles)
+MM_SHAPES = [(1, 32), (7, 96), (33, 160), (70, 64), (130, 256), (16, 512), (9, 576), (33, 768),
+             (20, 1600), (40, 2080), (257, 2048), (64, 4096), (1001, 576), (501, 2080), (95, 3104)]
 
 
 @pytest.mark.parametrize("T", TS)
@@ -128,9 +131,24 @@ def test_matmul_q80_q40(rows, cols, T, threads):
     assert np.all(np.abs(out - ref) <= tol), np.max(np.abs(out - ref) / tol)
 
 
+@pytest.mark.parametrize("T", [1, 5])
+@pytest.mark.parametrize("rows,cols", [(7, 96), (9, 576), (20, 1600), (40, 2080), (300, 2048), (1001, 576)])
+def test_matmul_q80_q40_generic_path(rows, cols, T, threads):
+    """the portable (no AVX2) kernel gives the same bits as the one the CPU uses"""
+    r = rng(rows + T)
+    w = Q40Matrix.from_f32((r.standard_normal((rows, cols)) * 0.05).astype(np.float32))
+    xq = r.integers(-127, 128, (T, cols)).astype(np.int8)
+    xd = (r.random((T, cols // 32)) * 0.1).astype(np.float32)
+    a = np.empty((T, rows), np.float32)
+    b = np.empty((T, rows), np.float32)
+    K.matmul_q80_q40(a, xq, xd, w)
+    K._matmul_q80_q40(b, xq, xd, w, False)
+    np.testing.assert_array_equal(a, b)
+
+
 def test_matmul_q80_q40_extremes(threads):
     # all nibbles 0 or 15 and |xq| = 127: the largest integer block sums
-    rows, cols = 9, 256
+    rows, cols = 9, 2048 + 96
     r = rng(9)
     raw = quantize_q40(np.where(r.random((rows, cols)) < 0.5, -8.0, 7.0).astype(np.float32) * 0.01)
     w = Q40Matrix.from_blocks(raw)
