@@ -11,7 +11,10 @@ from .errors import DllamaError
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True,
+    p.add_argument("--config", metavar="FILE.toml",
+                   help="a preset (see configs/): its keys are defaults for these options; "
+                   "options on the command line win")
+    p.add_argument("--model",
                    help=f"a .gguf file, or a known model name ({', '.join(models.KNOWN_MODELS)})")
     p.add_argument("--weights-float-type", choices=("auto",) + WEIGHT_TYPES, default="auto",
                    help="runtime weight format; auto (default): Q4_0 files run as q40, Q4_1 "
@@ -64,11 +67,44 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="print a model's config and the memory per rank")
     p.add_argument("--model", required=True)
     p.add_argument("-n", "--ranks", type=int, default=1)
+    parser.subcommands = dict(sub.choices)
     return parser
 
 
+def load_preset(path: str, parser: argparse.ArgumentParser, command: str) -> dict:
+    """TOML preset -> defaults for the subcommand's options (keys spelled like the options)."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as e:
+        raise DllamaError(f"cannot read config {path}: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise DllamaError(f"config {path} is not valid TOML: {e}") from None
+    known = {a.dest for a in parser.subcommands[command]._actions}
+    values = {k.replace("-", "_"): v for k, v in data.items()}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise DllamaError(f"config {path}: unknown keys {', '.join(unknown)} for '{command}'")
+    return values
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "config", None):
+        parser.subcommands[args.command].set_defaults(**load_preset(args.config, parser, args.command))
+        args = parser.parse_args(argv)
+    if getattr(args, "model", "") is None:
+        parser.error("--model is required (on the command line or in --config)")
+    return args
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     if args.command == "pull":
         print(models.pull(args.name))
         return 0

@@ -114,3 +114,18 @@ def test_q40_on_a_model_that_cannot_take_it(tiny):
     p = run("inference", "--model", tiny, "--prompt", "x", "--steps", "2", "--max-seq-len", "16",
             ranks=2)
     assert p.returncode == 0, p.stderr
+
+
+def test_config_preset_and_override(tiny, tmp_path):
+    preset = tmp_path / "p.toml"
+    preset.write_text(f'model = "{tiny}"\ntemperature = 0.0\nsteps = 3\nmax-seq-len = 32\n'
+                      f'weights-float-type = "f32"\n')
+    p = run("inference", "--config", str(preset), "--prompt", "abc", "--json", "--steps", "2")
+    assert p.returncode == 0, p.stderr
+    assert len(json.loads(p.stdout)["generated_tokens"]) <= 2  # the command line wins
+
+
+def test_config_with_unknown_key(tmp_path):
+    preset = tmp_path / "p.toml"
+    preset.write_text('model = "x.gguf"\ntemprature = 0.5\n')
+    assert_clean_error(run("inference", "--config", str(preset), "--prompt", "x"), "temprature")
