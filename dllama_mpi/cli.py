@@ -58,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=64, help="tokens to generate at most")
     p.add_argument("--chat", action="store_true",
                    help="wrap the prompt as a user message with the model's chat template")
+    p.add_argument("--ignore-eos", action="store_true",
+                   help="keep generating past end-of-sequence tokens (benchmarks)")
     p.add_argument("--stats", action="store_true", help="per-token timing lines on stderr")
     p.add_argument("--json", action="store_true", help="print one JSON object at the end")
 

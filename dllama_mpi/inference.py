@@ -59,7 +59,8 @@ def run_inference(args, run) -> int:
                 out.write(decoder.push(token))
                 out.flush()
 
-        result = generate(engine, prompt, args.steps, sample, set(tok.eos_ids),
+        stop_ids = set() if args.ignore_eos else set(tok.eos_ids)
+        result = generate(engine, prompt, args.steps, sample, stop_ids,
                           session.max_seq_len, run.prefill_chunk, on_token)
         if not args.json:
             out.write(decoder.flush() + "\n")

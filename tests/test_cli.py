@@ -129,3 +129,85 @@ def test_config_with_unknown_key(tmp_path):
     preset = tmp_path / "p.toml"
     preset.write_text('model = "x.gguf"\ntemprature = 0.5\n')
     assert_clean_error(run("inference", "--config", str(preset), "--prompt", "x"), "temprature")
+
+
+def _rank_pids(root_pid: int, rank: int) -> list[int]:
+    """PIDs of processes under root_pid whose MPI rank (PMI_RANK) is `rank`."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                env = dict(kv.split(b"=", 1) for kv in f.read().split(b"\0") if b"=" in kv)
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmd = f.read()
+        except OSError:
+            continue
+        if env.get(b"PMI_RANK") == str(rank).encode() and b"dllama_mpi" in cmd:
+            found.append(int(entry))
+    return found
+
+
+def test_a_rank_that_dies_ends_the_job(tmp_path):
+    """Kill rank 1 mid-generation: the job must end (non-zero), not hang in a collective."""
+    import signal
+    import time
+
+    from dllama_mpi.formats.gguf_write import random_llama_tensors, write_llama_gguf
+    path = str(tmp_path / "long.gguf")
+    shape = dict(dim=96, hidden_dim=160, n_layers=2, n_heads=3, n_kv_heads=1, vocab_size=400)
+    write_llama_gguf(path, **shape, context_length=16384, weight_type="f32", tokenizer="bytes",
+                     tensors=random_llama_tensors(**shape, std=0.1, seed=3))
+    cmd = [shutil.which("mpiexec") or "mpiexec", "-n", "2", sys.executable, "-m", "dllama_mpi",
+           "inference", "--model", path, "--prompt", "abc", "--steps", "100000", "--ignore-eos",
+           "--temperature", "0", "--weights-float-type", "f32", "--max-seq-len", "16384"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        pids = []
+        while not pids and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.5)
+            pids = _rank_pids(proc.pid, 1)
+        assert pids, "rank 1 never started"
+        time.sleep(3)  # let it load and start generating
+        assert proc.poll() is None, "the job ended before the test could kill a rank"
+        os.kill(pids[0], signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            pytest.fail("the job hung after a rank died")
+    assert proc.returncode != 0
+
+
+def _write_header_only_gguf(path, arch, tensor_type=None):
+    import gguf
+    import numpy as np
+    w = gguf.GGUFWriter(str(path), arch)
+    for key, val in (("block_count", 1), ("context_length", 64), ("embedding_length", 64),
+                     ("feed_forward_length", 128), ("attention.head_count", 2)):
+        w.add_uint32(f"{arch}.{key}", val)
+    if tensor_type is None:
+        w.add_tensor("token_embd.weight", np.zeros((300, 64), np.float32))
+    else:  # raw bytes of a type the runtime does not read
+        qt = getattr(gguf.GGMLQuantizationType, tensor_type)
+        block, size = gguf.GGML_QUANT_SIZES[qt]
+        w.add_tensor("token_embd.weight", np.zeros((300, 64 // block * size), np.uint8),
+                     raw_dtype=qt)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return str(path)
+
+
+def test_unsupported_architecture(tmp_path):
+    path = _write_header_only_gguf(tmp_path / "f.gguf", "falcon")
+    assert_clean_error(run("inference", "--model", path, "--prompt", "x"),
+                       "unsupported architecture 'falcon'")
+
+
+def test_unsupported_tensor_type(tmp_path):
+    path = _write_header_only_gguf(tmp_path / "q.gguf", "llama", tensor_type="Q5_0")
+    assert_clean_error(run("inference", "--model", path, "--prompt", "x"), "Q5_0")
