@@ -75,6 +75,9 @@ class ModelConfig:
 class RunConfig:
     weights_float_type: str = "auto"   # auto: the file's 4-bit type kept, f32 for float files
     buffer_float_type: str = "auto"    # auto: q80 with 4-bit weights, f32 with f32 weights
+    # the output matrix (wcls): auto keeps it at 8 bits (q80) when the weights are 4-bit and
+    # the file holds it at >= 8 bits: 4-bit logits cost SmolLM2 ~13 points of top-1 agreement
+    output_float_type: str = "auto"
     max_seq_len: int = 0             # 0: the model's context, capped at DEFAULT_MAX_SEQ_LEN
     nthreads: int = 0                # 0: cores available to this rank / ranks on the node
     temperature: float = 0.8
@@ -84,13 +87,19 @@ class RunConfig:
     prefill_chunk: int = 128         # prompt tokens per forward (a matrix through the weights)
     extra: dict = field(default_factory=dict)
 
-    def resolved(self, file_weight_type: str) -> "RunConfig":
-        """Settle the "auto" types; file_weight_type is what the model file suggests."""
+    def resolved(self, file_weight_type: str, file_output_type: str = "F32") -> "RunConfig":
+        """Settle the "auto" types from what the model file suggests (runtime weight type
+        for its layers; GGML type name of its output matrix)."""
         w = file_weight_type if self.weights_float_type == "auto" else self.weights_float_type
         b = self.buffer_float_type
         if b == "auto":
             b = "f32" if w == "f32" else "q80"
-        return dataclasses.replace(self, weights_float_type=w, buffer_float_type=b)
+        o = self.output_float_type
+        if o == "auto":
+            wide = file_output_type in ("Q8_0", "F16", "BF16", "F32")
+            o = "q80" if w in ("q40", "q41") and wide else w
+        return dataclasses.replace(self, weights_float_type=w, buffer_float_type=b,
+                                   output_float_type=o)
 
     def resolved_max_seq_len(self, model: ModelConfig) -> int:
         if self.max_seq_len > 0:
@@ -103,6 +112,9 @@ class RunConfig:
         if self.weights_float_type not in WEIGHT_TYPES + ("auto",):
             raise DllamaError(f"--weights-float-type must be one of {WEIGHT_TYPES}, "
                               f"got {self.weights_float_type!r}")
+        if self.output_float_type not in WEIGHT_TYPES + ("q80", "auto"):
+            raise DllamaError(f"output float type must be one of {WEIGHT_TYPES + ('q80',)}, "
+                              f"got {self.output_float_type!r}")
         if self.buffer_float_type not in BUFFER_TYPES + ("auto",):
             raise DllamaError(f"--buffer-float-type must be one of {BUFFER_TYPES}, "
                               f"got {self.buffer_float_type!r}")

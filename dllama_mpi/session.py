@@ -53,7 +53,7 @@ def default_threads(comm) -> int:
 def _root_open(model_arg: str, run: RunConfig, size: int, want_tokenizer: bool):
     path = models.resolve(model_arg)
     model = open_model(path)
-    run = run.resolved(model.preferred_weight_type())
+    run = run.resolved(model.preferred_weight_type(), model.output_type())
     run.validate(model.config, size)
     tokenizer = None
     if want_tokenizer:

@@ -156,6 +156,11 @@ class GGUFModel:
             return "q41"
         return "f32" if common in ("F32", "F16", "BF16") else "q40"
 
+    def output_type(self) -> str:
+        """GGML type of the output matrix (the embedding when tied)."""
+        name = "embedding" if self.config.tied_embeddings else "wcls"
+        return self.tensor(name).type
+
     # -- tensors ---------------------------------------------------------------------
     def tensor(self, name: str) -> GGUFTensor:
         return self.tensors[gguf_name(name)]
