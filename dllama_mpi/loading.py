@@ -13,7 +13,7 @@ from .config import ModelConfig, RunConfig
 from .errors import DllamaError
 from .model import LayerWeights, ShardWeights
 from .qformats import Q41_BLOCK_BYTES, Q41Matrix, quantize_q41
-from .quant import Q40_BLOCK_BYTES, QK, Q40Matrix, quantize_q40
+from .quant import Q40_BLOCK_BYTES, QK, Q40Matrix, dequantize_q80, quantize_q40
 from .shard import Range, ShardPlan, in_split, out_split, plan
 
 LAYER_TENSORS = ("attn_norm", "wq", "wk", "wv", "wo", "ffn_norm", "w1", "w2", "w3")
@@ -141,4 +141,6 @@ class Embedding:
     def lookup(self, ids) -> np.ndarray:
         from gguf.quants import dequantize
         rows = np.asarray(self.tensor.data[np.asarray(ids, np.int64)])
+        if self.tensor.type == "Q8_0":  # the common case, without the generic path's overhead
+            return dequantize_q80(rows)
         return np.ascontiguousarray(dequantize(rows, self.tensor.ggml_type), dtype=np.float32)
