@@ -14,7 +14,7 @@ from .errors import DllamaError
 from .model import LayerWeights, ShardWeights
 from .qformats import Q41_BLOCK_BYTES, Q41Matrix, quantize_q41
 from .quant import Q40_BLOCK_BYTES, QK, Q40Matrix, dequantize_q80, quantize_q40
-from .shard import Range, ShardPlan, in_split, out_split, plan
+from .shard import Range, ShardPlan, in_split, plan
 
 LAYER_TENSORS = ("attn_norm", "wq", "wk", "wv", "wo", "ffn_norm", "w1", "w2", "w3")
 
@@ -47,25 +47,23 @@ def _file_name(config: ModelConfig, name: str) -> str:
 
 
 def convert_slice(tensor, kind: str, rng: Range | None, target: str) -> np.ndarray:
-    """Cut a rank's slice of a file tensor and convert it: f32 values, or Q40 block bytes."""
+    """Read a rank's slice of a file tensor and convert it to f32 values or the target's
+    GGML block bytes (a Q4_0 -> q40 or Q4_1 -> q41 slice passes through bit for bit)."""
     from gguf.quants import dequantize
-    raw, quantised = tensor.data, tensor.type not in ("F32", "F16", "BF16")
     if kind == "rep":
-        return np.ascontiguousarray(dequantize(raw, tensor.ggml_type), dtype=np.float32)
+        return np.ascontiguousarray(dequantize(tensor.read(), tensor.ggml_type), dtype=np.float32)
     split = kind.split(":")[0]
-    aligned = rng.start % QK == 0 and rng.stop % QK == 0
+    whole_blocks = not tensor.quantised or (rng.start % QK == 0 and rng.stop % QK == 0)
     if split == "out":
-        raw = out_split(raw, rng)
-    elif not quantised:
-        raw = in_split(raw, rng)
-    elif aligned:
-        raw = in_split(raw, rng, block_bytes=raw.shape[1] // (tensor.shape[1] // QK))
+        raw = tensor.read(rows=rng)
+    elif whole_blocks:
+        raw = tensor.read(cols=rng)
     else:  # f32 runtime with a band that is not whole blocks: dequantise rows, then cut
         raw = None
     if raw is not None and (target, tensor.type) in (("q40", "Q4_0"), ("q41", "Q4_1")):
-        return np.ascontiguousarray(raw)  # a pure repack later: identical bits
+        return np.ascontiguousarray(raw)
     if raw is None:
-        values = in_split(dequantize(tensor.data, tensor.ggml_type), rng)
+        values = in_split(dequantize(tensor.read(), tensor.ggml_type), rng)
     else:
         values = dequantize(np.ascontiguousarray(raw), tensor.ggml_type)
     values = np.ascontiguousarray(values, dtype=np.float32)
@@ -140,7 +138,7 @@ class Embedding:
 
     def lookup(self, ids) -> np.ndarray:
         from gguf.quants import dequantize
-        rows = np.asarray(self.tensor.data[np.asarray(ids, np.int64)])
+        rows = np.asarray(self.tensor.data[np.asarray(ids, np.int64)])  # rows of any format
         if self.tensor.type == "Q8_0":  # the common case, without the generic path's overhead
             return dequantize_q80(rows)
         return np.ascontiguousarray(dequantize(rows, self.tensor.ggml_type), dtype=np.float32)

@@ -55,13 +55,7 @@ def _root_open(model_arg: str, run: RunConfig, size: int, want_tokenizer: bool):
     model = open_model(path)
     run = run.resolved(model.preferred_weight_type(), model.output_type())
     run.validate(model.config, size)
-    tokenizer = None
-    if want_tokenizer:
-        from .tokenizer import Tokenizer
-        try:
-            tokenizer = Tokenizer.from_gguf(model.reader)
-        except ValueError as e:
-            raise DllamaError(f"{path}: {e}") from None
+    tokenizer = model.tokenizer() if want_tokenizer else None
     return model, tokenizer, run
 
 

@@ -10,6 +10,7 @@ import numpy as np
 
 from ..config import ModelConfig
 from ..errors import DllamaError
+from .base import Tensor
 
 SUPPORTED_ARCHS = ("llama",)
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")
@@ -30,16 +31,11 @@ def gguf_name(name: str) -> str:
             "wcls": "output.weight", "rope_freqs": "rope_freqs.weight"}[name]
 
 
-class GGUFTensor:
-    """One tensor: raw rows (bytes or values) of W[out, in] and its type."""
-
-    def __init__(self, t):
-        self.name = t.name
-        self.type = t.tensor_type.name
-        # GGUF lists dims innermost first: shape [in, out]
-        self.shape = tuple(int(d) for d in reversed(t.shape.tolist()))
-        self.data = t.data  # np.memmap: [out, bytes per row] for quantised, [out, in] else
-        self.ggml_type = t.tensor_type
+def _tensor(t) -> Tensor:
+    # GGUF lists dims innermost first; t.data is a memmap of [out, bytes per row] for
+    # quantised types and [out, in] values otherwise
+    return Tensor(t.name, t.tensor_type.name, tuple(int(d) for d in reversed(t.shape.tolist())),
+                  t.data)
 
 
 class GGUFModel:
@@ -62,7 +58,7 @@ class GGUFModel:
                               f"(truncated or corrupt?)") from None
         self.path = path
         self.file_size = os.path.getsize(path)
-        self.tensors = {t.name: GGUFTensor(t) for t in self.reader.tensors}
+        self.tensors = {t.name: _tensor(t) for t in self.reader.tensors}
         self.config = self._read_config()
         self._check_tensors()
 
@@ -162,8 +158,15 @@ class GGUFModel:
         return self.tensor(name).type
 
     # -- tensors ---------------------------------------------------------------------
-    def tensor(self, name: str) -> GGUFTensor:
+    def tensor(self, name: str) -> Tensor:
         return self.tensors[gguf_name(name)]
+
+    def tokenizer(self):
+        from ..tokenizer import Tokenizer
+        try:
+            return Tokenizer.from_gguf(self.reader)
+        except ValueError as e:
+            raise DllamaError(f"{self.path}: {e}") from None
 
     def close(self) -> None:
         self.reader = None
