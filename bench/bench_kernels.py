@@ -1,6 +1,7 @@
 """Kernel benchmarks (run by hand): python bench/bench_kernels.py [--quick]
 
-Prints a read-bandwidth probe (vectorised numba sum over ~1 GB of uint64), then
+Prints a read-bandwidth probe (vectorised numba sum over ~1 GB of uint64), then the row-tile
+kernels (matmul_q80_q40 / _q41 / _q80) on SmolLM2-sized narrow matrices, then
 matmul_q80_q40 GB/s of weight bytes at T=1 and GFLOP/s-equivalent (2*rows*cols*T per call)
 at T=20 and T=128, each with 1 and 2 numba threads, and the fraction of the probe bandwidth.
 """
@@ -18,6 +19,7 @@ import numpy as np
 from numba import njit, prange
 
 from dllama_mpi import kernels as K
+from dllama_mpi.qformats import Q41Matrix, Q80Matrix, quantize_q41
 from dllama_mpi.quant import Q40Matrix, quantize_q40
 
 
@@ -79,6 +81,54 @@ def bench_matmul(w: Q40Matrix, T: int, threads: int, reps: int, copies: int) -> 
     return best_of(call, reps, min_time=0.5)
 
 
+def _clone(w):
+    """an independent copy of any runtime matrix (its arrays copied: no cache sharing)."""
+    c = type(w).__new__(type(w))
+    for k in type(w).__slots__:
+        v = getattr(w, k)
+        setattr(c, k, v.copy() if isinstance(v, np.ndarray) else v)
+    return c
+
+
+_MATMUL = {Q40Matrix: K.matmul_q80_q40, Q41Matrix: K.matmul_q80_q41, Q80Matrix: K.matmul_q80_q80}
+
+
+def bench_any(w, T: int, threads: int, reps: int, min_bytes: float = 128e6) -> float:
+    """seconds per call (median over passes through enough copies to exceed the L3 cache)."""
+    fn = _MATMUL[type(w)]
+    rng = np.random.default_rng(1)
+    xq = np.empty((T, w.cols), np.int8)
+    xd = np.empty((T, w.cols // 32), np.float32)
+    K.quantize_q80_act(xq, xd, rng.standard_normal((T, w.cols), dtype=np.float32))
+    out = np.empty((T, w.rows), np.float32)
+    mats = [w] + [_clone(w) for _ in range(max(1, int(min_bytes // w.nbytes)) - 1)]
+    numba.set_num_threads(threads)
+    fn(out, xq, xd, w)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        for m in mats:
+            fn(out, xq, xd, m)
+        times.append((time.perf_counter() - t0) / len(mats))
+    return float(np.median(times))
+
+
+def narrow(thr_list, bw, reps: int) -> None:
+    """SmolLM2-sized matrices (dim 576, FFN 1536, vocab 49152) in the row-tile formats."""
+    rng = np.random.default_rng(2)
+    for rows, cols in [(576, 576), (192, 576), (1536, 576), (576, 1536), (49152, 576)]:
+        wf = (rng.standard_normal((rows, cols), dtype=np.float32) * 0.05 + 0.01).astype(np.float32)
+        for name, w in (("q40", Q40Matrix.from_f32(wf)), ("q41", Q41Matrix.from_blocks(quantize_q41(wf))),
+                        ("q80", Q80Matrix.from_f32(wf))):
+            for th in thr_list:
+                t = bench_any(w, 1, th, reps)
+                gbs = w.nbytes / t / 1e9
+                t20 = bench_any(w, 20, th, max(3, reps // 2), min_bytes=0)
+                print(f"matmul_q80_{name} {rows}x{cols} ({w.nbytes / 1e6:.2f} MB) {th} thr: T=1 {t*1e6:8.1f} us "
+                      f"{gbs:6.2f} GB/s ({gbs / bw[th]:.0%} of probe)   T=20 {t20*1e6:8.1f} us "
+                      f"{2.0 * rows * cols * 20 / t20 / 1e9:6.1f} GFLOP/s-eq")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="fewer repetitions")
@@ -93,6 +143,8 @@ def main() -> None:
     for th in thr_list:
         bw[th] = probe(int(args.probe_gb * 1e9), th, reps)
         print(f"read probe (numba uint64 sum, {args.probe_gb:.1f} GB), {th} thread(s): {bw[th]:6.2f} GB/s")
+
+    narrow(thr_list, bw, reps)
 
     for rows, cols in [(8192, 2048), (2048, 8192)]:
         w = make_matrix(rows, cols)

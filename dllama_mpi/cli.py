@@ -15,7 +15,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="a preset (see configs/): its keys are defaults for these options; "
                    "options on the command line win")
     p.add_argument("--model",
-                   help=f"a .gguf file, or a known model name ({', '.join(models.KNOWN_MODELS)})")
+                   help=f"a .gguf, .m or .h5 file, a Hugging Face folder, or a known model name ({', '.join(models.KNOWN_MODELS)})")
+    p.add_argument("--tokenizer", default=None,
+                   help="a tokenizer file (.t or tokenizer.json): for .m models, or to replace "
+                   "the model's own")
     p.add_argument("--weights-float-type", choices=("auto",) + WEIGHT_TYPES, default="auto",
                    help="runtime weight format; auto (default): Q4_0 files run as q40, Q4_1 "
                    "files as q41, other quantised files are quantised to q40, float files f32")
@@ -25,6 +28,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="KV cache positions (default: the model's context, at most 4096)")
     p.add_argument("--nthreads", type=int, default=0,
                    help="threads per rank (default: cores this rank may use / ranks on the node)")
+    p.add_argument("--load", choices=("auto", "scatter", "direct"), default="auto",
+                   help="scatter: rank 0 reads the model and sends each rank its slice; direct: "
+                   "every rank reads its own slice (shared filesystem); auto: direct when every "
+                   "rank can read the file")
     p.add_argument("--kv-cache-dir", default=None,
                    help="keep the KV cache in memory-mapped files in this directory")
 
@@ -39,7 +46,7 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
 def run_config(args) -> RunConfig:
     return RunConfig(weights_float_type=args.weights_float_type,
                      buffer_float_type=args.buffer_float_type,
-                     max_seq_len=args.max_seq_len, nthreads=args.nthreads,
+                     max_seq_len=args.max_seq_len, nthreads=args.nthreads, load=args.load,
                      temperature=getattr(args, "temperature", 0.0),
                      topp=getattr(args, "topp", 1.0), topk=getattr(args, "topk", 0),
                      seed=getattr(args, "seed", None))
@@ -69,6 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="print a model's config and the memory per rank")
     p.add_argument("--model", required=True)
     p.add_argument("-n", "--ranks", type=int, default=1)
+    p = sub.add_parser("convert", help="convert a model (GGUF, .m, HF folder, .h5) to our "
+                       "HDF5 store or to Distributed Llama's .m + .t")
+    from .convert import add_arguments as add_convert_arguments
+    add_convert_arguments(p)
+
     parser.subcommands = dict(sub.choices)
     return parser
 
@@ -110,6 +122,9 @@ def main(argv=None) -> int:
     if args.command == "pull":
         print(models.pull(args.name))
         return 0
+    if args.command == "convert":
+        from .convert import run as run_convert
+        return run_convert(args)
     if args.command == "info":
         from .info import print_info
         return print_info(args.model, args.ranks)

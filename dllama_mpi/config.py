@@ -85,6 +85,7 @@ class RunConfig:
     topk: int = 0
     seed: int | None = None
     prefill_chunk: int = 128         # prompt tokens per forward (a matrix through the weights)
+    load: str = "auto"               # scatter | direct | auto (see session._direct_load)
     extra: dict = field(default_factory=dict)
 
     def resolved(self, file_weight_type: str, file_output_type: str = "F32") -> "RunConfig":
@@ -144,5 +145,7 @@ class RunConfig:
             raise DllamaError("--topp must be in (0, 1]")
         if self.topk < 0:
             raise DllamaError("--topk must be >= 0")
+        if self.load not in ("scatter", "direct", "auto"):
+            raise DllamaError(f"--load must be scatter, direct or auto, got {self.load!r}")
         if self.prefill_chunk <= 0:
             raise DllamaError("prefill chunk must be positive")

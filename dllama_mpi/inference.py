@@ -26,7 +26,7 @@ def decode_averages(steps) -> dict:
 
 def run_inference(args, run) -> int:
     comm = make_comm()
-    session = start(comm, args.model, run, kv_dir=args.kv_cache_dir)
+    session = start(comm, args.model, run, kv_dir=args.kv_cache_dir, tokenizer_path=args.tokenizer)
     engine = session.engine
     if not comm.is_root:
         engine.serve_forever()

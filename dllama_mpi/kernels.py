@@ -43,14 +43,20 @@ def get_num_threads() -> int:
 
 # ---------------------------------------------------------------- checks
 
+_I8, _F32, _I32 = np.dtype(np.int8), np.dtype(np.float32), np.dtype(np.int32)
+_DTYPES = {t: np.dtype(t) for t in (np.float32, np.int8, np.int16, np.int32, np.uint8, np.uint16, np.float16)}
+
+
 def _check(name: str, arr, dtype, shape: tuple | None = None, ndim: int | None = None) -> np.ndarray:
-    if not isinstance(arr, np.ndarray):
+    # hot (several calls per kernel call at decode): cheap comparisons first, messages only on failure
+    if type(arr) is not np.ndarray and not isinstance(arr, np.ndarray):
         raise ValueError(f"{name}: expected a numpy array, got {type(arr).__name__}")
-    if arr.dtype != dtype:
+    dt = _DTYPES.get(dtype)
+    if arr.dtype != (dt if dt is not None else np.dtype(dtype)):
         raise ValueError(f"{name}: expected dtype {np.dtype(dtype).name}, got {arr.dtype.name}")
     if ndim is not None and arr.ndim != ndim:
         raise ValueError(f"{name}: expected {ndim} dimensions, got shape {arr.shape}")
-    if shape is not None and tuple(arr.shape) != tuple(shape):
+    if shape is not None and arr.shape != shape and arr.shape != tuple(shape):
         raise ValueError(f"{name}: expected shape {tuple(shape)}, got {arr.shape}")
     if not arr.flags.c_contiguous:
         raise ValueError(f"{name}: array must be C-contiguous")
@@ -73,6 +79,26 @@ def _h2f(typingctx, h):
 
     def codegen(context, builder, signature, args):
         return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+    return sig, codegen
+
+
+@intrinsic
+def _i2f(typingctx, v):
+    """int32 bit pattern -> float32 (bitcast)."""
+    sig = types.float32(types.int32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+    return sig, codegen
+
+
+@intrinsic
+def _f32_f16_f32(typingctx, v):
+    """float32 -> nearest float16 (ties to even, IEEE fptrunc; vcvtps2ph with F16C) -> float32."""
+    sig = types.float32(types.float32)
+
+    def codegen(context, builder, signature, args):
+        return builder.fpext(builder.fptrunc(args[0], ir.HalfType()), ir.FloatType())
     return sig, codegen
 
 
@@ -120,15 +146,50 @@ def _quantize_q80_act(qs_out, d_out, x, T, nb):
             d_out[t, b] = _f32_to_f16_to_f32(d)
 
 
+@njit(inline="always", cache=True, fastmath=True, boundscheck=False, error_model="numpy")
+def _absmax32(x, t, o):
+    amax = np.float32(0.0)
+    for i in range(QK):
+        amax = max(amax, abs(x[t, o + i]))
+    return amax
+
+
+@_exact
+def _quantize_q80_act_f16c(qs_out, d_out, x, T, nb):
+    """_quantize_q80_act with the hardware float16 rounding and a vectorised max (same bits)."""
+    for t in range(T):
+        for b in range(nb):
+            o = b * QK
+            amax = _absmax32(x, t, o)
+            d = amax / np.float32(127.0)
+            inv = np.float32(1.0) / d if d != np.float32(0.0) else np.float32(0.0)
+            for i in range(QK):
+                v = x[t, o + i] * inv
+                a = abs(v)
+                fl = math.floor(a)
+                r = fl + math.floor(np.float32(2.0) * (a - fl))
+                qs_out[t, o + i] = np.int8(math.copysign(r, v))
+            d_out[t, b] = _f32_f16_f32(d)
+
+
 def quantize_q80_act(qs_out: np.ndarray, d_out: np.ndarray, x: np.ndarray) -> None:
     """GGML Q8_0 per 32-block: d = max|x|/127, q = roundf(x/d); d_out = float32(float16(d))."""
-    _check("x", x, np.float32, ndim=2)
-    T, n = x.shape
-    if n % QK:
-        raise ValueError(f"x: row length {n} must be a multiple of {QK}")
-    _check_out("qs_out", qs_out, np.int8, (T, n))
-    _check_out("d_out", d_out, np.float32, (T, n // QK))
-    _quantize_q80_act(qs_out, d_out, x, T, n // QK)
+    try:                                   # fast path when everything is right
+        T, n = x.shape
+        ok = (type(x) is np.ndarray and x.dtype == _F32 and qs_out.dtype == _I8 and d_out.dtype == _F32
+              and n % QK == 0 and qs_out.shape == x.shape and d_out.shape == (T, n // QK)
+              and x.flags.c_contiguous and qs_out.flags.c_contiguous and d_out.flags.c_contiguous
+              and qs_out.flags.writeable and d_out.flags.writeable)
+    except (AttributeError, ValueError, TypeError):
+        ok = False
+    if not ok:
+        _check("x", x, np.float32, ndim=2)
+        T, n = x.shape
+        if n % QK:
+            raise ValueError(f"x: row length {n} must be a multiple of {QK}")
+        _check_out("qs_out", qs_out, np.int8, (T, n))
+        _check_out("d_out", d_out, np.float32, (T, n // QK))
+    (_quantize_q80_act_f16c if HAS_AVX2 else _quantize_q80_act)(qs_out, d_out, x, T, n // QK)
 
 
 # ---------------------------------------------------------------- Q80 x Q40 matmul
@@ -505,7 +566,6 @@ def _q40_par_generic(out, xq, xd, qs, dbits, rows, nb, nslab, xl, xh, xinit, s16
 
 _S16 = np.zeros((max(1, numba.config.NUMBA_NUM_THREADS), _NT * SLAB_BLOCKS), np.int16)   # per-thread lanes
 _XBUF: dict = {}
-_I8, _F32 = np.dtype(np.int8), np.dtype(np.float32)
 
 
 def _xbuffers(T: int, nslab: int):
@@ -543,6 +603,42 @@ def matmul_q80_q40(out: np.ndarray, xq: np.ndarray, xd: np.ndarray, w: Q40Matrix
     _matmul_q80_q40(out, xq, xd, w, HAS_AVX2)
 
 
+def matmul_q80_q41(out: np.ndarray, xq: np.ndarray, xd: np.ndarray, w) -> None:
+    """out[t, r] = sum_b xd[t,b] * (d[r,b] * sum_i q_i xq[t,i] + m[r,b] * sum_i xq[t,i])  for a Q41Matrix
+    (GGML Q4_1 weights d*q + m): exact int block dots, the offsets fused into the f32 scaling."""
+    from .qformats import Q41Matrix
+    if not _fast_ok(out, xq, xd, w, Q41Matrix):
+        _checks(out, xq, xd, w, Q41Matrix)
+    T = xq.shape[0]
+    if T == 0 or w.rows == 0:
+        return
+    _rows_q4(out, xq, xd, w.buf, w.rows, w.nb, w.stride, 1, HAS_AVX2)
+
+
+def matmul_q80_q80(out: np.ndarray, xq: np.ndarray, xd: np.ndarray, w) -> None:
+    """out[t, r] = sum_b d_w[r,b] * xd[t,b] * sum_i wq[r,i] xq[t,i]  for a Q80Matrix (int8 weights):
+    exact int32 block dots, f32 scales."""
+    from .qformats import Q80Matrix
+    if not _fast_ok(out, xq, xd, w, Q80Matrix):
+        _checks(out, xq, xd, w, Q80Matrix)
+    T = xq.shape[0]
+    if T == 0 or w.rows == 0:
+        return
+    _matmul_q80_q80(out, xq, xd, w, HAS_AVX2)
+
+
+def _matmul_q80_q80(out, xq, xd, w, use_avx2: bool) -> None:
+    T = xq.shape[0]
+    xi, xf = _rbuffers(T, w.nb)
+    args = (out, xq, xd, xi, xf, w.buf, w.rows, w.nb, w.stride, _ACC)
+    if not use_avx2:
+        _rows_q8_generic(*args)
+    elif w.rows * w.nb * T < 1 << 14 or w.rows <= 2 * _RT8 or numba.get_num_threads() == 1:
+        _rows_q8_serial(*args)
+    else:
+        _rows_q8_par(*args)
+
+
 def _matmul_q80_q40_checks(out, xq, xd, w) -> None:
     if not isinstance(w, Q40Matrix):
         raise ValueError(f"w: expected a Q40Matrix, got {type(w).__name__}")
@@ -556,12 +652,366 @@ def _matmul_q80_q40_checks(out, xq, xd, w) -> None:
 
 def _matmul_q80_q40(out, xq, xd, w, use_avx2: bool) -> None:
     T = xq.shape[0]
+    if w.layout == "rows":
+        _rows_q4(out, xq, xd, w.qs, w.rows, w.nb, 288, 0, use_avx2)
+        return
     xl, xh, xinit = _xbuffers(T, w.nslab)
     args = (out, xq, xd, w.qs, w.d.view(np.uint16), w.rows, w.nb, w.nslab, xl, xh, xinit, _S16)
     if w.rows * w.cols * T < 1 << 18 or w.rows < 16:
         (_q40_serial_avx2 if use_avx2 else _q40_serial_generic)(*args)
     else:
         (_q40_par_avx2 if use_avx2 else _q40_par_generic)(*args)
+
+
+# ---------------------------------------------------------------- row-tile kernels (narrow Q4, Q41, Q80 weights)
+#
+# Layout (quant.pack_row_tiles): per (tile of RT rows, block) one record: payload [units, RT, unit]
+# then RT fp16 scales (d; Q41 also m).  The activation is used as it is (xq [T, cols]); per token and
+# block a small prep gives  xi16 = int16(-8 * sum(xq of the block))  and  xf = (xd, 8*xd*sum, xd*sum, 0).
+# Q4 (RT = 16, 2-byte units): 16 lanes = 16 rows; per byte pair p, vpmaddubsw(lo nibbles, broadcast
+# (xq[2p], xq[2p+1])) + vpmaddubsw(hi nibbles, broadcast (xq[16+2p], xq[17+2p])), int16 lanes
+# initialised with xi16: exact (q - 8) . x as in the slab kernel.  Then, in f32 per lane,
+#     acc += float(a) * (d * xd)  [+ (m + 8d) * (xd*sum)]          (the [..] term: Q41 only)
+# i.e. Q41's  d*xd*sum(q*x) + m*xd*sum(x)  with no separate offset pass.
+# Q80 (RT = 8, 4-byte units): vpmaddubsw(|w|, sign(x, w)) over 4-byte groups, vpmaddwd with ones ->
+# exact int32 per row and block; acc += d * (float(a) * xd).
+
+_RT4, _RT8 = 16, 8
+_v8i32, _v16f32, _v8f32 = ir.VectorType(ir.IntType(32), 8), ir.VectorType(ir.FloatType(), 16), ir.VectorType(ir.FloatType(), 8)
+_i32, _i64 = ir.IntType(32), ir.IntType(64)
+
+
+def _splat(builder, val, n):
+    vty = ir.VectorType(val.type, n)
+    v = builder.insert_element(ir.Constant(vty, ir.Undefined), val, ir.Constant(_i32, 0))
+    return builder.shuffle_vector(v, ir.Constant(vty, ir.Undefined), ir.Constant(ir.VectorType(_i32, n), [0] * n))
+
+
+def _ldv(builder, ptr, off, vty):
+    return builder.load(builder.bitcast(builder.gep(ptr, [off]), vty.as_pointer()), align=1)
+
+
+def _as64(builder, v):
+    return v if v.type == _i64 else builder.sext(v, _i64)
+
+
+def _make_rows_q4(nt: int):
+    """acc[u*16 + i] = sum over blocks of tile rows i, tokens u < nt (see the layout note above)."""
+
+    @intrinsic
+    def rows_q4(typingctx, acc, buf, bo, nb, sb, hasm, xq, xo, xs, xi, xio, xf, xfo):
+        sig = types.void(acc, buf, bo, nb, sb, hasm, xq, xo, xs, xi, xio, xf, xfo)
+
+        def codegen(context, builder, signature, args):
+            tys = signature.args
+
+            def data(i):
+                return context.make_array(tys[i])(context, builder, value=args[i]).data
+            accp, bufp, xqp, xip, xfp = data(0), data(1), data(6), data(9), data(11)
+            bo, nb, sb, hasm, xo, xs, xio, xfo = (_as64(builder, args[i]) for i in (2, 3, 4, 5, 7, 8, 10, 12))
+            maddubs = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(_v16i16, [_v32i8, _v32i8]), "llvm.x86.avx2.pmadd.ub.sw")
+            fma = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(_v16f32, [_v16f32] * 3), "llvm.fma.v16f32")
+            low4 = ir.Constant(_v32i8, [15] * 32)
+            four = ir.Constant(_v16i16, [4] * 16)
+            k = lambda v: ir.Constant(_i64, v)
+            faccs = [cgutils.alloca_once_value(builder, ir.Constant(_v16f32, None)) for _ in range(nt)]
+            has_m = builder.icmp_signed("!=", hasm, k(0))
+            with cgutils.for_range(builder, nb) as loop:
+                b = loop.index
+                base = builder.add(bo, builder.mul(b, sb))
+                xb = builder.add(xo, builder.mul(b, k(QK)))
+                accs = [_splat(builder, builder.load(builder.gep(xip, [builder.add(xio, builder.add(b, builder.mul(k(u), nb)))])), 16)
+                        for u in range(nt)]
+                for p in range(8):
+                    raw = _ldv(builder, bufp, builder.add(base, k(32 * p)), _v32i8)
+                    lo = builder.and_(raw, low4)
+                    hi = builder.and_(builder.bitcast(builder.lshr(builder.bitcast(raw, _v16i16), four), _v32i8), low4)
+                    for u in range(nt):
+                        xu = builder.add(xb, builder.mul(k(u), xs))
+                        xl = builder.load(builder.bitcast(builder.gep(xqp, [builder.add(xu, k(2 * p))]), _i16.as_pointer()), align=1)
+                        xh = builder.load(builder.bitcast(builder.gep(xqp, [builder.add(xu, k(16 + 2 * p))]), _i16.as_pointer()), align=1)
+                        xl = builder.bitcast(_splat(builder, xl, 16), _v32i8)
+                        xh = builder.bitcast(_splat(builder, xh, 16), _v32i8)
+                        accs[u] = builder.add(accs[u], builder.call(maddubs, [lo, xl]))
+                        accs[u] = builder.add(accs[u], builder.call(maddubs, [hi, xh]))
+                dv = builder.fpext(builder.bitcast(_ldv(builder, bufp, builder.add(base, k(256)), _v16i16),
+                                                   ir.VectorType(ir.HalfType(), 16)), _v16f32)
+                fo = [builder.add(xfo, builder.add(builder.mul(k(4 * u), nb), builder.mul(b, k(4)))) for u in range(nt)]
+                for u in range(nt):
+                    xd = _splat(builder, builder.load(builder.gep(xfp, [fo[u]])), 16)
+                    dxd = builder.fmul(dv, xd)
+                    builder.store(builder.call(fma, [builder.sitofp(accs[u], _v16f32), dxd, builder.load(faccs[u])]), faccs[u])
+                with builder.if_then(has_m, likely=True):
+                    mv = builder.fpext(builder.bitcast(_ldv(builder, bufp, builder.add(base, k(288)), _v16i16),
+                                                       ir.VectorType(ir.HalfType(), 16)), _v16f32)
+                    off = builder.call(fma, [dv, ir.Constant(_v16f32, [8.0] * 16), mv])     # m + 8d
+                    for u in range(nt):
+                        cs = _splat(builder, builder.load(builder.gep(xfp, [builder.add(fo[u], k(2))])), 16)
+                        builder.store(builder.call(fma, [off, cs, builder.load(faccs[u])]), faccs[u])
+            for u in range(nt):
+                builder.store(builder.load(faccs[u]),
+                              builder.bitcast(builder.gep(accp, [k(16 * u)]), _v16f32.as_pointer()), align=1)
+            return context.get_dummy_value()
+        return sig, codegen
+    return rows_q4
+
+
+_rows_q4_1 = _make_rows_q4(1)
+_rows_q4_4 = _make_rows_q4(_NT)
+
+
+def _make_rows_q8(nt: int):
+    """acc[u*8 + i] = sum over blocks of d_w * xd * (int8 . int8) for the 8 rows of a Q80 tile."""
+
+    @intrinsic
+    def rows_q8(typingctx, acc, buf, bo, nb, sb, xq, xo, xs, xf, xfo):
+        sig = types.void(acc, buf, bo, nb, sb, xq, xo, xs, xf, xfo)
+
+        def codegen(context, builder, signature, args):
+            tys = signature.args
+
+            def data(i):
+                return context.make_array(tys[i])(context, builder, value=args[i]).data
+            accp, bufp, xqp, xfp = data(0), data(1), data(5), data(8)
+            bo, nb, sb, xo, xs, xfo = (_as64(builder, args[i]) for i in (2, 3, 4, 6, 7, 9))
+            maddubs = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(_v16i16, [_v32i8, _v32i8]), "llvm.x86.avx2.pmadd.ub.sw")
+            maddwd = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(_v8i32, [_v16i16, _v16i16]), "llvm.x86.avx2.pmadd.wd")
+            psign = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(_v32i8, [_v32i8, _v32i8]), "llvm.x86.avx2.psign.b")
+            absb = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(_v32i8, [_v32i8, ir.IntType(1)]), "llvm.abs.v32i8")
+            fma = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(_v8f32, [_v8f32] * 3), "llvm.fma.v8f32")
+            ones = ir.Constant(_v16i16, [1] * 16)
+            k = lambda v: ir.Constant(_i64, v)
+            faccs = [cgutils.alloca_once_value(builder, ir.Constant(_v8f32, None)) for _ in range(nt)]
+            with cgutils.for_range(builder, nb) as loop:
+                b = loop.index
+                base = builder.add(bo, builder.mul(b, sb))
+                xb = builder.add(xo, builder.mul(b, k(QK)))
+                accs = [ir.Constant(_v8i32, None)] * nt
+                for p in range(8):
+                    w = _ldv(builder, bufp, builder.add(base, k(32 * p)), _v32i8)
+                    aw = builder.call(absb, [w, ir.Constant(ir.IntType(1), 0)])
+                    for u in range(nt):
+                        xu = builder.add(xb, builder.mul(k(u), xs))
+                        x4 = builder.load(builder.bitcast(builder.gep(xqp, [builder.add(xu, k(4 * p))]), _i32.as_pointer()), align=1)
+                        x4 = builder.bitcast(_splat(builder, x4, 8), _v32i8)
+                        s16 = builder.call(maddubs, [aw, builder.call(psign, [x4, w])])
+                        accs[u] = builder.add(accs[u], builder.call(maddwd, [s16, ones]))
+                dv = builder.fpext(builder.bitcast(_ldv(builder, bufp, builder.add(base, k(256)), ir.VectorType(_i16, 8)),
+                                                   ir.VectorType(ir.HalfType(), 8)), _v8f32)
+                for u in range(nt):
+                    fo = builder.add(xfo, builder.add(builder.mul(k(4 * u), nb), builder.mul(b, k(4))))
+                    xd = _splat(builder, builder.load(builder.gep(xfp, [fo])), 8)
+                    v = builder.fmul(builder.sitofp(accs[u], _v8f32), xd)
+                    builder.store(builder.call(fma, [dv, v, builder.load(faccs[u])]), faccs[u])
+            for u in range(nt):
+                builder.store(builder.load(faccs[u]),
+                              builder.bitcast(builder.gep(accp, [k(8 * u)]), _v8f32.as_pointer()), align=1)
+            return context.get_dummy_value()
+        return sig, codegen
+    return rows_q8
+
+
+_rows_q8_1 = _make_rows_q8(1)
+_rows_q8_4 = _make_rows_q8(_NT)
+
+
+@_serial
+def _rows_prep(xi, xf, xq, xd, T, nb, hasm):
+    """per token and block: xi = int16(-8 * sum xq), xf = (xd, 8*xd*sum if hasm else 0, xd*sum, 0)."""
+    for t in range(T):
+        for b in range(nb):
+            s = 0
+            for i in range(QK):
+                s += np.int32(xq[t, b * QK + i])
+            xi[t, b] = np.int16(-8 * s)
+            d = xd[t, b]
+            cs = d * np.float32(s)
+            xf[t, b, 0] = d
+            xf[t, b, 1] = np.float32(8.0) * cs if hasm else np.float32(0.0)
+            xf[t, b, 2] = cs
+            xf[t, b, 3] = np.float32(0.0)
+
+
+@_serial
+def _rows_q4_tiles(out, xq, xi, xf, buf, rows, nb, sb, hasm, k0, k1, acc):
+    T, cols = xq.shape
+    for kt in range(k0, k1):
+        bo = kt * nb * sb
+        r0 = kt * _RT4
+        nr = min(_RT4, rows - r0)
+        t = 0
+        while t + _NT <= T:
+            _rows_q4_4(acc, buf, bo, nb, sb, hasm, xq, t * cols, cols, xi, t * nb, xf, t * nb * 4)
+            for u in range(_NT):
+                for i in range(nr):
+                    out[t + u, r0 + i] = acc[u * _RT4 + i]
+            t += _NT
+        while t < T:
+            _rows_q4_1(acc, buf, bo, nb, sb, hasm, xq, t * cols, cols, xi, t * nb, xf, t * nb * 4)
+            for i in range(nr):
+                out[t, r0 + i] = acc[i]
+            t += 1
+
+
+@_serial
+def _rows_q4_serial(out, xq, xd, xi, xf, buf, rows, nb, sb, hasm, acc):
+    T = xq.shape[0]
+    _rows_prep(xi, xf, xq, xd, T, nb, hasm)
+    _rows_q4_tiles(out, xq, xi, xf, buf, rows, nb, sb, hasm, 0, (rows + _RT4 - 1) // _RT4, acc[0])
+
+
+@_parallel
+def _rows_q4_par(out, xq, xd, xi, xf, buf, rows, nb, sb, hasm, acc):
+    T = xq.shape[0]
+    _rows_prep(xi, xf, xq, xd, T, nb, hasm)
+    ntile = (rows + _RT4 - 1) // _RT4
+    nch = acc.shape[0]
+    per = (ntile + nch - 1) // nch
+    for c in prange(nch):
+        _rows_q4_tiles(out, xq, xi, xf, buf, rows, nb, sb, hasm, min(ntile, c * per), min(ntile, c * per + per), acc[c])
+
+
+@_serial
+def _rows_q8_tiles(out, xq, xf, buf, rows, nb, sb, k0, k1, acc):
+    T, cols = xq.shape
+    for kt in range(k0, k1):
+        bo = kt * nb * sb
+        r0 = kt * _RT8
+        nr = min(_RT8, rows - r0)
+        t = 0
+        while t + _NT <= T:
+            _rows_q8_4(acc, buf, bo, nb, sb, xq, t * cols, cols, xf, t * nb * 4)
+            for u in range(_NT):
+                for i in range(nr):
+                    out[t + u, r0 + i] = acc[u * _RT8 + i]
+            t += _NT
+        while t < T:
+            _rows_q8_1(acc, buf, bo, nb, sb, xq, t * cols, cols, xf, t * nb * 4)
+            for i in range(nr):
+                out[t, r0 + i] = acc[i]
+            t += 1
+
+
+@_serial
+def _rows_q8_serial(out, xq, xd, xi, xf, buf, rows, nb, sb, acc):
+    T = xq.shape[0]
+    _rows_prep(xi, xf, xq, xd, T, nb, 0)
+    _rows_q8_tiles(out, xq, xf, buf, rows, nb, sb, 0, (rows + _RT8 - 1) // _RT8, acc[0])
+
+
+@_parallel
+def _rows_q8_par(out, xq, xd, xi, xf, buf, rows, nb, sb, acc):
+    T = xq.shape[0]
+    _rows_prep(xi, xf, xq, xd, T, nb, 0)
+    ntile = (rows + _RT8 - 1) // _RT8
+    nch = acc.shape[0]
+    per = (ntile + nch - 1) // nch
+    for c in prange(nch):
+        _rows_q8_tiles(out, xq, xf, buf, rows, nb, sb, min(ntile, c * per), min(ntile, c * per + per), acc[c])
+
+
+@njit(inline="always", cache=True, fastmath=True, boundscheck=False, error_model="numpy")
+def _f16(buf, o):
+    return _h2f(np.uint16(buf[o]) | (np.uint16(buf[o + 1]) << np.uint16(8)))
+
+
+@_serial
+def _rows_q4_generic(out, xq, xd, xi, xf, buf, rows, nb, sb, hasm, acc):
+    """Portable twin of _rows_q4_serial (no AVX2): same layout, same integer sums."""
+    T, cols = xq.shape
+    _rows_prep(xi, xf, xq, xd, T, nb, hasm)
+    for kt in range((rows + _RT4 - 1) // _RT4):
+        r0 = kt * _RT4
+        for i in range(min(_RT4, rows - r0)):
+            for t in range(T):
+                a = np.float32(0.0)
+                for b in range(nb):
+                    base = (kt * nb + b) * sb
+                    s = np.int32(xi[t, b])
+                    for p in range(8):
+                        for e in range(2):
+                            byte = np.int32(buf[base + 32 * p + 2 * i + e])
+                            s += (byte & 15) * np.int32(xq[t, b * QK + 2 * p + e])
+                            s += (byte >> 4) * np.int32(xq[t, b * QK + 16 + 2 * p + e])
+                    dw = _f16(buf, base + 256 + 2 * i)
+                    a += np.float32(s) * (dw * xf[t, b, 0])
+                    if hasm:
+                        a += (_f16(buf, base + 288 + 2 * i) + np.float32(8.0) * dw) * xf[t, b, 2]
+                out[t, r0 + i] = a
+
+
+@_serial
+def _rows_q8_generic(out, xq, xd, xi, xf, buf, rows, nb, sb, acc):
+    """Portable twin of _rows_q8_serial (no AVX2)."""
+    T, cols = xq.shape
+    _rows_prep(xi, xf, xq, xd, T, nb, 0)
+    for kt in range((rows + _RT8 - 1) // _RT8):
+        r0 = kt * _RT8
+        for i in range(min(_RT8, rows - r0)):
+            for t in range(T):
+                a = np.float32(0.0)
+                for b in range(nb):
+                    base = (kt * nb + b) * sb
+                    s = np.int32(0)
+                    for p in range(8):
+                        for e in range(4):
+                            s += np.int32(np.int8(buf[base + 32 * p + 4 * i + e])) * np.int32(xq[t, b * QK + 4 * p + e])
+                    a += _f16(buf, base + 256 + 2 * i) * (np.float32(s) * xd[t, b])
+                out[t, r0 + i] = a
+
+
+_ACC = np.zeros((max(1, numba.config.NUMBA_NUM_THREADS), 64), np.float32)    # per-thread row-tile sums
+_RBUF: dict = {}
+
+
+def _rbuffers(T: int, nb: int):
+    key = (T, nb)
+    bufs = _RBUF.get(key)
+    if bufs is None:
+        if len(_RBUF) > 64:
+            _RBUF.clear()
+        bufs = _RBUF[key] = (np.empty((T, nb), np.int16), np.empty((T, nb, 4), np.float32))
+    return bufs
+
+
+def _fast_ok(out, xq, xd, w, cls) -> bool:
+    try:
+        T = xq.shape[0]
+        return (type(w) is cls and xq.dtype == _I8 and xd.dtype == _F32 and out.dtype == _F32
+                and xq.ndim == 2 and xq.shape[1] == w.cols and xd.shape == (T, w.nb) and out.shape == (T, w.rows)
+                and xq.flags.c_contiguous and xd.flags.c_contiguous and out.flags.c_contiguous
+                and out.flags.writeable)
+    except (AttributeError, IndexError, TypeError):
+        return False
+
+
+def _checks(out, xq, xd, w, cls) -> None:
+    if not isinstance(w, cls):
+        raise ValueError(f"w: expected a {cls.__name__}, got {type(w).__name__}")
+    _check("xq", xq, np.int8, ndim=2)
+    T, cols = xq.shape
+    if cols != w.cols:
+        raise ValueError(f"xq: has {cols} columns but w is {w.rows}x{w.cols}")
+    _check("xd", xd, np.float32, (T, cols // QK))
+    _check_out("out", out, np.float32, (T, w.rows))
+
+
+def _rows_q4(out, xq, xd, buf, rows, nb, sb, hasm, use_avx2: bool) -> None:
+    T = xq.shape[0]
+    xi, xf = _rbuffers(T, nb)
+    if not use_avx2:
+        _rows_q4_generic(out, xq, xd, xi, xf, buf, rows, nb, sb, hasm, _ACC)
+    elif rows * nb * T < 1 << 14 or rows <= 2 * _RT4 or numba.get_num_threads() == 1:
+        _rows_q4_serial(out, xq, xd, xi, xf, buf, rows, nb, sb, hasm, _ACC)
+    else:
+        _rows_q4_par(out, xq, xd, xi, xf, buf, rows, nb, sb, hasm, _ACC)
 
 
 # ---------------------------------------------------------------- f32 matmul
@@ -609,6 +1059,34 @@ def rmsnorm(out: np.ndarray, x: np.ndarray, weight: np.ndarray, eps: float) -> N
         _rmsnorm_rows(out, x, weight, float(eps), 0, T, n)
 
 
+@_serial
+def _rmsnorm_q80_ser(out, qs, d, x, weight, eps, T, n, f16c):
+    _rmsnorm_rows(out, x, weight, eps, 0, T, n)
+    if f16c:
+        _quantize_q80_act_f16c(qs, d, out, T, n // QK)
+    else:
+        _quantize_q80_act(qs, d, out, T, n // QK)
+
+
+def rmsnorm_q80(out: np.ndarray, qs: np.ndarray, d: np.ndarray, x: np.ndarray, weight: np.ndarray,
+                eps: float) -> None:
+    """rmsnorm(out, x, weight, eps) then quantize_q80_act(qs, d, out), in one call (decode: one
+    dispatch instead of two).  Same bits as the two kernels."""
+    _check("x", x, np.float32, ndim=2)
+    T, n = x.shape
+    if n % QK:
+        raise ValueError(f"x: row length {n} must be a multiple of {QK}")
+    _check("weight", weight, np.float32, (n,))
+    _check_out("out", out, np.float32, (T, n))
+    _check_out("qs", qs, np.int8, (T, n))
+    _check_out("d", d, np.float32, (T, n // QK))
+    if T * n >= _PAR_MIN_WORK and T > 1:
+        _rmsnorm_par(out, x, weight, float(eps), T, n)
+        (_quantize_q80_act_f16c if HAS_AVX2 else _quantize_q80_act)(qs, d, out, T, n // QK)
+    else:
+        _rmsnorm_q80_ser(out, qs, d, x, weight, float(eps), T, n, HAS_AVX2)
+
+
 # ---------------------------------------------------------------- rope (interleaved pairs)
 
 @_serial
@@ -648,8 +1126,10 @@ def rope_interleaved(x: np.ndarray, positions: np.ndarray, cos: np.ndarray, sin:
     _check("sin", sin, np.float32, cos.shape)
     if cos.shape[1] != hd // 2:
         raise ValueError(f"cos/sin: expected {hd // 2} columns, got {cos.shape[1]}")
-    if T and (positions.min() < 0 or positions.max() >= cos.shape[0]):
-        raise ValueError(f"positions: must lie in [0, {cos.shape[0]}), got [{positions.min()}, {positions.max()}]")
+    if T:
+        pmin, pmax = (int(positions[0]),) * 2 if T == 1 else (int(positions.min()), int(positions.max()))
+        if pmin < 0 or pmax >= cos.shape[0]:
+            raise ValueError(f"positions: must lie in [0, {cos.shape[0]}), got [{pmin}, {pmax}]")
     nh = width // hd
     if T * width >= _PAR_MIN_WORK and T > 1:
         _rope_par(x, positions, cos, sin, hd, nh, T)
@@ -659,31 +1139,88 @@ def rope_interleaved(x: np.ndarray, positions: np.ndarray, cos: np.ndarray, sin:
 
 # ---------------------------------------------------------------- attention
 
+@njit(inline="always", cache=True, fastmath=True, boundscheck=False, error_model="numpy")
+def _exp_neg(x):
+    """exp(x) for x <= 0 in float32 (rel. error ~2e-7; 0 below -87): 2**n * poly(r), vectorisable."""
+    x = max(x, np.float32(-87.0))
+    n = math.floor(x * np.float32(1.4426950408889634) + np.float32(0.5))
+    r = x - n * np.float32(0.693145751953125)
+    r = r - n * np.float32(1.428606765330187e-06)
+    p = np.float32(1.0 / 5040.0)
+    p = p * r + np.float32(1.0 / 720.0)
+    p = p * r + np.float32(1.0 / 120.0)
+    p = p * r + np.float32(1.0 / 24.0)
+    p = p * r + np.float32(1.0 / 6.0)
+    p = p * r + np.float32(0.5)
+    p = p * r + np.float32(1.0)
+    p = p * r + np.float32(1.0)
+    bits = np.int32(n + 127) << np.int32(23)
+    return p * _i2f(bits)
+
+
+@njit(inline="always", cache=True, fastmath=True, boundscheck=False, error_model="numpy")
+def _exp_f32(x):
+    """exp(x) in float32 for any x (clamped to [-87, 88]; rel. error ~2e-7), vectorisable."""
+    x = min(max(x, np.float32(-87.0)), np.float32(88.0))
+    n = math.floor(x * np.float32(1.4426950408889634) + np.float32(0.5))
+    r = x - n * np.float32(0.693145751953125)
+    r = r - n * np.float32(1.428606765330187e-06)
+    p = np.float32(1.0 / 5040.0)
+    p = p * r + np.float32(1.0 / 720.0)
+    p = p * r + np.float32(1.0 / 120.0)
+    p = p * r + np.float32(1.0 / 24.0)
+    p = p * r + np.float32(1.0 / 6.0)
+    p = p * r + np.float32(0.5)
+    p = p * r + np.float32(1.0)
+    p = p * r + np.float32(1.0)
+    return p * _i2f(np.int32(n + 127) << np.int32(23))
+
+
 @_serial
 def _attend_one(out, q, k_cache, v_cache, t, h, kvh, hd, npos, scale, sc):
     """out[t, h*hd:(h+1)*hd] = softmax(scale * q.K[:npos]) @ V[:npos]; sc: scratch row >= npos."""
     qo = h * hd
+    qv = q[t, qo:qo + hd]
     m = np.float32(-3.0e38)                    # not -inf: fastmath assumes no infinities
-    for j in range(npos):
+    j4 = npos // 4 * 4
+    for j in range(0, j4, 4):                  # 4 positions per pass over q (4 independent sums)
+        k0, k1, k2, k3 = k_cache[j, kvh], k_cache[j + 1, kvh], k_cache[j + 2, kvh], k_cache[j + 3, kvh]
+        s0 = s1 = s2 = s3 = np.float32(0.0)
+        for i in range(hd):
+            s0 += qv[i] * k0[i]
+            s1 += qv[i] * k1[i]
+            s2 += qv[i] * k2[i]
+            s3 += qv[i] * k3[i]
+        sc[j], sc[j + 1], sc[j + 2], sc[j + 3] = s0 * scale, s1 * scale, s2 * scale, s3 * scale
+        m = max(m, max(max(sc[j], sc[j + 1]), max(sc[j + 2], sc[j + 3])))
+    for j in range(j4, npos):
+        kr = k_cache[j, kvh]
         s = np.float32(0.0)
         for i in range(hd):
-            s += q[t, qo + i] * k_cache[j, kvh, i]
+            s += qv[i] * kr[i]
         s *= scale
         sc[j] = s
-        if s > m:
-            m = s
+        m = max(m, s)
     tot = np.float32(0.0)
     for j in range(npos):
-        e = np.float32(math.exp(sc[j] - m))
+        e = _exp_neg(sc[j] - m)
         sc[j] = e
         tot += e
     inv = np.float32(1.0) / tot
+    acc = out[t, qo:qo + hd]
     for i in range(hd):
-        out[t, qo + i] = np.float32(0.0)
-    for j in range(npos):
-        p = sc[j] * inv
+        acc[i] = np.float32(0.0)
+    j4 = npos // 4 * 4
+    for j in range(0, j4, 4):                  # 4 rows per pass over the accumulator
+        p0, p1, p2, p3 = sc[j] * inv, sc[j + 1] * inv, sc[j + 2] * inv, sc[j + 3] * inv
+        v0, v1, v2, v3 = v_cache[j, kvh], v_cache[j + 1, kvh], v_cache[j + 2, kvh], v_cache[j + 3, kvh]
         for i in range(hd):
-            out[t, qo + i] += p * v_cache[j, kvh, i]
+            acc[i] += (p0 * v0[i] + p1 * v1[i]) + (p2 * v2[i] + p3 * v3[i])
+    for j in range(j4, npos):
+        p = sc[j] * inv
+        vr = v_cache[j, kvh]
+        for i in range(hd):
+            acc[i] += p * vr[i]
 
 
 @_parallel
@@ -702,7 +1239,16 @@ def _attention_ser(out, q, k_cache, v_cache, positions, kv_of_q, scale, scratch,
         _attend_one(out, q, k_cache, v_cache, t, h, kv_of_q[h], hd, positions[t] + 1, scale, scratch[0])
 
 
+@_serial
+def _kv_ok(kv_of_q, nkv):
+    for h in range(kv_of_q.shape[0]):
+        if kv_of_q[h] < 0 or kv_of_q[h] >= nkv:
+            return False
+    return True
+
+
 _ATT_SCRATCH: dict = {}
+_KV_OK: set = set()                  # (nkv, kv_of_q bytes) already validated
 
 
 def attention_scratch(T: int, nq: int, seq_len: int) -> np.ndarray:
@@ -718,24 +1264,42 @@ def attention(out: np.ndarray, q: np.ndarray, k_cache: np.ndarray, v_cache: np.n
     q: [T, nq*hd]; k_cache, v_cache: [S, nkv, hd]; kv_of_q: [nq] KV head of each local query head.
     scratch (optional): float32 [R, >= max(positions)+1], R >= 1 rows; R pairs run concurrently.
     """
-    _check("k_cache", k_cache, np.float32, ndim=3)
-    S, nkv, hd = k_cache.shape
-    _check("v_cache", v_cache, np.float32, (S, nkv, hd))
-    _check("q", q, np.float32, ndim=2)
-    T, width = q.shape
-    if width % hd:
-        raise ValueError(f"q: row length {width} is not a multiple of head_dim {hd}")
-    nq = width // hd
-    _check_out("out", out, np.float32, (T, width))
-    _check("positions", positions, np.int32, (T,))
-    _check("kv_of_q", kv_of_q, np.int32, (nq,))
+    try:                                   # fast path when everything is right
+        S, nkv, hd = k_cache.shape
+        T, width = q.shape
+        nq = width // hd
+        ok = (type(q) is np.ndarray and k_cache.dtype == _F32 and v_cache.dtype == _F32 and q.dtype == _F32
+              and out.dtype == _F32 and positions.dtype == _I32 and kv_of_q.dtype == _I32
+              and v_cache.shape == k_cache.shape and width % hd == 0 and out.shape == q.shape
+              and positions.shape == (T,) and kv_of_q.shape == (nq,)
+              and k_cache.flags.c_contiguous and v_cache.flags.c_contiguous and q.flags.c_contiguous
+              and out.flags.c_contiguous and out.flags.writeable and positions.flags.c_contiguous
+              and kv_of_q.flags.c_contiguous)
+    except (AttributeError, ValueError, TypeError, ZeroDivisionError):
+        ok = False
+    if not ok:
+        _check("k_cache", k_cache, np.float32, ndim=3)
+        S, nkv, hd = k_cache.shape
+        _check("v_cache", v_cache, np.float32, (S, nkv, hd))
+        _check("q", q, np.float32, ndim=2)
+        T, width = q.shape
+        if width % hd:
+            raise ValueError(f"q: row length {width} is not a multiple of head_dim {hd}")
+        nq = width // hd
+        _check_out("out", out, np.float32, (T, width))
+        _check("positions", positions, np.int32, (T,))
+        _check("kv_of_q", kv_of_q, np.int32, (nq,))
     if T == 0:
         return
-    pmin, pmax = int(positions.min()), int(positions.max())
+    pmin, pmax = (int(positions[0]),) * 2 if T == 1 else (int(positions.min()), int(positions.max()))
     if pmin < 0 or pmax >= S:
         raise ValueError(f"positions: must lie in [0, {S}), got [{pmin}, {pmax}]")
-    if nq and (kv_of_q.min() < 0 or kv_of_q.max() >= nkv):
-        raise ValueError(f"kv_of_q: must lie in [0, {nkv})")
+    if nq and (nkv, kv_of_q.tobytes()) not in _KV_OK:
+        if not _kv_ok(kv_of_q, nkv):
+            raise ValueError(f"kv_of_q: must lie in [0, {nkv})")
+        if len(_KV_OK) > 64:
+            _KV_OK.clear()
+        _KV_OK.add((nkv, kv_of_q.tobytes()))
     if scratch is None:                   # cached per (rows, S): no page faults on every call
         key = (max(1, min(T * nq, 256)), S)
         scratch = _ATT_SCRATCH.get(key)
@@ -765,7 +1329,7 @@ def _silu_mul_rows(out, a, b, t0, t1, n):
         for i in range(n):
             v = a[t, i]
             # clamp: fastmath assumes no inf, and exp(-v) overflows f32 for v < -88
-            out[t, i] = v / (np.float32(1.0) + np.exp(min(-v, np.float32(88.0)))) * b[t, i]
+            out[t, i] = v / (np.float32(1.0) + _exp_f32(-v)) * b[t, i]
 
 
 @_parallel
@@ -786,6 +1350,37 @@ def silu_mul(out: np.ndarray, a: np.ndarray, b: np.ndarray) -> None:
         _silu_mul_rows(out, a, b, 0, T, n)
 
 
+def _q41_blocks(w):
+    from .qformats import quantize_q41
+    return quantize_q41(w)
+
+
+@_serial
+def _silu_mul_q80_ser(out, qs, d, a, b, T, n, f16c):
+    _silu_mul_rows(out, a, b, 0, T, n)
+    if f16c:
+        _quantize_q80_act_f16c(qs, d, out, T, n // QK)
+    else:
+        _quantize_q80_act(qs, d, out, T, n // QK)
+
+
+def silu_mul_q80(out: np.ndarray, qs: np.ndarray, d: np.ndarray, a: np.ndarray, b: np.ndarray) -> None:
+    """silu_mul(out, a, b) then quantize_q80_act(qs, d, out), in one call.  Same bits as the two."""
+    _check("a", a, np.float32, ndim=2)
+    T, n = a.shape
+    if n % QK:
+        raise ValueError(f"a: row length {n} must be a multiple of {QK}")
+    _check("b", b, np.float32, (T, n))
+    _check_out("out", out, np.float32, (T, n))
+    _check_out("qs", qs, np.int8, (T, n))
+    _check_out("d", d, np.float32, (T, n // QK))
+    if T * n >= _PAR_MIN_WORK and T > 1:
+        _silu_mul_par(out, a, b, T, n)
+        (_quantize_q80_act_f16c if HAS_AVX2 else _quantize_q80_act)(qs, d, out, T, n // QK)
+    else:
+        _silu_mul_q80_ser(out, qs, d, a, b, T, n, HAS_AVX2)
+
+
 # ---------------------------------------------------------------- warm-up
 
 def warmup() -> None:
@@ -803,6 +1398,20 @@ def warmup() -> None:
     for fn in ((_q40_serial_avx2, _q40_par_avx2) if HAS_AVX2 else (_q40_serial_generic, _q40_par_generic)):
         xl, xh, xi = _xbuffers(T, w.nslab)
         fn(out, xq, xd, w.qs, w.d.view(np.uint16), w.rows, w.nb, w.nslab, xl, xh, xi, _S16)
+    from .qformats import Q41Matrix, Q80Matrix
+    wr = Q40Matrix.from_f32(rng.standard_normal((rows, n)).astype(np.float32))        # row-tile layout
+    w41 = Q41Matrix.from_blocks(_q41_blocks(rng.standard_normal((rows, n)).astype(np.float32)))
+    w80 = Q80Matrix.from_f32(rng.standard_normal((rows, n)).astype(np.float32))
+    for T_ in (1, 5):
+        o = np.empty((T_, rows), np.float32)
+        xq_, xd_ = np.zeros((T_, n), np.int8), np.ones((T_, n // QK), np.float32)
+        matmul_q80_q40(o, xq_, xd_, wr)
+        matmul_q80_q41(o, xq_, xd_, w41)
+        matmul_q80_q80(o, xq_, xd_, w80)
+        if HAS_AVX2:
+            xi, xf = _rbuffers(T_, n // QK)
+            _rows_q4_par(o, xq_, xd_, xi, xf, w41.buf, rows, n // QK, w41.stride, 1, _ACC)
+            _rows_q8_par(o, xq_, xd_, xi, xf, w80.buf, rows, n // QK, w80.stride, _ACC)
     y = np.empty_like(x)
     rmsnorm(y, x, np.ones(n, np.float32), 1e-5)
     _rmsnorm_par(y, x, np.ones(n, np.float32), 1e-5, T, n)
@@ -819,3 +1428,5 @@ def warmup() -> None:
     _attention_par(o, x, kc, kc, pos, kvq, np.float32(0.25), sc, T, 4, 16, 0, T * 4)
     silu_mul(y, x, x)
     _silu_mul_par(y, x, x, T, n)
+    rmsnorm_q80(y, xq, xd, x, np.ones(n, np.float32), 1e-5)
+    silu_mul_q80(y, xq, xd, x, x)

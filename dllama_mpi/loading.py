@@ -12,8 +12,9 @@ import numpy as np
 from .config import ModelConfig, RunConfig
 from .errors import DllamaError
 from .model import LayerWeights, ShardWeights
-from .qformats import Q41_BLOCK_BYTES, Q41Matrix, quantize_q41
-from .quant import Q40_BLOCK_BYTES, QK, Q40Matrix, dequantize_q80, quantize_q40
+from .qformats import Q41_BLOCK_BYTES, Q41Matrix, Q80Matrix, quantize_q41
+from .quant import (Q40_BLOCK_BYTES, Q80_BLOCK_BYTES, QK, Q40Matrix, dequantize_q80,
+                    quantize_q40, quantize_q80)
 from .shard import Range, ShardPlan, in_split, plan
 
 LAYER_TENSORS = ("attn_norm", "wq", "wk", "wv", "wo", "ffn_norm", "w1", "w2", "w3")
@@ -60,18 +61,21 @@ def convert_slice(tensor, kind: str, rng: Range | None, target: str) -> np.ndarr
         raw = tensor.read(cols=rng)
     else:  # f32 runtime with a band that is not whole blocks: dequantise rows, then cut
         raw = None
-    if raw is not None and (target, tensor.type) in (("q40", "Q4_0"), ("q41", "Q4_1")):
+    if raw is not None and (target, tensor.type) in (("q40", "Q4_0"), ("q41", "Q4_1"),
+                                                     ("q80", "Q8_0")):
         return np.ascontiguousarray(raw)
     if raw is None:
         values = in_split(dequantize(tensor.read(), tensor.ggml_type), rng)
     else:
         values = dequantize(np.ascontiguousarray(raw), tensor.ggml_type)
     values = np.ascontiguousarray(values, dtype=np.float32)
-    return {"q40": quantize_q40, "q41": quantize_q41}.get(target, lambda v: v)(values)
+    quantize = {"q40": quantize_q40, "q41": quantize_q41, "q80": quantize_q80}
+    return quantize[target](values) if target in quantize else values
 
 
-# runtime weight type -> (class built from block bytes, bytes per block)
-BLOCK_FORMATS = {"q40": (Q40Matrix, Q40_BLOCK_BYTES), "q41": (Q41Matrix, Q41_BLOCK_BYTES)}
+# runtime weight type -> (class built from GGML block bytes, bytes per block)
+BLOCK_FORMATS = {"q40": (Q40Matrix, Q40_BLOCK_BYTES), "q41": (Q41Matrix, Q41_BLOCK_BYTES),
+                 "q80": (Q80Matrix, Q80_BLOCK_BYTES)}
 
 
 def _runtime(arr: np.ndarray, kind: str, target: str):
@@ -86,24 +90,28 @@ def _wire_shape(shape: tuple[int, ...], kind: str, target: str):
     return shape, np.float32
 
 
-def load_shard(comm, model, config: ModelConfig, run: RunConfig, progress: bool = True):
-    """Every rank calls this; `model` (an open model file) is needed on the root only.
+def load_shard(comm, model, config: ModelConfig, run: RunConfig, progress: bool = True,
+               direct: bool = False):
+    """Every rank calls this. Scatter (default): `model` (an open model file) is needed on
+    the root only, which reads and sends every slice. Direct: every rank has `model` open
+    and reads only its own slices; nothing crosses MPI.
     Returns (ShardWeights, vocab rows per rank)."""
     plans = [plan(config, r, comm.size) for r in range(comm.size)]
-    me, target = plans[comm.rank], run.weights_float_type
+    me = plans[comm.rank]
     arrays: dict[str, object] = {}
     specs = tensor_specs(config)
     bar = _progress(len(specs), progress and comm.is_root)
     for name, kind in specs:
-        if comm.is_root:
+        target = run.output_float_type if name == "wcls" else run.weights_float_type
+        if direct or comm.is_root:
             tensor = model.tensor(_file_name(config, name))
-            for r, p in enumerate(plans):
-                rng = None if kind == "rep" else _range(p, kind.split(":")[1])
+            for r in ([comm.rank] if direct else range(comm.size)):
+                rng = None if kind == "rep" else _range(plans[r], kind.split(":")[1])
                 try:
                     arr = convert_slice(tensor, kind, rng, target)
                 except ValueError as e:
                     raise DllamaError(f"cannot convert tensor {tensor.name}: {e}") from None
-                if r == 0:
+                if r == comm.rank:
                     arrays[name] = _runtime(arr, kind, target)
                 else:
                     comm.send_array(arr, r)

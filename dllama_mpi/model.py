@@ -12,7 +12,7 @@ import numpy as np
 
 from . import kernels
 from .config import ModelConfig
-from .qformats import Q41Matrix, add_offsets, block_sums
+from .qformats import Q41Matrix, Q80Matrix, block_sums
 from .quant import QK, Q40Matrix
 from .shard import ShardPlan
 
@@ -58,12 +58,12 @@ def rope_tables(config: ModelConfig, max_seq_len: int) -> tuple[np.ndarray, np.n
 
 
 class _Input:
-    """A matmul input: f32 rows, and their Q80 form made once, when a 4-bit weight asks."""
+    """A matmul input: f32 rows, and their Q80 form made once, when a quantised weight asks."""
 
-    def __init__(self, x: np.ndarray):
+    def __init__(self, x: np.ndarray, q80: tuple[np.ndarray, np.ndarray] | None = None):
+        """q80: the Q80 form of x when already made (kernels.rmsnorm_q80 / silu_mul_q80)."""
         self.x = x
-        self._q80 = None
-        self._sums = None
+        self._q80 = q80
 
     def q80(self) -> tuple[np.ndarray, np.ndarray]:
         if self._q80 is None:
@@ -74,18 +74,18 @@ class _Input:
         return self._q80
 
     def block_sums(self) -> np.ndarray:
-        if self._sums is None:
-            self._sums = block_sums(*self.q80())
-        return self._sums
+        return block_sums(*self.q80())
 
 
 def matmul(out: np.ndarray, inp: _Input, w) -> np.ndarray:
     """out [T, rows] = inp [T, cols] @ w[rows, cols]^T."""
-    if isinstance(w, Q40Matrix):
+    tw = type(w)
+    if tw is Q41Matrix:
+        kernels.matmul_q80_q41(out, *inp.q80(), w)
+    elif tw is Q40Matrix:
         kernels.matmul_q80_q40(out, *inp.q80(), w)
-    elif isinstance(w, Q41Matrix):
-        kernels.matmul_q80_q40(out, *inp.q80(), w.q40)
-        add_offsets(out, inp.block_sums(), w)
+    elif tw is Q80Matrix:
+        kernels.matmul_q80_q80(out, *inp.q80(), w)
     else:
         kernels.matmul_f32(out, inp.x, w)
     return out

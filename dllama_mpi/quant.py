@@ -180,6 +180,51 @@ def rows_per_tile(g: int) -> int:
     return 1 if g >= 16 else SLAB_BLOCKS // g
 
 
+TILE_ROWS = 16          # rows per tile of the row-tile layout (Q4 formats)
+ROW_TILE_MAX_COLS = 2047  # Q40Matrix.from_blocks picks the row-tile layout for cols <= this
+
+
+def pack_row_tiles(payload: np.ndarray, scales: list, rt: int, unit: int) -> np.ndarray:
+    """Row-tile layout: rows in tiles of ``rt`` (the last one zero-padded), and per (tile, block) one
+    record of ``stride = rt*pb + 2*rt*len(scales)`` bytes: the block payloads ``[pb/unit, rt, unit]``
+    (``unit``-byte groups of the rt rows side by side: one 32-byte load = group p of every row), then
+    each scale array's rt uint16 values.  payload: uint8 [rows, nb, pb]; scales: uint16 [rows, nb].
+    Returns flat uint8 [ntile * nb * stride] (tile-major, then block)."""
+    rows, nb, pb = payload.shape
+    ntile = (rows + rt - 1) // rt
+    stride = rt * pb + 2 * rt * len(scales)
+    out = np.zeros((ntile, nb, stride), np.uint8)
+    full = rows // rt * rt
+    for r0, r1 in ((0, full), (full, rows)):
+        if r1 <= r0:
+            continue
+        k0, n = r0 // rt, (r1 - r0 + rt - 1) // rt
+        pay = np.zeros((n * rt, nb, pb), np.uint8)
+        pay[:r1 - r0] = payload[r0:r1]
+        # [n, rt, nb, pb/unit, unit] -> [n, nb, pb/unit, rt, unit]
+        out[k0:k0 + n, :, :rt * pb] = pay.reshape(n, rt, nb, pb // unit, unit).transpose(0, 2, 3, 1, 4).reshape(n, nb, rt * pb)
+        for j, sc in enumerate(scales):
+            s = np.zeros((n * rt, nb), np.uint16)
+            s[:r1 - r0] = sc[r0:r1]
+            o = rt * pb + 2 * rt * j
+            out[k0:k0 + n, :, o:o + 2 * rt] = s.reshape(n, rt, nb).transpose(0, 2, 1).copy().view(np.uint8).reshape(n, nb, 2 * rt)
+    return out.reshape(-1)
+
+
+def unpack_row_tiles(buf: np.ndarray, rows: int, nb: int, pb: int, nscales: int, rt: int, unit: int):
+    """Inverse of pack_row_tiles: (payload uint8 [rows, nb, pb], [uint16 [rows, nb]] * nscales)."""
+    ntile = (rows + rt - 1) // rt
+    stride = rt * pb + 2 * rt * nscales
+    b = buf.reshape(ntile, nb, stride)
+    pay = b[:, :, :rt * pb].reshape(ntile, nb, pb // unit, rt, unit).transpose(0, 3, 1, 2, 4).reshape(ntile * rt, nb, pb)
+    scales = []
+    for j in range(nscales):
+        o = rt * pb + 2 * rt * j
+        s = np.ascontiguousarray(b[:, :, o:o + 2 * rt]).view(np.uint16).reshape(ntile, nb, rt)
+        scales.append(np.ascontiguousarray(s.transpose(0, 2, 1).reshape(ntile * rt, nb)[:rows]))
+    return np.ascontiguousarray(pay[:rows]), scales
+
+
 class Q40Matrix:
     """A Q40 weight matrix ``W[rows, cols]`` in the layout the kernels stream.
 
@@ -200,10 +245,17 @@ class Q40Matrix:
       ``s*rows*64 + r*G + b`` (i.e. in lane order; 2 bytes per block: 18 bytes per 32 weights in
       total, as in the file).
 
+    Narrow matrices (cols <= ROW_TILE_MAX_COLS, e.g. SmolLM2's 576 / 1536) use instead the *row-tile*
+    layout (``layout == "rows"``; ``pack_row_tiles`` with 16 rows per tile, 2-byte units): per (tile
+    of 16 rows, block) a 288-byte record = the 16 nibble bytes of the 16 rows as [8 pairs, 16 rows,
+    2] then their 16 fp16 scales; ``qs`` holds the whole stream and ``d`` is empty.  One 32-byte
+    load = byte pair p of 16 rows, one vpmaddubsw against the broadcast activation pair, and the
+    16 rows' sums stay in 16 vector lanes through the f32 scaling: no per-row overhead.
+
     Plain numpy arrays only (picklable, could be memory-mapped).
     """
 
-    __slots__ = ("rows", "cols", "nb", "nslab", "qs", "d")
+    __slots__ = ("rows", "cols", "nb", "nslab", "qs", "d", "layout")
 
     def __init__(self, qs: np.ndarray, d: np.ndarray, rows: int, cols: int):
         rows, cols = int(rows), int(cols)
@@ -218,6 +270,7 @@ class Q40Matrix:
         self.nslab = (nb + SLAB_BLOCKS - 1) // SLAB_BLOCKS
         self.qs = np.ascontiguousarray(qs)
         self.d = np.ascontiguousarray(d)
+        self.layout = "slab"
 
     def _slabs(self):
         """yield (first block b0, width G, rows per tile R, byte offset of the slab in qs, offset in d)."""
@@ -236,13 +289,26 @@ class Q40Matrix:
             yield nfull * R, rows % R
 
     @classmethod
-    def from_blocks(cls, raw: np.ndarray) -> "Q40Matrix":
-        """raw GGML Q4_0 bytes ``uint8 [rows, cols//32*18]`` (row-major, rows quantised along cols)."""
+    def from_blocks(cls, raw: np.ndarray, layout: str | None = None) -> "Q40Matrix":
+        """raw GGML Q4_0 bytes ``uint8 [rows, cols//32*18]`` (row-major, rows quantised along cols).
+        layout: "slab" or "rows"; default by width (rows for cols <= ROW_TILE_MAX_COLS)."""
         raw = np.asarray(raw)
         if raw.dtype != np.uint8 or raw.ndim != 2 or raw.shape[1] == 0 or raw.shape[1] % Q40_BLOCK_BYTES:
             raise ValueError(f"Q40Matrix.from_blocks: expected uint8 [rows, nb*18], got {raw.dtype} {raw.shape}")
         rows, nb = raw.shape[0], raw.shape[1] // Q40_BLOCK_BYTES
         b = raw.reshape(rows, nb, Q40_BLOCK_BYTES)
+        if layout is None:
+            layout = "rows" if nb * QK <= ROW_TILE_MAX_COLS else "slab"
+        if layout not in ("rows", "slab"):
+            raise ValueError(f"Q40Matrix.from_blocks: unknown layout {layout!r}")
+        if layout == "rows":
+            m = cls.__new__(cls)
+            m.rows, m.cols, m.nb, m.layout = rows, nb * QK, nb, "rows"
+            m.nslab = (nb + SLAB_BLOCKS - 1) // SLAB_BLOCKS
+            dd = np.ascontiguousarray(b[:, :, :2]).view(np.uint16).reshape(rows, nb)
+            m.qs = pack_row_tiles(b[:, :, 2:], [dd], TILE_ROWS, 2)
+            m.d = np.empty(0, np.float16)
+            return m
         qs = np.empty(rows * nb * 16, np.uint8)
         d = np.empty(rows * nb, np.uint16)
         m = cls.__new__(cls)
@@ -258,6 +324,7 @@ class Q40Matrix:
             d[do:do + rows * g].reshape(rows, g)[...] = b[:, b0:b0 + g, 0].astype(np.uint16) | (
                 b[:, b0:b0 + g, 1].astype(np.uint16) << np.uint16(8))
         m.qs, m.d = qs, d.view(np.float16)
+        m.layout = "slab"
         return m
 
     @classmethod
@@ -273,6 +340,11 @@ class Q40Matrix:
         """Back to raw GGML Q4_0 bytes ``uint8 [rows, nb*18]``."""
         rows, nb = self.rows, self.nb
         out = np.empty((rows, nb, Q40_BLOCK_BYTES), dtype=np.uint8)
+        if self.layout == "rows":
+            pay, (dd,) = unpack_row_tiles(self.qs, rows, nb, 16, 1, TILE_ROWS, 2)
+            out[:, :, 2:] = pay
+            out[:, :, :2] = dd.view(np.uint8).reshape(rows, nb, 2)
+            return out.reshape(rows, nb * Q40_BLOCK_BYTES)
         dbytes = self.d.view(np.uint8)
         for b0, g, R, qo, do in self._slabs():
             for r0, n in self._tiles(rows, R):
@@ -290,6 +362,7 @@ class Q40Matrix:
         return {k: getattr(self, k) for k in self.__slots__}
 
     def __setstate__(self, state):
+        self.layout = "slab"
         for k, v in state.items():
             setattr(self, k, v)
 

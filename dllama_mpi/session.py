@@ -35,11 +35,10 @@ class Session:
     memory: list | None = None    # per rank: (weights bytes, kv bytes), on the root
 
 
-def open_model(path: str):
-    from .formats.gguf import GGUFModel
-    if os.path.isdir(path):
-        raise DllamaError(f"{path} is a directory; give a .gguf file")
-    return GGUFModel(path)
+def open_model(path: str, tokenizer_path: str | None = None):
+    """GGUF, Distributed Llama .m (+ .t), Hugging Face folder or our HDF5 store."""
+    from .formats import open_model as open_any
+    return open_any(path, tokenizer_path)
 
 
 def default_threads(comm) -> int:
@@ -50,9 +49,10 @@ def default_threads(comm) -> int:
     return max(1, cores // comm.node_local_size())
 
 
-def _root_open(model_arg: str, run: RunConfig, size: int, want_tokenizer: bool):
+def _root_open(model_arg: str, run: RunConfig, size: int, want_tokenizer: bool,
+               tokenizer_path: str | None):
     path = models.resolve(model_arg)
-    model = open_model(path)
+    model = open_model(path, tokenizer_path)
     run = run.resolved(model.preferred_weight_type(), model.output_type())
     run.validate(model.config, size)
     tokenizer = model.tokenizer() if want_tokenizer else None
@@ -60,13 +60,14 @@ def _root_open(model_arg: str, run: RunConfig, size: int, want_tokenizer: bool):
 
 
 def start(comm, model_arg: str, run: RunConfig, want_tokenizer: bool = True,
-          kv_dir: str | None = None) -> Session:
+          kv_dir: str | None = None, tokenizer_path: str | None = None) -> Session:
     model = tokenizer = None
     status = None
     if comm.is_root:
         try:
-            model, tokenizer, run = _root_open(model_arg, run, comm.size, want_tokenizer)
-            status = ("ok", model.config.to_dict(), run)
+            model, tokenizer, run = _root_open(model_arg, run, comm.size, want_tokenizer,
+                                                tokenizer_path)
+            status = ("ok", model.config.to_dict(), run, model.path)
         except DllamaError as e:
             status = ("error", str(e))
     status = comm.bcast_obj(status)
@@ -74,12 +75,17 @@ def start(comm, model_arg: str, run: RunConfig, want_tokenizer: bool = True,
         if comm.is_root:
             print(f"error: {status[1]}", file=sys.stderr)
         raise StartupFailed(1)
-    config, run = ModelConfig.from_dict(status[1]), status[2]
+    config, run, path = ModelConfig.from_dict(status[1]), status[2], status[3]
+    direct = _direct_load(comm, run.load, path)
+    if direct and not comm.is_root:
+        model = open_model(path)
 
     nthreads = run.nthreads or default_threads(comm)
     kernels.set_num_threads(nthreads)
     _warm_kernels(comm)
-    weights, vocab_counts = load_shard(comm, model, config, run)
+    weights, vocab_counts = load_shard(comm, model, config, run, direct=direct)
+    if direct and not comm.is_root:
+        model.close()
     me = plan(config, comm.rank, comm.size)
     max_seq_len = run.resolved_max_seq_len(config)
     kv = KVCache(config.n_layers, max_seq_len, me.kv_heads.size, config.head_dim,
@@ -91,6 +97,22 @@ def start(comm, model_arg: str, run: RunConfig, want_tokenizer: bool = True,
     memory = comm.allgather_obj((weights.nbytes(), kv.nbytes))
     comm.stats.reset()
     return Session(comm, config, run, engine, tokenizer, max_seq_len, nthreads, memory)
+
+
+def _direct_load(comm, mode: str, path: str) -> bool:
+    """direct: every rank reads its own slices (shared filesystem); scatter: the root reads
+    and sends; auto: direct when every rank can read the file."""
+    if mode == "scatter" or comm.size == 1:
+        return False
+    readable = comm.allgather_obj(os.access(path, os.R_OK))
+    if all(readable):
+        return True
+    if mode == "direct":
+        missing = [r for r, ok in enumerate(readable) if not ok]
+        if comm.is_root:
+            print(f"error: --load direct, but ranks {missing} cannot read {path}", file=sys.stderr)
+        raise StartupFailed(1)
+    return False
 
 
 def _warm_kernels(comm) -> None:

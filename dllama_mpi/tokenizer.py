@@ -660,6 +660,61 @@ class Tokenizer:
             special_tokens=special,
         )
 
+    @classmethod
+    def from_dllama_t(cls, path, pre: str | None = None) -> "Tokenizer":
+        """Load a Distributed Llama ``.t`` tokenizer file (raw token bytes + scores).
+
+        The file has no merges and no pre-tokenizer: merges are derived from the scores (a pair
+        merges into a token when both halves rank before it), the pre-tokenizer is chosen from
+        the special tokens (``pre`` overrides it; see ``PRE_TOKENIZER_TYPES``).  Special tokens
+        are recognised by their spelling wherever they sit (Distributed Llama's own tokenizer
+        treats every id >= bos_id as special, which breaks vocabularies with specials at low ids).
+        A vocabulary with ``<0xNN>`` byte tokens is read as SentencePiece (" " -> "▁").
+        Raises ``ValueError`` (a ``DllamaError``) on a malformed file.
+        """
+        from .formats.dllama import read_dllama_t
+
+        path = os.fspath(path)
+        t = read_dllama_t(path)
+        n = len(t.tokens)
+        texts = [b.decode("utf-8", "replace") for b in t.tokens]
+        special = _dllama_special_ids(texts, t)
+        spm = "<0x0A>" in texts and "<0x00>" in texts
+        if spm:
+            tokens, types = [], []
+            for i, s in enumerate(texts):
+                if i in special:
+                    types.append(_UNKNOWN if s == "<unk>" else _CONTROL)
+                    tokens.append(s)
+                elif len(s) == 6 and s.startswith("<0x") and s.endswith(">"):
+                    types.append(_BYTE)
+                    tokens.append(s)
+                else:
+                    types.append(_NORMAL)
+                    tokens.append(s.replace(" ", "▁"))
+            unk = tokens.index("<unk>") if "<unk>" in tokens else None
+            hf = _build_sentencepiece_bpe(tokens, types, t.scores, None, True, unk)
+            add_bos_default = True
+        else:
+            b2u = _bytes_to_unicode()
+            tokens = [texts[i] if i in special else "".join(b2u[b] for b in raw)
+                      for i, raw in enumerate(t.tokens)]
+            types = [_CONTROL if i in special else _NORMAL for i in range(n)]
+            merges = _merges_from_ranks(tokens, types, t.scores)
+            pre = pre or _guess_pre_tokenizer(set(texts[i] for i in special))
+            hf, add_bos_default = _build_byte_level_bpe(tokens, types, merges, pre, path)
+        add_bos = t.add_bos if t.add_bos is not None else add_bos_default
+        eos_ids = list(t.eos_ids)
+        index = {texts[i]: i for i in sorted(special)}
+        if not eos_ids:  # the file's list is authoritative; without one, guess the usual ends
+            eos_ids = [index[s] for s in _END_OF_TURN_TOKENS if s in index]
+        tok = cls(hf, vocab_size=n, bos_id=t.bos_id, eos_ids=eos_ids, add_bos=bool(add_bos),
+                  chat_template=t.chat_template,
+                  special_tokens={"bos_token": texts[t.bos_id] if t.bos_id is not None else None,
+                                  "eos_token": texts[eos_ids[0]] if eos_ids else None})
+        tok.scores = list(t.scores)
+        return tok
+
 
 # ---------------------------------------------------------------------------------------------
 # Builders
@@ -726,6 +781,55 @@ def _build_byte_level_bpe(tokens, types, merges, pre, where):
     hf.decoder = decoders.ByteLevel()
     _add_gguf_added_tokens(hf, tokens, types, vocab)
     return hf, bool(add_bos_default)
+
+
+
+
+def _dllama_special_ids(texts: list[str], t) -> set[int]:
+    """Ids of special tokens in a .t vocabulary: bos/eos/pad, every ``<|...|>``, and the runs
+    of ``<tag>`` tokens at the start of the vocabulary and from bos_id on when the specials
+    sit at the end (Llama 3)."""
+    import re
+
+    tag = re.compile(r"^<[^<>\s]+>$")
+    byte = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
+    n = len(texts)
+    ids = {i for i in [t.bos_id, t.pad_id, *t.eos_ids] if i is not None and 0 <= i < n}
+    ids |= {i for i, s in enumerate(texts) if s.startswith("<|") and s.endswith("|>") and len(s) > 4}
+    i = 0
+    while i < n and tag.match(texts[i]) and not byte.match(texts[i]):
+        ids.add(i)
+        i += 1
+    if t.bos_id is not None and t.bos_id >= n // 2:
+        ids |= {i for i in range(t.bos_id, n) if tag.match(texts[i])}
+    return ids
+
+
+def _guess_pre_tokenizer(specials: set[str]) -> str:
+    if "<|begin_of_text|>" in specials or "<|eot_id|>" in specials:
+        return "llama3"
+    if "<repo_name>" in specials or "<filename>" in specials:
+        return "smollm"  # StarCoder-family vocabularies (SmolLM, SmolLM2): digits one by one
+    if "<|im_start|>" in specials:
+        return "qwen2"
+    return "gpt2"
+
+
+def _merges_from_ranks(tokens, types, scores) -> list[str]:
+    """BPE merges implied by token scores (higher score = merged earlier): every split of a token
+    into two vocabulary pieces that both rank before it, in the order of the merged token."""
+    vocab = {}
+    for i, s in enumerate(tokens):
+        if types[i] == _NORMAL and s not in vocab:
+            vocab[s] = i
+    ranked = []
+    for s, i in vocab.items():
+        for k in range(1, len(s)):
+            a, b = vocab.get(s[:k]), vocab.get(s[k:])
+            if a is not None and b is not None and scores[a] >= scores[i] and scores[b] >= scores[i]:
+                ranked.append((-scores[i], i, max(-scores[a], -scores[b]), k, s))
+    ranked.sort()
+    return [f"{s[:k]} {s[k:]}" for *_, k, s in ranked]
 
 
 def _spm_merges_from_scores(tokens, types, scores, vocab):

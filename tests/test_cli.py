@@ -81,7 +81,7 @@ def test_missing_file():
 def test_not_a_gguf(tmp_path):
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"this is not a model" * 100)
-    assert_clean_error(run("inference", "--model", str(bad), "--prompt", "x"), "not a GGUF")
+    assert_clean_error(run("inference", "--model", str(bad), "--prompt", "x"), "unknown model format")
 
 
 def test_truncated_file(tiny, tmp_path):

@@ -113,12 +113,13 @@ MM_SHAPES = [(1, 32), (7, 96), (33, 160), (70, 64), (130, 256), (16, 512), (9, 5
              (20, 1600), (40, 2080), (257, 2048), (64, 4096), (1001, 576), (501, 2080), (95, 3104)]
 
 
+@pytest.mark.parametrize("layout", ["slab", "rows"])
 @pytest.mark.parametrize("T", TS)
 @pytest.mark.parametrize("rows,cols", MM_SHAPES)
-def test_matmul_q80_q40(rows, cols, T, threads):
+def test_matmul_q80_q40(rows, cols, T, threads, layout):
     r = rng(rows * 7 + cols + T)
     raw = quantize_q40((r.standard_normal((rows, cols)) * 0.05).astype(np.float32))
-    w = Q40Matrix.from_blocks(raw)
+    w = Q40Matrix.from_blocks(raw, layout)
     x = r.standard_normal((T, cols)).astype(np.float32)
     xq = np.empty((T, cols), np.int8)
     xd = np.empty((T, cols // 32), np.float32)
@@ -143,7 +144,10 @@ def test_matmul_q80_q40_generic_path(rows, cols, T, threads):
     b = np.empty((T, rows), np.float32)
     K.matmul_q80_q40(a, xq, xd, w)
     K._matmul_q80_q40(b, xq, xd, w, False)
-    np.testing.assert_array_equal(a, b)
+    if w.layout == "slab":
+        np.testing.assert_array_equal(a, b)
+    else:                                  # row tiles: same int sums, FMA vs separate f32 rounding
+        np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-5)
 
 
 def test_matmul_q80_q40_extremes(threads):
@@ -158,6 +162,105 @@ def test_matmul_q80_q40_extremes(threads):
     K.matmul_q80_q40(out, xq, xd, w)
     ref, mag = naive_q80_q40(xq, xd, dequantize_q40(raw))
     assert np.all(np.abs(out - ref) <= 1e-5 * mag)
+
+
+# ---------------------------------------------------------------- row-tile kernels: Q41, Q80 weights
+
+RT_SHAPES = [(1, 32), (7, 96), (17, 160), (33, 576), (50, 1536), (16, 2048), (70, 2080)]
+
+
+def _q80_input(r, T, cols):
+    x = r.standard_normal((T, cols)).astype(np.float32)
+    xq = np.empty((T, cols), np.int8)
+    xd = np.empty((T, cols // 32), np.float32)
+    K.quantize_q80_act(xq, xd, x)
+    return xq, xd
+
+
+@pytest.mark.parametrize("T", TS)
+@pytest.mark.parametrize("rows,cols", RT_SHAPES)
+def test_matmul_q80_q41(rows, cols, T, threads):
+    from dllama_mpi.qformats import Q41Matrix, dequantize_q41, quantize_q41
+    r = rng(rows * 5 + cols + T)
+    raw = quantize_q41((r.standard_normal((rows, cols)) * 0.05 + 0.03).astype(np.float32))
+    w = Q41Matrix.from_blocks(raw)
+    xq, xd = _q80_input(r, T, cols)
+    out = np.full((T, rows), np.nan, np.float32)
+    K.matmul_q80_q41(out, xq, xd, w)
+    ref, mag = naive_q80_q40(xq, xd, dequantize_q41(raw))
+    assert np.all(np.abs(out - ref) <= 1e-5 * mag + 1e-30)
+    gen = np.full((T, rows), np.nan, np.float32)          # the portable (no AVX2) twin
+    K._rows_q4(gen, xq, xd, w.buf, w.rows, w.nb, w.stride, 1, False)
+    np.testing.assert_allclose(gen, out, rtol=2e-5, atol=1e-5 * float(mag.max()))
+
+
+@pytest.mark.parametrize("T", TS)
+@pytest.mark.parametrize("rows,cols", RT_SHAPES)
+def test_matmul_q80_q80(rows, cols, T, threads):
+    from dllama_mpi.qformats import Q80Matrix
+    from dllama_mpi.quant import dequantize_q80, quantize_q80
+    r = rng(rows * 3 + cols + T)
+    raw = quantize_q80((r.standard_normal((rows, cols)) * 0.05).astype(np.float32))
+    w = Q80Matrix.from_blocks(raw)
+    xq, xd = _q80_input(r, T, cols)
+    out = np.full((T, rows), np.nan, np.float32)
+    K.matmul_q80_q80(out, xq, xd, w)
+    ref, mag = naive_q80_q40(xq, xd, dequantize_q80(raw))
+    assert np.all(np.abs(out - ref) <= 1e-5 * mag + 1e-30)
+    gen = np.full((T, rows), np.nan, np.float32)
+    K._matmul_q80_q80(gen, xq, xd, w, False)
+    np.testing.assert_allclose(gen, out, rtol=2e-5, atol=1e-5 * float(mag.max()))
+
+
+def _unit_scale_blocks(q, nb, kind):
+    """GGML block bytes with d = 1 (and m = 0) around the given integer values."""
+    rows = q.shape[0]
+    one = np.full((rows, nb, 1), 0x3C00, np.uint16).view(np.uint8)      # float16 1.0
+    if kind == "q80":
+        return np.concatenate([one, q.reshape(rows, nb, 32).astype(np.int8).view(np.uint8)], axis=2).reshape(rows, -1)
+    qb = q.reshape(rows, nb, 32).astype(np.uint8)
+    packed = qb[:, :, :16] | (qb[:, :, 16:] << 4)
+    zero = np.zeros((rows, nb, 2), np.uint8)
+    parts = [one, packed] if kind == "q40" else [one, zero, packed]
+    return np.concatenate(parts, axis=2).reshape(rows, -1)
+
+
+@pytest.mark.parametrize("kind", ["q40", "q41", "q80"])
+@pytest.mark.parametrize("T", TS)
+def test_row_tile_integer_dots_exact(kind, T, threads):
+    """d = xd = 1 and extreme values: every block dot and their f32 sum are exact integers."""
+    from dllama_mpi.qformats import Q41Matrix, Q80Matrix
+    r = rng(T)
+    rows, cols = 37, 576
+    nb = cols // 32
+    if kind == "q80":
+        q = np.where(r.random((rows, cols)) < 0.5, -127, 127)
+        q[0, :5] = -128                               # GGML bytes may hold -128
+        w, val = Q80Matrix.from_blocks(_unit_scale_blocks(q, nb, kind)), q
+    else:
+        q = np.where(r.random((rows, cols)) < 0.5, 0, 15)
+        q[1] = r.integers(0, 16, cols)
+        raw = _unit_scale_blocks(q, nb, kind)
+        w = Q40Matrix.from_blocks(raw, "rows") if kind == "q40" else Q41Matrix.from_blocks(raw)
+        val = q - 8 if kind == "q40" else q
+    xq = np.where(r.random((T, cols)) < 0.5, -127, 127).astype(np.int8)
+    xq[:, 40:50] = r.integers(-127, 128, (T, 10))
+    xd = np.ones((T, nb), np.float32)
+    out = np.empty((T, rows), np.float32)
+    {"q40": K.matmul_q80_q40, "q41": K.matmul_q80_q41, "q80": K.matmul_q80_q80}[kind](out, xq, xd, w)
+    np.testing.assert_array_equal(out, (xq.astype(np.int64) @ val.T.astype(np.int64)).astype(np.float32))
+
+
+def test_row_tile_errors():
+    from dllama_mpi.qformats import Q41Matrix, Q80Matrix
+    w = Q80Matrix.from_f32(np.ones((4, 64), np.float32))
+    xq, xd = np.zeros((1, 64), np.int8), np.zeros((1, 2), np.float32)
+    with pytest.raises(ValueError, match="Q80Matrix"):
+        K.matmul_q80_q41(np.empty((1, 4), np.float32), xq, xd, w)
+    with pytest.raises(ValueError, match="columns"):
+        K.matmul_q80_q80(np.empty((1, 4), np.float32), np.zeros((1, 96), np.int8), np.zeros((1, 3), np.float32), w)
+    with pytest.raises(ValueError, match="shape"):
+        K.matmul_q80_q80(np.empty((1, 5), np.float32), xq, xd, w)
 
 
 def test_q40matrix_dequantize():
@@ -190,6 +293,25 @@ def test_rmsnorm(T, n, threads):
     np.testing.assert_allclose(out, naive_rmsnorm(x, w, 1e-5), rtol=2e-6, atol=1e-6)
     K.rmsnorm(x, x, w, 1e-5)                          # in place is allowed
     np.testing.assert_array_equal(x, out)
+
+
+@pytest.mark.parametrize("T", TS + [64])
+@pytest.mark.parametrize("n", [32, 576, 1536])
+def test_fused_q80(T, n, threads):
+    """rmsnorm_q80 / silu_mul_q80 give the bits of the two kernels they fuse"""
+    r = rng(n + 3 * T)
+    x = (r.standard_normal((T, n)) * 3).astype(np.float32)
+    w = r.standard_normal(n).astype(np.float32)
+    b = r.standard_normal((T, n)).astype(np.float32)
+    for fused, plain, args in ((K.rmsnorm_q80, K.rmsnorm, (x, w, 1e-5)), (K.silu_mul_q80, K.silu_mul, (x, b))):
+        ref = np.empty_like(x)
+        plain(ref, *args)
+        rq, rd = quantize_q80_parts(ref)
+        out, qs, d = np.empty_like(x), np.empty((T, n), np.int8), np.empty((T, n // 32), np.float32)
+        fused(out, qs, d, *args)
+        np.testing.assert_array_equal(out, ref)
+        np.testing.assert_array_equal(qs, rq)
+        np.testing.assert_array_equal(d, rd)
 
 
 def _rope_tables(P, hd, theta=10000.0):

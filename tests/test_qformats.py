@@ -30,6 +30,26 @@ def test_q41_matmul_equals_dequantised_product(t):
     assert np.all(np.abs(out - ref) <= 1e-5 * scale + 1e-6)
 
 
+@pytest.mark.parametrize("rows,cols", [(1, 32), (17, 96), (33, 576)])
+def test_row_tile_round_trips(rows, cols):
+    from dllama_mpi.qformats import Q80Matrix
+    from dllama_mpi.quant import dequantize_q80, quantize_q80
+    w = np.random.default_rng(rows).standard_normal((rows, cols)).astype(np.float32)
+    raw = quantize_q41(w)
+    m = Q41Matrix.from_blocks(raw)
+    assert np.array_equal(m.to_blocks(), raw)
+    assert m.nbytes == (rows + 15) // 16 * 16 * cols // 32 * 20
+    raw8 = quantize_q80(w)
+    m8 = Q80Matrix.from_blocks(raw8)
+    assert np.array_equal(m8.to_blocks(), raw8)
+    assert np.array_equal(m8.dequantize(), dequantize_q80(raw8))
+    import pickle
+    assert np.array_equal(pickle.loads(pickle.dumps(m8)).to_blocks(), raw8)
+    assert np.array_equal(pickle.loads(pickle.dumps(m)).to_blocks(), raw)
+    with pytest.raises(ValueError, match="nb\\*34"):
+        Q80Matrix.from_blocks(np.zeros((2, 20), np.uint8))
+
+
 def test_bad_blocks_rejected():
     with pytest.raises(ValueError, match="nb\\*20"):
         Q41Matrix.from_blocks(np.zeros((2, 18), np.uint8))

@@ -91,6 +91,8 @@ def test_chunked_path():
 def test_q40matrix(shape):
     x = _data(shape, 4)
     raw = quantize_q40(x)
+    for layout in ("rows", "slab"):
+        assert np.array_equal(Q40Matrix.from_blocks(raw, layout).to_blocks(), raw)
     m = Q40Matrix.from_blocks(raw)
     assert (m.rows, m.cols) == shape
     assert m.nbytes > 0 and m.nbytes >= raw.nbytes * 16 // 18

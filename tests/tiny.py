@@ -73,11 +73,12 @@ def hf_greedy(shape: str, ids, n: int, seed: int = 0) -> list[int]:
     return out[0, len(ids):].tolist()
 
 
-def our_logits(comm, path: str, ids, weights="f32", wire="f32", max_seq_len=64):
+def our_logits(comm, path: str, ids, weights="f32", wire="f32", max_seq_len=64, load="scatter"):
     """All positions' logits (root; None elsewhere). Every rank of comm must call this."""
     from dllama_mpi.config import RunConfig
     from dllama_mpi.session import start
-    run = RunConfig(weights_float_type=weights, buffer_float_type=wire, max_seq_len=max_seq_len)
+    run = RunConfig(weights_float_type=weights, buffer_float_type=wire, max_seq_len=max_seq_len,
+                    load=load)
     s = start(comm, path, run, want_tokenizer=False)
     if not comm.is_root:
         s.engine.serve_forever()

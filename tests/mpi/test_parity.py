@@ -121,3 +121,16 @@ def test_smollm2_greedy_f32_identical_to_one_rank(comm):
         one = our_greedy(SerialComm(), path, prompt, 32, max_seq_len=64)
         ok, msg = tokens == one, f"{comm.size} ranks {tokens}\n1 rank {one}"
     agree(comm, ok, msg)
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("weights", ["f32", "q40"])
+def test_direct_load_equals_scatter(comm, shared_dir, weights):
+    """Every rank reading its own slices gives the same bits as the root sending them."""
+    path = tiny_file(comm, shared_dir, "q40_9h", "q4_0")
+    direct = our_logits(comm, path, IDS, weights=weights, load="direct")
+    scatter = our_logits(comm, path, IDS, weights=weights, load="scatter")
+    ok = None
+    if comm.is_root:
+        ok = np.array_equal(direct, scatter)
+    agree(comm, ok, "direct and scatter loading differ")

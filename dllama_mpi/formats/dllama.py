@@ -1,0 +1,474 @@
+"""Distributed Llama model (.m) and tokenizer (.t) files: read and write.
+
+Layouts (all little-endian; /work/shared/notes/dllama-formats.md):
+  .m  int32 magic 0x0A00ABCD, int32 header size (8 + 8 * keys), (int32 key, int32 value)
+      pairs, then tensors back to back: embedding F32; per layer wq wk wv wo w1 w2 w3 (the
+      weight type), attn_norm ffn_norm F32; final norm F32; lm_head (weight type).
+      wq/wk rows are in interleaved-pair rope order (GGUF's) for rope_type llama/llama3.1.
+      Q40 blocks are GGML Q4_0 blocks and Q80 blocks GGML Q8_0 blocks, bit for bit.
+  .t  int32 magic 0x567124, int32 header size, pairs; [chat_stop bytes]; chat template;
+      eos ids (int32); per token: float32 score, uint32 length, raw bytes.
+"""
+from __future__ import annotations
+
+import math
+import os
+import struct
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..config import ModelConfig
+from ..errors import DllamaError
+from . import DLLAMA_MAGIC, LazyRows, expected_shapes, qk_row_permutation
+from .base import Tensor
+
+KEYS = {0: "version", 1: "arch_type", 2: "dim", 3: "hidden_dim", 4: "n_layers", 5: "n_heads",
+        6: "n_kv_heads", 7: "n_experts", 8: "n_active_experts", 9: "vocab_size",
+        10: "max_seq_len", 11: "hidden_act", 12: "rope_theta", 13: "weights_float_type",
+        14: "rope_scaling_factor", 15: "rope_scaling_low_freq_factor",
+        16: "rope_scaling_high_freq_factor", 17: "rope_scaling_orig_max_seq_len",
+        18: "rope_type", 19: "head_dim", 20: "norm_epsilon", 21: "moe_hidden_dim"}
+KEY_IDS = {v: k for k, v in KEYS.items()}
+ARCH_LLAMA, ARCHS = 0xABCD00, {0xABCD00: "llama", 0xABCD01: "qwen3", 0xABCD02: "qwen3_moe"}
+FLOAT_TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q8_0"}       # .m code -> GGML type name
+WRITE_TYPES = {"f32": 0, "f16": 1, "q40": 2, "q80": 3}
+ROPE_LLAMA, ROPE_FALCON, ROPE_LLAMA3_1 = 0, 1, 2
+LAYER_ORDER = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")         # then attn_norm, ffn_norm
+T_MAGIC, T_KEYS = 0x567124, {0: "version", 1: "vocab_size", 2: "max_token_length",
+                             3: "bos_id", 4: "eos_id", 5: "pad_id", 6: "chat_eos_id",
+                             7: "chat_template", 8: "chat_stop", 9: "n_eos_tokens",
+                             10: "add_bos"}
+
+
+def _row_bytes(type_name: str, cols: int) -> int:
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+    values, nbytes = GGML_QUANT_SIZES[GGMLQuantizationType[type_name]]
+    return cols // values * nbytes
+
+
+def tensor_layout(c: ModelConfig, wtype: str) -> list[tuple[str, str, tuple[int, ...]]]:
+    """(canonical name, GGML type, shape) in file order."""
+    shapes = expected_shapes(c)
+    out = [("embedding", "F32", shapes["embedding"])]
+    for i in range(c.n_layers):
+        p = f"layers.{i}."
+        out += [(p + n, wtype, shapes[p + n]) for n in LAYER_ORDER]
+        out += [(p + "attn_norm", "F32", (c.dim,)), (p + "ffn_norm", "F32", (c.dim,))]
+    return out + [("final_norm", "F32", (c.dim,)), ("wcls", wtype, (c.vocab_size, c.dim))]
+
+
+def read_header(path: str) -> tuple[dict[str, int], int]:
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise DllamaError(f"{path}: too short for a Distributed Llama model ({size} bytes)")
+        magic, header_size = struct.unpack("<ii", head)
+        if magic in (0xABCD00, 0xABCD01):
+            raise DllamaError(f"{path}: old Distributed Llama model format (magic {magic:#x}); "
+                              f"reconvert it")
+        if magic != DLLAMA_MAGIC:
+            raise DllamaError(f"{path}: not a Distributed Llama model (magic {magic & 0xFFFFFFFF:#x},"
+                              f" expected {DLLAMA_MAGIC:#x})")
+        if header_size < 8 or (header_size - 8) % 8 or header_size > size:
+            raise DllamaError(f"{path}: bad header size {header_size} (file has {size} bytes)")
+        body = f.read(header_size - 8)
+    values = struct.unpack(f"<{(header_size - 8) // 4}i", body)
+    header = {}
+    for key, value in zip(values[::2], values[1::2]):
+        if key not in KEYS:
+            raise DllamaError(f"{path}: unknown header key {key} (value {value})")
+        header[KEYS[key]] = value
+    return header, header_size
+
+
+def config_from_header(h: dict[str, int], where: str) -> tuple[ModelConfig, str, int]:
+    """(ModelConfig, GGML weight type, rope type) or a DllamaError."""
+    arch = h.get("arch_type", ARCH_LLAMA)
+    if arch != ARCH_LLAMA:
+        name = ARCHS.get(arch)
+        if name:
+            raise DllamaError(f"{where}: architecture {name} is not supported yet (only llama)")
+        raise DllamaError(f"{where}: unknown architecture type {arch:#x}")
+    if "weights_float_type" not in h:
+        raise DllamaError(f"{where}: the header does not give weights_float_type")
+    wt = FLOAT_TYPES.get(h["weights_float_type"])
+    if wt is None:
+        raise DllamaError(f"{where}: unsupported weights float type {h['weights_float_type']} "
+                          f"(supported: 0 F32, 1 F16, 2 Q40, 3 Q80)")
+    if h.get("hidden_act", 1) != 1:
+        raise DllamaError(f"{where}: unsupported hidden_act {h['hidden_act']} (only 1, silu)")
+    if h.get("n_experts", 0) > 0:
+        raise DllamaError(f"{where}: mixture-of-experts models are not supported yet")
+    for k in ("dim", "hidden_dim", "n_layers", "n_heads", "vocab_size"):
+        if k not in h:
+            raise DllamaError(f"{where}: the header lacks {k}")
+    dim, n_heads = h["dim"], h["n_heads"]
+    head_dim = h.get("head_dim") or (dim // n_heads if n_heads > 0 else 0)
+    rope_type = h.get("rope_type", ROPE_LLAMA)
+    theta = float(h.get("rope_theta", 10000))
+    factors = None
+    if rope_type == ROPE_LLAMA3_1:
+        from .gguf_write import llama3_rope_factors
+        scaling = {"factor": h.get("rope_scaling_factor", 1),
+                   "low_freq_factor": h.get("rope_scaling_low_freq_factor", 0),
+                   "high_freq_factor": h.get("rope_scaling_high_freq_factor", 0),
+                   "original_max_position_embeddings": h.get("rope_scaling_orig_max_seq_len", 0)}
+        if scaling["high_freq_factor"] <= scaling["low_freq_factor"] or \
+                scaling["original_max_position_embeddings"] <= 0:
+            raise DllamaError(f"{where}: bad llama3.1 rope scaling {scaling}")
+        factors = tuple(float(v) for v in
+                        llama3_rope_factors(scaling, head_dim=head_dim, rope_theta=theta))
+    elif rope_type not in (ROPE_LLAMA, ROPE_FALCON):
+        raise DllamaError(f"{where}: unknown rope type {rope_type}")
+    eps = h.get("norm_epsilon", 5)
+    if eps <= 0:
+        raise DllamaError(f"{where}: bad norm_epsilon {eps}")
+    c = ModelConfig(arch="llama", dim=dim, hidden_dim=h["hidden_dim"], n_layers=h["n_layers"],
+                    n_heads=n_heads, n_kv_heads=h.get("n_kv_heads", n_heads),
+                    vocab_size=h["vocab_size"], context_length=max(0, h.get("max_seq_len", 0)),
+                    head_dim=head_dim, rope_theta=theta, rope_freq_factors=factors,
+                    norm_eps=10.0 ** -eps, tied_embeddings=False)
+    c.check()
+    return c, wt, rope_type
+
+
+class DllamaModel:
+    """A Distributed Llama .m file (plus, for the tokenizer, a .t file), checked up front."""
+
+    format = "dllama"
+
+    def __init__(self, path: str, tokenizer_path: str | None = None):
+        if not os.path.isfile(path):
+            raise DllamaError(f"model file not found: {path}")
+        self.path, self.tokenizer_path = path, tokenizer_path
+        self.header, header_size = read_header(path)
+        self.config, self.weight_type, self.rope_type = config_from_header(self.header, path)
+        c = self.config
+        layout = tensor_layout(c, self.weight_type)
+        size = os.path.getsize(path)
+        for name, t, shape in layout:
+            if t not in ("F32", "F16") and shape[-1] % 32:
+                raise DllamaError(f"{path}: {name} has rows of {shape[-1]} values, not whole "
+                                  f"32-blocks, in a {t} file")
+        need = header_size + sum(shape[0] * (_row_bytes(t, shape[1]) if len(shape) == 2
+                                             else 4) for _, t, shape in layout)
+        if need != size:
+            raise DllamaError(f"{path}: file has {size} bytes but the header describes {need} "
+                              f"({'truncated' if size < need else 'trailing bytes'}; wrong shape "
+                              f"or weight type?)")
+        self._mm = np.memmap(path, dtype=np.uint8, mode="r")
+        self.tensors: dict[str, Tensor] = {}
+        offset = header_size
+        for name, t, shape in layout:
+            self.tensors[name] = self._tensor(name, t, shape, offset)
+            offset += shape[0] * (_row_bytes(t, shape[1]) if len(shape) == 2 else 4)
+
+    def _tensor(self, name, t, shape, offset) -> Tensor:
+        if len(shape) == 1:
+            data = self._mm[offset:offset + 4 * shape[0]].view(np.float32)
+        elif t in ("F32", "F16"):
+            dt = np.float32 if t == "F32" else np.float16
+            n = shape[0] * shape[1] * np.dtype(dt).itemsize
+            data = self._mm[offset:offset + n].view(dt).reshape(shape)
+        else:
+            rb = _row_bytes(t, shape[1])
+            data = self._mm[offset:offset + shape[0] * rb].reshape(shape[0], rb)
+        c = self.config
+        if self.rope_type == ROPE_FALCON and name.endswith((".wq", ".wk")):
+            heads = c.n_heads if name.endswith(".wq") else c.n_kv_heads
+            arr = data
+            data = LazyRows(arr.shape, arr.dtype,
+                            lambda a, b, cols: arr[a:b] if cols is None else arr[a:b, cols],
+                            perm=qk_row_permutation(shape[0], heads))
+        return Tensor(name, t, shape, data)
+
+    @property
+    def rope_scaling(self) -> dict | None:
+        h = self.header
+        if self.rope_type != ROPE_LLAMA3_1:
+            return None
+        return {"rope_type": "llama3", "factor": h["rope_scaling_factor"],
+                "low_freq_factor": h["rope_scaling_low_freq_factor"],
+                "high_freq_factor": h["rope_scaling_high_freq_factor"],
+                "original_max_position_embeddings": h["rope_scaling_orig_max_seq_len"]}
+
+    def tensor(self, name: str) -> Tensor:
+        return self.tensors[name]
+
+    def preferred_weight_type(self) -> str:
+        return "f32" if self.weight_type in ("F32", "F16") else "q40"
+
+    def output_type(self) -> str:
+        return self.weight_type
+
+    def tokenizer(self):
+        from . import load_tokenizer_file
+        path = self.tokenizer_path or find_tokenizer_t(self.path)
+        if path is None:
+            raise DllamaError(f"{self.path}: no tokenizer (.t) found next to it; give --tokenizer")
+        return load_tokenizer_file(path)
+
+    def close(self) -> None:
+        self._mm = None
+
+
+def find_tokenizer_t(model_path: str) -> str | None:
+    """X.t next to X.m, else dllama_tokenizer_*.t or the only .t in the folder."""
+    stem = os.path.splitext(model_path)[0]
+    if os.path.isfile(stem + ".t"):
+        return stem + ".t"
+    folder = os.path.dirname(os.path.abspath(model_path))
+    ts = sorted(n for n in os.listdir(folder) if n.endswith(".t"))
+    return os.path.join(folder, ts[0]) if len(ts) == 1 else None
+
+
+# --------------------------------------------------------------------------- .m writer
+
+def norm_epsilon_code(eps: float) -> int:
+    k = round(-math.log10(eps))
+    if k <= 0 or abs(10.0 ** -k - eps) > 1e-4 * eps:
+        raise DllamaError(f"norm epsilon {eps} cannot be written to a .m file (only 1e-k)")
+    return k
+
+
+def fit_llama3_scaling(c: ModelConfig) -> dict:
+    """The integer llama3 parameters whose factors are c.rope_freq_factors (a .m header holds
+    integers only), found by search; a DllamaError when there are none."""
+    from .gguf_write import llama3_rope_factors
+    want = np.asarray(c.rope_freq_factors, np.float32)
+    factor = round(float(want.max()))
+    for orig in [2 ** k for k in range(4, 21)] + [1000 * k for k in (2, 4, 8, 16, 32)]:
+        for low in (1, 2, 4, 8):
+            for high in (2, 4, 8, 16, 32):
+                if high <= low:
+                    continue
+                s = {"factor": factor, "low_freq_factor": low, "high_freq_factor": high,
+                     "original_max_position_embeddings": orig}
+                got = llama3_rope_factors(s, head_dim=c.head_dim, rope_theta=c.rope_theta)
+                if np.allclose(got, want, rtol=1e-5, atol=0):
+                    return s
+    raise DllamaError("the model's rope frequency factors are not llama3 scaling with integer "
+                      "parameters: a .m file cannot hold them")
+
+
+def m_header(c: ModelConfig, wtype_code: int, rope_scaling: dict | None = None) -> bytes:
+    if c.rope_theta != int(c.rope_theta):
+        raise DllamaError(f"rope theta {c.rope_theta} is not an integer: a .m file cannot hold it")
+    h = {"version": 0, "arch_type": ARCH_LLAMA, "hidden_act": 1, "dim": c.dim,
+         "hidden_dim": c.hidden_dim, "n_layers": c.n_layers, "n_heads": c.n_heads,
+         "n_kv_heads": c.n_kv_heads, "weights_float_type": wtype_code,
+         "max_seq_len": c.context_length or 4096, "vocab_size": c.vocab_size,
+         "n_experts": 0, "n_active_experts": 0, "rope_theta": int(c.rope_theta)}
+    if c.rope_freq_factors is not None:
+        s = rope_scaling
+        if s is None or str(s.get("rope_type", s.get("type"))) != "llama3" or any(
+                float(s[k]) != int(s[k]) for k in ("factor", "low_freq_factor", "high_freq_factor")):
+            s = fit_llama3_scaling(c)
+        h.update(rope_scaling_factor=int(s["factor"]),
+                 rope_scaling_low_freq_factor=int(s["low_freq_factor"]),
+                 rope_scaling_high_freq_factor=int(s["high_freq_factor"]),
+                 rope_scaling_orig_max_seq_len=int(s["original_max_position_embeddings"]),
+                 rope_type=ROPE_LLAMA3_1)
+    else:
+        h["rope_type"] = ROPE_LLAMA
+    h.update(head_dim=c.head_dim, norm_epsilon=norm_epsilon_code(c.norm_eps))
+    pairs = [v for k, val in h.items() for v in (KEY_IDS[k], int(val))]
+    return struct.pack(f"<ii{len(pairs)}i", DLLAMA_MAGIC, 8 + 4 * len(pairs), *pairs)
+
+
+def convert_rows(tensor: Tensor, target: str, chunk_values: int = 1 << 22):
+    """Yield a tensor's rows converted to `target` GGML type (f32/f16 values or block bytes),
+    a band at a time; Q4_0 -> Q4_0 and Q8_0 -> Q8_0 pass through bit for bit."""
+    from gguf import GGMLQuantizationType as QT
+    from gguf.quants import dequantize, quantize
+    from ..shard import Range
+    rows = tensor.shape[0]
+    if len(tensor.shape) == 1:
+        yield np.ascontiguousarray(dequantize(np.asarray(tensor.read()), tensor.ggml_type),
+                                   np.float32).astype({"F32": np.float32, "F16": np.float16}[target])
+        return
+    step = max(1, chunk_values // tensor.shape[1])
+    for r0 in range(0, rows, step):
+        raw = np.ascontiguousarray(tensor.read(rows=Range(r0, min(rows, r0 + step))))
+        if tensor.type == target:
+            yield raw
+            continue
+        values = np.ascontiguousarray(dequantize(raw, tensor.ggml_type), dtype=np.float32)
+        if target == "F32":
+            yield values
+        elif target == "F16":
+            yield values.astype(np.float16)
+        else:
+            yield quantize(values, QT[target])
+
+
+def write_dllama_m(model, out_path: str, weights_float_type: str = "q40", progress=None) -> str:
+    """Write any open model (base.py interface) as a Distributed Llama .m file."""
+    if weights_float_type not in WRITE_TYPES:
+        raise DllamaError(f".m weight type must be one of {', '.join(WRITE_TYPES)}, "
+                          f"got {weights_float_type!r}")
+    c = model.config
+    code = WRITE_TYPES[weights_float_type]
+    wtype = FLOAT_TYPES[code]
+    if wtype not in ("F32", "F16") and (c.dim % 32 or c.hidden_dim % 32 or c.q_dim % 32):
+        raise DllamaError(f"{weights_float_type} needs dim, hidden_dim and heads*head_dim to be "
+                          f"multiples of 32 (dim {c.dim}, hidden {c.hidden_dim}, q {c.q_dim})")
+    header = m_header(c, code, getattr(model, "rope_scaling", None))
+    layout = tensor_layout(c, wtype)
+
+    def write(f):
+        f.write(header)
+        for name, t, _ in layout:
+            src = "embedding" if name == "wcls" and c.tied_embeddings else name
+            for part in convert_rows(model.tensor(src), t):
+                f.write(np.ascontiguousarray(part).tobytes())
+            if progress is not None:
+                progress(1)
+
+    return atomic_write(out_path, write)
+
+
+def atomic_write(out_path: str, write) -> str:
+    tmp = f"{out_path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+        os.replace(tmp, out_path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return out_path
+
+
+# --------------------------------------------------------------------------- .t files
+
+@dataclass
+class TFile:
+    tokens: list[bytes]
+    scores: list[float]
+    bos_id: int | None = None
+    eos_ids: list[int] = field(default_factory=list)
+    pad_id: int | None = None
+    chat_template: str | None = None
+    add_bos: bool | None = None
+    max_token_length: int = 0
+
+
+def read_dllama_t(path: str) -> TFile:
+    if not os.path.isfile(path):
+        raise DllamaError(f"tokenizer file not found: {path}")
+    with open(path, "rb") as f:
+        data = f.read()
+    pos = 0
+
+    def take(n: int, what: str) -> bytes:
+        nonlocal pos
+        if pos + n > len(data):
+            raise DllamaError(f"{path}: truncated tokenizer file (while reading {what})")
+        pos += n
+        return data[pos - n:pos]
+
+    magic, header_size = struct.unpack("<ii", take(8, "the header"))
+    if magic == 0x567123:
+        raise DllamaError(f"{path}: old tokenizer format (magic 0x567123); regenerate it")
+    if magic != T_MAGIC:
+        raise DllamaError(f"{path}: not a Distributed Llama tokenizer (magic "
+                          f"{magic & 0xFFFFFFFF:#x}, expected {T_MAGIC:#x})")
+    if header_size < 8 or (header_size - 8) % 8:
+        raise DllamaError(f"{path}: bad header size {header_size}")
+    values = struct.unpack(f"<{(header_size - 8) // 4}i", take(header_size - 8, "the header"))
+    h: dict[str, int] = {}
+    eos_ids: list[int] = []
+    for key, value in zip(values[::2], values[1::2]):
+        if key not in T_KEYS:
+            raise DllamaError(f"{path}: unknown tokenizer header key {key} (value {value})")
+        name = T_KEYS[key]
+        if name in ("eos_id", "chat_eos_id"):
+            eos_ids.append(value)
+        elif name == "chat_stop":
+            take(value, "chat_stop")  # legacy: skipped, as the C++ does
+        h[name] = value
+    if h.get("version") != 1:
+        raise DllamaError(f"{path}: tokenizer version {h.get('version')} (only 1 is supported)")
+    if "vocab_size" not in h or h["vocab_size"] <= 0:
+        raise DllamaError(f"{path}: no vocab_size in the tokenizer header")
+    template = None
+    if h.get("chat_template", 0) > 0:
+        template = take(h["chat_template"], "the chat template").decode("utf-8", "replace")
+    n_eos = h.get("n_eos_tokens", 0)
+    if n_eos:
+        eos_ids = list(struct.unpack(f"<{n_eos}i", take(4 * n_eos, "eos ids"))) + eos_ids
+    tokens, scores = [], []
+    for i in range(h["vocab_size"]):
+        score, n = struct.unpack("<fI", take(8, f"token {i}"))
+        tokens.append(take(n, f"token {i}"))
+        scores.append(score)
+    if pos != len(data):
+        raise DllamaError(f"{path}: {len(data) - pos} bytes after the last token (corrupt?)")
+    n = len(tokens)
+    for i in eos_ids + [h.get("bos_id", 0)]:
+        if not 0 <= i < n:
+            raise DllamaError(f"{path}: token id {i} out of range (vocab {n})")
+    return TFile(tokens, scores, bos_id=h.get("bos_id"), eos_ids=list(dict.fromkeys(eos_ids)),
+                 pad_id=h.get("pad_id"), chat_template=template,
+                 add_bos=None if "add_bos" not in h else bool(h["add_bos"]),
+                 max_token_length=h.get("max_token_length", 0))
+
+
+def write_dllama_t(tokenizer, out_path: str) -> str:
+    """Write our Tokenizer as a .t file (raw token bytes, scores -id unless known)."""
+    t = tfile_from_tokenizer(tokenizer)
+    keys = {"version": 1, "vocab_size": len(t.tokens),
+            "max_token_length": max(len(b) for b in t.tokens)}
+    if t.bos_id is not None:
+        keys["bos_id"] = t.bos_id
+    template = (t.chat_template or "").encode("utf-8")
+    if template:
+        keys["chat_template"] = len(template)
+    keys["n_eos_tokens"] = len(t.eos_ids)
+    keys["add_bos"] = int(bool(t.add_bos))
+    ids = {v: k for k, v in T_KEYS.items()}
+    pairs = [v for k, val in keys.items() for v in (ids[k], int(val))]
+
+    def write(f):
+        f.write(struct.pack(f"<ii{len(pairs)}i", T_MAGIC, 8 + 4 * len(pairs), *pairs))
+        f.write(template)
+        f.write(struct.pack(f"<{len(t.eos_ids)}i", *t.eos_ids))
+        for b, s in zip(t.tokens, t.scores):
+            f.write(struct.pack("<fI", s, len(b)) + b)
+
+    return atomic_write(out_path, write)
+
+
+def tfile_from_tokenizer(tok) -> TFile:
+    """Token texts as the raw bytes Distributed Llama's converter writes: byte-level BPE
+    tokens decoded from GPT-2's byte alphabet, SentencePiece '▁' as a space."""
+    import json as _json
+    from ..tokenizer import _bytes_to_unicode
+    hf = tok.hf_tokenizer
+    spec = _json.loads(hf.to_str())
+    byte_level = "ByteLevel" in _json.dumps(spec.get("decoder")) or \
+        "ByteLevel" in _json.dumps(spec.get("pre_tokenizer"))
+    u2b = {c: b for b, c in _bytes_to_unicode().items()}
+    specials = {i for i, t in hf.get_added_tokens_decoder().items()}
+    n = tok.vocab_size
+    tokens = []
+    for i in range(n):
+        s = hf.id_to_token(i)
+        if s is None or s == "":
+            b = f"<unused{i}>".encode()
+        elif i in specials:
+            b = s.encode("utf-8")
+        elif byte_level and all(ch in u2b for ch in s):
+            b = bytes(u2b[ch] for ch in s)
+        else:
+            b = s.replace("\u2581", " ").encode("utf-8")
+        tokens.append(b)
+    scores = getattr(tok, "scores", None)
+    if scores is None or len(scores) != n:
+        scores = [-float(i) for i in range(n)]
+    return TFile(tokens, list(scores), bos_id=tok.bos_id, eos_ids=list(tok.eos_ids),
+                 chat_template=tok.chat_template, add_bos=tok.add_bos)
