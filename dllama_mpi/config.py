@@ -28,6 +28,8 @@ class ModelConfig:
     rope_freq_factors: tuple[float, ...] | None = None
     norm_eps: float = 1e-5
     tied_embeddings: bool = False
+    attn_bias: bool = False          # q/k/v biases (Qwen2): bq, bk, bv, out-split like their rows
+    qk_norm: bool = False            # per-head RMSNorm of q and k before rope (Qwen3)
 
     def __post_init__(self):
         if self.head_dim == 0:

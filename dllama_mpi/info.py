@@ -36,7 +36,7 @@ def print_info(model_arg: str, ranks: int) -> int:
             shape = slice_shape(c, name, kind, p)
             n = shape[0] * (shape[1] if len(shape) > 1 else 1)
             f32 += 4 * n
-            q40 += n // QK * Q40_BLOCK_BYTES if kind != "rep" else 4 * n
+            q40 += n // QK * Q40_BLOCK_BYTES if len(shape) == 2 else 4 * n
         kv = KVCache.bytes_needed(c.n_layers, seq, p.kv_heads.size, c.head_dim)
         print(f"rank {r}/{ranks}: heads {p.q_heads.start}-{p.q_heads.stop - 1}, "
               f"kv heads {p.kv_heads.start}-{p.kv_heads.stop - 1}, ffn {p.ffn.start}:{p.ffn.stop}, "

@@ -18,13 +18,27 @@ from .quant import (Q40_BLOCK_BYTES, Q80_BLOCK_BYTES, QK, Q40Matrix, dequantize_
 from .shard import Range, ShardPlan, in_split, plan
 
 LAYER_TENSORS = ("attn_norm", "wq", "wk", "wv", "wo", "ffn_norm", "w1", "w2", "w3")
+BIAS_TENSORS = ("bq", "bk", "bv")        # with config.attn_bias
+QK_NORM_TENSORS = ("q_norm", "k_norm")   # with config.qk_norm
+
+# how each layer tensor is split: "rep" replicated, "out:AXIS" a band of output rows,
+# "in:AXIS" a band of input columns, "vec:AXIS" a band of an out-split vector (a bias,
+# cut like its matrix's rows); AXIS names a range of shard.ShardPlan (see _range)
+KINDS = dict(attn_norm="rep", wq="out:q", wk="out:kv", wv="out:kv", wo="in:q",
+             ffn_norm="rep", w1="out:ffn", w2="in:ffn", w3="out:ffn",
+             bq="vec:q", bk="vec:kv", bv="vec:kv", q_norm="rep", k_norm="rep")
+
+
+def layer_tensors(config: ModelConfig) -> tuple[str, ...]:
+    """Short names of the tensors every layer of this model holds."""
+    return (LAYER_TENSORS + (BIAS_TENSORS if config.attn_bias else ()) +
+            (QK_NORM_TENSORS if config.qk_norm else ()))
 
 
 def tensor_specs(config: ModelConfig) -> list[tuple[str, str]]:
     """(canonical name, how it is split) in the order weights travel."""
-    kinds = dict(attn_norm="rep", wq="out:q", wk="out:kv", wv="out:kv", wo="in:q",
-                 ffn_norm="rep", w1="out:ffn", w2="in:ffn", w3="out:ffn")
-    specs = [(f"layers.{i}.{n}", kinds[n]) for i in range(config.n_layers) for n in LAYER_TENSORS]
+    names = layer_tensors(config)
+    specs = [(f"layers.{i}.{n}", KINDS[n]) for i in range(config.n_layers) for n in names]
     return specs + [("final_norm", "rep"), ("wcls", "out:vocab")]
 
 
@@ -33,11 +47,13 @@ def _range(p: ShardPlan, axis: str) -> Range:
 
 
 def slice_shape(config: ModelConfig, name: str, kind: str, p: ShardPlan) -> tuple[int, ...]:
-    """Shape of this rank's slice, as values [rows, cols] (or [n] for a norm)."""
+    """Shape of this rank's slice, as values [rows, cols] (or [n] for a vector)."""
     if kind == "rep":
-        return (config.dim,)
+        return (config.head_dim,) if name.endswith(QK_NORM_TENSORS) else (config.dim,)
     split, axis = kind.split(":")
     size = _range(p, axis).size
+    if split == "vec":
+        return (size,)
     if split == "out":
         return (size, config.dim)
     return (config.dim, size)
@@ -54,6 +70,9 @@ def convert_slice(tensor, kind: str, rng: Range | None, target: str) -> np.ndarr
     if kind == "rep":
         return np.ascontiguousarray(dequantize(tensor.read(), tensor.ggml_type), dtype=np.float32)
     split = kind.split(":")[0]
+    if split == "vec":  # vectors stay f32 whatever the weight type
+        return np.ascontiguousarray(dequantize(tensor.read(rows=rng), tensor.ggml_type),
+                                    dtype=np.float32)
     whole_blocks = not tensor.quantised or (rng.start % QK == 0 and rng.stop % QK == 0)
     if split == "out":
         raw = tensor.read(rows=rng)
@@ -78,14 +97,18 @@ BLOCK_FORMATS = {"q40": (Q40Matrix, Q40_BLOCK_BYTES), "q41": (Q41Matrix, Q41_BLO
                  "q80": (Q80Matrix, Q80_BLOCK_BYTES)}
 
 
+def _is_matrix(kind: str) -> bool:
+    return kind.startswith(("out:", "in:"))
+
+
 def _runtime(arr: np.ndarray, kind: str, target: str):
-    if kind != "rep" and target in BLOCK_FORMATS:
+    if _is_matrix(kind) and target in BLOCK_FORMATS:
         return BLOCK_FORMATS[target][0].from_blocks(arr)
     return arr
 
 
 def _wire_shape(shape: tuple[int, ...], kind: str, target: str):
-    if kind != "rep" and target in BLOCK_FORMATS:
+    if _is_matrix(kind) and target in BLOCK_FORMATS:
         return (shape[0], shape[1] // QK * BLOCK_FORMATS[target][1]), np.uint8
     return shape, np.float32
 
@@ -122,7 +145,7 @@ def load_shard(comm, model, config: ModelConfig, run: RunConfig, progress: bool 
             bar.update(1)
     if bar is not None:
         bar.close()
-    layers = [LayerWeights(**{n: arrays.pop(f"layers.{i}.{n}") for n in LAYER_TENSORS})
+    layers = [LayerWeights(**{n: arrays.pop(f"layers.{i}.{n}") for n in layer_tensors(config)})
               for i in range(config.n_layers)]
     weights = ShardWeights(layers=layers, final_norm=arrays["final_norm"], wcls=arrays["wcls"])
     return weights, [p.vocab.size for p in plans]

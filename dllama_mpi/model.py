@@ -30,6 +30,11 @@ class LayerWeights:
     w1: Matrix              # out-split [ffn, dim]  (gate)
     w2: Matrix              # in-split  [dim, ffn]  (down)
     w3: Matrix              # out-split [ffn, dim]  (up)
+    bq: np.ndarray | None = None      # f32 [q_cols]  q/k/v biases (Qwen2), out-split like
+    bk: np.ndarray | None = None      # f32 [kv_cols] the rows of wq/wk/wv (bq, bk in the
+    bv: np.ndarray | None = None      # f32 [kv_cols] interleaved rope order of those rows)
+    q_norm: np.ndarray | None = None  # f32 [head_dim] per-head RMSNorm weights of q and k
+    k_norm: np.ndarray | None = None  # f32 [head_dim] (Qwen3), replicated
 
 
 @dataclass
@@ -43,7 +48,8 @@ class ShardWeights:
             return m.nbytes
         total = size(self.final_norm) + size(self.wcls)
         for lw in self.layers:
-            total += sum(size(getattr(lw, f)) for f in lw.__dataclass_fields__)
+            total += sum(size(getattr(lw, f)) for f in lw.__dataclass_fields__
+                         if getattr(lw, f) is not None)
         return total
 
 
@@ -98,6 +104,9 @@ class Transformer:
         self.kv, self.comm, self.wire = kv_cache, comm, wire
         self.cos, self.sin = rope_tables(config, kv_cache.max_seq_len)
         self.kv_of_q = plan.kv_of_q()
+        # 4-bit layers take Q80 inputs: norm and silu·mul then quantise in the same pass
+        self.fuse_q80 = bool(weights.layers) and isinstance(weights.layers[0].wq,
+                                                            (Q40Matrix, Q41Matrix))
         self.scale = 1.0 / np.sqrt(config.head_dim)
         self.vocab_counts = None  # set by the loader: vocab rows per rank, for the gather
         self._buffers: dict[int, dict[str, np.ndarray]] = {}
@@ -110,8 +119,29 @@ class Transformer:
                           att=p.q_cols, attn_out=c.dim, h1=p.ffn_len, h3=p.ffn_len,
                           h=p.ffn_len, ffn_out=c.dim)
             b = {name: np.zeros((t, n), np.float32) for name, n in shapes.items()}
+            if self.fuse_q80:
+                for name, n in (("xb", c.dim), ("h", p.ffn_len)):
+                    b[name + "_q"] = np.zeros((t, n), np.int8)
+                    b[name + "_d"] = np.zeros((t, n // QK), np.float32)
             self._buffers[t] = b
         return b
+
+    def _normed(self, b, x: np.ndarray, weight: np.ndarray) -> _Input:
+        """rmsnorm(x) * weight into b["xb"] (and its Q80 form when the weights are 4-bit)."""
+        eps = self.config.norm_eps
+        if self.fuse_q80:
+            kernels.rmsnorm_q80(b["xb"], b["xb_q"], b["xb_d"], x, weight, eps)
+            return _Input(b["xb"], (b["xb_q"], b["xb_d"]))
+        kernels.rmsnorm(b["xb"], x, weight, eps)
+        return _Input(b["xb"])
+
+    def _silu_mul(self, b) -> _Input:
+        """silu(h1) * h3 into b["h"] (and its Q80 form when the weights are 4-bit)."""
+        if self.fuse_q80:
+            kernels.silu_mul_q80(b["h"], b["h_q"], b["h_d"], b["h1"], b["h3"])
+            return _Input(b["h"], (b["h_q"], b["h_d"]))
+        kernels.silu_mul(b["h"], b["h1"], b["h3"])
+        return _Input(b["h"])
 
     def forward(self, x: np.ndarray, positions: np.ndarray, all_logits: bool = False):
         """x [T, dim] embedded tokens at positions [T] -> logits [T or 1, vocab] on root
@@ -125,12 +155,20 @@ class Transformer:
                              f"({self.kv.max_seq_len} positions)")
         b = self._buf(t)
         for index, lw in enumerate(self.w.layers):
-            # attention: x += wo · attention(rope(wq·xb), rope(wk·xb), wv·xb)
-            kernels.rmsnorm(b["xb"], x, lw.attn_norm, c.norm_eps)
-            xb = _Input(b["xb"])
+            # attention: x += wo · attention(rope(q), rope(k), v), where q = wq·xb [+ bq]
+            # [then RMSNorm per head], k likewise, v = wv·xb [+ bv]
+            xb = self._normed(b, x, lw.attn_norm)
             matmul(b["q"], xb, lw.wq)
             matmul(b["k"], xb, lw.wk)
             matmul(b["v"], xb, lw.wv)
+            if c.attn_bias:
+                b["q"] += lw.bq
+                b["k"] += lw.bk
+                b["v"] += lw.bv
+            if c.qk_norm:  # RMSNorm of each head's q and k: rows of head_dim
+                q_heads, k_heads = b["q"].reshape(-1, hd), b["k"].reshape(-1, hd)
+                kernels.rmsnorm(q_heads, q_heads, lw.q_norm, c.norm_eps)
+                kernels.rmsnorm(k_heads, k_heads, lw.k_norm, c.norm_eps)
             kernels.rope_interleaved(b["q"], positions, self.cos, self.sin, hd)
             kernels.rope_interleaved(b["k"], positions, self.cos, self.sin, hd)
             k_cache, v_cache = self.kv.layer(index)            # [S, kv, hd]
@@ -141,12 +179,10 @@ class Transformer:
             matmul(b["attn_out"], _Input(b["att"]), lw.wo)
             x += self.comm.allreduce_sum(b["attn_out"], self.wire)
             # feed-forward: x += w2 · (silu(w1·xb) * w3·xb)
-            kernels.rmsnorm(b["xb"], x, lw.ffn_norm, c.norm_eps)
-            xb = _Input(b["xb"])
+            xb = self._normed(b, x, lw.ffn_norm)
             matmul(b["h1"], xb, lw.w1)
             matmul(b["h3"], xb, lw.w3)
-            kernels.silu_mul(b["h"], b["h1"], b["h3"])
-            matmul(b["ffn_out"], _Input(b["h"]), lw.w2)
+            matmul(b["ffn_out"], self._silu_mul(b), lw.w2)
             x += self.comm.allreduce_sum(b["ffn_out"], self.wire)
         rows = x if all_logits else x[-1:]
         final = np.empty_like(rows)

@@ -163,7 +163,9 @@ BAD_M = {
     "truncated": (dict(cut=7), None, "truncated"),
     "trailing": (dict(append=b"\0"), None, "trailing bytes"),
     "float_type": (dict(wtype=9), None, "unsupported weights float type 9"),
-    "qwen3": (dict(extra_keys=[(1, 0xABCD01)]), None, "qwen3 is not supported yet"),
+    "qwen3_moe": (dict(extra_keys=[(1, 0xABCD02)]), None, "qwen3_moe is not supported yet"),
+    # a Llama-sized body under the qwen3 arch lacks the q/k norms
+    "qwen3_no_qk_norms": (dict(extra_keys=[(1, 0xABCD01)]), None, "truncated"),
     "moe": (dict(extra_keys=[(7, 8)]), None, "mixture-of-experts"),
     "header_size": (dict(), lambda b: b[:4] + struct.pack("<i", 10 ** 9) + b[8:], "header size"),
 }

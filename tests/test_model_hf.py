@@ -42,6 +42,11 @@ def test_4bit_runtime_matches_its_numpy_twin(tmp_path, monkeypatch, file_type, r
 
     monkeypatch.setattr(model_module, "matmul", q80_rounded_matmul)
     twin = our_logits(SerialComm(), path, IDS)
-    np.testing.assert_allclose(q, twin, rtol=0, atol=tolerance(twin))
+    # Same arithmetic, but f32 sums in another order can move a value across a Q80
+    # rounding boundary in a later layer: one step of one int8 (1/127 of its block's max).
+    # Such a flip moves the logits by ~1e-3 relative; a kernel or layout bug moves them O(1).
+    diff = np.linalg.norm(q - twin) / np.linalg.norm(twin)
+    assert diff < 5e-3, diff
+    assert (q.argmax(-1) == twin.argmax(-1)).all()
     # and the Q80 rounding itself is a small perturbation of the plain F32 result
     assert np.linalg.norm(q - plain) / np.linalg.norm(plain) < 0.1

@@ -43,6 +43,73 @@ def hf_model(shape: str, seed: int = 0):
     return model
 
 
+# Other architectures (random tiny models of transformers' classes): same awkward shapes.
+ARCH_SHAPES = {
+    "llama_gqa6": dict(arch="llama", dim=96, hidden_dim=160, n_layers=2, n_heads=6,
+                       n_kv_heads=2, vocab_size=300),
+    "qwen2_gqa6": dict(arch="qwen2", dim=96, hidden_dim=160, n_layers=2, n_heads=6,
+                       n_kv_heads=2, vocab_size=300),
+    "qwen2_mqa3_tied": dict(arch="qwen2", dim=96, hidden_dim=224, n_layers=2, n_heads=3,
+                            n_kv_heads=1, vocab_size=257, tied=True),
+    "qwen3_gqa6": dict(arch="qwen3", dim=96, hidden_dim=160, n_layers=2, n_heads=6,
+                       n_kv_heads=2, vocab_size=300, head_dim=32),  # q_dim 192 != dim
+    "qwen3_9h_tied": dict(arch="qwen3", dim=288, hidden_dim=416, n_layers=2, n_heads=9,
+                          n_kv_heads=3, vocab_size=320, head_dim=32, tied=True),
+}
+
+
+def hf_arch_model(shape: str, seed: int = 0):
+    """A random tiny LlamaForCausalLM / Qwen2ForCausalLM / Qwen3ForCausalLM (F32, eval),
+    with norms away from 1 and biases away from 0 so that a missing one shows."""
+    import torch
+    import transformers
+    s = dict(ARCH_SHAPES[shape])
+    arch = s.pop("arch")
+    prefix = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3"}[arch]
+    cfg = getattr(transformers, prefix + "Config")(
+        vocab_size=s["vocab_size"], hidden_size=s["dim"], intermediate_size=s["hidden_dim"],
+        num_hidden_layers=s["n_layers"], num_attention_heads=s["n_heads"],
+        num_key_value_heads=s["n_kv_heads"], head_dim=s.get("head_dim", s["dim"] // s["n_heads"]),
+        max_position_embeddings=256, rms_norm_eps=1e-6, rope_theta=1000000.0,
+        tie_word_embeddings=s.get("tied", False), initializer_range=0.1)
+    torch.manual_seed(seed)
+    model = getattr(transformers, prefix + "ForCausalLM")(cfg).float().eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+            elif name.endswith(".bias"):
+                p.copy_(0.2 * torch.randn_like(p))
+    return model
+
+
+def save_hf_arch(folder: str, shape: str, seed: int = 0) -> str:
+    hf_arch_model(shape, seed).save_pretrained(str(folder))
+    return str(folder)
+
+
+def hf_arch_logits(shape: str, ids, seed: int = 0) -> np.ndarray:
+    import torch
+    with torch.no_grad():
+        return hf_arch_model(shape, seed)(torch.tensor([list(ids)])).logits[0].float().numpy()
+
+
+def write_arch_gguf(path: str, shape: str, weight_type: str = "f32", seed: int = 0) -> str:
+    """The model of hf_arch_model as a GGUF of its architecture, by our writer."""
+    from dllama_mpi.formats.gguf_write import write_llama_gguf
+    s = dict(ARCH_SHAPES[shape])
+    model = hf_arch_model(shape, seed)
+    tensors = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
+    if s.get("tied"):
+        tensors.pop("lm_head.weight", None)
+    write_llama_gguf(path, arch=s["arch"], dim=s["dim"], hidden_dim=s["hidden_dim"],
+                     n_layers=s["n_layers"], n_heads=s["n_heads"], n_kv_heads=s["n_kv_heads"],
+                     vocab_size=s["vocab_size"], context_length=256, head_dim=s.get("head_dim"),
+                     rope_theta=1000000.0, norm_eps=1e-6, tensors=tensors,
+                     weight_type=weight_type, tokenizer=None)
+    return path
+
+
 def write_tiny_gguf(path: str, shape: str, weight_type: str = "f32", seed: int = 0) -> str:
     from dllama_mpi.formats.gguf_write import write_llama_gguf
     s = dict(SHAPES[shape])

@@ -93,7 +93,8 @@ def _override_tokenizer(model, tokenizer_path: str) -> None:
 # --------------------------------------------------------------------------- shared helpers
 
 def expected_shapes(c) -> dict[str, tuple[int, ...]]:
-    """Canonical name -> shape every Llama of config `c` holds (wcls only when untied)."""
+    """Canonical name -> shape every model of config `c` holds (wcls only when untied;
+    q/k/v biases with c.attn_bias, q/k norms with c.qk_norm)."""
     out = {"embedding": (c.vocab_size, c.dim), "final_norm": (c.dim,)}
     if not c.tied_embeddings:
         out["wcls"] = (c.vocab_size, c.dim)
@@ -104,7 +105,26 @@ def expected_shapes(c) -> dict[str, tuple[int, ...]]:
                     p + "wv": (c.kv_dim, c.dim), p + "wo": (c.dim, c.q_dim),
                     p + "w1": (c.hidden_dim, c.dim), p + "w3": (c.hidden_dim, c.dim),
                     p + "w2": (c.dim, c.hidden_dim)})
+        if c.attn_bias:
+            out.update({p + "bq": (c.q_dim,), p + "bk": (c.kv_dim,), p + "bv": (c.kv_dim,)})
+        if c.qk_norm:
+            out.update({p + "q_norm": (c.head_dim,), p + "k_norm": (c.head_dim,)})
     return out
+
+
+def rope_permutation(c, name: str) -> np.ndarray | None:
+    """For a tensor stored in rotate-half (Hugging Face) order: the row permutation that
+    puts it in the interleaved-pair order we run (see qk_row_permutation), or None for
+    tensors rope does not touch. q/k rows and biases are permuted per head; the per-head
+    q/k norm weights [head_dim] like the rows of one head."""
+    short = name.rsplit(".", 1)[-1]
+    if short in ("wq", "bq"):
+        return qk_row_permutation(c.q_dim, c.n_heads)
+    if short in ("wk", "bk"):
+        return qk_row_permutation(c.kv_dim, c.n_kv_heads)
+    if short in ("q_norm", "k_norm"):
+        return qk_row_permutation(c.head_dim, 1)
+    return None
 
 
 def qk_row_permutation(n_rows: int, n_heads: int) -> np.ndarray:

@@ -4,7 +4,10 @@ A model file object has:
   path, format            where it came from
   config                  ModelConfig (q/k rows in interleaved-pair rope order, as GGUF)
   tensor(name) -> Tensor  canonical names: "embedding", "final_norm", "wcls",
-                          "layers.{i}.{attn_norm,wq,wk,wv,wo,ffn_norm,w1,w2,w3}"
+                          "layers.{i}.{attn_norm,wq,wk,wv,wo,ffn_norm,w1,w2,w3}", and with
+                          config.attn_bias "layers.{i}.{bq,bk,bv}" (Qwen2), with
+                          config.qk_norm "layers.{i}.{q_norm,k_norm}" [head_dim] (Qwen3);
+                          bq, bk and the q/k norms permuted like the wq/wk rows
   preferred_weight_type() runtime type that loses nothing more than the file ("q40"/"q41"/"f32")
   output_type()           GGML type name of the output matrix (the embedding when tied)
   tokenizer()             dllama_mpi.tokenizer.Tokenizer, or a DllamaError

@@ -3,8 +3,10 @@
 Layouts (all little-endian; /work/shared/notes/dllama-formats.md):
   .m  int32 magic 0x0A00ABCD, int32 header size (8 + 8 * keys), (int32 key, int32 value)
       pairs, then tensors back to back: embedding F32; per layer wq wk wv wo w1 w2 w3 (the
-      weight type), attn_norm ffn_norm F32; final norm F32; lm_head (weight type).
-      wq/wk rows are in interleaved-pair rope order (GGUF's) for rope_type llama/llama3.1.
+      weight type), [qwen3: q_norm k_norm F32 [head_dim]], attn_norm ffn_norm F32; final
+      norm F32; lm_head (weight type). wq/wk rows are in interleaved-pair rope order (GGUF's)
+      for rope_type llama/llama3.1; in rotate-half order (Hugging Face's) for falcon rope,
+      which the C++ forces for qwen3 -- permuted to interleaved on read (q/k norms too).
       Q40 blocks are GGML Q4_0 blocks and Q80 blocks GGML Q8_0 blocks, bit for bit.
   .t  int32 magic 0x567124, int32 header size, pairs; [chat_stop bytes]; chat template;
       eos ids (int32); per token: float32 score, uint32 length, raw bytes.
@@ -20,7 +22,7 @@ import numpy as np
 
 from ..config import ModelConfig
 from ..errors import DllamaError
-from . import DLLAMA_MAGIC, LazyRows, expected_shapes, qk_row_permutation
+from . import DLLAMA_MAGIC, LazyRows, expected_shapes, rope_permutation
 from .base import Tensor
 
 KEYS = {0: "version", 1: "arch_type", 2: "dim", 3: "hidden_dim", 4: "n_layers", 5: "n_heads",
@@ -30,11 +32,12 @@ KEYS = {0: "version", 1: "arch_type", 2: "dim", 3: "hidden_dim", 4: "n_layers", 
         16: "rope_scaling_high_freq_factor", 17: "rope_scaling_orig_max_seq_len",
         18: "rope_type", 19: "head_dim", 20: "norm_epsilon", 21: "moe_hidden_dim"}
 KEY_IDS = {v: k for k, v in KEYS.items()}
-ARCH_LLAMA, ARCHS = 0xABCD00, {0xABCD00: "llama", 0xABCD01: "qwen3", 0xABCD02: "qwen3_moe"}
+ARCH_LLAMA, ARCH_QWEN3 = 0xABCD00, 0xABCD01
+ARCHS = {0xABCD00: "llama", 0xABCD01: "qwen3", 0xABCD02: "qwen3_moe"}
 FLOAT_TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q8_0"}       # .m code -> GGML type name
 WRITE_TYPES = {"f32": 0, "f16": 1, "q40": 2, "q80": 3}
 ROPE_LLAMA, ROPE_FALCON, ROPE_LLAMA3_1 = 0, 1, 2
-LAYER_ORDER = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")         # then attn_norm, ffn_norm
+LAYER_ORDER = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")  # then [q_norm k_norm] attn_norm ffn_norm
 T_MAGIC, T_KEYS = 0x567124, {0: "version", 1: "vocab_size", 2: "max_token_length",
                              3: "bos_id", 4: "eos_id", 5: "pad_id", 6: "chat_eos_id",
                              7: "chat_template", 8: "chat_stop", 9: "n_eos_tokens",
@@ -54,6 +57,8 @@ def tensor_layout(c: ModelConfig, wtype: str) -> list[tuple[str, str, tuple[int,
     for i in range(c.n_layers):
         p = f"layers.{i}."
         out += [(p + n, wtype, shapes[p + n]) for n in LAYER_ORDER]
+        if c.qk_norm:
+            out += [(p + "q_norm", "F32", (c.head_dim,)), (p + "k_norm", "F32", (c.head_dim,))]
         out += [(p + "attn_norm", "F32", (c.dim,)), (p + "ffn_norm", "F32", (c.dim,))]
     return out + [("final_norm", "F32", (c.dim,)), ("wcls", wtype, (c.vocab_size, c.dim))]
 
@@ -86,10 +91,11 @@ def read_header(path: str) -> tuple[dict[str, int], int]:
 def config_from_header(h: dict[str, int], where: str) -> tuple[ModelConfig, str, int]:
     """(ModelConfig, GGML weight type, rope type) or a DllamaError."""
     arch = h.get("arch_type", ARCH_LLAMA)
-    if arch != ARCH_LLAMA:
+    if arch not in (ARCH_LLAMA, ARCH_QWEN3):
         name = ARCHS.get(arch)
         if name:
-            raise DllamaError(f"{where}: architecture {name} is not supported yet (only llama)")
+            raise DllamaError(f"{where}: architecture {name} is not supported yet (only llama "
+                              f"and qwen3)")
         raise DllamaError(f"{where}: unknown architecture type {arch:#x}")
     if "weights_float_type" not in h:
         raise DllamaError(f"{where}: the header does not give weights_float_type")
@@ -106,7 +112,7 @@ def config_from_header(h: dict[str, int], where: str) -> tuple[ModelConfig, str,
             raise DllamaError(f"{where}: the header lacks {k}")
     dim, n_heads = h["dim"], h["n_heads"]
     head_dim = h.get("head_dim") or (dim // n_heads if n_heads > 0 else 0)
-    rope_type = h.get("rope_type", ROPE_LLAMA)
+    rope_type = ROPE_FALCON if arch == ARCH_QWEN3 else h.get("rope_type", ROPE_LLAMA)  # as C++
     theta = float(h.get("rope_theta", 10000))
     factors = None
     if rope_type == ROPE_LLAMA3_1:
@@ -125,11 +131,12 @@ def config_from_header(h: dict[str, int], where: str) -> tuple[ModelConfig, str,
     eps = h.get("norm_epsilon", 5)
     if eps <= 0:
         raise DllamaError(f"{where}: bad norm_epsilon {eps}")
-    c = ModelConfig(arch="llama", dim=dim, hidden_dim=h["hidden_dim"], n_layers=h["n_layers"],
+    c = ModelConfig(arch=ARCHS[arch], dim=dim, hidden_dim=h["hidden_dim"], n_layers=h["n_layers"],
                     n_heads=n_heads, n_kv_heads=h.get("n_kv_heads", n_heads),
                     vocab_size=h["vocab_size"], context_length=max(0, h.get("max_seq_len", 0)),
                     head_dim=head_dim, rope_theta=theta, rope_freq_factors=factors,
-                    norm_eps=10.0 ** -eps, tied_embeddings=False)
+                    norm_eps=10.0 ** -eps, tied_embeddings=False,
+                    qk_norm=arch == ARCH_QWEN3)
     c.check()
     return c, wt, rope_type
 
@@ -175,14 +182,8 @@ class DllamaModel:
         else:
             rb = _row_bytes(t, shape[1])
             data = self._mm[offset:offset + shape[0] * rb].reshape(shape[0], rb)
-        c = self.config
-        if self.rope_type == ROPE_FALCON and name.endswith((".wq", ".wk")):
-            heads = c.n_heads if name.endswith(".wq") else c.n_kv_heads
-            arr = data
-            data = LazyRows(arr.shape, arr.dtype,
-                            lambda a, b, cols: arr[a:b] if cols is None else arr[a:b, cols],
-                            perm=qk_row_permutation(shape[0], heads))
-        return Tensor(name, t, shape, data)
+        perm = rope_permutation(self.config, name) if self.rope_type == ROPE_FALCON else None
+        return Tensor(name, t, shape, data if perm is None else _permuted(data, perm))
 
     @property
     def rope_scaling(self) -> dict | None:
@@ -212,6 +213,12 @@ class DllamaModel:
 
     def close(self) -> None:
         self._mm = None
+
+
+def _permuted(arr, perm: np.ndarray) -> LazyRows:
+    """arr (rows, or a vector) seen with row r = arr[perm[r]]."""
+    return LazyRows(arr.shape, arr.dtype,
+                    lambda a, b, cols: arr[a:b] if cols is None else arr[a:b, cols], perm=perm)
 
 
 def find_tokenizer_t(model_path: str) -> str | None:
@@ -256,7 +263,12 @@ def fit_llama3_scaling(c: ModelConfig) -> dict:
 def m_header(c: ModelConfig, wtype_code: int, rope_scaling: dict | None = None) -> bytes:
     if c.rope_theta != int(c.rope_theta):
         raise DllamaError(f"rope theta {c.rope_theta} is not an integer: a .m file cannot hold it")
-    h = {"version": 0, "arch_type": ARCH_LLAMA, "hidden_act": 1, "dim": c.dim,
+    if c.attn_bias:
+        raise DllamaError("a Distributed Llama .m file cannot hold q/k/v biases (Qwen2)")
+    if c.qk_norm and c.rope_freq_factors is not None:
+        raise DllamaError("a Distributed Llama qwen3 .m file cannot hold rope scaling")
+    arch = ARCH_QWEN3 if c.qk_norm else ARCH_LLAMA
+    h = {"version": 0, "arch_type": arch, "hidden_act": 1, "dim": c.dim,
          "hidden_dim": c.hidden_dim, "n_layers": c.n_layers, "n_heads": c.n_heads,
          "n_kv_heads": c.n_kv_heads, "weights_float_type": wtype_code,
          "max_seq_len": c.context_length or 4096, "vocab_size": c.vocab_size,
@@ -272,7 +284,7 @@ def m_header(c: ModelConfig, wtype_code: int, rope_scaling: dict | None = None) 
                  rope_scaling_orig_max_seq_len=int(s["original_max_position_embeddings"]),
                  rope_type=ROPE_LLAMA3_1)
     else:
-        h["rope_type"] = ROPE_LLAMA
+        h["rope_type"] = ROPE_FALCON if arch == ARCH_QWEN3 else ROPE_LLAMA
     h.update(head_dim=c.head_dim, norm_epsilon=norm_epsilon_code(c.norm_eps))
     pairs = [v for k, val in h.items() for v in (KEY_IDS[k], int(val))]
     return struct.pack(f"<ii{len(pairs)}i", DLLAMA_MAGIC, 8 + 4 * len(pairs), *pairs)
@@ -321,8 +333,11 @@ def write_dllama_m(model, out_path: str, weights_float_type: str = "q40", progre
     def write(f):
         f.write(header)
         for name, t, _ in layout:
-            src = "embedding" if name == "wcls" and c.tied_embeddings else name
-            for part in convert_rows(model.tensor(src), t):
+            src = model.tensor("embedding" if name == "wcls" and c.tied_embeddings else name)
+            perm = rope_permutation(c, name) if c.qk_norm else None
+            if perm is not None:  # qwen3: falcon rope, rotate-half rows in the file
+                src = Tensor(src.name, src.type, src.shape, _permuted(src.data, np.argsort(perm)))
+            for part in convert_rows(src, t):
                 f.write(np.ascontiguousarray(part).tobytes())
             if progress is not None:
                 progress(1)

@@ -10,22 +10,27 @@ import numpy as np
 
 from ..config import ModelConfig
 from ..errors import DllamaError
+from . import LazyRows, expected_shapes, rope_permutation
 from .base import Tensor
 
-SUPPORTED_ARCHS = ("llama",)
+SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3")
+ROTATE_HALF_ARCHS = ("qwen2", "qwen3")  # llama.cpp runs them with NEOX rope: q/k unpermuted
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")
 
 _LAYER_NAMES = {
     "attn_norm": "attn_norm", "wq": "attn_q", "wk": "attn_k", "wv": "attn_v",
     "wo": "attn_output", "ffn_norm": "ffn_norm", "w1": "ffn_gate", "w2": "ffn_down",
-    "w3": "ffn_up",
+    "w3": "ffn_up", "q_norm": "attn_q_norm", "k_norm": "attn_k_norm",
 }
+_BIAS_NAMES = {"bq": "attn_q", "bk": "attn_k", "bv": "attn_v"}
 
 
 def gguf_name(name: str) -> str:
     """Canonical name ('layers.3.wq', 'embedding', 'final_norm', 'wcls') -> GGUF name."""
     if name.startswith("layers."):
         _, index, short = name.split(".")
+        if short in _BIAS_NAMES:
+            return f"blk.{index}.{_BIAS_NAMES[short]}.bias"
         return f"blk.{index}.{_LAYER_NAMES[short]}.weight"
     return {"embedding": "token_embd.weight", "final_norm": "output_norm.weight",
             "wcls": "output.weight", "rope_freqs": "rope_freqs.weight"}[name]
@@ -61,6 +66,8 @@ class GGUFModel:
         self.tensors = {t.name: _tensor(t) for t in self.reader.tensors}
         self.config = self._read_config()
         self._check_tensors()
+        if self.config.arch in ROTATE_HALF_ARCHS:
+            self._to_interleaved()
 
     # -- header ----------------------------------------------------------------------
     def field(self, key: str, default=None):
@@ -110,21 +117,19 @@ class GGUFModel:
             head_dim=head_dim, rope_theta=float(self.field(f"{a}.rope.freq_base", 10000.0)),
             rope_freq_factors=freq_factors,
             norm_eps=float(self.field(f"{a}.attention.layer_norm_rms_epsilon", 1e-5)),
-            tied_embeddings="output.weight" not in self.tensors)
+            tied_embeddings="output.weight" not in self.tensors,
+            attn_bias="blk.0.attn_q.bias" in self.tensors,
+            qk_norm="blk.0.attn_q_norm.weight" in self.tensors)
 
     def _check_tensors(self) -> None:
         c = self.config
         c.check()
-        expected = {"embedding": (c.vocab_size, c.dim), "final_norm": (c.dim,)}
-        if not c.tied_embeddings:
-            expected["wcls"] = (c.vocab_size, c.dim)
-        for i in range(c.n_layers):
-            p = f"layers.{i}."
-            expected.update({p + "attn_norm": (c.dim,), p + "ffn_norm": (c.dim,),
-                             p + "wq": (c.q_dim, c.dim), p + "wk": (c.kv_dim, c.dim),
-                             p + "wv": (c.kv_dim, c.dim), p + "wo": (c.dim, c.q_dim),
-                             p + "w1": (c.hidden_dim, c.dim), p + "w3": (c.hidden_dim, c.dim),
-                             p + "w2": (c.dim, c.hidden_dim)})
+        expected = expected_shapes(c)
+        known = {gguf_name(n) for n in expected}
+        extra = sorted(n for n in self.tensors if n.endswith(".bias") and n not in known)
+        if extra:
+            raise DllamaError(f"{self.path}: unsupported tensors {extra[:4]} (only q/k/v biases "
+                              f"are supported)")
         for name, shape in expected.items():
             t = self.tensors.get(gguf_name(name))
             if t is None:
@@ -141,6 +146,19 @@ class GGUFModel:
         if last.data_offset + last.n_bytes > self.file_size:
             raise DllamaError(f"{self.path} is truncated: tensor {last.name} ends at byte "
                               f"{last.data_offset + last.n_bytes}, file has {self.file_size}")
+
+    def _to_interleaved(self) -> None:
+        """q/k rows (and their biases and norm weights) from rotate-half order to the
+        interleaved pairs we run: a row permutation on read (see rope_permutation)."""
+        for name in expected_shapes(self.config):
+            perm = rope_permutation(self.config, name)
+            if perm is None:
+                continue
+            t = self.tensors[gguf_name(name)]
+            arr = t.data
+            t.data = LazyRows(arr.shape, arr.dtype,
+                              lambda a, b, cols, arr=arr: arr[a:b] if cols is None else arr[a:b, cols],
+                              perm=perm)
 
     def preferred_weight_type(self) -> str:
         """Runtime type that loses nothing more than the file: Q4_1 files stay q41, other

@@ -1,7 +1,10 @@
 """Write Llama-architecture GGUF files the way llama.cpp's ``convert_hf_to_gguf.py`` does.
 
 Used to make test and benchmark models (random weights, any shape) and to convert a
-Hugging Face Llama state dict.  The output is a plain ``llama`` GGUF:
+Hugging Face Llama state dict.  The output is a plain ``llama`` GGUF (or, with ``arch=``, a
+``qwen2`` GGUF with ``blk.N.attn_{q,k,v}.bias`` or a ``qwen3`` GGUF with
+``blk.N.attn_{q,k}_norm.weight``; their q/k rows stay in rotate-half order, as llama.cpp's
+converter leaves them):
 
 * tensor names ``token_embd.weight``, ``blk.N.attn_{norm,q,k,v,output}.weight``,
   ``blk.N.ffn_{norm,gate,up,down}.weight``, ``output_norm.weight``, ``output.weight``
@@ -98,18 +101,25 @@ class TensorSpec:
         return len(self.shape) == 2
 
 
+ARCHS = ("llama", "qwen2", "qwen3")
+
+
 def llama_tensor_specs(*, dim: int, hidden_dim: int, n_layers: int, n_heads: int, n_kv_heads: int,
-                       vocab_size: int, head_dim: int | None = None, tied: bool = False) -> list[TensorSpec]:
-    """The tensors of a Llama model in file order, with HF names, GGUF names and HF shapes."""
+                       vocab_size: int, head_dim: int | None = None, tied: bool = False,
+                       arch: str = "llama") -> list[TensorSpec]:
+    """The tensors of a Llama model in file order, with HF names, GGUF names and HF shapes.
+    ``arch`` "qwen2" adds the q/k/v biases, "qwen3" the per-head q/k norms; both keep
+    Hugging Face's rotate-half q/k order (llama.cpp runs them with NEOX rope: no permutation)."""
     hd = head_dim if head_dim is not None else dim // n_heads
     q_dim, kv_dim = n_heads * hd, n_kv_heads * hd
+    qh, kvh = (n_heads, n_kv_heads) if arch == "llama" else (0, 0)
     specs = [TensorSpec("model.embed_tokens.weight", "token_embd.weight", (vocab_size, dim))]
     for i in range(n_layers):
         p, b = f"model.layers.{i}.", f"blk.{i}."
         specs += [
             TensorSpec(p + "input_layernorm.weight", b + "attn_norm.weight", (dim,)),
-            TensorSpec(p + "self_attn.q_proj.weight", b + "attn_q.weight", (q_dim, dim), n_heads),
-            TensorSpec(p + "self_attn.k_proj.weight", b + "attn_k.weight", (kv_dim, dim), n_kv_heads),
+            TensorSpec(p + "self_attn.q_proj.weight", b + "attn_q.weight", (q_dim, dim), qh),
+            TensorSpec(p + "self_attn.k_proj.weight", b + "attn_k.weight", (kv_dim, dim), kvh),
             TensorSpec(p + "self_attn.v_proj.weight", b + "attn_v.weight", (kv_dim, dim)),
             TensorSpec(p + "self_attn.o_proj.weight", b + "attn_output.weight", (dim, q_dim)),
             TensorSpec(p + "post_attention_layernorm.weight", b + "ffn_norm.weight", (dim,)),
@@ -117,6 +127,12 @@ def llama_tensor_specs(*, dim: int, hidden_dim: int, n_layers: int, n_heads: int
             TensorSpec(p + "mlp.up_proj.weight", b + "ffn_up.weight", (hidden_dim, dim)),
             TensorSpec(p + "mlp.down_proj.weight", b + "ffn_down.weight", (dim, hidden_dim)),
         ]
+        if arch == "qwen2":
+            specs += [TensorSpec(p + f"self_attn.{x}_proj.bias", b + f"attn_{x}.bias", (n,))
+                      for x, n in (("q", q_dim), ("k", kv_dim), ("v", kv_dim))]
+        if arch == "qwen3":
+            specs += [TensorSpec(p + f"self_attn.{x}_norm.weight", b + f"attn_{x}_norm.weight", (hd,))
+                      for x in ("q", "k")]
     specs.append(TensorSpec("model.norm.weight", "output_norm.weight", (dim,)))
     if not tied:
         specs.append(TensorSpec("lm_head.weight", "output.weight", (vocab_size, dim)))
@@ -420,7 +436,7 @@ def write_llama_gguf(path: str | os.PathLike, *, dim: int, hidden_dim: int, n_la
                      rope_scaling: Mapping[str, Any] | None = None, tensors: Mapping[str, Any],
                      weight_type: str = "f32", tokenizer: str | os.PathLike | None = "bytes",
                      name: str = "dllama-mpi synthetic",
-                     extra_metadata: Mapping[str, Any] | None = None) -> Path:
+                     extra_metadata: Mapping[str, Any] | None = None, arch: str = "llama") -> Path:
     """Write a llama-architecture GGUF from HF-named float32 tensors (see the module docstring).
 
     ``tensors``: Mapping of HF names to float32 arrays (or zero-argument callables returning
@@ -429,7 +445,8 @@ def write_llama_gguf(path: str | os.PathLike, *, dim: int, hidden_dim: int, n_la
     ``rope.scaling.type``/``rope.scaling.factor``.  ``tokenizer``: "bytes" (synthetic byte-level
     BPE), None, or the path of a GGUF whose ``tokenizer.*`` fields are copied.
     ``extra_metadata``: additional key -> value pairs (str; bool; int as UINT32, or INT64 when
-    negative or large; float as FLOAT32).  Returns the path written.
+    negative or large; float as FLOAT32).  ``arch``: "llama", or "qwen2" / "qwen3" (see
+    :func:`llama_tensor_specs`).  Returns the path written.
     """
     if weight_type not in WEIGHT_TYPES:
         raise ValueError(f"weight_type must be one of {sorted(WEIGHT_TYPES)}, got {weight_type!r}")
@@ -442,12 +459,15 @@ def write_llama_gguf(path: str | os.PathLike, *, dim: int, hidden_dim: int, n_la
         raise ValueError(f"dim ({dim}) is not a multiple of n_heads ({n_heads}); give head_dim")
     if hd % 2:
         raise ValueError(f"head_dim ({hd}) must be even")
+    if arch not in ARCHS:
+        raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
     qtype = WEIGHT_TYPES[weight_type]
     path = Path(path)
 
     tied = "lm_head.weight" not in tensors
     specs = llama_tensor_specs(dim=dim, hidden_dim=hidden_dim, n_layers=n_layers, n_heads=n_heads,
-                               n_kv_heads=n_kv_heads, vocab_size=vocab_size, head_dim=hd, tied=tied)
+                               n_kv_heads=n_kv_heads, vocab_size=vocab_size, head_dim=hd, tied=tied,
+                               arch=arch)
     expected = {s.hf_name for s in specs}
     missing = sorted(expected - set(tensors.keys()))
     if missing:
@@ -469,7 +489,6 @@ def write_llama_gguf(path: str | os.PathLike, *, dim: int, hidden_dim: int, n_la
         elif rtype not in ("", "default"):
             raise NotImplementedError(f"rope scaling type {rtype!r} is not supported")
 
-    arch = "llama"
     w = gguf.GGUFWriter(None, arch)
     w.add_type("model")
     w.add_name(name)

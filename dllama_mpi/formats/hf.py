@@ -3,8 +3,8 @@
 The safetensors files are opened with the `safetensors` library (which validates them) and
 read memory-mapped: a rank's band of rows is a slice of the mapping. bf16 tensors are
 widened to float32 on read (numpy has no bf16); f16 and f32 are handed over as they are.
-HF stores q/k rows in rotate-half order; their Tensor rows are permuted per head into the
-interleaved-pair order every other format uses (GGUF's), on read.
+HF stores q/k rows in rotate-half order; their Tensor rows (and those of the q/k biases and
+q/k norm weights) are permuted per head into the interleaved-pair order we run, on read.
 """
 from __future__ import annotations
 
@@ -16,17 +16,18 @@ import numpy as np
 
 from ..config import ModelConfig
 from ..errors import DllamaError
-from . import LazyRows, expected_shapes, qk_row_permutation
+from . import LazyRows, expected_shapes, rope_permutation
 from .base import Tensor
 
-SUPPORTED_ARCHS = ("llama", "mistral")
-NOT_YET = {"qwen2": "q/k/v biases", "qwen3": "per-head q/k RMSNorm",
-           "qwen3_moe": "mixture of experts and q/k RMSNorm", "mixtral": "mixture of experts"}
+SUPPORTED_ARCHS = ("llama", "mistral", "qwen2", "qwen3")
+NOT_YET = {"qwen3_moe": "mixture of experts", "mixtral": "mixture of experts",
+           "qwen2_moe": "mixture of experts"}
 
 _LAYER = {"attn_norm": "input_layernorm", "wq": "self_attn.q_proj", "wk": "self_attn.k_proj",
           "wv": "self_attn.v_proj", "wo": "self_attn.o_proj",
           "ffn_norm": "post_attention_layernorm", "w1": "mlp.gate_proj", "w2": "mlp.down_proj",
-          "w3": "mlp.up_proj"}
+          "w3": "mlp.up_proj", "q_norm": "self_attn.q_norm", "k_norm": "self_attn.k_norm"}
+_BIAS = {"bq": "self_attn.q_proj", "bk": "self_attn.k_proj", "bv": "self_attn.v_proj"}
 _DTYPES = {"F32": (np.float32, "F32"), "F16": (np.float16, "F16"), "BF16": (np.uint16, "F32")}
 
 
@@ -34,6 +35,8 @@ def hf_name(name: str) -> str:
     """Canonical name -> Hugging Face state-dict name."""
     if name.startswith("layers."):
         _, i, short = name.split(".")
+        if short in _BIAS:
+            return f"model.layers.{i}.{_BIAS[short]}.bias"
         return f"model.layers.{i}.{_LAYER[short]}.weight"
     return {"embedding": "model.embed_tokens.weight", "final_norm": "model.norm.weight",
             "wcls": "lm_head.weight"}[name]
@@ -87,9 +90,10 @@ def config_from_hf(cfg: dict, where: str, tied: bool) -> ModelConfig:
     act = cfg.get("hidden_act", cfg.get("hidden_activation", "silu"))
     if act != "silu":
         raise DllamaError(f"{where}: unsupported hidden_act {act!r} (only silu)")
-    for flag in ("attention_bias", "mlp_bias"):
+    for flag in ("attention_bias", "mlp_bias"):  # llama/mistral/qwen3: o_proj (mlp) bias too
         if cfg.get(flag):
-            raise DllamaError(f"{where}: {flag} is set; biases are not supported yet")
+            raise DllamaError(f"{where}: {flag} is set; only Qwen2's q/k/v biases are "
+                              f"supported")
     try:
         dim, n_heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
         head_dim = int(cfg.get("head_dim") or dim // n_heads)
@@ -99,12 +103,13 @@ def config_from_hf(cfg: dict, where: str, tied: bool) -> ModelConfig:
             ctx = int(window)  # no sliding-window attention here: exact within the window
         theta, factors = rope_from_hf(cfg, head_dim, where)
         return ModelConfig(
-            arch="llama", dim=dim, hidden_dim=int(cfg["intermediate_size"]),
+            arch=arch if arch.startswith("qwen") else "llama", dim=dim, hidden_dim=int(cfg["intermediate_size"]),
             n_layers=int(cfg["num_hidden_layers"]), n_heads=n_heads,
             n_kv_heads=int(cfg.get("num_key_value_heads") or n_heads),
             vocab_size=int(cfg["vocab_size"]), context_length=ctx, head_dim=head_dim,
             rope_theta=theta, rope_freq_factors=factors,
-            norm_eps=float(cfg.get("rms_norm_eps", 1e-5)), tied_embeddings=tied)
+            norm_eps=float(cfg.get("rms_norm_eps", 1e-5)), tied_embeddings=tied,
+            attn_bias=arch == "qwen2", qk_norm=arch == "qwen3")
     except KeyError as e:
         raise DllamaError(f"{where}: config.json lacks {e.args[0]}") from None
 
@@ -185,7 +190,7 @@ class HFModel:
                                                             c.tied_embeddings))
         if unknown:
             raise DllamaError(f"{self.path}: unexpected tensors {unknown[:6]}"
-                              f"{' ...' if len(unknown) > 6 else ''} (not a plain Llama?)")
+                              f"{' ...' if len(unknown) > 6 else ''} (not a plain Llama/Qwen?)")
         tensors = {}
         for hname, name in wanted.items():
             f = self._owner.get(hname)
@@ -195,11 +200,7 @@ class HFModel:
             if tuple(arr.shape) != expected[name]:
                 raise DllamaError(f"{self.path}: tensor {hname} has shape {tuple(arr.shape)}, "
                                   f"expected {expected[name]}")
-            perm = None
-            if name.endswith(".wq"):
-                perm = qk_row_permutation(c.q_dim, c.n_heads)
-            elif name.endswith(".wk"):
-                perm = qk_row_permutation(c.kv_dim, c.n_kv_heads)
+            perm = rope_permutation(c, name)
             tensors[name] = Tensor(hname, _DTYPES[dtype][1], arr.shape,
                                    _rows(arr, perm, dtype == "BF16"))
         return tensors
