@@ -104,7 +104,7 @@ def main() -> None:
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as f:
         json.dump({"bandwidth_gb_s": [bw1, bw2], "rows": [
-            dict(model=n, ranks=a, threads=b, kind=k, **r) for n, a, b, k, r in rows],
+            dict(r, workload_model=n, kind=k) for n, a, b, k, r in rows],
             "table": table}, f, indent=1)
     print(f"\nwritten {out}")
 

@@ -30,6 +30,9 @@ _exact = njit(parallel=False, cache=True, fastmath=False, nogil=True, error_mode
 
 # elements of work under which a serial call beats a ~3 us parallel launch
 _PAR_MIN_WORK = 1 << 16
+# row-tile matmuls go parallel from this many weight blocks x tokens: waking the workqueue
+# threads costs tens of µs, more than a SmolLM2 FFN matrix (27648 blocks) takes on one core
+_PAR_MIN_BLOCKS = 1 << 17
 
 
 def set_num_threads(n: int) -> None:
@@ -633,7 +636,7 @@ def _matmul_q80_q80(out, xq, xd, w, use_avx2: bool) -> None:
     args = (out, xq, xd, xi, xf, w.buf, w.rows, w.nb, w.stride, _ACC)
     if not use_avx2:
         _rows_q8_generic(*args)
-    elif w.rows * w.nb * T < 1 << 14 or w.rows <= 2 * _RT8 or numba.get_num_threads() == 1:
+    elif w.rows * w.nb * T < _PAR_MIN_BLOCKS or w.rows <= 2 * _RT8 or numba.get_num_threads() == 1:
         _rows_q8_serial(*args)
     else:
         _rows_q8_par(*args)
@@ -1008,7 +1011,7 @@ def _rows_q4(out, xq, xd, buf, rows, nb, sb, hasm, use_avx2: bool) -> None:
     xi, xf = _rbuffers(T, nb)
     if not use_avx2:
         _rows_q4_generic(out, xq, xd, xi, xf, buf, rows, nb, sb, hasm, _ACC)
-    elif rows * nb * T < 1 << 14 or rows <= 2 * _RT4 or numba.get_num_threads() == 1:
+    elif rows * nb * T < _PAR_MIN_BLOCKS or rows <= 2 * _RT4 or numba.get_num_threads() == 1:
         _rows_q4_serial(out, xq, xd, xi, xf, buf, rows, nb, sb, hasm, _ACC)
     else:
         _rows_q4_par(out, xq, xd, xi, xf, buf, rows, nb, sb, hasm, _ACC)
