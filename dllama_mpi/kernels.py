@@ -30,14 +30,28 @@ _exact = njit(parallel=False, cache=True, fastmath=False, nogil=True, error_mode
 
 # elements of work under which a serial call beats a ~3 us parallel launch
 _PAR_MIN_WORK = 1 << 16
-# row-tile matmuls go parallel from this many weight blocks x tokens: waking the workqueue
-# threads costs tens of µs, more than a SmolLM2 FFN matrix (27648 blocks) takes on one core
+# row-tile matmuls go parallel from this many weight blocks x tokens (set with the thread
+# count): OpenMP threads start a region in ~µs; waking workqueue threads costs tens of µs,
+# more than a SmolLM2 FFN matrix (27648 blocks) takes on one core
 _PAR_MIN_BLOCKS = 1 << 17
+
+
+def choose_threading_layer(weights_float_type: str) -> None:
+    """Before the first parallel call: OpenMP for 4-bit weights (cheap parallel regions; no
+    BLAS in the hot path), workqueue for f32 weights (OpenMP's idle threads spin and starve
+    numpy's BLAS threads: F32 SmolLM2 decoded at 0.7 tok/s instead of 26). A user's
+    NUMBA_THREADING_LAYER wins; once threads are running the layer is fixed."""
+    import os
+    if "NUMBA_THREADING_LAYER" in os.environ or numba.np.ufunc.parallel._is_initialized:
+        return
+    numba.config.THREADING_LAYER = "workqueue" if weights_float_type == "f32" else "omp"
 
 
 def set_num_threads(n: int) -> None:
     """Set the number of numba threads used by the parallel kernels (1..NUMBA_NUM_THREADS)."""
+    global _PAR_MIN_BLOCKS
     numba.set_num_threads(int(n))
+    _PAR_MIN_BLOCKS = (1 << 14) if numba.threading_layer() == "omp" else (1 << 17)
 
 
 def get_num_threads() -> int:

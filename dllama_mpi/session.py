@@ -81,6 +81,7 @@ def start(comm, model_arg: str, run: RunConfig, want_tokenizer: bool = True,
         model = open_model(path)
 
     nthreads = run.nthreads or default_threads(comm)
+    kernels.choose_threading_layer(run.weights_float_type)
     kernels.set_num_threads(nthreads)
     _warm_kernels(comm)
     weights, vocab_counts = load_shard(comm, model, config, run, direct=direct)
