@@ -17,10 +17,10 @@ def _abort(code: int) -> None:
     """Take every rank down: a rank left waiting in a collective would hang the job."""
     if _world_size() > 1:
         try:
-            from mpi4py import MPI
+            from .comm import abort_world
             sys.stdout.flush()
             sys.stderr.flush()
-            MPI.COMM_WORLD.Abort(code)
+            abort_world(code)
         except Exception:
             pass
     os._exit(code)

@@ -225,6 +225,12 @@ def _sum_q80(out: np.ndarray, recv: np.ndarray, t: int, n: int) -> None:
         out += (qs[r] * d[r]).reshape(t, n)
 
 
+def abort_world(code: int) -> None:
+    """End every rank of the job (a rank left waiting in a collective would hang it)."""
+    from mpi4py import MPI
+    MPI.COMM_WORLD.Abort(code)
+
+
 def make_comm(use_mpi: bool | None = None):
     """Comm over MPI.COMM_WORLD when there is more than one rank or MPI is asked for."""
     if use_mpi is False:

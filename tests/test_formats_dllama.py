@@ -234,8 +234,6 @@ def test_t_round_trip_is_byte_identical(tmp_path):
 
 def test_t_round_trip_of_smollm2_encodes_like_its_gguf(tmp_path):
     from test_tokenizer import TEXTS, _smollm2_path
-    if not os.path.isfile(_smollm2_path()):
-        pytest.skip("SmolLM2 GGUF not available")
     ref = Tokenizer.from_gguf(_smollm2_path())
     tok = Tokenizer.from_dllama_t(write_dllama_t(ref, str(tmp_path / "s.t")))
     assert (tok.bos_id, tok.eos_ids[0], tok.add_bos) == (ref.bos_id, ref.eos_ids[0], ref.add_bos)

