@@ -146,7 +146,7 @@ PRE_TOKENIZER_TYPES: dict[str, str] = {
 
 
 @lru_cache(maxsize=1)
-def _bytes_to_unicode() -> dict[int, str]:
+def bytes_to_unicode() -> dict[int, str]:
     """GPT-2's byte -> printable character table used to spell byte-level BPE tokens."""
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     cs = bs[:]
@@ -696,7 +696,7 @@ class Tokenizer:
             hf = _build_sentencepiece_bpe(tokens, types, t.scores, None, True, unk)
             add_bos_default = True
         else:
-            b2u = _bytes_to_unicode()
+            b2u = bytes_to_unicode()
             tokens = [texts[i] if i in special else "".join(b2u[b] for b in raw)
                       for i, raw in enumerate(t.tokens)]
             types = [_CONTROL if i in special else _NORMAL for i in range(n)]
@@ -752,7 +752,7 @@ def _build_byte_level_bpe(tokens, types, merges, pre, where):
         log.warning("%s: no tokenizer.ggml.pre; using llama.cpp's 'default' pre-tokenizer", where)
     regexes, ignore_merges, add_bos_default = _PRE_GROUPS[group]
 
-    byte_chars = _bytes_to_unicode()
+    byte_chars = bytes_to_unicode()
     alphabet = set(byte_chars.values())
     vocab: dict[str, int] = {}
     for i, (t, ty) in enumerate(zip(tokens, types)):

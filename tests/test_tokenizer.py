@@ -409,7 +409,7 @@ def test_chat_template_rendering_and_errors(spm_file):
 # ---------------------------------------------------------------------------------------------
 # byte-level BPE with other pre-tokenizers (tiny generated vocabulary)
 # ---------------------------------------------------------------------------------------------
-def _bytes_to_unicode():
+def bytes_to_unicode():
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     cs, n = bs[:], 0
     for b in range(256):
@@ -425,7 +425,7 @@ BPE_MERGES = ["Ġ t", "Ġt h", "Ġth e", "h e", "i n", "in g", "1 2", "12 3", "'
 
 def _bpe_writer(pre):
     def write(w):
-        tokens = _bytes_to_unicode()
+        tokens = bytes_to_unicode()
         for m in BPE_MERGES:
             tokens.append(m.replace(" ", ""))
         tokens += ["<|begin_of_text|>", "<|eot_id|>"]

@@ -462,12 +462,12 @@ def tfile_from_tokenizer(tok) -> TFile:
     """Token texts as the raw bytes Distributed Llama's converter writes: byte-level BPE
     tokens decoded from GPT-2's byte alphabet, SentencePiece '▁' as a space."""
     import json as _json
-    from ..tokenizer import _bytes_to_unicode
+    from ..tokenizer import bytes_to_unicode
     hf = tok.hf_tokenizer
     spec = _json.loads(hf.to_str())
     byte_level = "ByteLevel" in _json.dumps(spec.get("decoder")) or \
         "ByteLevel" in _json.dumps(spec.get("pre_tokenizer"))
-    u2b = {c: b for b, c in _bytes_to_unicode().items()}
+    u2b = {c: b for b, c in bytes_to_unicode().items()}
     specials = {i for i, t in hf.get_added_tokens_decoder().items()}
     n = tok.vocab_size
     tokens = []

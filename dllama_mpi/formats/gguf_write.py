@@ -245,18 +245,8 @@ def random_llama_tensors(*, dim: int, hidden_dim: int, n_layers: int, n_heads: i
 
 # --------------------------------------------------------------------------- tokenizer
 
-@lru_cache(maxsize=1)
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible byte -> printable unicode character mapping."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
+# GPT-2's byte -> printable character table: the tokenizer's own (one copy in the project)
+from ..tokenizer import bytes_to_unicode  # noqa: E402
 
 
 # A fixed English text the "bytes" vocabulary's merges are learned from (written for this file).
