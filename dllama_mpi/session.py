@@ -20,7 +20,12 @@ from .shard import plan
 
 
 class StartupFailed(SystemExit):
-    """Raised on every rank when the root reported a start-up error (already printed)."""
+    """Raised on every rank when the root reported a start-up error (already printed on
+    stderr by the root). `message` is that error's text, the same on every rank."""
+
+    def __init__(self, code: int = 1, message: str = ""):
+        super().__init__(code)
+        self.message = message
 
 
 @dataclass
@@ -74,7 +79,7 @@ def start(comm, model_arg: str, run: RunConfig, want_tokenizer: bool = True,
     if status[0] == "error":
         if comm.is_root:
             print(f"error: {status[1]}", file=sys.stderr)
-        raise StartupFailed(1)
+        raise StartupFailed(1, status[1])
     config, run, path = ModelConfig.from_dict(status[1]), status[2], status[3]
     direct = _direct_load(comm, run.load, path)
     if direct and not comm.is_root:
@@ -110,9 +115,10 @@ def _direct_load(comm, mode: str, path: str) -> bool:
         return True
     if mode == "direct":
         missing = [r for r, ok in enumerate(readable) if not ok]
+        message = f"--load direct, but ranks {missing} cannot read {path}"
         if comm.is_root:
-            print(f"error: --load direct, but ranks {missing} cannot read {path}", file=sys.stderr)
-        raise StartupFailed(1)
+            print(f"error: {message}", file=sys.stderr)
+        raise StartupFailed(1, message)
     return False
 
 

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from dllama_mpi.comm import SerialComm
-from tiny import our_greedy, write_tiny_gguf
+from tiny import our_greedy, write_header_only_gguf, write_tiny_gguf
 
 TIMEOUT = 300
 
@@ -32,8 +32,9 @@ def tiny(tmp_path_factory):
 
 
 def assert_clean_error(p, *words):
+    """Non-zero exit, one `error:` line (from the root, whatever the rank count), no traceback."""
     assert p.returncode != 0
-    assert "error:" in p.stderr and "Traceback" not in p.stderr, p.stderr
+    assert p.stderr.count("error:") == 1 and "Traceback" not in p.stderr, p.stderr
     for w in words:
         assert w in p.stderr, p.stderr
 
@@ -73,22 +74,27 @@ def test_two_ranks_report_bytes(tiny):
     assert out["per_rank"][1]["bytes_sent"] >= 2 * 2 * 96 * 4
 
 
-def test_missing_file():
-    assert_clean_error(run("inference", "--model", "/nonexistent.gguf", "--prompt", "x"),
-                       "not found")
+@pytest.mark.parametrize("ranks", [None, 2, 3])  # one process, and under mpiexec
+def test_missing_file(ranks):
+    assert_clean_error(run("inference", "--model", "/nonexistent.gguf", "--prompt", "x",
+                           ranks=ranks), "not found")
 
 
-def test_not_a_gguf(tmp_path):
+@pytest.mark.parametrize("ranks", [None, 2, 3])  # one process, and under mpiexec
+def test_not_a_gguf(tmp_path, ranks):
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"this is not a model" * 100)
-    assert_clean_error(run("inference", "--model", str(bad), "--prompt", "x"), "unknown model format")
+    assert_clean_error(run("inference", "--model", str(bad), "--prompt", "x", ranks=ranks),
+                       "unknown model format")
 
 
-def test_truncated_file(tiny, tmp_path):
+@pytest.mark.parametrize("ranks", [None, 2, 3])  # one process, and under mpiexec
+def test_truncated_file(tiny, tmp_path, ranks):
     cut = tmp_path / "cut.gguf"
     data = open(tiny, "rb").read()
     cut.write_bytes(data[: len(data) * 2 // 3])
-    assert_clean_error(run("inference", "--model", str(cut), "--prompt", "x"))
+    assert_clean_error(run("inference", "--model", str(cut), "--prompt", "x", ranks=ranks),
+                       "truncated")
 
 
 def test_prompt_longer_than_context(tiny):
@@ -181,33 +187,14 @@ def test_a_rank_that_dies_ends_the_job(tmp_path):
     assert proc.returncode != 0
 
 
-def _write_header_only_gguf(path, arch, tensor_type=None):
-    import gguf
-    import numpy as np
-    w = gguf.GGUFWriter(str(path), arch)
-    for key, val in (("block_count", 1), ("context_length", 64), ("embedding_length", 64),
-                     ("feed_forward_length", 128), ("attention.head_count", 2)):
-        w.add_uint32(f"{arch}.{key}", val)
-    if tensor_type is None:
-        w.add_tensor("token_embd.weight", np.zeros((300, 64), np.float32))
-    else:  # raw bytes of a type the runtime does not read
-        qt = getattr(gguf.GGMLQuantizationType, tensor_type)
-        block, size = gguf.GGML_QUANT_SIZES[qt]
-        w.add_tensor("token_embd.weight", np.zeros((300, 64 // block * size), np.uint8),
-                     raw_dtype=qt)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return str(path)
-
-
-def test_unsupported_architecture(tmp_path):
-    path = _write_header_only_gguf(tmp_path / "f.gguf", "falcon")
-    assert_clean_error(run("inference", "--model", path, "--prompt", "x"),
+@pytest.mark.parametrize("ranks", [None, 2, 3])  # one process, and under mpiexec
+def test_unsupported_architecture(tmp_path, ranks):
+    path = write_header_only_gguf(tmp_path / "f.gguf", "falcon")
+    assert_clean_error(run("inference", "--model", path, "--prompt", "x", ranks=ranks),
                        "unsupported architecture 'falcon'")
 
 
-def test_unsupported_tensor_type(tmp_path):
-    path = _write_header_only_gguf(tmp_path / "q.gguf", "llama", tensor_type="Q5_0")
-    assert_clean_error(run("inference", "--model", path, "--prompt", "x"), "Q5_0")
+@pytest.mark.parametrize("ranks", [None, 2, 3])  # one process, and under mpiexec
+def test_unsupported_tensor_type(tmp_path, ranks):
+    path = write_header_only_gguf(tmp_path / "q.gguf", "llama", tensor_type="Q5_0")
+    assert_clean_error(run("inference", "--model", path, "--prompt", "x", ranks=ranks), "Q5_0")

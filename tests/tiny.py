@@ -182,3 +182,26 @@ def smollm2_path() -> str:
         return path
     from dllama_mpi.models import pull
     return pull("smollm2-135m", quiet=True)
+
+
+def write_header_only_gguf(path, arch: str, tensor_type: str | None = None) -> str:
+    """A GGUF with a header and one embedding tensor: enough for the reader to reject an
+    architecture (`arch`) or a tensor type (`tensor_type`, a GGML type name) it cannot run."""
+    import gguf
+    import numpy as np
+    w = gguf.GGUFWriter(str(path), arch)
+    for key, val in (("block_count", 1), ("context_length", 64), ("embedding_length", 64),
+                     ("feed_forward_length", 128), ("attention.head_count", 2)):
+        w.add_uint32(f"{arch}.{key}", val)
+    if tensor_type is None:
+        w.add_tensor("token_embd.weight", np.zeros((300, 64), np.float32))
+    else:  # raw bytes of a type the runtime does not read
+        qt = getattr(gguf.GGMLQuantizationType, tensor_type)
+        block, size = gguf.GGML_QUANT_SIZES[qt]
+        w.add_tensor("token_embd.weight", np.zeros((300, 64 // block * size), np.uint8),
+                     raw_dtype=qt)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return str(path)

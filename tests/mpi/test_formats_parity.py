@@ -8,43 +8,18 @@ transformers at every position, greedy tokens equal the one-process ones, and di
 gives the same bits as scatter loading. The root computes each verdict and broadcasts it.
 """
 import os
-import shutil
-import sys
-import tempfile
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
-
-from dllama_mpi.comm import Comm, SerialComm  # noqa: E402
-from tiny import (ARCH_SHAPES, hf_arch_logits, our_greedy, our_logits,  # noqa: E402
-                  save_hf_arch, tolerance, write_arch_gguf)
+from dllama_mpi.comm import SerialComm
+from mpi_util import agree
+from tiny import hf_arch_logits, our_greedy, our_logits, save_hf_arch, tolerance, write_arch_gguf
 
 IDS = [1, 17, 42, 99, 3, 150, 7, 64]
 SHAPES = ("llama_gqa6", "qwen2_gqa6", "qwen3_gqa6")
 CASES = [(shape, form) for shape in SHAPES
          for form in ("hf", "h5", "gguf" if shape.startswith("qwen2") else "m")]
-
-
-@pytest.fixture(scope="module")
-def comm():
-    return Comm()
-
-
-@pytest.fixture(scope="module")
-def shared_dir(comm):
-    path = tempfile.mkdtemp(prefix="dllama-mpi-formats-") if comm.is_root else None
-    path = comm.bcast_obj(path)
-    yield path
-    comm.barrier()
-    if comm.is_root:
-        shutil.rmtree(path, ignore_errors=True)
-
-
-def agree(comm, ok, message: str = "") -> None:
-    ok, message = comm.bcast_obj((ok, message))
-    assert ok, message
 
 
 def model_file(comm, shared_dir: str, shape: str, form: str) -> str:

@@ -4,41 +4,17 @@ Every rank runs the same test; the root computes the verdict (against transforme
 against the same model in one process) and broadcasts it, so all ranks assert alike.
 """
 import os
-import shutil
-import sys
-import tempfile
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
-
-from dllama_mpi.comm import Comm, SerialComm  # noqa: E402
-from dllama_mpi.session import StartupFailed  # noqa: E402
-from tiny import (SHAPES, hf_logits, our_greedy, our_logits, smollm2_path,  # noqa: E402
-                  tolerance, write_tiny_gguf)
+from dllama_mpi.comm import SerialComm
+from dllama_mpi.session import StartupFailed
+from mpi_util import agree
+from tiny import (SHAPES, hf_logits, our_greedy, our_logits, smollm2_path, tolerance,
+                  write_tiny_gguf)
 
 IDS = [1, 17, 42, 99, 3, 150, 7, 64, 5, 180, 2, 33]
-
-
-@pytest.fixture(scope="module")
-def comm():
-    return Comm()
-
-
-@pytest.fixture(scope="module")
-def shared_dir(comm):
-    path = tempfile.mkdtemp(prefix="dllama-mpi-test-") if comm.is_root else None
-    path = comm.bcast_obj(path)
-    yield path
-    comm.barrier()
-    if comm.is_root:
-        shutil.rmtree(path, ignore_errors=True)
-
-
-def agree(comm, ok: bool | None, message: str = "") -> None:
-    ok, message = comm.bcast_obj((ok, message))
-    assert ok, message
 
 
 def tiny_file(comm, shared_dir, shape, weight_type="f32"):

@@ -1,0 +1,28 @@
+"""Fixtures shared by the MPI tests (`mpiexec -n N bash tests/mpi/run_rank.sh tests/mpi`):
+the world communicator and a temporary directory every rank can see (the root makes it,
+broadcasts its path and removes it once every rank is done)."""
+import os
+import shutil
+import sys
+import tempfile
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/
+
+
+@pytest.fixture(scope="session")
+def comm():
+    from dllama_mpi.comm import Comm
+    return Comm()
+
+
+@pytest.fixture(scope="module")
+def shared_dir(comm, request):
+    name = request.module.__name__.rsplit(".", 1)[-1]
+    path = tempfile.mkdtemp(prefix=f"dllama-{name}-") if comm.is_root else None
+    path = comm.bcast_obj(path)
+    yield path
+    comm.barrier()
+    if comm.is_root:
+        shutil.rmtree(path, ignore_errors=True)
