@@ -1,6 +1,10 @@
 """GGUF (llama.cpp) models: header -> ModelConfig, canonical tensor name -> tensor.
 
-Read with the `gguf` package (memory-mapped): only the slices a rank needs are touched.
+The header is parsed here (GGUFHeader) and the tensor data memory-mapped: only the slices
+a rank needs are touched. `gguf.GGUFReader` is not used for model files: it builds a numpy
+view of every element of every metadata array — for SmolLM2's 49k-token vocabulary and 49k
+merges that took 5 s and 160 MB on every rank that opened the file (direct loading opens it
+on every rank). Here big arrays are skipped and read only when asked for.
 """
 from __future__ import annotations
 
@@ -36,11 +40,165 @@ def gguf_name(name: str) -> str:
             "wcls": "output.weight", "rope_freqs": "rope_freqs.weight"}[name]
 
 
-def _tensor(t) -> Tensor:
-    # GGUF lists dims innermost first; t.data is a memmap of [out, bytes per row] for
-    # quantised types and [out, in] values otherwise
-    return Tensor(t.name, t.tensor_type.name, tuple(int(d) for d in reversed(t.shape.tolist())),
-                  t.data)
+# value type -> struct format of the scalar types (GGUF v2/v3, little-endian)
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
+            10: "<Q", 11: "<q", 12: "<d"}
+_STRING, _ARRAY = 8, 9
+# tensor types whose data are plain values, and their numpy dtypes (as gguf.GGUFReader)
+_VALUE_DTYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "I8": np.int8,
+                 "I16": np.int16, "I32": np.int32, "I64": np.int64}
+
+
+class _LazyArray:
+    """A metadata array not read yet: element type, count and where its elements start."""
+
+    __slots__ = ("itype", "count", "pos")
+
+    def __init__(self, itype: int, count: int, pos: int):
+        self.itype, self.count, self.pos = itype, count, pos
+
+
+class GGUFHeader:
+    """The key/values and the tensor table of a little-endian GGUF v2/v3 file.
+
+    `fields`: key -> int/float/bool/str, or a _LazyArray (arrays are skipped, and read by
+    `value()` when asked for). `tensors`: (name, GGML type name, dims innermost first,
+    absolute data offset, bytes) in file order. Raises ValueError on a damaged header."""
+
+    def __init__(self, path: str):
+        import mmap
+        import struct
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            buf = memoryview(mm)
+            try:
+                self._parse(buf, struct)
+            except (struct.error, IndexError, UnicodeDecodeError) as e:
+                raise ValueError(f"header runs past the end of the file or is corrupt ({e})") \
+                    from None
+            finally:
+                buf.release()
+        self.path = path
+
+    def _parse(self, buf, struct) -> None:
+        from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+        u32, u64 = struct.Struct("<I").unpack_from, struct.Struct("<Q").unpack_from
+        size = len(buf)
+        if bytes(buf[:4]) != b"GGUF":
+            raise ValueError("bad magic")
+        (self.version,) = u32(buf, 4)
+        if self.version not in (2, 3):
+            raise ValueError(f"GGUF version {self.version} (only 2 and 3, little-endian)")
+        n_tensors, n_kv = struct.unpack_from("<QQ", buf, 8)
+        pos = 24
+
+        def string(pos):
+            (n,) = u64(buf, pos)
+            if pos + 8 + n > size:
+                raise IndexError("a string runs past the end of the file")
+            return str(buf[pos + 8:pos + 8 + n], "utf-8"), pos + 8 + n
+
+        def skip(vtype, pos, count=1):
+            if vtype == _STRING:
+                for _ in range(count):
+                    pos += 8 + u64(buf, pos)[0]
+                return pos
+            if vtype == _ARRAY:
+                for _ in range(count):
+                    itype, n = u32(buf, pos)[0], u64(buf, pos + 4)[0]
+                    pos = skip(itype, pos + 12, n)
+                return pos
+            if vtype not in _SCALARS:
+                raise ValueError(f"unknown metadata value type {vtype}")
+            return pos + count * struct.calcsize(_SCALARS[vtype])
+
+        self.fields: dict[str, object] = {}
+        for _ in range(n_kv):
+            key, pos = string(pos)
+            (vtype,) = u32(buf, pos)
+            pos += 4
+            if vtype == _STRING:
+                self.fields[key], pos = string(pos)
+            elif vtype == _ARRAY:
+                itype, n = u32(buf, pos)[0], u64(buf, pos + 4)[0]
+                self.fields[key] = _LazyArray(itype, n, pos + 12)
+                pos = skip(itype, pos + 12, n)
+            elif vtype in _SCALARS:
+                (self.fields[key],) = struct.unpack_from(_SCALARS[vtype], buf, pos)
+                pos = skip(vtype, pos)
+            else:
+                raise ValueError(f"unknown metadata value type {vtype} for {key}")
+            if pos > size:
+                raise IndexError(f"metadata {key} runs past the end of the file")
+        infos = []
+        for _ in range(n_tensors):
+            name, pos = string(pos)
+            (n_dims,) = u32(buf, pos)
+            if n_dims > 4:
+                raise ValueError(f"tensor {name} has {n_dims} dimensions")
+            dims = struct.unpack_from(f"<{n_dims}Q", buf, pos + 4)
+            pos += 4 + 8 * n_dims
+            ttype, offset = struct.unpack_from("<IQ", buf, pos)
+            pos += 12
+            infos.append((name, ttype, dims, offset))
+        align = self.fields.get("general.alignment", 32)
+        if not isinstance(align, int) or align <= 0 or align & (align - 1):
+            raise ValueError(f"bad general.alignment {align!r}")
+        self.data_offset = pos + (-pos) % align
+        self.tensors = []
+        seen = set()
+        for name, ttype, dims, offset in infos:
+            if name in seen:
+                raise ValueError(f"tensor {name} appears twice")
+            seen.add(name)
+            try:
+                qtype = GGMLQuantizationType(ttype)
+            except ValueError:
+                raise ValueError(f"tensor {name} has unknown type {ttype}") from None
+            values, nbytes = GGML_QUANT_SIZES[qtype]
+            n = int(np.prod(dims, dtype=np.int64)) if dims else 1
+            self.tensors.append((name, qtype.name, tuple(int(d) for d in dims),
+                                 self.data_offset + offset, n // values * nbytes))
+
+    def value(self, key: str, default=None):
+        """A metadata value as a Python object (arrays as lists), or `default`."""
+        v = self.fields.get(key, default)
+        if not isinstance(v, _LazyArray):
+            return v
+        import struct
+        with open(self.path, "rb") as f:
+            f.seek(v.pos)
+            if v.itype in _SCALARS:
+                dt = np.dtype(_SCALARS[v.itype])
+                return np.frombuffer(f.read(v.count * dt.itemsize), dt).tolist()
+            if v.itype != _STRING:
+                raise ValueError(f"{key}: arrays of arrays are not read")
+            out = []
+            for _ in range(v.count):
+                (n,) = struct.unpack("<Q", f.read(8))
+                out.append(f.read(n).decode("utf-8"))
+            return out
+
+
+def _tensors(header: GGUFHeader, path: str, file_size: int) -> dict[str, Tensor]:
+    """name -> Tensor over one read-only memory map of the file. GGUF lists dims innermost
+    first; data is [out, bytes per row] uint8 for block types (BF16 included, as the gguf
+    package gives it) and [out, in] values for F32/F16."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import quant_shape_to_byte_shape
+    mm = np.memmap(path, dtype=np.uint8, mode="r") if file_size else np.zeros(0, np.uint8)
+    out = {}
+    for name, type_name, dims, offset, nbytes in header.tensors:
+        shape = tuple(reversed(dims))
+        if offset + nbytes > file_size:
+            raise DllamaError(f"{path} is truncated: tensor {name} ends at byte "
+                              f"{offset + nbytes}, file has {file_size}")
+        raw = mm[offset:offset + nbytes]
+        if type_name in _VALUE_DTYPES:
+            data = raw.view(_VALUE_DTYPES[type_name]).reshape(shape)
+        else:
+            data = raw.reshape(quant_shape_to_byte_shape(shape, GGMLQuantizationType[type_name]))
+        out[name] = Tensor(name, type_name, shape, data)
+    return out
 
 
 class GGUFModel:
@@ -49,7 +207,6 @@ class GGUFModel:
     format = "gguf"
 
     def __init__(self, path: str):
-        from gguf import GGUFReader
         if not os.path.isfile(path):
             raise DllamaError(f"model file not found: {path}")
         with open(path, "rb") as f:
@@ -57,13 +214,13 @@ class GGUFModel:
         if magic != b"GGUF":
             raise DllamaError(f"{path} is not a GGUF file (magic {magic!r}, expected b'GGUF')")
         try:
-            self.reader = GGUFReader(path, "r")
-        except Exception as e:  # the gguf package raises ValueError/IndexError/... on damage
-            raise DllamaError(f"cannot read GGUF file {path}: {type(e).__name__}: {e} "
-                              f"(truncated or corrupt?)") from None
+            self.header = GGUFHeader(path)
+        except ValueError as e:
+            raise DllamaError(f"cannot read GGUF file {path}: {e} (truncated or corrupt?)") \
+                from None
         self.path = path
         self.file_size = os.path.getsize(path)
-        self.tensors = {t.name: _tensor(t) for t in self.reader.tensors}
+        self.tensors = _tensors(self.header, path, self.file_size)
         self.config = self._read_config()
         self._check_tensors()
         if self.config.arch in ROTATE_HALF_ARCHS:
@@ -71,10 +228,7 @@ class GGUFModel:
 
     # -- header ----------------------------------------------------------------------
     def field(self, key: str, default=None):
-        f = self.reader.fields.get(key)
-        if f is None:
-            return default
-        return f.contents()
+        return self.header.value(key, default)
 
     def _read_config(self) -> ModelConfig:
         arch = self.field("general.architecture")
@@ -142,10 +296,6 @@ class GGUFModel:
                                   f"expected {shape}")
             if t.data.size == 0 or t.data.shape[0] != shape[0]:
                 raise DllamaError(f"{self.path}: tensor {t.name} is truncated")
-        last = max(self.reader.tensors, key=lambda t: t.data_offset + t.n_bytes)
-        if last.data_offset + last.n_bytes > self.file_size:
-            raise DllamaError(f"{self.path} is truncated: tensor {last.name} ends at byte "
-                              f"{last.data_offset + last.n_bytes}, file has {self.file_size}")
 
     def _to_interleaved(self) -> None:
         """q/k rows (and their biases and norm weights) from rotate-half order to the
@@ -182,9 +332,9 @@ class GGUFModel:
     def tokenizer(self):
         from ..tokenizer import Tokenizer
         try:
-            return Tokenizer.from_gguf(self.reader)
+            return Tokenizer.from_gguf(self.path)
         except ValueError as e:
             raise DllamaError(f"{self.path}: {e}") from None
 
     def close(self) -> None:
-        self.reader = None
+        self.tensors = {}
