@@ -173,6 +173,25 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def summary(rows: list[dict]) -> str:
+    """One line per run: the root against the worst worker."""
+    head = ("| model | ranks | load | wall s | shard MiB | root: held / mapped / peak − base MiB "
+            "| workers (max): held / mapped / peak − base MiB |")
+    lines = [head, "|" + "---|" * 7]
+    for r in rows:
+        ps = r["per_rank"]
+
+        def cols(p):
+            return (f"{(p['anon'] - p['anon_base']) / MIB:.0f} / "
+                    f"{(p['file'] - p['file_base']) / MIB:.0f} / "
+                    f"{(p['peak'] - p['base']) / MIB:.0f}" if p["peak"] is not None else "?")
+        worst = max(ps[1:], key=lambda p: p["anon"] - p["anon_base"]) if len(ps) > 1 else None
+        lines.append(f"| {r['model']} | {r['ranks']} | {r['load']} | {r['wall_s']:.2f} "
+                     f"| {max(p['shard'] for p in ps) / MIB:.0f} | {cols(ps[0])} "
+                     f"| {cols(worst) if worst else '—'} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -184,9 +203,21 @@ def main() -> None:
     ap.add_argument("--modes", nargs="+", default=["scatter", "direct"],
                     choices=("scatter", "direct"))
     ap.add_argument("--timeout", type=float, default=600, help="seconds per mpiexec run")
+    ap.add_argument("--tables", nargs="+", metavar="RESULT.json",
+                    help="print the tables of saved results (later files replace a model's rows)")
     args = ap.parse_args()
     if args.worker:
         worker(args.model, args.load)
+        return
+    if args.tables:
+        by_model: dict[str, list] = {}
+        for path in args.tables:
+            with open(path) as f:
+                saved = json.load(f)["rows"]
+            for name in dict.fromkeys(r["model"] for r in saved):
+                by_model[name] = [r for r in saved if r["model"] == name]
+        rows = [r for rs in by_model.values() for r in rs]
+        print(table(rows) + "\n\n" + summary(rows))
         return
     rows = []
     for name in args.models:
@@ -197,7 +228,7 @@ def main() -> None:
                 r["model"] = name
                 rows.append(r)
                 print(f"{name} {n} ranks {r['load']}: wall {r['wall_s']:.2f} s", file=sys.stderr)
-    print(table(rows))
+    print(table(rows) + "\n\n" + summary(rows))
     os.makedirs(RESULTS, exist_ok=True)
     out = os.path.join(RESULTS, time.strftime("load-%Y%m%d-%H%M%S.json"))
     with open(out, "w") as f:
