@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import collections
+import math
 
 from . import models
 from .config import RunConfig
+from .formats import expected_shapes
 from .kvcache import KVCache
 from .loading import tensor_specs, slice_shape
 from .quant import Q40_BLOCK_BYTES, QK
@@ -21,10 +23,11 @@ def print_info(model_arg: str, ranks: int) -> int:
         if k == "rope_freq_factors" and v is not None:
             v = f"{len(v)} factors"
         print(f"  {k}: {v}")
-    types = collections.Counter(t.type for t in model.tensors.values())
-    params = sum(int(t.data.size if t.type in ("F32", "F16", "BF16") else
-                     t.shape[0] * t.shape[-1]) for t in model.tensors.values())
-    print(f"tensors: {dict(types)}; parameters: {params / 1e6:.1f} M")
+    # the model's own tensors, by canonical name (not a file's extras such as rope_freqs)
+    tensors = [model.tensor(name) for name in expected_shapes(c)]
+    types = collections.Counter(t.type for t in tensors)
+    params = sum(math.prod(t.shape) for t in tensors)
+    print(f"tensors: {dict(sorted(types.items()))}; parameters: {params:,} ({_human(params)})")
     if ranks > c.n_heads:
         print(f"{ranks} ranks: impossible, at most {c.n_heads} (query heads)")
         return 1
@@ -43,3 +46,7 @@ def print_info(model_arg: str, ranks: int) -> int:
               f"vocab {p.vocab.start}:{p.vocab.stop}; weights q40 {q40 / 2**20:.1f} MiB / "
               f"f32 {f32 / 2**20:.1f} MiB; KV cache {kv / 2**20:.1f} MiB at {seq} positions")
     return 0
+
+
+def _human(n: int) -> str:
+    return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.1f} M"

@@ -137,6 +137,77 @@ def test_config_with_unknown_key(tmp_path):
     assert_clean_error(run("inference", "--config", str(preset), "--prompt", "x"), "temprature")
 
 
+# ------------------------------------------------------------------------------ info
+
+INFO_SHAPE = "qwen3_gqa6"  # q_dim 192 != dim 96, q/k norms: the count is not just dim²·L
+
+
+@pytest.fixture(scope="module")
+def every_format(tmp_path_factory):
+    """The same random tiny model as an HF folder, a GGUF (with a tokenizer), a .m + .t
+    converted from the GGUF, and an .h5 converted from the folder."""
+    from dllama_mpi.convert import convert
+    from dllama_mpi.formats.gguf_write import write_llama_gguf
+    from tiny import ARCH_SHAPES, hf_arch_model, save_hf_arch
+    d = tmp_path_factory.mktemp("info")
+    s = ARCH_SHAPES[INFO_SHAPE]
+    hf = save_hf_arch(str(d / "hf"), INFO_SHAPE)
+    gguf = str(d / "m.gguf")
+    tensors = {k: v.detach().float().numpy() for k, v in hf_arch_model(INFO_SHAPE).state_dict().items()}
+    write_llama_gguf(gguf, arch=s["arch"], dim=s["dim"], hidden_dim=s["hidden_dim"],
+                     n_layers=s["n_layers"], n_heads=s["n_heads"], n_kv_heads=s["n_kv_heads"],
+                     vocab_size=s["vocab_size"], context_length=256, head_dim=s["head_dim"],
+                     rope_theta=1000000.0, norm_eps=1e-6, tensors=tensors, weight_type="f32",
+                     tokenizer="bytes")
+    m, t = convert(gguf, str(d / "m.m"), "f32", to="dllama", progress=False)
+    assert t.endswith(".t")
+    h5 = convert(hf, str(d / "m.h5"), "f32", progress=False)[0]
+    return {"gguf": gguf, "m": m, "hf": hf, "h5": h5}
+
+
+def _parse_info(text: str):
+    config, ranks, params = {}, [], None
+    for line in text.splitlines():
+        if line.startswith("  "):
+            k, _, v = line.strip().partition(": ")
+            config[k] = v
+        elif line.startswith("tensors:"):
+            params = int(line.split("parameters: ")[1].split()[0].replace(",", ""))
+        elif line.startswith("rank "):
+            ranks.append(line)
+    return config, params, ranks
+
+
+@pytest.mark.parametrize("form", ["gguf", "m", "hf", "h5"])
+def test_info_for_every_format(every_format, form):
+    """`info -n 3` prints the model's config, its exact parameter count and each rank's
+    heads / KV heads / FFN / vocabulary bands (shard.plan)."""
+    from dllama_mpi.config import ModelConfig
+    from dllama_mpi.shard import plan
+    from tiny import ARCH_SHAPES, hf_arch_model
+    p = run("info", "--model", every_format[form], "-n", "3")
+    assert p.returncode == 0, p.stderr
+    config, params, ranks = _parse_info(p.stdout)
+    s = ARCH_SHAPES[INFO_SHAPE]
+    for key in ("dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size",
+                "head_dim"):
+        assert int(config[key]) == s[key], (key, p.stdout)
+    assert config["arch"] == "qwen3" and config["qk_norm"] == "True"
+    assert config["tied_embeddings"] == "False" and int(config["context_length"]) == 256
+    assert float(config["rope_theta"]) == 1e6 and float(config["norm_eps"]) == pytest.approx(1e-6)
+    assert params == sum(p.numel() for p in hf_arch_model(INFO_SHAPE).parameters())
+    c = ModelConfig(**{k: s[k] for k in ("dim", "hidden_dim", "n_layers", "n_heads",
+                                         "n_kv_heads", "vocab_size", "head_dim")},
+                    arch="qwen3", context_length=256, qk_norm=True)
+    assert len(ranks) == 3
+    for r, line in enumerate(ranks):
+        pl = plan(c, r, 3)
+        assert line.startswith(
+            f"rank {r}/3: heads {pl.q_heads.start}-{pl.q_heads.stop - 1}, "
+            f"kv heads {pl.kv_heads.start}-{pl.kv_heads.stop - 1}, "
+            f"ffn {pl.ffn.start}:{pl.ffn.stop}, vocab {pl.vocab.start}:{pl.vocab.stop};"), line
+
+
 def _rank_pids(root_pid: int, rank: int) -> list[int]:
     """PIDs of processes under root_pid whose MPI rank (PMI_RANK) is `rank`."""
     found = []
