@@ -62,3 +62,21 @@ def test_damaged_files(tmp_path, cut, message):
     open(path, "wb").write(data[:cut])
     with pytest.raises(DllamaError, match=message):
         GGUFModel(path)
+
+
+def test_bf16_column_band_is_cut_in_values_not_bytes():
+    """A GGUF's BF16 tensor is raw bytes [out, 2 * in]: a rank's column band (wo, w2) must
+    be the same columns' values."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize, quantize
+
+    from dllama_mpi.formats.base import Tensor
+    from dllama_mpi.shard import Range
+    x = np.random.default_rng(0).standard_normal((4, 96)).astype(np.float32)
+    raw = quantize(x, GGMLQuantizationType.BF16)
+    t = Tensor("w", "BF16", x.shape, raw)
+    want = dequantize(raw, GGMLQuantizationType.BF16)
+    for band in (Range(0, 32), Range(32, 96), Range(5, 50)):
+        got = dequantize(np.ascontiguousarray(t.read(rows=Range(1, 3), cols=band)),
+                         GGMLQuantizationType.BF16)
+        np.testing.assert_array_equal(got, want[1:3, band.start:band.stop])

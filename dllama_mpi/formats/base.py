@@ -37,6 +37,12 @@ class Tensor:
         return self.type not in FLOAT_TYPES
 
     @property
+    def _bytes(self) -> bool:
+        """Values held as raw bytes (BF16 in a GGUF: [out, 2 * in] uint8): columns are cut
+        like blocks of one value."""
+        return self.type == "BF16" and np.dtype(self.data.dtype) == np.uint8
+
+    @property
     def block(self) -> tuple[int, int]:
         """(values, bytes) per block."""
         return GGML_QUANT_SIZES[self.ggml_type]
@@ -47,7 +53,7 @@ class Tensor:
         r = slice(None) if rows is None else rows.as_slice()
         if cols is None or len(self.shape) == 1:
             return np.asarray(self.data[r])
-        if not self.quantised:
+        if not self.quantised and not self._bytes:
             return np.asarray(self.data[r, cols.as_slice()])
         values, nbytes = self.block
         if cols.start % values or cols.stop % values:
