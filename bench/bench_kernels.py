@@ -51,7 +51,7 @@ def best_of(fn, reps: int, min_time: float = 0.0) -> float:
 
 def probe(nbytes: int, threads: int, reps: int) -> float:
     a = np.ones(nbytes // 8, np.uint64)
-    numba.set_num_threads(threads)
+    K.set_num_threads(threads)
     _sum_u64(a[:1024], threads)
     t = best_of(lambda: _sum_u64(a, threads), reps)
     return a.nbytes / t / 1e9
@@ -71,7 +71,7 @@ def bench_matmul(w: Q40Matrix, T: int, threads: int, reps: int, copies: int) -> 
     K.quantize_q80_act(xq, xd, x)
     out = np.empty((T, w.rows), np.float32)
     mats = [w] + [Q40Matrix(w.qs.copy(), w.d.copy(), w.rows, w.cols) for _ in range(copies - 1)]
-    numba.set_num_threads(threads)
+    K.set_num_threads(threads)
     K.matmul_q80_q40(out, xq, xd, w)
     state = [0]
 
@@ -102,7 +102,7 @@ def bench_any(w, T: int, threads: int, reps: int, min_bytes: float = 128e6) -> f
     K.quantize_q80_act(xq, xd, rng.standard_normal((T, w.cols), dtype=np.float32))
     out = np.empty((T, w.rows), np.float32)
     mats = [w] + [_clone(w) for _ in range(max(1, int(min_bytes // w.nbytes)) - 1)]
-    numba.set_num_threads(threads)
+    K.set_num_threads(threads)
     fn(out, xq, xd, w)
     times = []
     for _ in range(reps):

@@ -47,15 +47,19 @@ def choose_threading_layer(weights_float_type: str) -> None:
     numba.config.THREADING_LAYER = "workqueue" if weights_float_type == "f32" else "omp"
 
 
+_NUM_THREADS = numba.config.NUMBA_NUM_THREADS   # as numba.get_num_threads(), which costs ~2 us a call
+
+
 def set_num_threads(n: int) -> None:
     """Set the number of numba threads used by the parallel kernels (1..NUMBA_NUM_THREADS)."""
-    global _PAR_MIN_BLOCKS
+    global _PAR_MIN_BLOCKS, _NUM_THREADS
     numba.set_num_threads(int(n))
+    _NUM_THREADS = int(n)
     _PAR_MIN_BLOCKS = (1 << 14) if numba.threading_layer() == "omp" else (1 << 17)
 
 
 def get_num_threads() -> int:
-    return numba.get_num_threads()
+    return _NUM_THREADS
 
 
 # ---------------------------------------------------------------- checks
@@ -650,7 +654,7 @@ def _matmul_q80_q80(out, xq, xd, w, use_avx2: bool) -> None:
     args = (out, xq, xd, xi, xf, w.buf, w.rows, w.nb, w.stride, _ACC)
     if not use_avx2:
         _rows_q8_generic(*args)
-    elif w.rows * w.nb * T < _PAR_MIN_BLOCKS or w.rows <= 2 * _RT8 or numba.get_num_threads() == 1:
+    elif w.rows * w.nb * T < _PAR_MIN_BLOCKS or w.rows <= 2 * _RT8 or _NUM_THREADS == 1:
         _rows_q8_serial(*args)
     else:
         _rows_q8_par(*args)
@@ -712,6 +716,17 @@ def _as64(builder, v):
     return v if v.type == _i64 else builder.sext(v, _i64)
 
 
+# row-tile kernels: software prefetch distance in the weight stream.  Measured on SmolLM2's 210
+# layer matrices (0.1-0.6 MB each, 1 thread): 7.3-7.8 ms/token without, 6.1-6.5 with 1-4 kB
+_PF_AHEAD = 2048
+
+
+def _prefetch_fn(builder):
+    p8 = ir.IntType(8).as_pointer()
+    name = "llvm.prefetch.p0" if llvm_binding.llvm_version_info[0] >= 15 else "llvm.prefetch.p0i8"
+    return cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [p8, _i32, _i32, _i32]), name)
+
+
 def _make_rows_q4(nt: int):
     """acc[u*16 + i] = sum over blocks of tile rows i, tokens u < nt (see the layout note above)."""
 
@@ -735,9 +750,13 @@ def _make_rows_q4(nt: int):
             k = lambda v: ir.Constant(_i64, v)
             faccs = [cgutils.alloca_once_value(builder, ir.Constant(_v16f32, None)) for _ in range(nt)]
             has_m = builder.icmp_signed("!=", hasm, k(0))
+            prefetch = _prefetch_fn(builder)
             with cgutils.for_range(builder, nb) as loop:
                 b = loop.index
                 base = builder.add(bo, builder.mul(b, sb))
+                for line in range(0, 320, 64):      # the record _PF_AHEAD bytes ahead (hint; never faults)
+                    builder.call(prefetch, [builder.gep(bufp, [builder.add(base, k(_PF_AHEAD + line))]),
+                                            ir.Constant(_i32, 0), ir.Constant(_i32, 3), ir.Constant(_i32, 1)])
                 xb = builder.add(xo, builder.mul(b, k(QK)))
                 accs = [_splat(builder, builder.load(builder.gep(xip, [builder.add(xio, builder.add(b, builder.mul(k(u), nb)))])), 16)
                         for u in range(nt)]
@@ -806,9 +825,13 @@ def _make_rows_q8(nt: int):
             ones = ir.Constant(_v16i16, [1] * 16)
             k = lambda v: ir.Constant(_i64, v)
             faccs = [cgutils.alloca_once_value(builder, ir.Constant(_v8f32, None)) for _ in range(nt)]
+            prefetch = _prefetch_fn(builder)
             with cgutils.for_range(builder, nb) as loop:
                 b = loop.index
                 base = builder.add(bo, builder.mul(b, sb))
+                for line in range(0, 272, 64):      # the record _PF_AHEAD bytes ahead
+                    builder.call(prefetch, [builder.gep(bufp, [builder.add(base, k(_PF_AHEAD + line))]),
+                                            ir.Constant(_i32, 0), ir.Constant(_i32, 3), ir.Constant(_i32, 1)])
                 xb = builder.add(xo, builder.mul(b, k(QK)))
                 accs = [ir.Constant(_v8i32, None)] * nt
                 for p in range(8):
@@ -1025,7 +1048,7 @@ def _rows_q4(out, xq, xd, buf, rows, nb, sb, hasm, use_avx2: bool) -> None:
     xi, xf = _rbuffers(T, nb)
     if not use_avx2:
         _rows_q4_generic(out, xq, xd, xi, xf, buf, rows, nb, sb, hasm, _ACC)
-    elif rows * nb * T < _PAR_MIN_BLOCKS or rows <= 2 * _RT4 or numba.get_num_threads() == 1:
+    elif rows * nb * T < _PAR_MIN_BLOCKS or rows <= 2 * _RT4 or _NUM_THREADS == 1:
         _rows_q4_serial(out, xq, xd, xi, xf, buf, rows, nb, sb, hasm, _ACC)
     else:
         _rows_q4_par(out, xq, xd, xi, xf, buf, rows, nb, sb, hasm, _ACC)
@@ -1102,6 +1125,32 @@ def rmsnorm_q80(out: np.ndarray, qs: np.ndarray, d: np.ndarray, x: np.ndarray, w
         (_quantize_q80_act_f16c if HAS_AVX2 else _quantize_q80_act)(qs, d, out, T, n // QK)
     else:
         _rmsnorm_q80_ser(out, qs, d, x, weight, float(eps), T, n, HAS_AVX2)
+
+
+@_serial
+def _rmsnorm_heads(x, c0, nh, hd, weight, eps, T):
+    for t in range(T):
+        for h in range(nh):
+            o = c0 + h * hd
+            ss = 0.0                               # float64 accumulation, as _rmsnorm_rows
+            for i in range(hd):
+                v = np.float64(x[t, o + i])
+                ss += v * v
+            inv = np.float32(1.0 / math.sqrt(ss / hd + eps))
+            for i in range(hd):
+                x[t, o + i] = x[t, o + i] * inv * weight[i]
+
+
+def rmsnorm_heads(x: np.ndarray, col0: int, n_heads: int, weight: np.ndarray, eps: float) -> None:
+    """In place: rmsnorm of each head (len(weight) columns) of x[:, col0 : col0 + n_heads * head_dim]
+    (Qwen3's per-head q and k norms on the fused projection)."""
+    _check("x", x, np.float32, ndim=2)
+    _check_out("x", x, np.float32, x.shape)
+    _check("weight", weight, np.float32, ndim=1)
+    hd = weight.shape[0]
+    if col0 < 0 or hd == 0 or col0 + n_heads * hd > x.shape[1]:
+        raise ValueError(f"heads [{col0}, {col0} + {n_heads}*{hd}) do not fit rows of {x.shape[1]}")
+    _rmsnorm_heads(x, int(col0), int(n_heads), hd, weight, float(eps), x.shape[0])
 
 
 # ---------------------------------------------------------------- rope (interleaved pairs)
@@ -1308,15 +1357,26 @@ def attention(out: np.ndarray, q: np.ndarray, k_cache: np.ndarray, v_cache: np.n
         _check("kv_of_q", kv_of_q, np.int32, (nq,))
     if T == 0:
         return
+    pmax = _check_positions(positions, T, S, nkv, kv_of_q)
+    scratch = _scratch(scratch, T, nq, S, pmax)
+    _attention_run(out, q, k_cache, v_cache, positions, kv_of_q, np.float32(scale), scratch, T, nq, hd, pmax)
+
+
+def _check_positions(positions, T: int, S: int, nkv: int, kv_of_q) -> int:
+    """positions in [0, S) and kv_of_q in [0, nkv) (validated once per distinct map); max position."""
     pmin, pmax = (int(positions[0]),) * 2 if T == 1 else (int(positions.min()), int(positions.max()))
     if pmin < 0 or pmax >= S:
         raise ValueError(f"positions: must lie in [0, {S}), got [{pmin}, {pmax}]")
-    if nq and (nkv, kv_of_q.tobytes()) not in _KV_OK:
+    if kv_of_q.shape[0] and (nkv, kv_of_q.tobytes()) not in _KV_OK:
         if not _kv_ok(kv_of_q, nkv):
             raise ValueError(f"kv_of_q: must lie in [0, {nkv})")
         if len(_KV_OK) > 64:
             _KV_OK.clear()
         _KV_OK.add((nkv, kv_of_q.tobytes()))
+    return pmax
+
+
+def _scratch(scratch, T: int, nq: int, S: int, pmax: int) -> np.ndarray:
     if scratch is None:                   # cached per (rows, S): no page faults on every call
         key = (max(1, min(T * nq, 256)), S)
         scratch = _ATT_SCRATCH.get(key)
@@ -1327,44 +1387,172 @@ def attention(out: np.ndarray, q: np.ndarray, k_cache: np.ndarray, v_cache: np.n
     _check("scratch", scratch, np.float32, ndim=2)
     if scratch.shape[1] < pmax + 1 or scratch.shape[0] < 1:
         raise ValueError(f"scratch: needs >= 1 row and >= {pmax + 1} columns, got {scratch.shape}")
-    npairs = T * nq
-    work = npairs * (pmax + 1) * hd
-    if work < _PAR_MIN_WORK or scratch.shape[0] == 1:
-        _attention_ser(out, q, k_cache, v_cache, positions, kv_of_q, np.float32(scale), scratch, T, nq, hd)
+    return scratch
+
+
+def _attention_serial_ok(T: int, nq: int, hd: int, pmax: int, scratch) -> bool:
+    return T * nq * (pmax + 1) * hd < _PAR_MIN_WORK or scratch.shape[0] == 1 or _NUM_THREADS == 1
+
+
+def _attention_run(out, q, k_cache, v_cache, positions, kv_of_q, scale, scratch, T, nq, hd, pmax) -> None:
+    if _attention_serial_ok(T, nq, hd, pmax, scratch):
+        _attention_ser(out, q, k_cache, v_cache, positions, kv_of_q, scale, scratch, T, nq, hd)
         return
-    R = scratch.shape[0]
+    npairs, R = T * nq, scratch.shape[0]
     for p0 in range(0, npairs, R):
-        _attention_par(out, q, k_cache, v_cache, positions, kv_of_q, np.float32(scale), scratch,
+        _attention_par(out, q, k_cache, v_cache, positions, kv_of_q, scale, scratch,
                        T, nq, hd, p0, min(npairs, p0 + R))
 
 
-# ---------------------------------------------------------------- silu * mul
+# ---------------------------------------------------------------- attention block (rope + KV store + attention)
 
 @_serial
-def _silu_mul_rows(out, a, b, t0, t1, n):
+def _rope_store(qkv, nq, nkv, k_cache, v_cache, positions, cos, sin, hd, T):
+    """Rotate q in place and k into the cache row of its position (the arithmetic of _rope_rows);
+    copy v into the cache."""
+    half = hd // 2
+    kc0 = nq * hd
+    vc0 = kc0 + nkv * hd
+    for t in range(T):
+        p = positions[t]
+        for h in range(nq):
+            o = h * hd
+            for i in range(half):
+                c = cos[p, i]
+                s = sin[p, i]
+                a = qkv[t, o + 2 * i]
+                b = qkv[t, o + 2 * i + 1]
+                qkv[t, o + 2 * i] = a * c - b * s
+                qkv[t, o + 2 * i + 1] = a * s + b * c
+        for h in range(nkv):
+            o = kc0 + h * hd
+            kr = k_cache[p, h]
+            for i in range(half):
+                c = cos[p, i]
+                s = sin[p, i]
+                a = qkv[t, o + 2 * i]
+                b = qkv[t, o + 2 * i + 1]
+                kr[2 * i] = a * c - b * s
+                kr[2 * i + 1] = a * s + b * c
+            vr = v_cache[p, h]
+            o = vc0 + h * hd
+            for i in range(hd):
+                vr[i] = qkv[t, o + i]
+
+
+@_serial
+def _attention_block_ser(out, qs, d, quant, qkv, nq, nkv, k_cache, v_cache, positions, cos, sin,
+                         kv_of_q, scale, scratch, T, hd):
+    _rope_store(qkv, nq, nkv, k_cache, v_cache, positions, cos, sin, hd, T)
+    _attention_ser(out, qkv, k_cache, v_cache, positions, kv_of_q, scale, scratch, T, nq, hd)
+    if quant == 2:
+        _quantize_q80_act_f16c(qs, d, out, T, nq * hd // QK)
+    elif quant == 1:
+        _quantize_q80_act(qs, d, out, T, nq * hd // QK)
+
+
+_NO_Q80 = (np.zeros((1, 1), np.int8), np.zeros((1, 1), np.float32))
+
+
+def attention_block(out: np.ndarray, qkv: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray,
+                    positions: np.ndarray, cos: np.ndarray, sin: np.ndarray, kv_of_q: np.ndarray,
+                    scale: float, q80: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+    """A layer's attention on this rank's heads, from its fused projection qkv = [q | k | v]
+    ([T, (nq + 2*nkv) * hd]): rotate q (in place) and k by rope_interleaved's arithmetic at
+    positions[t], store k and v in the caches ([S, nkv, hd]) at those rows, then ``attention``
+    of every token over cache rows 0..positions[t] into out [T, nq*hd].  q80 = (qs, d): also
+    quantise out to Q80 (quantize_q80_act), at decode in the same call."""
+    try:                                   # fast path when everything is right
+        S, nkv, hd = k_cache.shape
+        T, nq = out.shape[0], out.shape[1] // hd
+        ok = (type(qkv) is np.ndarray and k_cache.dtype == _F32 and v_cache.dtype == _F32
+              and qkv.dtype == _F32 and out.dtype == _F32 and positions.dtype == _I32
+              and kv_of_q.dtype == _I32 and cos.dtype == _F32 and sin.dtype == _F32
+              and v_cache.shape == k_cache.shape and out.shape[1] == nq * hd
+              and qkv.shape == (T, (nq + 2 * nkv) * hd) and positions.shape == (T,)
+              and kv_of_q.shape == (nq,) and cos.shape == sin.shape and cos.shape[1] * 2 == hd
+              and cos.shape[0] >= S and k_cache.flags.c_contiguous and v_cache.flags.c_contiguous
+              and qkv.flags.c_contiguous and qkv.flags.writeable and out.flags.c_contiguous
+              and out.flags.writeable and positions.flags.c_contiguous and kv_of_q.flags.c_contiguous
+              and cos.flags.c_contiguous and sin.flags.c_contiguous
+              and k_cache.flags.writeable and v_cache.flags.writeable)
+    except (AttributeError, ValueError, TypeError, ZeroDivisionError, IndexError):
+        ok = False
+    if not ok:
+        _check("k_cache", k_cache, np.float32, ndim=3)
+        S, nkv, hd = k_cache.shape
+        _check_out("k_cache", k_cache, np.float32, (S, nkv, hd))
+        if hd % 2:
+            raise ValueError(f"k_cache: head_dim {hd} must be even")
+        _check_out("v_cache", v_cache, np.float32, (S, nkv, hd))
+        _check("out", out, np.float32, ndim=2)
+        T, width = out.shape
+        if width % hd:
+            raise ValueError(f"out: row length {width} is not a multiple of head_dim {hd}")
+        nq = width // hd
+        _check_out("out", out, np.float32, (T, width))
+        _check_out("qkv", qkv, np.float32, (T, (nq + 2 * nkv) * hd))
+        _check("positions", positions, np.int32, (T,))
+        _check("kv_of_q", kv_of_q, np.int32, (nq,))
+        _check("cos", cos, np.float32, ndim=2)
+        _check("sin", sin, np.float32, cos.shape)
+        if cos.shape[1] * 2 != hd or cos.shape[0] < S:
+            raise ValueError(f"cos/sin: expected >= {S} rows of {hd // 2}, got {cos.shape}")
+    if q80 is not None:
+        if hd * nq % QK:
+            raise ValueError(f"q80: row length {hd * nq} must be a multiple of {QK}")
+        _check_out("qs", q80[0], np.int8, (T, nq * hd))
+        _check_out("d", q80[1], np.float32, (T, nq * hd // QK))
+    if T == 0:
+        return
+    pmax = _check_positions(positions, T, S, nkv, kv_of_q)
+    scratch = _scratch(None, T, nq, S, pmax)
+    scale = np.float32(scale)
+    if _attention_serial_ok(T, nq, hd, pmax, scratch):
+        qs, d = q80 if q80 is not None else _NO_Q80
+        quant = 0 if q80 is None else (2 if HAS_AVX2 else 1)
+        _attention_block_ser(out, qs, d, quant, qkv, nq, nkv, k_cache, v_cache, positions, cos, sin,
+                             kv_of_q, scale, scratch, T, hd)
+        return
+    _rope_store(qkv, nq, nkv, k_cache, v_cache, positions, cos, sin, hd, T)
+    _attention_run(out, qkv, k_cache, v_cache, positions, kv_of_q, scale, scratch, T, nq, hd, pmax)
+    if q80 is not None:
+        quantize_q80_act(q80[0], q80[1], out)
+
+
+# ---------------------------------------------------------------- silu * mul (SwiGLU)
+
+@_serial
+def _silu_mul_rows(out, gu, t0, t1, n):
     for t in range(t0, t1):
         for i in range(n):
-            v = a[t, i]
+            v = gu[t, i]
             # clamp: fastmath assumes no inf, and exp(-v) overflows f32 for v < -88
-            out[t, i] = v / (np.float32(1.0) + _exp_f32(-v)) * b[t, i]
+            out[t, i] = v / (np.float32(1.0) + _exp_f32(-v)) * gu[t, n + i]
 
 
 @_parallel
-def _silu_mul_par(out, a, b, T, n):
+def _silu_mul_par(out, gu, T, n):
     for t in prange(T):
-        _silu_mul_rows(out, a, b, t, t + 1, n)
+        _silu_mul_rows(out, gu, t, t + 1, n)
 
 
-def silu_mul(out: np.ndarray, a: np.ndarray, b: np.ndarray) -> None:
-    """out = a * sigmoid(a) * b (SwiGLU gate)."""
-    _check("a", a, np.float32, ndim=2)
-    _check("b", b, np.float32, a.shape)
-    _check_out("out", out, np.float32, a.shape)
-    T, n = a.shape
+def _silu_mul_checks(out, gu) -> tuple[int, int]:
+    _check("gate_up", gu, np.float32, ndim=2)
+    T, n2 = gu.shape
+    if n2 % 2:
+        raise ValueError(f"gate_up: row length {n2} must be even (gate then up)")
+    _check_out("out", out, np.float32, (T, n2 // 2))
+    return T, n2 // 2
+
+
+def silu_mul(out: np.ndarray, gate_up: np.ndarray) -> None:
+    """out = g * sigmoid(g) * u (SwiGLU) where gate_up = [g | u], rows [T, 2n] -> out [T, n]."""
+    T, n = _silu_mul_checks(out, gate_up)
     if T * n >= _PAR_MIN_WORK and T > 1:
-        _silu_mul_par(out, a, b, T, n)
+        _silu_mul_par(out, gate_up, T, n)
     else:
-        _silu_mul_rows(out, a, b, 0, T, n)
+        _silu_mul_rows(out, gate_up, 0, T, n)
 
 
 def _q41_blocks(w):
@@ -1373,29 +1561,26 @@ def _q41_blocks(w):
 
 
 @_serial
-def _silu_mul_q80_ser(out, qs, d, a, b, T, n, f16c):
-    _silu_mul_rows(out, a, b, 0, T, n)
+def _silu_mul_q80_ser(out, qs, d, gu, T, n, f16c):
+    _silu_mul_rows(out, gu, 0, T, n)
     if f16c:
         _quantize_q80_act_f16c(qs, d, out, T, n // QK)
     else:
         _quantize_q80_act(qs, d, out, T, n // QK)
 
 
-def silu_mul_q80(out: np.ndarray, qs: np.ndarray, d: np.ndarray, a: np.ndarray, b: np.ndarray) -> None:
-    """silu_mul(out, a, b) then quantize_q80_act(qs, d, out), in one call.  Same bits as the two."""
-    _check("a", a, np.float32, ndim=2)
-    T, n = a.shape
+def silu_mul_q80(out: np.ndarray, qs: np.ndarray, d: np.ndarray, gate_up: np.ndarray) -> None:
+    """silu_mul(out, gate_up) then quantize_q80_act(qs, d, out), in one call.  Same bits as the two."""
+    T, n = _silu_mul_checks(out, gate_up)
     if n % QK:
-        raise ValueError(f"a: row length {n} must be a multiple of {QK}")
-    _check("b", b, np.float32, (T, n))
-    _check_out("out", out, np.float32, (T, n))
+        raise ValueError(f"gate_up: half row length {n} must be a multiple of {QK}")
     _check_out("qs", qs, np.int8, (T, n))
     _check_out("d", d, np.float32, (T, n // QK))
     if T * n >= _PAR_MIN_WORK and T > 1:
-        _silu_mul_par(out, a, b, T, n)
+        _silu_mul_par(out, gate_up, T, n)
         (_quantize_q80_act_f16c if HAS_AVX2 else _quantize_q80_act)(qs, d, out, T, n // QK)
     else:
-        _silu_mul_q80_ser(out, qs, d, a, b, T, n, HAS_AVX2)
+        _silu_mul_q80_ser(out, qs, d, gate_up, T, n, HAS_AVX2)
 
 
 # ---------------------------------------------------------------- warm-up
@@ -1443,7 +1628,14 @@ def warmup() -> None:
     sc = attention_scratch(T, 4, 4)
     attention(o, x, kc, kc, pos, kvq, 0.25, sc)
     _attention_par(o, x, kc, kc, pos, kvq, np.float32(0.25), sc, T, 4, 16, 0, T * 4)
-    silu_mul(y, x, x)
-    _silu_mul_par(y, x, x, T, n)
+    qkv = np.concatenate([x, x[:, :64]], axis=1)
+    oq, od = np.empty((T, n), np.int8), np.empty((T, n // QK), np.float32)
+    attention_block(o, qkv, kc, kc.copy(), pos, cos, sin, kvq, 0.25, (oq, od))
+    attention_block(o, qkv, kc, kc.copy(), pos, cos, sin, kvq, 0.25)
+    _rope_store(qkv, 4, 2, kc, kc.copy(), pos, cos, sin, 16, T)
+    rmsnorm_heads(x, 16, 2, np.ones(16, np.float32), 1e-6)
+    gu = np.concatenate([x, x], axis=1)
+    silu_mul(y, gu)
+    _silu_mul_par(y, gu, T, n)
     rmsnorm_q80(y, xq, xd, x, np.ones(n, np.float32), 1e-5)
-    silu_mul_q80(y, xq, xd, x, x)
+    silu_mul_q80(y, xq, xd, gu)

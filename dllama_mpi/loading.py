@@ -121,7 +121,10 @@ def load_shard(comm, model, config: ModelConfig, run: RunConfig, progress: bool 
     Returns (ShardWeights, vocab rows per rank)."""
     plans = [plan(config, r, comm.size) for r in range(comm.size)]
     me = plans[comm.rank]
-    arrays: dict[str, object] = {}
+    arrays: dict[str, np.ndarray] = {}  # slices read or received, until their layer is whole
+    layers: list[LayerWeights] = []
+    names = layer_tensors(config)
+    last = "." + names[-1]                # tensor_specs sends a layer's tensors together
     specs = tensor_specs(config)
     bar = _progress(len(specs), progress and comm.is_root)
     for name, kind in specs:
@@ -135,19 +138,23 @@ def load_shard(comm, model, config: ModelConfig, run: RunConfig, progress: bool 
                 except ValueError as e:
                     raise DllamaError(f"cannot convert tensor {tensor.name}: {e}") from None
                 if r == comm.rank:
-                    arrays[name] = _runtime(arr, kind, target)
+                    arrays[name] = arr
                 else:
                     comm.send_array(arr, r)
         else:
             shape, dtype = _wire_shape(slice_shape(config, name, kind, me), kind, target)
-            arrays[name] = _runtime(comm.recv_array(np.empty(shape, dtype)), kind, target)
+            arrays[name] = comm.recv_array(np.empty(shape, dtype))
+        if name.startswith("layers.") and name.endswith(last):  # a whole layer: runtime form
+            index = int(name.split(".")[1])
+            slices = {n: arrays.pop(f"layers.{index}.{n}") for n in names}
+            layers.append(LayerWeights.from_slices(
+                slices, lambda rows: _runtime(rows, "out:", run.weights_float_type)))
         if bar is not None:
             bar.update(1)
     if bar is not None:
         bar.close()
-    layers = [LayerWeights(**{n: arrays.pop(f"layers.{i}.{n}") for n in layer_tensors(config)})
-              for i in range(config.n_layers)]
-    weights = ShardWeights(layers=layers, final_norm=arrays["final_norm"], wcls=arrays["wcls"])
+    wcls = _runtime(arrays["wcls"], "out:vocab", run.output_float_type)
+    weights = ShardWeights(layers=layers, final_norm=arrays["final_norm"], wcls=wcls)
     return weights, [p.vocab.size for p in plans]
 
 

@@ -12,7 +12,7 @@ import numpy as np
 
 from . import kernels
 from .config import ModelConfig
-from .qformats import Q41Matrix, Q80Matrix, block_sums
+from .qformats import Q41Matrix, Q80Matrix
 from .quant import QK, Q40Matrix
 from .shard import ShardPlan
 
@@ -22,19 +22,27 @@ Matrix = "np.ndarray | Q40Matrix | Q41Matrix"  # f32 [out, in] or a 4-bit runtim
 @dataclass
 class LayerWeights:
     attn_norm: np.ndarray   # f32 [dim]
-    wq: Matrix              # out-split [q_cols, dim]
-    wk: Matrix              # out-split [kv_cols, dim]
-    wv: Matrix              # out-split [kv_cols, dim]
+    wqkv: Matrix            # out-split [q_cols + 2 * kv_cols, dim]: this rank's wq, wk, wv rows
     wo: Matrix              # in-split  [dim, q_cols]
     ffn_norm: np.ndarray    # f32 [dim]
-    w1: Matrix              # out-split [ffn, dim]  (gate)
+    w13: Matrix             # out-split [2 * ffn, dim]: this rank's w1 (gate) rows, then w3 (up)
     w2: Matrix              # in-split  [dim, ffn]  (down)
-    w3: Matrix              # out-split [ffn, dim]  (up)
-    bq: np.ndarray | None = None      # f32 [q_cols]  q/k/v biases (Qwen2), out-split like
-    bk: np.ndarray | None = None      # f32 [kv_cols] the rows of wq/wk/wv (bq, bk in the
-    bv: np.ndarray | None = None      # f32 [kv_cols] interleaved rope order of those rows)
+    bqkv: np.ndarray | None = None    # f32 [q_cols + 2 * kv_cols] q/k/v biases (Qwen2), cut like
+                                      # the rows of wqkv (bq, bk in their interleaved rope order)
     q_norm: np.ndarray | None = None  # f32 [head_dim] per-head RMSNorm weights of q and k
     k_norm: np.ndarray | None = None  # f32 [head_dim] (Qwen3), replicated
+
+    @classmethod
+    def from_slices(cls, t: dict[str, np.ndarray], matrix) -> "LayerWeights":
+        """A layer from this rank's slices by short name (attn_norm, wq, wk, wv, wo, ffn_norm,
+        w1, w2, w3 [, bq, bk, bv] [, q_norm, k_norm]), matrices as rows of f32 values or of
+        GGML block bytes; matrix(rows) makes the runtime matrix.  The matrices that read the
+        same input are stacked: one matmul for q, k and v, one for gate and up."""
+        bias = (np.concatenate([t["bq"], t["bk"], t["bv"]]) if "bq" in t else None)
+        return cls(attn_norm=t["attn_norm"], ffn_norm=t["ffn_norm"],
+                   wqkv=matrix(np.concatenate([t["wq"], t["wk"], t["wv"]])), wo=matrix(t["wo"]),
+                   w13=matrix(np.concatenate([t["w1"], t["w3"]])), w2=matrix(t["w2"]),
+                   bqkv=bias, q_norm=t.get("q_norm"), k_norm=t.get("k_norm"))
 
 
 @dataclass
@@ -67,7 +75,7 @@ class _Input:
     """A matmul input: f32 rows, and their Q80 form made once, when a quantised weight asks."""
 
     def __init__(self, x: np.ndarray, q80: tuple[np.ndarray, np.ndarray] | None = None):
-        """q80: the Q80 form of x when already made (kernels.rmsnorm_q80 / silu_mul_q80)."""
+        """q80: the Q80 form of x when already made (by a fused kernel), else None."""
         self.x = x
         self._q80 = q80
 
@@ -78,9 +86,6 @@ class _Input:
             kernels.quantize_q80_act(qs, d, self.x)
             self._q80 = (qs, d)
         return self._q80
-
-    def block_sums(self) -> np.ndarray:
-        return block_sums(*self.q80())
 
 
 def matmul(out: np.ndarray, inp: _Input, w) -> np.ndarray:
@@ -105,7 +110,7 @@ class Transformer:
         self.cos, self.sin = rope_tables(config, kv_cache.max_seq_len)
         self.kv_of_q = plan.kv_of_q()
         # 4-bit layers take Q80 inputs: norm and silu·mul then quantise in the same pass
-        self.fuse_q80 = bool(weights.layers) and isinstance(weights.layers[0].wq,
+        self.fuse_q80 = bool(weights.layers) and isinstance(weights.layers[0].wqkv,
                                                             (Q40Matrix, Q41Matrix))
         self.scale = 1.0 / np.sqrt(config.head_dim)
         self.vocab_counts = None  # set by the loader: vocab rows per rank, for the gather
@@ -115,38 +120,56 @@ class Transformer:
         b = self._buffers.get(t)
         if b is None:
             c, p = self.config, self.plan
-            shapes = dict(xb=c.dim, q=p.q_cols, k=p.kv_rows.size, v=p.kv_rows.size,
-                          att=p.q_cols, attn_out=c.dim, h1=p.ffn_len, h3=p.ffn_len,
+            qkv = p.q_cols + 2 * p.kv_rows.size
+            shapes = dict(xb=c.dim, qkv=qkv, att=p.q_cols, attn_out=c.dim, h13=2 * p.ffn_len,
                           h=p.ffn_len, ffn_out=c.dim)
             b = {name: np.zeros((t, n), np.float32) for name, n in shapes.items()}
             if self.fuse_q80:
-                for name, n in (("xb", c.dim), ("h", p.ffn_len)):
+                for name in ("xb", "att", "h"):
+                    n = shapes[name]
                     b[name + "_q"] = np.zeros((t, n), np.int8)
                     b[name + "_d"] = np.zeros((t, n // QK), np.float32)
             self._buffers[t] = b
         return b
+
+    def _q80(self, b, name: str):
+        """The Q80 buffers of b[name] when the weights take Q80 inputs, else None."""
+        return (b[name + "_q"], b[name + "_d"]) if self.fuse_q80 else None
 
     def _normed(self, b, x: np.ndarray, weight: np.ndarray) -> _Input:
         """rmsnorm(x) * weight into b["xb"] (and its Q80 form when the weights are 4-bit)."""
         eps = self.config.norm_eps
         if self.fuse_q80:
             kernels.rmsnorm_q80(b["xb"], b["xb_q"], b["xb_d"], x, weight, eps)
-            return _Input(b["xb"], (b["xb_q"], b["xb_d"]))
-        kernels.rmsnorm(b["xb"], x, weight, eps)
-        return _Input(b["xb"])
+        else:
+            kernels.rmsnorm(b["xb"], x, weight, eps)
+        return _Input(b["xb"], self._q80(b, "xb"))
+
+    def _attend(self, b, lw: LayerWeights, index: int, positions: np.ndarray) -> _Input:
+        """Attention of this rank's heads from b["qkv"] into b["att"] (and its Q80 form)."""
+        c, hd, qc = self.config, self.config.head_dim, self.plan.q_cols
+        if c.attn_bias:
+            b["qkv"] += lw.bqkv
+        if c.qk_norm:  # RMSNorm of each head's q and k
+            kernels.rmsnorm_heads(b["qkv"], 0, qc // hd, lw.q_norm, c.norm_eps)
+            kernels.rmsnorm_heads(b["qkv"], qc, self.plan.kv_rows.size // hd, lw.k_norm, c.norm_eps)
+        k_cache, v_cache = self.kv.layer(index)            # [S, kv, hd]
+        kernels.attention_block(b["att"], b["qkv"], k_cache, v_cache, positions, self.cos, self.sin,
+                                self.kv_of_q, self.scale, self._q80(b, "att"))
+        return _Input(b["att"], self._q80(b, "att"))
 
     def _silu_mul(self, b) -> _Input:
-        """silu(h1) * h3 into b["h"] (and its Q80 form when the weights are 4-bit)."""
+        """silu(gate) * up from b["h13"] into b["h"] (and its Q80 form when the weights are 4-bit)."""
         if self.fuse_q80:
-            kernels.silu_mul_q80(b["h"], b["h_q"], b["h_d"], b["h1"], b["h3"])
-            return _Input(b["h"], (b["h_q"], b["h_d"]))
-        kernels.silu_mul(b["h"], b["h1"], b["h3"])
-        return _Input(b["h"])
+            kernels.silu_mul_q80(b["h"], b["h_q"], b["h_d"], b["h13"])
+        else:
+            kernels.silu_mul(b["h"], b["h13"])
+        return _Input(b["h"], self._q80(b, "h"))
 
     def forward(self, x: np.ndarray, positions: np.ndarray, all_logits: bool = False):
         """x [T, dim] embedded tokens at positions [T] -> logits [T or 1, vocab] on root
         (None on other ranks)."""
-        c, hd = self.config, self.config.head_dim
+        c = self.config
         t = x.shape[0]
         x = np.array(x, dtype=np.float32, copy=True)
         positions = np.ascontiguousarray(positions, dtype=np.int32)
@@ -155,33 +178,13 @@ class Transformer:
                              f"({self.kv.max_seq_len} positions)")
         b = self._buf(t)
         for index, lw in enumerate(self.w.layers):
-            # attention: x += wo · attention(rope(q), rope(k), v), where q = wq·xb [+ bq]
-            # [then RMSNorm per head], k likewise, v = wv·xb [+ bv]
-            xb = self._normed(b, x, lw.attn_norm)
-            matmul(b["q"], xb, lw.wq)
-            matmul(b["k"], xb, lw.wk)
-            matmul(b["v"], xb, lw.wv)
-            if c.attn_bias:
-                b["q"] += lw.bq
-                b["k"] += lw.bk
-                b["v"] += lw.bv
-            if c.qk_norm:  # RMSNorm of each head's q and k: rows of head_dim
-                q_heads, k_heads = b["q"].reshape(-1, hd), b["k"].reshape(-1, hd)
-                kernels.rmsnorm(q_heads, q_heads, lw.q_norm, c.norm_eps)
-                kernels.rmsnorm(k_heads, k_heads, lw.k_norm, c.norm_eps)
-            kernels.rope_interleaved(b["q"], positions, self.cos, self.sin, hd)
-            kernels.rope_interleaved(b["k"], positions, self.cos, self.sin, hd)
-            k_cache, v_cache = self.kv.layer(index)            # [S, kv, hd]
-            k_cache[positions] = b["k"].reshape(t, -1, hd)
-            v_cache[positions] = b["v"].reshape(t, -1, hd)
-            kernels.attention(b["att"], b["q"], k_cache, v_cache, positions,
-                              self.kv_of_q, self.scale)
-            matmul(b["attn_out"], _Input(b["att"]), lw.wo)
+            # attention: x += wo · attention(rope(q), rope(k), v), where [q k v] = wqkv·xb
+            # [+ bqkv] [q, k then RMSNorm per head]; k and v go to the KV cache
+            matmul(b["qkv"], self._normed(b, x, lw.attn_norm), lw.wqkv)
+            matmul(b["attn_out"], self._attend(b, lw, index, positions), lw.wo)
             x += self.comm.allreduce_sum(b["attn_out"], self.wire)
-            # feed-forward: x += w2 · (silu(w1·xb) * w3·xb)
-            xb = self._normed(b, x, lw.ffn_norm)
-            matmul(b["h1"], xb, lw.w1)
-            matmul(b["h3"], xb, lw.w3)
+            # feed-forward: x += w2 · (silu(w1·xb) * w3·xb), where [w1·xb w3·xb] = w13·xb
+            matmul(b["h13"], self._normed(b, x, lw.ffn_norm), lw.w13)
             matmul(b["ffn_out"], self._silu_mul(b), lw.w2)
             x += self.comm.allreduce_sum(b["ffn_out"], self.wire)
         rows = x if all_logits else x[-1:]

@@ -302,8 +302,8 @@ def test_fused_q80(T, n, threads):
     r = rng(n + 3 * T)
     x = (r.standard_normal((T, n)) * 3).astype(np.float32)
     w = r.standard_normal(n).astype(np.float32)
-    b = r.standard_normal((T, n)).astype(np.float32)
-    for fused, plain, args in ((K.rmsnorm_q80, K.rmsnorm, (x, w, 1e-5)), (K.silu_mul_q80, K.silu_mul, (x, b))):
+    gu = np.concatenate([x, r.standard_normal((T, n)).astype(np.float32)], axis=1)
+    for fused, plain, args in ((K.rmsnorm_q80, K.rmsnorm, (x, w, 1e-5)), (K.silu_mul_q80, K.silu_mul, (gu,))):
         ref = np.empty_like(x)
         plain(ref, *args)
         rq, rd = quantize_q80_parts(ref)
@@ -340,7 +340,7 @@ def test_silu_mul(T, n, threads):
     a[0, 0] = -100.0                                   # exp overflow side stays finite
     b = r.standard_normal((T, n)).astype(np.float32)
     out = np.empty_like(a)
-    K.silu_mul(out, a, b)
+    K.silu_mul(out, np.concatenate([a, b], axis=1))      # gate | up, as the stacked w13 gives
     a64 = a.astype(np.float64)
     np.testing.assert_allclose(out, a64 / (1 + np.exp(-a64)) * b, rtol=1e-5, atol=1e-6)
 
@@ -386,6 +386,58 @@ def test_attention_ignores_future_rows():
     np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("T", TS)
+@pytest.mark.parametrize("nq,nkv,hd,S", [(1, 1, 32, 20), (3, 1, 64, 40), (9, 3, 64, 40), (4, 2, 32, 300)])
+@pytest.mark.parametrize("q80", [False, True])
+def test_attention_block(T, nq, nkv, hd, S, q80, threads):
+    """attention_block == rope_interleaved on q and k, the cache rows written, then attention
+    (and quantize_q80_act of the result): the same bits as the kernels it fuses."""
+    r = rng(T * nq + S)
+    qkv = r.standard_normal((T, (nq + 2 * nkv) * hd)).astype(np.float32)
+    kc = r.standard_normal((S, nkv, hd)).astype(np.float32)
+    vc = r.standard_normal((S, nkv, hd)).astype(np.float32)
+    pos = (np.arange(T) + (S - T) // 2).astype(np.int32)
+    cos, sin = _rope_tables(S, hd)
+    kv_of_q = (np.arange(nq) // (nq // nkv)).astype(np.int32)
+    scale = 1.0 / math.sqrt(hd)
+    # the reference, kernel by kernel
+    q, k, v = (a.copy() for a in np.split(qkv, [nq * hd, (nq + nkv) * hd], axis=1))
+    K.rope_interleaved(q, pos, cos, sin, hd)
+    K.rope_interleaved(k, pos, cos, sin, hd)
+    kc_ref, vc_ref = kc.copy(), vc.copy()
+    kc_ref[pos], vc_ref[pos] = k.reshape(T, nkv, hd), v.reshape(T, nkv, hd)
+    ref = np.empty((T, nq * hd), np.float32)
+    K.attention(ref, q, kc_ref, vc_ref, pos, kv_of_q, scale)
+    out = np.full((T, nq * hd), np.nan, np.float32)
+    qs, d = np.zeros((T, nq * hd), np.int8), np.zeros((T, nq * hd // 32), np.float32)
+    K.attention_block(out, qkv, kc, vc, pos, cos, sin, kv_of_q, scale, (qs, d) if q80 else None)
+    np.testing.assert_array_equal(qkv[:, :nq * hd], q)           # q rotated in place
+    np.testing.assert_array_equal(kc, kc_ref)
+    np.testing.assert_array_equal(vc, vc_ref)
+    np.testing.assert_array_equal(out, ref)
+    if q80:
+        rq, rd = quantize_q80_parts(ref)
+        np.testing.assert_array_equal(qs, rq)
+        np.testing.assert_array_equal(d, rd)
+
+
+@pytest.mark.parametrize("T", [1, 5])
+def test_rmsnorm_heads(T):
+    r = rng(T)
+    hd, nh = 16, 5
+    x = r.standard_normal((T, 8 * hd)).astype(np.float32)
+    w = r.standard_normal(hd).astype(np.float32)
+    ref = x.copy()
+    heads = ref[:, hd:hd + nh * hd].reshape(T * nh, hd)
+    ref[:, hd:hd + nh * hd] = naive_rmsnorm(heads, w, 1e-6).reshape(T, nh * hd)
+    K.rmsnorm_heads(x, hd, nh, w, 1e-6)
+    np.testing.assert_allclose(x, ref, rtol=2e-6, atol=1e-6)
+    np.testing.assert_array_equal(x[:, :hd], ref[:, :hd])          # other columns untouched
+    np.testing.assert_array_equal(x[:, (nh + 1) * hd:], ref[:, (nh + 1) * hd:])
+    with pytest.raises(ValueError, match="fit"):
+        K.rmsnorm_heads(x, 4 * hd, nh, w, 1e-6)
+
+
 # ---------------------------------------------------------------- errors
 
 def test_errors():
@@ -395,7 +447,9 @@ def test_errors():
     with pytest.raises(ValueError, match="shape"):
         K.rmsnorm(f, f, np.ones(63, np.float32), 1e-5)
     with pytest.raises(ValueError, match="contiguous"):
-        K.silu_mul(f[:, ::2].copy(), f[:, ::2], f[:, ::2])
+        K.silu_mul(f[:, ::4].copy(), f[:, ::2])
+    with pytest.raises(ValueError, match="even"):
+        K.silu_mul(f[:, :16].copy(), f[:, :33].copy())
     with pytest.raises(ValueError, match="multiple of 32"):
         K.quantize_q80_act(np.zeros((1, 40), np.int8), np.zeros((1, 1), np.float32), np.zeros((1, 40), np.float32))
     with pytest.raises(ValueError, match="d_out"):
@@ -424,6 +478,17 @@ def test_errors():
     with pytest.raises(ValueError, match="scratch"):
         K.attention(np.zeros((2, 32), np.float32), np.zeros((2, 32), np.float32), kc, kc,
                     np.array([0, 3], np.int32), np.zeros(2, np.int32), 1.0, np.zeros((2, 2), np.float32))
+    qkv = np.zeros((2, 64), np.float32)
+    cos = np.ones((4, 8), np.float32)
+    with pytest.raises(ValueError, match="positions"):
+        K.attention_block(np.zeros((2, 32), np.float32), qkv, kc, kc.copy(), np.array([0, 4], np.int32),
+                          cos, cos, np.zeros(2, np.int32), 1.0)
+    with pytest.raises(ValueError, match="qkv"):
+        K.attention_block(np.zeros((2, 32), np.float32), qkv[:, :48].copy(), kc, kc.copy(),
+                          np.array([0, 1], np.int32), cos, cos, np.zeros(2, np.int32), 1.0)
+    with pytest.raises(ValueError, match="cos"):
+        K.attention_block(np.zeros((2, 32), np.float32), qkv, kc, kc.copy(), np.array([0, 1], np.int32),
+                          cos[:, :4].copy(), cos[:, :4].copy(), np.zeros(2, np.int32), 1.0)
     with pytest.raises(ValueError, match="columns"):
         K.matmul_f32(np.zeros((2, 3), np.float32), f, np.zeros((3, 32), np.float32))
 
