@@ -1,5 +1,6 @@
 """Our HDF5 model store (formats/hdf5.py) and `convert` (convert.py)."""
 import os
+import shutil
 
 import h5py
 import numpy as np
@@ -53,6 +54,29 @@ def test_layout_chunks_config_and_tokenizer(tmp_path):
     assert tok.chat_template == ref.chat_template
     assert tok.encode("Hello world, the cluster") == ref.encode("Hello world, the cluster")
     assert m.config == open_model(hf).config
+
+
+@pytest.mark.skipif(shutil.which("h5dump") is None or shutil.which("h5ls") is None,
+                    reason="HDF5 command-line tools not installed (apt-get install hdf5-tools)")
+def test_standard_tools_read_the_store(tmp_path):
+    """h5ls and h5dump (the site's HDF5 tools, possibly older than h5py's library) read the
+    whole store: groups, datasets, every attribute, the chunk layout."""
+    import subprocess
+    hf = save_hf(tmp_path / "hf", "gqa6")
+    write_bytes_tokenizer(hf)
+    h5 = convert(hf, str(tmp_path / "m.h5"), "q40", progress=False)[0]
+
+    def tool(*args):
+        p = subprocess.run(args, capture_output=True, text=True, timeout=60)
+        assert p.returncode == 0 and "error" not in p.stdout + p.stderr, p.stdout + p.stderr
+        return p.stdout
+    listing = tool("h5ls", "-r", h5)
+    for path in ("/tensors/layers.1.w2", "/tensors/embedding", "/tokenizer/tokenizer_json"):
+        assert path in listing
+    header = tool("h5dump", "-H", h5)
+    for attr in ("format", "format_version", "config", "tied_embeddings", "add_bos", "eos_ids"):
+        assert f'ATTRIBUTE "{attr}"' in header
+    assert "CHUNKED ( 96, 18 )" in tool("h5dump", "-H", "-p", "-d", "/tensors/layers.0.wo", h5)
 
 
 def test_f16_store(tmp_path):

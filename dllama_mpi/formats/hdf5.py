@@ -86,7 +86,10 @@ def write_h5(model, out_path: str, weights_float_type: str = "q40", progress: bo
     tmp = f"{out_path}.tmp-{os.getpid()}"
     bar = _bar(len(shapes), progress)
     try:
-        with h5py.File(tmp, "w", libver="latest") as f:
+        # objects in the HDF5 1.8 encodings: readable by the h5ls/h5dump of any site (with
+        # libver="latest", h5py's HDF5 2.0 wrote the boolean attributes in an encoding that
+        # h5dump 1.10 could not read: "error getting attribute information", exit 1)
+        with h5py.File(tmp, "w", libver=("v108", "latest")) as f:
             _write_attrs(f, c, getattr(model, "rope_scaling", None), source or str(model.path))
             g = f.create_group("tensors")
             for name, shape in shapes.items():
