@@ -23,8 +23,8 @@ from numba's cache first, outside the measurement):
   peak      VmHWM from opening to the end of loading (the high-water mark is reset first by
             writing 5 to /proc/self/clear_refs): anonymous memory and the pages of
             memory-mapped model files this rank touched
-  held      RssAnon after loading minus before: the memory this rank keeps (its shard, and
-            what the allocator did not give back)
+  held      RssAnon after loading (and malloc_trim, as session.start does) minus before:
+            the memory this rank keeps
   mapped    RssFile after loading minus before: pages of the model file this rank touched
             (page cache, shared by every rank of the node, dropped under pressure)
 """
@@ -76,7 +76,8 @@ def worker(model_arg: str, load: str) -> None:
     from dllama_mpi.comm import make_comm
     from dllama_mpi.config import ModelConfig, RunConfig
     from dllama_mpi.loading import load_shard
-    from dllama_mpi.session import _direct_load, _root_open, _warm_kernels, open_model
+    from dllama_mpi.session import (_direct_load, _root_open, _warm_kernels, open_model,
+                                    release_free_memory)
 
     comm = make_comm()
     kernels.choose_threading_layer("q40")
@@ -103,6 +104,7 @@ def worker(model_arg: str, load: str) -> None:
     t1 = _time.perf_counter()
     weights, _ = load_shard(comm, model, config, run, progress=False, direct=direct)
     load_s = _time.perf_counter() - t1
+    release_free_memory()  # as session.start does after loading
     st = _status()
     mine = {"rank": comm.rank, "open_s": open_s, "load_s": load_s, "shard": weights.nbytes(),
             "base": before["VmRSS"], "peak": st["VmHWM"] if reset else None,
