@@ -19,7 +19,7 @@ import numpy as np
 
 from .quant import QK
 
-STEP_HEADER = 4  # int32 words: n_tokens, first position, flags, reserved
+STEP_HEADER = 4  # int32 words: n_tokens, first position, flags, KV slot (engine.py)
 
 
 class CommStats:

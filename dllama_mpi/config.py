@@ -88,6 +88,7 @@ class RunConfig:
     seed: int | None = None
     prefill_chunk: int = 128         # prompt tokens per forward (a matrix through the weights)
     load: str = "auto"               # scatter | direct | auto (see session._direct_load)
+    parallel: int = 1                # sequences decoded together (KV-cache slots)
     extra: dict = field(default_factory=dict)
 
     def resolved(self, file_weight_type: str, file_output_type: str = "F32") -> "RunConfig":
@@ -151,3 +152,5 @@ class RunConfig:
             raise DllamaError(f"--load must be scatter, direct or auto, got {self.load!r}")
         if self.prefill_chunk <= 0:
             raise DllamaError("prefill chunk must be positive")
+        if self.parallel < 1:
+            raise DllamaError(f"--parallel must be >= 1, got {self.parallel}")

@@ -1,7 +1,10 @@
 """The root/worker step loop: the root decides each forward, every rank runs it.
 
-The root broadcasts a step packet (n_tokens, first position, flags) and the embedded
-tokens; all ranks run the same forward on their shard; n_tokens == 0 means stop.
+The root broadcasts a step packet (n_tokens, first position, flags, KV slot) and the
+embedded tokens; all ranks run the same forward on their shard; n_tokens == 0 means stop.
+A step is either one sequence's tokens at consecutive positions in one KV slot, or (flag
+ROWS) rows of several sequences, each with its own position and slot (sent as int32
+[2, n_tokens] after the packet): the decode step of sequences generated together.
 The engine knows token ids only: text lives with the tokenizer on the root.
 """
 from __future__ import annotations
@@ -14,6 +17,7 @@ import numpy as np
 from .comm import STEP_HEADER
 
 FLAG_ALL_LOGITS = 1
+FLAG_ROWS = 2        # rows carry their own positions and KV slots
 
 
 @dataclass
@@ -38,14 +42,28 @@ class Engine:
     steps: list[StepStats] = field(default_factory=list)
 
     # -- root --------------------------------------------------------------------------
-    def forward(self, tokens, pos: int, all_logits: bool = False) -> np.ndarray:
-        """Root: run tokens at positions pos.. on every rank; logits [T or 1, vocab]."""
+    def forward(self, tokens, pos: int, all_logits: bool = False, slot: int = 0) -> np.ndarray:
+        """Root: run one sequence's tokens at positions pos.. (KV slot `slot`) on every rank;
+        logits [T or 1, vocab]."""
         t = len(tokens)
-        header = np.array([t, pos, FLAG_ALL_LOGITS if all_logits else 0, 0], np.int32)
+        header = np.array([t, pos, FLAG_ALL_LOGITS if all_logits else 0, slot], np.int32)
         start, s0 = time.perf_counter(), self._snapshot()
         self.comm.bcast_step(header)
         x = self.comm.bcast_array(self.embedding.lookup(tokens))
-        logits = self.model.forward(x, np.arange(pos, pos + t, dtype=np.int32), all_logits)
+        logits = self.model.forward(x, np.arange(pos, pos + t, dtype=np.int32), all_logits,
+                                    np.full(t, slot, np.int32) if slot else None)
+        self._record(t, start, s0)
+        return logits
+
+    def forward_rows(self, tokens, positions, slots) -> np.ndarray:
+        """Root: one token of each of several sequences (token i at positions[i] of the
+        sequence in KV slot slots[i]); logits [T, vocab], one row per token."""
+        t = len(tokens)
+        start, s0 = time.perf_counter(), self._snapshot()
+        self.comm.bcast_step(np.array([t, 0, FLAG_ALL_LOGITS | FLAG_ROWS, 0], np.int32))
+        rows = self.comm.bcast_array(np.array([positions, slots], np.int32).reshape(2, t))
+        x = self.comm.bcast_array(self.embedding.lookup(tokens))
+        logits = self.model.forward(x, rows[0], True, rows[1])
         self._record(t, start, s0)
         return logits
 
@@ -59,12 +77,17 @@ class Engine:
         while True:
             start, s0 = time.perf_counter(), self._snapshot()
             header = self.comm.bcast_step(None)
-            t, pos, flags = int(header[0]), int(header[1]), int(header[2])
+            t, pos, flags, slot = (int(v) for v in header[:4])
             if t == 0:
                 return
+            if flags & FLAG_ROWS:
+                rows = self.comm.bcast_array(np.empty((2, t), np.int32))
+                positions, slots = rows[0], rows[1]
+            else:
+                positions = np.arange(pos, pos + t, dtype=np.int32)
+                slots = np.full(t, slot, np.int32) if slot else None
             x = self.comm.bcast_array(np.empty((t, self.dim), np.float32))
-            self.model.forward(x, np.arange(pos, pos + t, dtype=np.int32),
-                               bool(flags & FLAG_ALL_LOGITS))
+            self.model.forward(x, positions, bool(flags & FLAG_ALL_LOGITS), slots)
             self._record(t, start, s0)
 
     # -- statistics --------------------------------------------------------------------

@@ -1108,18 +1108,38 @@ def _rmsnorm_q80_ser(out, qs, d, x, weight, eps, T, n, f16c):
         _quantize_q80_act(qs, d, out, T, n // QK)
 
 
+def _q80_outputs_ok(out, qs, d, T: int, n: int) -> bool:
+    """out f32 [T, n], qs int8 [T, n], d f32 [T, n/32]: contiguous and writeable (fast, no messages)."""
+    try:
+        return (type(out) is np.ndarray and type(qs) is np.ndarray and type(d) is np.ndarray
+                and out.dtype == _F32 and qs.dtype == _I8 and d.dtype == _F32 and n % QK == 0
+                and out.shape == (T, n) and qs.shape == (T, n) and d.shape == (T, n // QK)
+                and out.flags.c_contiguous and qs.flags.c_contiguous and d.flags.c_contiguous
+                and out.flags.writeable and qs.flags.writeable and d.flags.writeable)
+    except (AttributeError, TypeError):
+        return False
+
+
 def rmsnorm_q80(out: np.ndarray, qs: np.ndarray, d: np.ndarray, x: np.ndarray, weight: np.ndarray,
                 eps: float) -> None:
     """rmsnorm(out, x, weight, eps) then quantize_q80_act(qs, d, out), in one call (decode: one
     dispatch instead of two).  Same bits as the two kernels."""
-    _check("x", x, np.float32, ndim=2)
-    T, n = x.shape
-    if n % QK:
-        raise ValueError(f"x: row length {n} must be a multiple of {QK}")
-    _check("weight", weight, np.float32, (n,))
-    _check_out("out", out, np.float32, (T, n))
-    _check_out("qs", qs, np.int8, (T, n))
-    _check_out("d", d, np.float32, (T, n // QK))
+    try:
+        T, n = x.shape
+        ok = (type(x) is np.ndarray and type(weight) is np.ndarray and x.dtype == _F32
+              and weight.dtype == _F32 and weight.shape == (n,) and x.flags.c_contiguous
+              and weight.flags.c_contiguous and _q80_outputs_ok(out, qs, d, T, n))
+    except (AttributeError, ValueError, TypeError):
+        ok = False
+    if not ok:
+        _check("x", x, np.float32, ndim=2)
+        T, n = x.shape
+        if n % QK:
+            raise ValueError(f"x: row length {n} must be a multiple of {QK}")
+        _check("weight", weight, np.float32, (n,))
+        _check_out("out", out, np.float32, (T, n))
+        _check_out("qs", qs, np.int8, (T, n))
+        _check_out("d", d, np.float32, (T, n // QK))
     if T * n >= _PAR_MIN_WORK and T > 1:
         _rmsnorm_par(out, x, weight, float(eps), T, n)
         (_quantize_q80_act_f16c if HAS_AVX2 else _quantize_q80_act)(qs, d, out, T, n // QK)
@@ -1290,19 +1310,21 @@ def _attend_one(out, q, k_cache, v_cache, t, h, kvh, hd, npos, scale, sc):
 
 
 @_parallel
-def _attention_par(out, q, k_cache, v_cache, positions, kv_of_q, scale, scratch, T, nq, hd, p0, p1):
+def _attention_par(out, q, k_cache, v_cache, positions, slots, kv_of_q, scale, scratch, T, nq, hd, p0, p1):
     for p in prange(p0, p1):
         t = p // nq
         h = p - t * nq
-        _attend_one(out, q, k_cache, v_cache, t, h, kv_of_q[h], hd, positions[t] + 1, scale, scratch[p - p0])
+        _attend_one(out, q, k_cache[slots[t]], v_cache[slots[t]], t, h, kv_of_q[h], hd, positions[t] + 1,
+                    scale, scratch[p - p0])
 
 
 @_serial
-def _attention_ser(out, q, k_cache, v_cache, positions, kv_of_q, scale, scratch, T, nq, hd):
+def _attention_ser(out, q, k_cache, v_cache, positions, slots, kv_of_q, scale, scratch, T, nq, hd):
     for p in range(T * nq):
         t = p // nq
         h = p - t * nq
-        _attend_one(out, q, k_cache, v_cache, t, h, kv_of_q[h], hd, positions[t] + 1, scale, scratch[0])
+        _attend_one(out, q, k_cache[slots[t]], v_cache[slots[t]], t, h, kv_of_q[h], hd, positions[t] + 1,
+                    scale, scratch[0])
 
 
 @_serial
@@ -1359,7 +1381,28 @@ def attention(out: np.ndarray, q: np.ndarray, k_cache: np.ndarray, v_cache: np.n
         return
     pmax = _check_positions(positions, T, S, nkv, kv_of_q)
     scratch = _scratch(scratch, T, nq, S, pmax)
-    _attention_run(out, q, k_cache, v_cache, positions, kv_of_q, np.float32(scale), scratch, T, nq, hd, pmax)
+    _attention_run(out, q, k_cache[np.newaxis], v_cache[np.newaxis], positions, _slots0(T), kv_of_q,
+                   np.float32(scale), scratch, T, nq, hd, pmax)
+
+
+_SLOTS0: dict = {}
+
+
+def _slots0(T: int) -> np.ndarray:
+    """int32 zeros [T]: every row in cache slot 0 (cached)."""
+    z = _SLOTS0.get(T)
+    if z is None:
+        if len(_SLOTS0) > 64:
+            _SLOTS0.clear()
+        z = _SLOTS0[T] = np.zeros(T, np.int32)
+    return z
+
+
+def _check_slots(slots, T: int, n_slots: int) -> None:
+    _check("slots", slots, np.int32, (T,))
+    lo, hi = (int(slots[0]),) * 2 if T == 1 else (int(slots.min()), int(slots.max()))
+    if lo < 0 or hi >= n_slots:
+        raise ValueError(f"slots: must lie in [0, {n_slots}), got [{lo}, {hi}]")
 
 
 def _check_positions(positions, T: int, S: int, nkv: int, kv_of_q) -> int:
@@ -1384,6 +1427,7 @@ def _scratch(scratch, T: int, nq: int, S: int, pmax: int) -> np.ndarray:
             if len(_ATT_SCRATCH) > 8:
                 _ATT_SCRATCH.clear()
             scratch = _ATT_SCRATCH[key] = np.empty(key, np.float32)
+        return scratch                    # made here: right by construction
     _check("scratch", scratch, np.float32, ndim=2)
     if scratch.shape[1] < pmax + 1 or scratch.shape[0] < 1:
         raise ValueError(f"scratch: needs >= 1 row and >= {pmax + 1} columns, got {scratch.shape}")
@@ -1394,20 +1438,21 @@ def _attention_serial_ok(T: int, nq: int, hd: int, pmax: int, scratch) -> bool:
     return T * nq * (pmax + 1) * hd < _PAR_MIN_WORK or scratch.shape[0] == 1 or _NUM_THREADS == 1
 
 
-def _attention_run(out, q, k_cache, v_cache, positions, kv_of_q, scale, scratch, T, nq, hd, pmax) -> None:
+def _attention_run(out, q, k_cache, v_cache, positions, slots, kv_of_q, scale, scratch, T, nq, hd,
+                   pmax) -> None:
     if _attention_serial_ok(T, nq, hd, pmax, scratch):
-        _attention_ser(out, q, k_cache, v_cache, positions, kv_of_q, scale, scratch, T, nq, hd)
+        _attention_ser(out, q, k_cache, v_cache, positions, slots, kv_of_q, scale, scratch, T, nq, hd)
         return
     npairs, R = T * nq, scratch.shape[0]
     for p0 in range(0, npairs, R):
-        _attention_par(out, q, k_cache, v_cache, positions, kv_of_q, scale, scratch,
+        _attention_par(out, q, k_cache, v_cache, positions, slots, kv_of_q, scale, scratch,
                        T, nq, hd, p0, min(npairs, p0 + R))
 
 
 # ---------------------------------------------------------------- attention block (rope + KV store + attention)
 
 @_serial
-def _rope_store(qkv, nq, nkv, k_cache, v_cache, positions, cos, sin, hd, T):
+def _rope_store(qkv, nq, nkv, k_cache, v_cache, positions, slots, cos, sin, hd, T):
     """Rotate q in place and k into the cache row of its position (the arithmetic of _rope_rows);
     copy v into the cache."""
     half = hd // 2
@@ -1426,7 +1471,7 @@ def _rope_store(qkv, nq, nkv, k_cache, v_cache, positions, cos, sin, hd, T):
                 qkv[t, o + 2 * i + 1] = a * s + b * c
         for h in range(nkv):
             o = kc0 + h * hd
-            kr = k_cache[p, h]
+            kr = k_cache[slots[t], p, h]
             for i in range(half):
                 c = cos[p, i]
                 s = sin[p, i]
@@ -1434,17 +1479,17 @@ def _rope_store(qkv, nq, nkv, k_cache, v_cache, positions, cos, sin, hd, T):
                 b = qkv[t, o + 2 * i + 1]
                 kr[2 * i] = a * c - b * s
                 kr[2 * i + 1] = a * s + b * c
-            vr = v_cache[p, h]
+            vr = v_cache[slots[t], p, h]
             o = vc0 + h * hd
             for i in range(hd):
                 vr[i] = qkv[t, o + i]
 
 
 @_serial
-def _attention_block_ser(out, qs, d, quant, qkv, nq, nkv, k_cache, v_cache, positions, cos, sin,
+def _attention_block_ser(out, qs, d, quant, qkv, nq, nkv, k_cache, v_cache, positions, slots, cos, sin,
                          kv_of_q, scale, scratch, T, hd):
-    _rope_store(qkv, nq, nkv, k_cache, v_cache, positions, cos, sin, hd, T)
-    _attention_ser(out, qkv, k_cache, v_cache, positions, kv_of_q, scale, scratch, T, nq, hd)
+    _rope_store(qkv, nq, nkv, k_cache, v_cache, positions, slots, cos, sin, hd, T)
+    _attention_ser(out, qkv, k_cache, v_cache, positions, slots, kv_of_q, scale, scratch, T, nq, hd)
     if quant == 2:
         _quantize_q80_act_f16c(qs, d, out, T, nq * hd // QK)
     elif quant == 1:
@@ -1455,15 +1500,18 @@ _NO_Q80 = (np.zeros((1, 1), np.int8), np.zeros((1, 1), np.float32))
 
 
 def attention_block(out: np.ndarray, qkv: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray,
-                    positions: np.ndarray, cos: np.ndarray, sin: np.ndarray, kv_of_q: np.ndarray,
-                    scale: float, q80: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+                    positions: np.ndarray, slots: np.ndarray | None, cos: np.ndarray, sin: np.ndarray,
+                    kv_of_q: np.ndarray, scale: float,
+                    q80: tuple[np.ndarray, np.ndarray] | None = None) -> None:
     """A layer's attention on this rank's heads, from its fused projection qkv = [q | k | v]
-    ([T, (nq + 2*nkv) * hd]): rotate q (in place) and k by rope_interleaved's arithmetic at
-    positions[t], store k and v in the caches ([S, nkv, hd]) at those rows, then ``attention``
-    of every token over cache rows 0..positions[t] into out [T, nq*hd].  q80 = (qs, d): also
-    quantise out to Q80 (quantize_q80_act), at decode in the same call."""
+    ([T, (nq + 2*nkv) * hd]).  Row t belongs to the sequence in cache slot slots[t] (None: all
+    in slot 0) at position positions[t]: rotate its q (in place) and k by rope_interleaved's
+    arithmetic, store k and v in the caches ([n_slots, S, nkv, hd]) at [slot, position], then
+    ``attention`` over rows 0..positions[t] of its slot, into out [T, nq*hd].  Rows of one
+    sequence come in position order.  q80 = (qs, d): also quantise out to Q80
+    (quantize_q80_act), at decode in the same call."""
     try:                                   # fast path when everything is right
-        S, nkv, hd = k_cache.shape
+        n_slots, S, nkv, hd = k_cache.shape
         T, nq = out.shape[0], out.shape[1] // hd
         ok = (type(qkv) is np.ndarray and k_cache.dtype == _F32 and v_cache.dtype == _F32
               and qkv.dtype == _F32 and out.dtype == _F32 and positions.dtype == _I32
@@ -1479,12 +1527,12 @@ def attention_block(out: np.ndarray, qkv: np.ndarray, k_cache: np.ndarray, v_cac
     except (AttributeError, ValueError, TypeError, ZeroDivisionError, IndexError):
         ok = False
     if not ok:
-        _check("k_cache", k_cache, np.float32, ndim=3)
-        S, nkv, hd = k_cache.shape
-        _check_out("k_cache", k_cache, np.float32, (S, nkv, hd))
+        _check("k_cache", k_cache, np.float32, ndim=4)
+        n_slots, S, nkv, hd = k_cache.shape
+        _check_out("k_cache", k_cache, np.float32, (n_slots, S, nkv, hd))
         if hd % 2:
             raise ValueError(f"k_cache: head_dim {hd} must be even")
-        _check_out("v_cache", v_cache, np.float32, (S, nkv, hd))
+        _check_out("v_cache", v_cache, np.float32, (n_slots, S, nkv, hd))
         _check("out", out, np.float32, ndim=2)
         T, width = out.shape
         if width % hd:
@@ -1498,11 +1546,15 @@ def attention_block(out: np.ndarray, qkv: np.ndarray, k_cache: np.ndarray, v_cac
         _check("sin", sin, np.float32, cos.shape)
         if cos.shape[1] * 2 != hd or cos.shape[0] < S:
             raise ValueError(f"cos/sin: expected >= {S} rows of {hd // 2}, got {cos.shape}")
-    if q80 is not None:
+    if q80 is not None and not _q80_outputs_ok(out, q80[0], q80[1], T, nq * hd):
         if hd * nq % QK:
             raise ValueError(f"q80: row length {hd * nq} must be a multiple of {QK}")
         _check_out("qs", q80[0], np.int8, (T, nq * hd))
         _check_out("d", q80[1], np.float32, (T, nq * hd // QK))
+    if slots is None:
+        slots = _slots0(T)
+    else:
+        _check_slots(slots, T, n_slots)
     if T == 0:
         return
     pmax = _check_positions(positions, T, S, nkv, kv_of_q)
@@ -1511,11 +1563,11 @@ def attention_block(out: np.ndarray, qkv: np.ndarray, k_cache: np.ndarray, v_cac
     if _attention_serial_ok(T, nq, hd, pmax, scratch):
         qs, d = q80 if q80 is not None else _NO_Q80
         quant = 0 if q80 is None else (2 if HAS_AVX2 else 1)
-        _attention_block_ser(out, qs, d, quant, qkv, nq, nkv, k_cache, v_cache, positions, cos, sin,
-                             kv_of_q, scale, scratch, T, hd)
+        _attention_block_ser(out, qs, d, quant, qkv, nq, nkv, k_cache, v_cache, positions, slots, cos,
+                             sin, kv_of_q, scale, scratch, T, hd)
         return
-    _rope_store(qkv, nq, nkv, k_cache, v_cache, positions, cos, sin, hd, T)
-    _attention_run(out, qkv, k_cache, v_cache, positions, kv_of_q, scale, scratch, T, nq, hd, pmax)
+    _rope_store(qkv, nq, nkv, k_cache, v_cache, positions, slots, cos, sin, hd, T)
+    _attention_run(out, qkv, k_cache, v_cache, positions, slots, kv_of_q, scale, scratch, T, nq, hd, pmax)
     if q80 is not None:
         quantize_q80_act(q80[0], q80[1], out)
 
@@ -1571,11 +1623,18 @@ def _silu_mul_q80_ser(out, qs, d, gu, T, n, f16c):
 
 def silu_mul_q80(out: np.ndarray, qs: np.ndarray, d: np.ndarray, gate_up: np.ndarray) -> None:
     """silu_mul(out, gate_up) then quantize_q80_act(qs, d, out), in one call.  Same bits as the two."""
-    T, n = _silu_mul_checks(out, gate_up)
-    if n % QK:
-        raise ValueError(f"gate_up: half row length {n} must be a multiple of {QK}")
-    _check_out("qs", qs, np.int8, (T, n))
-    _check_out("d", d, np.float32, (T, n // QK))
+    try:
+        T, n = gate_up.shape[0], gate_up.shape[1] // 2
+        ok = (type(gate_up) is np.ndarray and gate_up.dtype == _F32 and gate_up.shape[1] == 2 * n
+              and gate_up.flags.c_contiguous and _q80_outputs_ok(out, qs, d, T, n))
+    except (AttributeError, IndexError, TypeError):
+        ok = False
+    if not ok:
+        T, n = _silu_mul_checks(out, gate_up)
+        if n % QK:
+            raise ValueError(f"gate_up: half row length {n} must be a multiple of {QK}")
+        _check_out("qs", qs, np.int8, (T, n))
+        _check_out("d", d, np.float32, (T, n // QK))
     if T * n >= _PAR_MIN_WORK and T > 1:
         _silu_mul_par(out, gate_up, T, n)
         (_quantize_q80_act_f16c if HAS_AVX2 else _quantize_q80_act)(qs, d, out, T, n // QK)
@@ -1627,12 +1686,14 @@ def warmup() -> None:
     o = np.empty_like(x)
     sc = attention_scratch(T, 4, 4)
     attention(o, x, kc, kc, pos, kvq, 0.25, sc)
-    _attention_par(o, x, kc, kc, pos, kvq, np.float32(0.25), sc, T, 4, 16, 0, T * 4)
+    kc4 = np.stack([kc, kc])
+    slots = np.array([1, 0], np.int32)
+    _attention_par(o, x, kc4, kc4, pos, slots, kvq, np.float32(0.25), sc, T, 4, 16, 0, T * 4)
     qkv = np.concatenate([x, x[:, :64]], axis=1)
     oq, od = np.empty((T, n), np.int8), np.empty((T, n // QK), np.float32)
-    attention_block(o, qkv, kc, kc.copy(), pos, cos, sin, kvq, 0.25, (oq, od))
-    attention_block(o, qkv, kc, kc.copy(), pos, cos, sin, kvq, 0.25)
-    _rope_store(qkv, 4, 2, kc, kc.copy(), pos, cos, sin, 16, T)
+    attention_block(o, qkv, kc4, kc4.copy(), pos, slots, cos, sin, kvq, 0.25, (oq, od))
+    attention_block(o, qkv, kc4, kc4.copy(), pos, None, cos, sin, kvq, 0.25)
+    _rope_store(qkv, 4, 2, kc4, kc4.copy(), pos, slots, cos, sin, 16, T)
     rmsnorm_heads(x, 16, 2, np.ones(16, np.float32), 1e-6)
     gu = np.concatenate([x, x], axis=1)
     silu_mul(y, gu)

@@ -1,4 +1,5 @@
-"""Per-rank K/V storage: this rank's KV heads, every layer, every position.
+"""Per-rank K/V storage: this rank's KV heads, every layer, every position, for n_slots
+sequences decoded together (one slot per sequence).
 
 In RAM, or in memory-mapped files (one per rank) when a directory is given.
 Knows nothing of MPI or models.
@@ -12,9 +13,9 @@ import numpy as np
 
 class KVCache:
     def __init__(self, n_layers: int, max_seq_len: int, n_kv_heads: int, head_dim: int,
-                 directory: str | None = None, tag: str = "rank0"):
-        shape = (n_layers, max_seq_len, n_kv_heads, head_dim)  # [L, S, kv, hd]
-        self.max_seq_len = max_seq_len
+                 directory: str | None = None, tag: str = "rank0", n_slots: int = 1):
+        shape = (n_layers, n_slots, max_seq_len, n_kv_heads, head_dim)  # [L, slot, S, kv, hd]
+        self.max_seq_len, self.n_slots = max_seq_len, n_slots
         self.paths: list[str] = []
         if directory is None:
             self.k = np.zeros(shape, np.float32)
@@ -25,15 +26,16 @@ class KVCache:
             self.k, self.v = (np.memmap(p, np.float32, "w+", shape=shape) for p in self.paths)
 
     @staticmethod
-    def bytes_needed(n_layers: int, max_seq_len: int, n_kv_heads: int, head_dim: int) -> int:
-        return 2 * 4 * n_layers * max_seq_len * n_kv_heads * head_dim
+    def bytes_needed(n_layers: int, max_seq_len: int, n_kv_heads: int, head_dim: int,
+                     n_slots: int = 1) -> int:
+        return 2 * 4 * n_layers * n_slots * max_seq_len * n_kv_heads * head_dim
 
     @property
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes
 
     def layer(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        """K and V of one layer: [S, kv, hd] views."""
+        """K and V of one layer: [slot, S, kv, hd] views."""
         return self.k[index], self.v[index]
 
     def close(self) -> None:

@@ -145,7 +145,7 @@ class Transformer:
             kernels.rmsnorm(b["xb"], x, weight, eps)
         return _Input(b["xb"], self._q80(b, "xb"))
 
-    def _attend(self, b, lw: LayerWeights, index: int, positions: np.ndarray) -> _Input:
+    def _attend(self, b, lw: LayerWeights, index: int, positions: np.ndarray, slots) -> _Input:
         """Attention of this rank's heads from b["qkv"] into b["att"] (and its Q80 form)."""
         c, hd, qc = self.config, self.config.head_dim, self.plan.q_cols
         if c.attn_bias:
@@ -153,9 +153,9 @@ class Transformer:
         if c.qk_norm:  # RMSNorm of each head's q and k
             kernels.rmsnorm_heads(b["qkv"], 0, qc // hd, lw.q_norm, c.norm_eps)
             kernels.rmsnorm_heads(b["qkv"], qc, self.plan.kv_rows.size // hd, lw.k_norm, c.norm_eps)
-        k_cache, v_cache = self.kv.layer(index)            # [S, kv, hd]
-        kernels.attention_block(b["att"], b["qkv"], k_cache, v_cache, positions, self.cos, self.sin,
-                                self.kv_of_q, self.scale, self._q80(b, "att"))
+        k_cache, v_cache = self.kv.layer(index)            # [slot, S, kv, hd]
+        kernels.attention_block(b["att"], b["qkv"], k_cache, v_cache, positions, slots, self.cos,
+                                self.sin, self.kv_of_q, self.scale, self._q80(b, "att"))
         return _Input(b["att"], self._q80(b, "att"))
 
     def _silu_mul(self, b) -> _Input:
@@ -166,22 +166,25 @@ class Transformer:
             kernels.silu_mul(b["h"], b["h13"])
         return _Input(b["h"], self._q80(b, "h"))
 
-    def forward(self, x: np.ndarray, positions: np.ndarray, all_logits: bool = False):
-        """x [T, dim] embedded tokens at positions [T] -> logits [T or 1, vocab] on root
-        (None on other ranks)."""
+    def forward(self, x: np.ndarray, positions: np.ndarray, all_logits: bool = False,
+                slots: np.ndarray | None = None):
+        """x [T, dim] embedded tokens at positions [T] of the sequences in KV-cache slots [T]
+        (None: all in slot 0) -> logits [T or 1, vocab] on root (None on other ranks)."""
         c = self.config
         t = x.shape[0]
         x = np.array(x, dtype=np.float32, copy=True)
         positions = np.ascontiguousarray(positions, dtype=np.int32)
-        if positions[-1] >= self.kv.max_seq_len:
-            raise ValueError(f"position {positions[-1]} beyond the KV cache "
+        if positions.max() >= self.kv.max_seq_len:
+            raise ValueError(f"position {positions.max()} beyond the KV cache "
                              f"({self.kv.max_seq_len} positions)")
+        if slots is not None:
+            slots = np.ascontiguousarray(slots, dtype=np.int32)
         b = self._buf(t)
         for index, lw in enumerate(self.w.layers):
             # attention: x += wo · attention(rope(q), rope(k), v), where [q k v] = wqkv·xb
             # [+ bqkv] [q, k then RMSNorm per head]; k and v go to the KV cache
             matmul(b["qkv"], self._normed(b, x, lw.attn_norm), lw.wqkv)
-            matmul(b["attn_out"], self._attend(b, lw, index, positions), lw.wo)
+            matmul(b["attn_out"], self._attend(b, lw, index, positions, slots), lw.wo)
             x += self.comm.allreduce_sum(b["attn_out"], self.wire)
             # feed-forward: x += w2 · (silu(w1·xb) * w3·xb), where [w1·xb w3·xb] = w13·xb
             matmul(b["h13"], self._normed(b, x, lw.ffn_norm), lw.w13)

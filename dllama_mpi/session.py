@@ -96,7 +96,7 @@ def start(comm, model_arg: str, run: RunConfig, want_tokenizer: bool = True,
     me = plan(config, comm.rank, comm.size)
     max_seq_len = run.resolved_max_seq_len(config)
     kv = KVCache(config.n_layers, max_seq_len, me.kv_heads.size, config.head_dim,
-                 directory=kv_dir, tag=f"rank{comm.rank}")
+                 directory=kv_dir, tag=f"rank{comm.rank}", n_slots=run.parallel)
     transformer = Transformer(config, me, weights, kv, comm, wire=run.buffer_float_type)
     transformer.vocab_counts = vocab_counts
     embedding = Embedding(model.tensor("embedding")) if comm.is_root else None
