@@ -49,7 +49,7 @@ def run_config(args) -> RunConfig:
                      max_seq_len=args.max_seq_len, nthreads=args.nthreads, load=args.load,
                      temperature=getattr(args, "temperature", 0.0),
                      topp=getattr(args, "topp", 1.0), topk=getattr(args, "topk", 0),
-                     seed=getattr(args, "seed", None))
+                     seed=getattr(args, "seed", None), parallel=getattr(args, "parallel", 1))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,6 +69,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep generating past end-of-sequence tokens (benchmarks)")
     p.add_argument("--stats", action="store_true", help="per-token timing lines on stderr")
     p.add_argument("--json", action="store_true", help="print one JSON object at the end")
+
+    p = sub.add_parser("batch", help="complete a file of prompts (JSON Lines), several "
+                       "sequences decoding together")
+    _add_model_args(p)
+    _add_sampling_args(p)
+    p.add_argument("--input", required=True, metavar="PROMPTS.jsonl",
+                   help='one JSON object a line: {"prompt": ...} or {"messages": [...]}, '
+                   'optional "id" and "max_tokens"')
+    p.add_argument("--output", required=True, metavar="RESULTS.jsonl",
+                   help="one JSON object a line, in input order (written when all are done)")
+    p.add_argument("--parallel", type=int, default=16,
+                   help="sequences decoding together (KV-cache slots; memory grows with it)")
+    p.add_argument("--steps", type=int, default=64, help="default max_tokens of a prompt")
+    p.add_argument("--chat", action="store_true",
+                   help="wrap each \"prompt\" as a user message with the chat template")
+    p.add_argument("--ignore-eos", action="store_true",
+                   help="keep generating past end-of-sequence tokens (benchmarks)")
+    p.add_argument("--quiet", action="store_true", help="no line per finished sequence")
 
     p = sub.add_parser("pull", help="download a known model into the cache")
     p.add_argument("name", choices=sorted(models.KNOWN_MODELS))
@@ -131,6 +149,9 @@ def main(argv=None) -> int:
     if args.command == "inference":
         from .inference import run_inference
         return run_inference(args, run_config(args))
+    if args.command == "batch":
+        from .batch import run_batch
+        return run_batch(args, run_config(args))
     raise DllamaError(f"unknown command {args.command}")
 
 

@@ -65,11 +65,16 @@ def _root_open(model_arg: str, run: RunConfig, size: int, want_tokenizer: bool,
 
 
 def start(comm, model_arg: str, run: RunConfig, want_tokenizer: bool = True,
-          kv_dir: str | None = None, tokenizer_path: str | None = None) -> Session:
+          kv_dir: str | None = None, tokenizer_path: str | None = None,
+          root_check=None) -> Session:
+    """root_check: called first on the root (e.g. to read an input file); its DllamaError
+    is reported like a bad model, before anything is loaded."""
     model = tokenizer = None
     status = None
     if comm.is_root:
         try:
+            if root_check is not None:
+                root_check()
             model, tokenizer, run = _root_open(model_arg, run, comm.size, want_tokenizer,
                                                 tokenizer_path)
             status = ("ok", model.config.to_dict(), run, model.path)
