@@ -23,8 +23,8 @@ from numba's cache first, outside the measurement):
   peak      VmHWM from opening to the end of loading (the high-water mark is reset first by
             writing 5 to /proc/self/clear_refs): anonymous memory and the pages of
             memory-mapped model files this rank touched
-  held      RssAnon after loading (and malloc_trim, as session.start does) minus before:
-            the memory this rank keeps
+  held      RssAnon after loading minus before, once session.start's clean-up is done
+            (direct workers close the model; malloc_trim): the memory this rank keeps
   mapped    RssFile after loading minus before: pages of the model file this rank touched
             (page cache, shared by every rank of the node, dropped under pressure)
 """
@@ -104,11 +104,14 @@ def worker(model_arg: str, load: str) -> None:
     t1 = _time.perf_counter()
     weights, _ = load_shard(comm, model, config, run, progress=False, direct=direct)
     load_s = _time.perf_counter() - t1
-    release_free_memory()  # as session.start does after loading
+    loaded = _status()                # file pages while the model is still mapped
+    if direct and not comm.is_root:   # then what session.start does after loading
+        model.close()
+    release_free_memory()
     st = _status()
     mine = {"rank": comm.rank, "open_s": open_s, "load_s": load_s, "shard": weights.nbytes(),
             "base": before["VmRSS"], "peak": st["VmHWM"] if reset else None,
-            "anon": st["RssAnon"], "file": st["RssFile"],
+            "anon": st["RssAnon"], "file": loaded["RssFile"],
             "anon_base": before["RssAnon"], "file_base": before["RssFile"]}
     comm.barrier()
     wall = _time.perf_counter() - t0
