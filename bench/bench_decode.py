@@ -1,10 +1,11 @@
 """One measured run, under mpiexec: prompt tokens/s and decode tokens/s on fixed token ids.
 
     mpiexec -n R python bench/bench_decode.py --model M.gguf --nthreads T [--prompt-tokens 20]
-        [--steps 64] [--weights-float-type q40] [--buffer-float-type q80]
+        [--steps 64] [--parallel 1] [--weights-float-type q40] [--buffer-float-type q80]
 
 Prints one JSON line (rank 0): the speeds, the bytes of weights all ranks read per token
-(for the roofline), and per-rank per-token compute/sync/bytes.
+(for the roofline), and per-rank per-token compute/sync/bytes.  With --parallel N > 1,
+N sequences (random prompts) decode together and decode_tok_s is the aggregate.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import numpy as np  # noqa: E402
 
 from dllama_mpi.comm import make_comm  # noqa: E402
 from dllama_mpi.config import RunConfig  # noqa: E402
-from dllama_mpi.generation import generate  # noqa: E402
+from dllama_mpi.generation import generate, generate_batch  # noqa: E402
 from dllama_mpi.inference import decode_averages  # noqa: E402
 from dllama_mpi.session import start  # noqa: E402
 
@@ -32,11 +33,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--weights-float-type", default="auto")
     ap.add_argument("--buffer-float-type", default="auto")
+    ap.add_argument("--parallel", type=int, default=1)
     args = ap.parse_args()
     run = RunConfig(weights_float_type=args.weights_float_type,
                     buffer_float_type=args.buffer_float_type,
                     nthreads=args.nthreads, max_seq_len=args.prompt_tokens + args.steps + 8,
-                    prefill_chunk=max(128, args.prompt_tokens))
+                    prefill_chunk=max(128, args.prompt_tokens), parallel=args.parallel)
     comm = make_comm()
     s = start(comm, args.model, run, want_tokenizer=False)
     run = s.run
@@ -48,16 +50,29 @@ def main() -> None:
     prompt = rng.integers(3, s.config.vocab_size, args.prompt_tokens).tolist()
     # warm-up forward (first-call costs), then reset the cache positions by starting at 0
     s.engine.forward(prompt[:2], 0)
-    g = generate(s.engine, prompt, args.steps, lambda l: int(np.argmax(l)), set(),
-                 s.max_seq_len, run.prefill_chunk)
+    greedy = lambda l: int(np.argmax(l))  # noqa: E731
+    if args.parallel > 1:
+        prompts = [rng.integers(3, s.config.vocab_size, args.prompt_tokens).tolist()
+                   for _ in range(args.parallel)]
+        s.engine.forward_rows(prompt[:args.parallel], [0] * args.parallel,
+                              list(range(args.parallel)))  # warm-up of the rows path
+        b = generate_batch(s.engine, prompts, [args.steps] * args.parallel,
+                           [greedy] * args.parallel, set(), s.max_seq_len, args.parallel,
+                           run.prefill_chunk)
+        n_prompt = sum(len(p) for p in prompts)
+        speeds = dict(prompt_tok_s=n_prompt / b.prefill_seconds, decode_tok_s=b.decode_tokens_per_s,
+                      generated=sum(len(g.generated_tokens) for g in b.generations))
+    else:
+        g = generate(s.engine, prompt, args.steps, greedy, set(), s.max_seq_len, run.prefill_chunk)
+        speeds = dict(prompt_tok_s=g.prompt_tokens_per_s, decode_tok_s=g.decode_tokens_per_s,
+                      generated=len(g.generated_tokens))
     s.engine.stop()
     per_rank = [decode_averages(steps[1:]) for steps in s.engine.gather_step_stats()]
     weight_bytes = sum(w for w, _ in s.memory)
     print(json.dumps({
         "model": os.path.basename(args.model), "ranks": comm.size, "nthreads": s.nthreads,
         "weights": run.weights_float_type, "wire": run.buffer_float_type,
-        "prompt_tokens": len(prompt), "generated": len(g.generated_tokens),
-        "prompt_tok_s": g.prompt_tokens_per_s, "decode_tok_s": g.decode_tokens_per_s,
+        "prompt_tokens": len(prompt), "parallel": args.parallel, **speeds,
         "weight_bytes_per_token": weight_bytes, "per_rank": per_rank}))
 
 

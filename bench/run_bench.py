@@ -1,12 +1,16 @@
 """The benchmark table (run by hand; never part of the tests).
 
-    python bench/run_bench.py [--repeats 3] [--steps 64] [--quick]
+    python bench/run_bench.py [--repeats 3] [--steps 64] [--quick] [--sweep]
 
 Makes the synthetic 1.1B Llama (bench/make_synthetic.py) if needed, pulls SmolLM2, then for
 each workload runs bench/bench_decode.py under mpiexec several times and takes medians.
+Workloads: decode of one sequence, a 128-token prompt, and 16 sequences decoding together
+(aggregate tok/s).  --sweep adds decode at 1..4 ranks and batches of 1, 4, 16 for the plot.
 The read-bandwidth roofline is probed in the same invocation (before and after; the best
 is used). Prints a markdown table with the peers' figures measured on this machine
-(../shared/notes/targets.md) and writes bench/results/bench-<time>.json.
+(../shared/notes/targets.md), writes bench/results/bench-<time>.json and, when matplotlib is
+installed (pip install -e '.[bench]'), bench/results/bench-<time>.png: tok/s against ranks
+and against batch size.
 """
 from __future__ import annotations
 
@@ -29,6 +33,7 @@ PEERS = {
     ("synthetic", 2, 1, "decode"): (14.04, 11.2), ("synthetic", 1, 1, "prompt"): (20.4, 40.0),
     ("smollm2", 1, 1, "decode"): (57.6, 91.2), ("smollm2", 1, 2, "decode"): (81.1, 131.5),
     ("smollm2", 1, 1, "prompt"): (169.0, 304.0),
+    ("synthetic", 1, 1, "batch16"): ("—", 31.7), ("synthetic", 1, 2, "batch16"): ("—", 59.0),
 }
 
 
@@ -38,18 +43,19 @@ def bandwidth() -> tuple[float, float]:
     return probe(1 << 30, 1, 4), probe(1 << 30, 2, 4)
 
 
-def one_run(model: str, ranks: int, threads: int, steps: int, prompt: int) -> dict:
+def one_run(model: str, ranks: int, threads: int, steps: int, prompt: int,
+            parallel: int = 1) -> dict:
     cmd = [shutil.which("mpiexec") or "mpiexec", "-n", str(ranks), sys.executable,
            os.path.join(HERE, "bench_decode.py"), "--model", model, "--nthreads", str(threads),
-           "--steps", str(steps), "--prompt-tokens", str(prompt)]
+           "--steps", str(steps), "--prompt-tokens", str(prompt), "--parallel", str(parallel)]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
     if p.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{p.stderr[-3000:]}")
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
-def median_run(model, ranks, threads, steps, prompt, repeats) -> dict:
-    runs = [one_run(model, ranks, threads, steps, prompt) for _ in range(repeats)]
+def median_run(model, ranks, threads, steps, prompt, repeats, parallel=1) -> dict:
+    runs = [one_run(model, ranks, threads, steps, prompt, parallel) for _ in range(repeats)]
     out = dict(runs[0])
     out["decode_tok_s"] = statistics.median(r["decode_tok_s"] for r in runs)
     out["prompt_tok_s"] = statistics.median(r["prompt_tok_s"] for r in runs)
@@ -62,6 +68,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--quick", action="store_true", help="SmolLM2 only, one repeat")
+    ap.add_argument("--sweep", action="store_true",
+                    help="also decode at 1..4 ranks and batches of 1, 4, 16 (for the plot)")
     args = ap.parse_args()
     from dllama_mpi.models import pull
     models = {"smollm2": pull("smollm2-135m")}
@@ -79,6 +87,17 @@ def main() -> None:
             rows.append((name, ranks, threads, "decode", r))
         r = median_run(path, 1, 1, 1, 128, repeats)
         rows.append((name, 1, 1, "prompt", r))
+        for threads in ((1, 2) if name == "synthetic" else (1,)):
+            r = median_run(path, 1, threads, args.steps, 20, repeats, parallel=16)
+            rows.append((name, 1, threads, "batch16", r))
+    sweep = []
+    if args.sweep:
+        for name, path in models.items():
+            for ranks in (1, 2, 3, 4):
+                sweep.append((name, ranks, 1, 1, median_run(path, ranks, 1, args.steps, 20, repeats)))
+            for parallel in (4, 16):
+                sweep.append((name, 1, 1, parallel,
+                              median_run(path, 1, 1, args.steps, 20, repeats, parallel)))
     bw_after = bandwidth()
     bw1, bw2 = max(bw_before[0], bw_after[0]), max(bw_before[1], bw_after[1])
     lines = [f"read bandwidth (numba probe): {bw1:.1f} GB/s on 1 core, {bw2:.1f} GB/s on 2 "
@@ -95,7 +114,8 @@ def main() -> None:
         roof_s = f"{roof:.1f}" if kind == "decode" else "—"
         pr = r["per_rank"][0]
         dl, lc = PEERS.get((name, ranks, threads, kind), ("—", "—"))
-        label = "decode" if kind == "decode" else f"prompt ({r['prompt_tokens']} tokens)"
+        label = {"decode": "decode", "batch16": "16 sequences, aggregate"}.get(
+            kind, f"prompt ({r['prompt_tokens']} tokens)")
         lines.append(f"| {name} | {ranks} × {threads} | {label} | {tok:.1f} | {roof_s} | {frac} | "
                      f"{pr['sync_ms']:.2f} | {pr['bytes_sent'] / 1e3:.1f} | {dl} | {lc} |")
     table = "\n".join(lines)
@@ -105,8 +125,42 @@ def main() -> None:
     with open(out, "w") as f:
         json.dump({"bandwidth_gb_s": [bw1, bw2], "rows": [
             dict(r, workload_model=n, kind=k) for n, a, b, k, r in rows],
+            "sweep": [dict(r, workload_model=n) for n, _, _, _, r in sweep],
             "table": table}, f, indent=1)
     print(f"\nwritten {out}")
+    plot(rows, sweep, out[:-len(".json")] + ".png")
+
+
+def plot(rows, sweep, path: str) -> None:
+    """tok/s against ranks (1 thread each) and against sequences decoding together."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("no plot: matplotlib is not installed (pip install -e '.[bench]')")
+        return
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+    for name in sorted({n for n, *_ in rows}):
+        by_ranks = {k: r["decode_tok_s"] for n, k, t, p, r in sweep if n == name and p == 1}
+        by_ranks.update({k: r["decode_tok_s"] for n, k, t, kind, r in rows
+                         if n == name and kind == "decode" and t == 1 and k not in by_ranks})
+        by_batch = {p: r["decode_tok_s"] for n, k, t, p, r in sweep if n == name and k == 1 and t == 1}
+        by_batch.update({16 if kind == "batch16" else 1: r["decode_tok_s"] for n, k, t, kind, r in rows
+                         if n == name and k == 1 and t == 1 and kind in ("decode", "batch16")})
+        for ax, pts in ((a1, by_ranks), (a2, by_batch)):
+            xs = sorted(pts)
+            ax.plot(xs, [pts[x] for x in xs], marker="o", label=name)
+    a1.set(xlabel="ranks (1 thread each; >2 oversubscribe this 2-core machine)",
+           ylabel="decode tok/s", title="one sequence")
+    a2.set(xlabel="sequences decoding together (1 rank, 1 thread)", ylabel="aggregate tok/s",
+           title="batched decode", xscale="log", xticks=[1, 4, 16], xticklabels=["1", "4", "16"])
+    for ax in (a1, a2):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"written {path}")
 
 
 if __name__ == "__main__":
