@@ -61,6 +61,49 @@ class ShardWeights:
         return total
 
 
+def pack_weights(weights: ShardWeights) -> None:
+    """Move every matrix's data into one buffer, in the order a forward pass reads them.
+    Decode streams the weights once per token; as one run of memory they sit on huge pages
+    (numpy advises them for large buffers; 121 small matrices of SmolLM2 on 4 kB pages cost
+    TLB misses) and the kernels' prefetch runs on from one matrix into the next. Measured on
+    SmolLM2's layers, 1 thread: 6.1-6.5 ms a token scattered, 5.4-5.6 packed."""
+    mats = [m for lw in weights.layers for m in (lw.wqkv, lw.wo, lw.w13, lw.w2)] + [weights.wcls]
+    parts = [a for m in mats for a in _data(m)]
+    arena = np.empty(sum(_aligned(a.nbytes) for a in parts), np.uint8)
+    offset = 0
+
+    def place(a: np.ndarray) -> np.ndarray:
+        nonlocal offset
+        if a.nbytes == 0:
+            return a
+        view = arena[offset:offset + a.nbytes].view(a.dtype).reshape(a.shape)
+        view[...] = a
+        offset += _aligned(a.nbytes)
+        return view
+
+    for lw in weights.layers:       # layer by layer: the old copies are freed as we go
+        for name in ("wqkv", "wo", "w13", "w2"):
+            setattr(lw, name, _moved(getattr(lw, name), place))
+    weights.wcls = _moved(weights.wcls, place)
+
+
+def _aligned(n: int) -> int:
+    return (n + 63) // 64 * 64          # every part on its own cache lines
+
+
+def _data(m) -> list[np.ndarray]:
+    if isinstance(m, np.ndarray):
+        return [m]
+    return [m.buf] if hasattr(m, "buf") else [m.qs, m.d]
+
+
+def _moved(m, place):
+    if isinstance(m, np.ndarray):
+        return place(m)
+    m.move_data(place)
+    return m
+
+
 def rope_tables(config: ModelConfig, max_seq_len: int) -> tuple[np.ndarray, np.ndarray]:
     """cos, sin [max_seq_len, head_dim/2] for interleaved-pair rope (f64 math, f32 table)."""
     half = config.head_dim // 2

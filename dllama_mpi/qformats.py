@@ -96,6 +96,10 @@ class Q41Matrix:
     def nbytes(self) -> int:
         return int(self.buf.nbytes)
 
+    def move_data(self, place) -> None:
+        """Put the data where place(array) -> copy says (model.pack_weights)."""
+        self.buf = place(self.buf)
+
     def dequantize(self) -> np.ndarray:
         return dequantize_q41(self.to_blocks())
 
@@ -153,6 +157,10 @@ class Q80Matrix:
     @property
     def nbytes(self) -> int:
         return int(self.buf.nbytes)
+
+    def move_data(self, place) -> None:
+        """Put the data where place(array) -> copy says (model.pack_weights)."""
+        self.buf = place(self.buf)
 
     def dequantize(self) -> np.ndarray:
         return dequantize_q80(self.to_blocks())

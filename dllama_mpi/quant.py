@@ -336,6 +336,10 @@ class Q40Matrix:
     def nbytes(self) -> int:
         return int(self.qs.nbytes + self.d.nbytes)
 
+    def move_data(self, place) -> None:
+        """Put the data where place(array) -> copy says (model.pack_weights)."""
+        self.qs, self.d = place(self.qs), place(self.d)
+
     def to_blocks(self) -> np.ndarray:
         """Back to raw GGML Q4_0 bytes ``uint8 [rows, nb*18]``."""
         rows, nb = self.rows, self.nb

@@ -15,7 +15,7 @@ from .engine import Engine
 from .errors import DllamaError
 from .kvcache import KVCache
 from .loading import Embedding, load_shard
-from .model import Transformer
+from .model import Transformer, pack_weights
 from .shard import plan
 
 
@@ -95,6 +95,7 @@ def start(comm, model_arg: str, run: RunConfig, want_tokenizer: bool = True,
     kernels.set_num_threads(nthreads)
     _warm_kernels(comm)
     weights, vocab_counts = load_shard(comm, model, config, run, direct=direct)
+    pack_weights(weights)
     if direct and not comm.is_root:
         model.close()
     release_free_memory()
