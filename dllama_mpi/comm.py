@@ -80,7 +80,7 @@ class SerialComm(_Base):
         return partial
 
     def gather_rows(self, local: np.ndarray, counts: list[int]) -> np.ndarray | None:
-        return local
+        return local.copy()      # a new array, as from the ranks (local is a reused buffer)
 
     def send_array(self, arr: np.ndarray, dest: int) -> None:
         raise RuntimeError("SerialComm has no other rank")

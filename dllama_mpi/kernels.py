@@ -9,6 +9,7 @@ Conventions: activations are ``float32 [T, n]`` (T tokens), weights ``[rows, col
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import numba
 import numpy as np
@@ -608,80 +609,74 @@ def matmul_q80_q40(out: np.ndarray, xq: np.ndarray, xd: np.ndarray, w: Q40Matrix
     xq, xd: the activation in split Q80 form (``quantize_q80_act``); w: a Q40Matrix [rows, cols].
     Parallel (numba threads over row bands) when the matrix is large enough to pay for it.
     """
-    try:                                   # fast path when everything is right (well under 1 us)
-        T = xq.shape[0]
-        ok = (type(w) is Q40Matrix and xq.dtype == _I8 and xd.dtype == _F32 and out.dtype == _F32
-              and xq.ndim == 2 and xq.shape[1] == w.cols and xd.shape == (T, w.nb) and out.shape == (T, w.rows)
-              and xq.flags.c_contiguous and xd.flags.c_contiguous and out.flags.c_contiguous
-              and out.flags.writeable)
-    except (AttributeError, IndexError, TypeError):
-        ok = False
-    if not ok:
-        _matmul_q80_q40_checks(out, xq, xd, w)
-        T = xq.shape[0]
-    if T == 0 or w.rows == 0:
-        return
-    _matmul_q80_q40(out, xq, xd, w, HAS_AVX2)
+    _check_matmul(out, xq, xd, w, Q40Matrix)
+    _bound_matmul(out, xq, xd, w, HAS_AVX2)()
 
 
 def matmul_q80_q41(out: np.ndarray, xq: np.ndarray, xd: np.ndarray, w) -> None:
     """out[t, r] = sum_b xd[t,b] * (d[r,b] * sum_i q_i xq[t,i] + m[r,b] * sum_i xq[t,i])  for a Q41Matrix
     (GGML Q4_1 weights d*q + m): exact int block dots, the offsets fused into the f32 scaling."""
     from .qformats import Q41Matrix
-    if not _fast_ok(out, xq, xd, w, Q41Matrix):
-        _checks(out, xq, xd, w, Q41Matrix)
-    T = xq.shape[0]
-    if T == 0 or w.rows == 0:
-        return
-    _rows_q4(out, xq, xd, w.buf, w.rows, w.nb, w.stride, 1, HAS_AVX2)
+    _check_matmul(out, xq, xd, w, Q41Matrix)
+    _bound_matmul(out, xq, xd, w, HAS_AVX2)()
 
 
 def matmul_q80_q80(out: np.ndarray, xq: np.ndarray, xd: np.ndarray, w) -> None:
     """out[t, r] = sum_b d_w[r,b] * xd[t,b] * sum_i wq[r,i] xq[t,i]  for a Q80Matrix (int8 weights):
     exact int32 block dots, f32 scales."""
     from .qformats import Q80Matrix
-    if not _fast_ok(out, xq, xd, w, Q80Matrix):
-        _checks(out, xq, xd, w, Q80Matrix)
+    _check_matmul(out, xq, xd, w, Q80Matrix)
+    _bound_matmul(out, xq, xd, w, HAS_AVX2)()
+
+
+def bind_matmul(out: np.ndarray, xq: np.ndarray, xd: np.ndarray, w):
+    """Check once, then return the kernel call out = (xq, xd) · w^T for these very arrays and
+    matrix (Q40, Q41 or Q80), as a function of no arguments: what matmul_q80_* do, without
+    their checks and dispatch on every call (~6 us each: a visible share of a SmolLM2 token).
+    The call is right as long as the arrays keep their shapes (the caller owns them) and the
+    thread count stays as it was."""
+    from .qformats import Q41Matrix, Q80Matrix
+    cls = type(w) if type(w) in (Q40Matrix, Q41Matrix, Q80Matrix) else Q40Matrix
+    _check_matmul(out, xq, xd, w, cls)
+    return _bound_matmul(out, xq, xd, w, HAS_AVX2)
+
+
+def _check_matmul(out, xq, xd, w, cls) -> None:
+    if not _fast_ok(out, xq, xd, w, cls):
+        _checks(out, xq, xd, w, cls)
+
+
+def _noop() -> None:
+    return None
+
+
+def _bound_matmul(out, xq, xd, w, use_avx2: bool):
+    """The kernel call for checked arguments (functools.partial: no Python frame of ours)."""
+    from .qformats import Q41Matrix
     T = xq.shape[0]
     if T == 0 or w.rows == 0:
-        return
-    _matmul_q80_q80(out, xq, xd, w, HAS_AVX2)
-
-
-def _matmul_q80_q80(out, xq, xd, w, use_avx2: bool) -> None:
-    T = xq.shape[0]
-    xi, xf = _rbuffers(T, w.nb)
-    args = (out, xq, xd, xi, xf, w.buf, w.rows, w.nb, w.stride, _ACC)
-    if not use_avx2:
-        _rows_q8_generic(*args)
-    elif w.rows * w.nb * T < _PAR_MIN_BLOCKS or w.rows <= 2 * _RT8 or _NUM_THREADS == 1:
-        _rows_q8_serial(*args)
-    else:
-        _rows_q8_par(*args)
-
-
-def _matmul_q80_q40_checks(out, xq, xd, w) -> None:
-    if not isinstance(w, Q40Matrix):
-        raise ValueError(f"w: expected a Q40Matrix, got {type(w).__name__}")
-    _check("xq", xq, np.int8, ndim=2)
-    T, cols = xq.shape
-    if cols != w.cols:
-        raise ValueError(f"xq: has {cols} columns but w is {w.rows}x{w.cols}")
-    _check("xd", xd, np.float32, (T, cols // QK))
-    _check_out("out", out, np.float32, (T, w.rows))
-
-
-def _matmul_q80_q40(out, xq, xd, w, use_avx2: bool) -> None:
-    T = xq.shape[0]
+        return _noop
+    if type(w) is Q41Matrix:
+        return _bound_rows_q4(out, xq, xd, w.buf, w.rows, w.nb, w.stride, 1, use_avx2)
+    if type(w) is not Q40Matrix:                       # Q80Matrix
+        xi, xf = _rbuffers(T, w.nb)
+        args = (out, xq, xd, xi, xf, w.buf, w.rows, w.nb, w.stride, _ACC)
+        if not use_avx2:
+            return partial(_rows_q8_generic, *args)
+        serial = w.rows * w.nb * T < _PAR_MIN_BLOCKS or w.rows <= 2 * _RT8 or _NUM_THREADS == 1
+        return partial(_rows_q8_serial if serial else _rows_q8_par, *args)
     if w.layout == "rows":
-        _rows_q4(out, xq, xd, w.qs, w.rows, w.nb, 288, 0, use_avx2)
-        return
+        return _bound_rows_q4(out, xq, xd, w.qs, w.rows, w.nb, 288, 0, use_avx2)
     xl, xh, xinit = _xbuffers(T, w.nslab)
     args = (out, xq, xd, w.qs, w.d.view(np.uint16), w.rows, w.nb, w.nslab, xl, xh, xinit, _S16)
     if w.rows * w.cols * T < 1 << 18 or w.rows < 16:
-        (_q40_serial_avx2 if use_avx2 else _q40_serial_generic)(*args)
-    else:
-        (_q40_par_avx2 if use_avx2 else _q40_par_generic)(*args)
+        return partial(_q40_serial_avx2 if use_avx2 else _q40_serial_generic, *args)
+    return partial(_q40_par_avx2 if use_avx2 else _q40_par_generic, *args)
+
+
+def _matmul_unchecked(out, xq, xd, w, use_avx2: bool) -> None:
+    """matmul_q80_* without the checks, on the AVX2 or the portable kernels (tests)."""
+    _bound_matmul(out, xq, xd, w, use_avx2)()
 
 
 # ---------------------------------------------------------------- row-tile kernels (narrow Q4, Q41, Q80 weights)
@@ -1043,15 +1038,14 @@ def _checks(out, xq, xd, w, cls) -> None:
     _check_out("out", out, np.float32, (T, w.rows))
 
 
-def _rows_q4(out, xq, xd, buf, rows, nb, sb, hasm, use_avx2: bool) -> None:
+def _bound_rows_q4(out, xq, xd, buf, rows, nb, sb, hasm, use_avx2: bool):
     T = xq.shape[0]
     xi, xf = _rbuffers(T, nb)
+    args = (out, xq, xd, xi, xf, buf, rows, nb, sb, hasm, _ACC)
     if not use_avx2:
-        _rows_q4_generic(out, xq, xd, xi, xf, buf, rows, nb, sb, hasm, _ACC)
-    elif rows * nb * T < _PAR_MIN_BLOCKS or rows <= 2 * _RT4 or _NUM_THREADS == 1:
-        _rows_q4_serial(out, xq, xd, xi, xf, buf, rows, nb, sb, hasm, _ACC)
-    else:
-        _rows_q4_par(out, xq, xd, xi, xf, buf, rows, nb, sb, hasm, _ACC)
+        return partial(_rows_q4_generic, *args)
+    serial = rows * nb * T < _PAR_MIN_BLOCKS or rows <= 2 * _RT4 or _NUM_THREADS == 1
+    return partial(_rows_q4_serial if serial else _rows_q4_par, *args)
 
 
 # ---------------------------------------------------------------- f32 matmul
@@ -1124,6 +1118,11 @@ def rmsnorm_q80(out: np.ndarray, qs: np.ndarray, d: np.ndarray, x: np.ndarray, w
                 eps: float) -> None:
     """rmsnorm(out, x, weight, eps) then quantize_q80_act(qs, d, out), in one call (decode: one
     dispatch instead of two).  Same bits as the two kernels."""
+    bind_rmsnorm_q80(out, qs, d, x, weight, eps)()
+
+
+def bind_rmsnorm_q80(out, qs, d, x, weight, eps: float):
+    """rmsnorm_q80 for these arrays, checked once, as a call of no arguments (see bind_matmul)."""
     try:
         T, n = x.shape
         ok = (type(x) is np.ndarray and type(weight) is np.ndarray and x.dtype == _F32
@@ -1140,11 +1139,13 @@ def rmsnorm_q80(out: np.ndarray, qs: np.ndarray, d: np.ndarray, x: np.ndarray, w
         _check_out("out", out, np.float32, (T, n))
         _check_out("qs", qs, np.int8, (T, n))
         _check_out("d", d, np.float32, (T, n // QK))
+    quantize = _quantize_q80_act_f16c if HAS_AVX2 else _quantize_q80_act
     if T * n >= _PAR_MIN_WORK and T > 1:
-        _rmsnorm_par(out, x, weight, float(eps), T, n)
-        (_quantize_q80_act_f16c if HAS_AVX2 else _quantize_q80_act)(qs, d, out, T, n // QK)
-    else:
-        _rmsnorm_q80_ser(out, qs, d, x, weight, float(eps), T, n, HAS_AVX2)
+        def call():
+            _rmsnorm_par(out, x, weight, float(eps), T, n)
+            quantize(qs, d, out, T, n // QK)
+        return call
+    return partial(_rmsnorm_q80_ser, out, qs, d, x, weight, float(eps), T, n, HAS_AVX2)
 
 
 @_serial
@@ -1398,18 +1399,16 @@ def _slots0(T: int) -> np.ndarray:
     return z
 
 
-def _check_slots(slots, T: int, n_slots: int) -> None:
-    _check("slots", slots, np.int32, (T,))
-    lo, hi = (int(slots[0]),) * 2 if T == 1 else (int(slots.min()), int(slots.max()))
-    if lo < 0 or hi >= n_slots:
-        raise ValueError(f"slots: must lie in [0, {n_slots}), got [{lo}, {hi}]")
+def _max_position(positions, T: int, S: int) -> int:
+    pmin, pmax = (int(positions[0]),) * 2 if T == 1 else (int(positions.min()), int(positions.max()))
+    if pmin < 0 or pmax >= S:
+        raise ValueError(f"positions: must lie in [0, {S}), got [{pmin}, {pmax}]")
+    return pmax
 
 
 def _check_positions(positions, T: int, S: int, nkv: int, kv_of_q) -> int:
     """positions in [0, S) and kv_of_q in [0, nkv) (validated once per distinct map); max position."""
-    pmin, pmax = (int(positions[0]),) * 2 if T == 1 else (int(positions.min()), int(positions.max()))
-    if pmin < 0 or pmax >= S:
-        raise ValueError(f"positions: must lie in [0, {S}), got [{pmin}, {pmax}]")
+    pmax = _max_position(positions, T, S)
     if kv_of_q.shape[0] and (nkv, kv_of_q.tobytes()) not in _KV_OK:
         if not _kv_ok(kv_of_q, nkv):
             raise ValueError(f"kv_of_q: must lie in [0, {nkv})")
@@ -1510,6 +1509,13 @@ def attention_block(out: np.ndarray, qkv: np.ndarray, k_cache: np.ndarray, v_cac
     ``attention`` over rows 0..positions[t] of its slot, into out [T, nq*hd].  Rows of one
     sequence come in position order.  q80 = (qs, d): also quantise out to Q80
     (quantize_q80_act), at decode in the same call."""
+    bind_attention_block(out, qkv, k_cache, v_cache, positions, slots, cos, sin, kv_of_q, scale, q80)()
+
+
+def bind_attention_block(out, qkv, k_cache, v_cache, positions, slots, cos, sin, kv_of_q,
+                         scale: float, q80=None):
+    """attention_block for these arrays as a call of no arguments (see bind_matmul): shapes
+    are checked once; positions and slots are read, and checked, at every call."""
     try:                                   # fast path when everything is right
         n_slots, S, nkv, hd = k_cache.shape
         T, nq = out.shape[0], out.shape[1] // hd
@@ -1554,22 +1560,31 @@ def attention_block(out: np.ndarray, qkv: np.ndarray, k_cache: np.ndarray, v_cac
     if slots is None:
         slots = _slots0(T)
     else:
-        _check_slots(slots, T, n_slots)
+        _check("slots", slots, np.int32, (T,))
     if T == 0:
-        return
-    pmax = _check_positions(positions, T, S, nkv, kv_of_q)
-    scratch = _scratch(None, T, nq, S, pmax)
+        return _noop
+    if nq and not _kv_ok(kv_of_q, nkv):
+        raise ValueError(f"kv_of_q: must lie in [0, {nkv})")
     scale = np.float32(scale)
-    if _attention_serial_ok(T, nq, hd, pmax, scratch):
-        qs, d = q80 if q80 is not None else _NO_Q80
-        quant = 0 if q80 is None else (2 if HAS_AVX2 else 1)
-        _attention_block_ser(out, qs, d, quant, qkv, nq, nkv, k_cache, v_cache, positions, slots, cos,
-                             sin, kv_of_q, scale, scratch, T, hd)
-        return
-    _rope_store(qkv, nq, nkv, k_cache, v_cache, positions, slots, cos, sin, hd, T)
-    _attention_run(out, qkv, k_cache, v_cache, positions, slots, kv_of_q, scale, scratch, T, nq, hd, pmax)
-    if q80 is not None:
-        quantize_q80_act(q80[0], q80[1], out)
+    qs, d = q80 if q80 is not None else _NO_Q80
+    quant = 0 if q80 is None else (2 if HAS_AVX2 else 1)
+
+    def call() -> None:
+        pmax = _max_position(positions, T, S)
+        lo, hi = (int(slots[0]),) * 2 if T == 1 else (int(slots.min()), int(slots.max()))
+        if lo < 0 or hi >= n_slots:
+            raise ValueError(f"slots: must lie in [0, {n_slots}), got [{lo}, {hi}]")
+        scratch = _scratch(None, T, nq, S, pmax)
+        if _attention_serial_ok(T, nq, hd, pmax, scratch):
+            _attention_block_ser(out, qs, d, quant, qkv, nq, nkv, k_cache, v_cache, positions, slots,
+                                 cos, sin, kv_of_q, scale, scratch, T, hd)
+            return
+        _rope_store(qkv, nq, nkv, k_cache, v_cache, positions, slots, cos, sin, hd, T)
+        _attention_run(out, qkv, k_cache, v_cache, positions, slots, kv_of_q, scale, scratch, T, nq,
+                       hd, pmax)
+        if q80 is not None:
+            quantize_q80_act(qs, d, out)
+    return call
 
 
 # ---------------------------------------------------------------- silu * mul (SwiGLU)
@@ -1623,6 +1638,11 @@ def _silu_mul_q80_ser(out, qs, d, gu, T, n, f16c):
 
 def silu_mul_q80(out: np.ndarray, qs: np.ndarray, d: np.ndarray, gate_up: np.ndarray) -> None:
     """silu_mul(out, gate_up) then quantize_q80_act(qs, d, out), in one call.  Same bits as the two."""
+    bind_silu_mul_q80(out, qs, d, gate_up)()
+
+
+def bind_silu_mul_q80(out, qs, d, gate_up):
+    """silu_mul_q80 for these arrays, checked once, as a call of no arguments (see bind_matmul)."""
     try:
         T, n = gate_up.shape[0], gate_up.shape[1] // 2
         ok = (type(gate_up) is np.ndarray and gate_up.dtype == _F32 and gate_up.shape[1] == 2 * n
@@ -1635,11 +1655,13 @@ def silu_mul_q80(out: np.ndarray, qs: np.ndarray, d: np.ndarray, gate_up: np.nda
             raise ValueError(f"gate_up: half row length {n} must be a multiple of {QK}")
         _check_out("qs", qs, np.int8, (T, n))
         _check_out("d", d, np.float32, (T, n // QK))
+    quantize = _quantize_q80_act_f16c if HAS_AVX2 else _quantize_q80_act
     if T * n >= _PAR_MIN_WORK and T > 1:
-        _silu_mul_par(out, gate_up, T, n)
-        (_quantize_q80_act_f16c if HAS_AVX2 else _quantize_q80_act)(qs, d, out, T, n // QK)
-    else:
-        _silu_mul_q80_ser(out, qs, d, gate_up, T, n, HAS_AVX2)
+        def call():
+            _silu_mul_par(out, gate_up, T, n)
+            quantize(qs, d, out, T, n // QK)
+        return call
+    return partial(_silu_mul_q80_ser, out, qs, d, gate_up, T, n, HAS_AVX2)
 
 
 # ---------------------------------------------------------------- warm-up

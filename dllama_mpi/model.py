@@ -115,12 +115,13 @@ def rope_tables(config: ModelConfig, max_seq_len: int) -> tuple[np.ndarray, np.n
 
 
 class _Input:
-    """A matmul input: f32 rows, and their Q80 form made once, when a quantised weight asks."""
+    """A matmul input: f32 rows, and their Q80 form (made here when a quantised weight asks,
+    unless a fused kernel already made it into the model's buffers)."""
 
     def __init__(self, x: np.ndarray, q80: tuple[np.ndarray, np.ndarray] | None = None):
-        """q80: the Q80 form of x when already made (by a fused kernel), else None."""
         self.x = x
         self._q80 = q80
+        self.buffers = q80 is not None     # the model's own arrays: kernel calls can be bound
 
     def q80(self) -> tuple[np.ndarray, np.ndarray]:
         if self._q80 is None:
@@ -131,18 +132,24 @@ class _Input:
         return self._q80
 
 
-def matmul(out: np.ndarray, inp: _Input, w) -> np.ndarray:
-    """out [T, rows] = inp [T, cols] @ w[rows, cols]^T."""
-    tw = type(w)
-    if tw is Q41Matrix:
-        kernels.matmul_q80_q41(out, *inp.q80(), w)
-    elif tw is Q40Matrix:
-        kernels.matmul_q80_q40(out, *inp.q80(), w)
-    elif tw is Q80Matrix:
-        kernels.matmul_q80_q80(out, *inp.q80(), w)
-    else:
-        kernels.matmul_f32(out, inp.x, w)
-    return out
+class _BoundCalls:
+    """Kernel calls checked and bound once for the model's own buffers (kernels.bind_*). A
+    decode step of a 30-layer model is ~250 small kernel calls: checking every argument on
+    every call cost ~1 ms of a SmolLM2 token. Entries keep their arguments alive, so the ids
+    in a key cannot be reused by other objects."""
+
+    def __init__(self):
+        self.calls: dict = {}
+
+    def __call__(self, bind, *args) -> None:
+        key = (bind, kernels.get_num_threads(), *map(id, args))
+        entry = self.calls.get(key)
+        if entry is None:
+            entry = self.calls[key] = (bind(*args), args)
+        entry[0]()
+
+    def clear(self) -> None:
+        self.calls.clear()
 
 
 class Transformer:
@@ -151,6 +158,7 @@ class Transformer:
         self.config, self.plan, self.w = config, plan, weights
         self.kv, self.comm, self.wire = kv_cache, comm, wire
         self.cos, self.sin = rope_tables(config, kv_cache.max_seq_len)
+        self.kv_layers = [kv_cache.layer(i) for i in range(config.n_layers)]
         self.kv_of_q = plan.kv_of_q()
         # 4-bit layers take Q80 inputs: norm and silu·mul then quantise in the same pass
         self.fuse_q80 = bool(weights.layers) and isinstance(weights.layers[0].wqkv,
@@ -158,37 +166,58 @@ class Transformer:
         self.scale = 1.0 / np.sqrt(config.head_dim)
         self.vocab_counts = None  # set by the loader: vocab rows per rank, for the gather
         self._buffers: dict[int, dict[str, np.ndarray]] = {}
+        self._bound = _BoundCalls()
+        self.wcls_q80 = not isinstance(weights.wcls, np.ndarray)  # the final norm makes Q80 too
 
     def _buf(self, t: int) -> dict[str, np.ndarray]:
+        """The activations of a forward of t rows (kept per t: decode reuses them)."""
         b = self._buffers.get(t)
         if b is None:
+            if len(self._buffers) >= 16:    # prompts of many lengths: start again
+                self._buffers.clear()
+                self._bound.clear()
             c, p = self.config, self.plan
             qkv = p.q_cols + 2 * p.kv_rows.size
-            shapes = dict(xb=c.dim, qkv=qkv, att=p.q_cols, attn_out=c.dim, h13=2 * p.ffn_len,
-                          h=p.ffn_len, ffn_out=c.dim)
+            shapes = dict(x=c.dim, xb=c.dim, qkv=qkv, att=p.q_cols, attn_out=c.dim,
+                          h13=2 * p.ffn_len, h=p.ffn_len, ffn_out=c.dim, final=c.dim,
+                          logits=p.vocab.size)
             b = {name: np.zeros((t, n), np.float32) for name, n in shapes.items()}
-            if self.fuse_q80:
-                for name in ("xb", "att", "h"):
-                    n = shapes[name]
-                    b[name + "_q"] = np.zeros((t, n), np.int8)
-                    b[name + "_d"] = np.zeros((t, n // QK), np.float32)
+            b["positions"], b["slots"] = np.zeros(t, np.int32), np.zeros(t, np.int32)
+            quantised = (("xb", "att", "h") if self.fuse_q80 else ()) + (
+                ("final",) if self.wcls_q80 else ())
+            for name in quantised:
+                n = shapes[name]
+                b[name + "_q"] = np.zeros((t, n), np.int8)
+                b[name + "_d"] = np.zeros((t, n // QK), np.float32)
+                b[name + "_q80"] = (b[name + "_q"], b[name + "_d"])
+            for name in [n for n in ("x", "final", "final_q", "final_d", "logits") if n in b]:
+                b["last_" + name] = b[name][t - 1:]     # the last row (logits of the last token)
             self._buffers[t] = b
         return b
 
+    def _matmul(self, out: np.ndarray, inp: _Input, w) -> None:
+        """out [T, rows] = inp [T, cols] @ w[rows, cols]^T."""
+        if isinstance(w, np.ndarray):
+            kernels.matmul_f32(out, inp.x, w)
+        elif inp.buffers:
+            self._bound(kernels.bind_matmul, out, *inp.q80(), w)
+        else:
+            kernels.bind_matmul(out, *inp.q80(), w)()
+
     def _q80(self, b, name: str):
         """The Q80 buffers of b[name] when the weights take Q80 inputs, else None."""
-        return (b[name + "_q"], b[name + "_d"]) if self.fuse_q80 else None
+        return b[name + "_q80"] if self.fuse_q80 else None
 
     def _normed(self, b, x: np.ndarray, weight: np.ndarray) -> _Input:
         """rmsnorm(x) * weight into b["xb"] (and its Q80 form when the weights are 4-bit)."""
         eps = self.config.norm_eps
         if self.fuse_q80:
-            kernels.rmsnorm_q80(b["xb"], b["xb_q"], b["xb_d"], x, weight, eps)
+            self._bound(kernels.bind_rmsnorm_q80, b["xb"], b["xb_q"], b["xb_d"], x, weight, eps)
         else:
             kernels.rmsnorm(b["xb"], x, weight, eps)
         return _Input(b["xb"], self._q80(b, "xb"))
 
-    def _attend(self, b, lw: LayerWeights, index: int, positions: np.ndarray, slots) -> _Input:
+    def _attend(self, b, lw: LayerWeights, index: int) -> _Input:
         """Attention of this rank's heads from b["qkv"] into b["att"] (and its Q80 form)."""
         c, hd, qc = self.config, self.config.head_dim, self.plan.q_cols
         if c.attn_bias:
@@ -196,47 +225,53 @@ class Transformer:
         if c.qk_norm:  # RMSNorm of each head's q and k
             kernels.rmsnorm_heads(b["qkv"], 0, qc // hd, lw.q_norm, c.norm_eps)
             kernels.rmsnorm_heads(b["qkv"], qc, self.plan.kv_rows.size // hd, lw.k_norm, c.norm_eps)
-        k_cache, v_cache = self.kv.layer(index)            # [slot, S, kv, hd]
-        kernels.attention_block(b["att"], b["qkv"], k_cache, v_cache, positions, slots, self.cos,
-                                self.sin, self.kv_of_q, self.scale, self._q80(b, "att"))
+        k_cache, v_cache = self.kv_layers[index]           # [slot, S, kv, hd]
+        self._bound(kernels.bind_attention_block, b["att"], b["qkv"], k_cache, v_cache,
+                    b["positions"], b["slots"], self.cos, self.sin, self.kv_of_q, self.scale,
+                    self._q80(b, "att"))
         return _Input(b["att"], self._q80(b, "att"))
 
     def _silu_mul(self, b) -> _Input:
         """silu(gate) * up from b["h13"] into b["h"] (and its Q80 form when the weights are 4-bit)."""
         if self.fuse_q80:
-            kernels.silu_mul_q80(b["h"], b["h_q"], b["h_d"], b["h13"])
+            self._bound(kernels.bind_silu_mul_q80, b["h"], b["h_q"], b["h_d"], b["h13"])
         else:
             kernels.silu_mul(b["h"], b["h13"])
         return _Input(b["h"], self._q80(b, "h"))
 
-    def forward(self, x: np.ndarray, positions: np.ndarray, all_logits: bool = False,
+    def forward(self, x_in: np.ndarray, positions: np.ndarray, all_logits: bool = False,
                 slots: np.ndarray | None = None):
-        """x [T, dim] embedded tokens at positions [T] of the sequences in KV-cache slots [T]
-        (None: all in slot 0) -> logits [T or 1, vocab] on root (None on other ranks)."""
+        """x_in [T, dim] embedded tokens at positions [T] of the sequences in KV-cache slots
+        [T] (None: all in slot 0) -> logits [T or 1, vocab] on root (None on other ranks)."""
         c = self.config
-        t = x.shape[0]
-        x = np.array(x, dtype=np.float32, copy=True)
-        positions = np.ascontiguousarray(positions, dtype=np.int32)
-        if positions.max() >= self.kv.max_seq_len:
-            raise ValueError(f"position {positions.max()} beyond the KV cache "
-                             f"({self.kv.max_seq_len} positions)")
-        if slots is not None:
-            slots = np.ascontiguousarray(slots, dtype=np.int32)
+        t = x_in.shape[0]
         b = self._buf(t)
+        b["positions"][:] = positions
+        b["slots"][:] = 0 if slots is None else slots
+        if b["positions"].max() >= self.kv.max_seq_len:
+            raise ValueError(f"position {b['positions'].max()} beyond the KV cache "
+                             f"({self.kv.max_seq_len} positions)")
+        x = b["x"]
+        x[...] = x_in
         for index, lw in enumerate(self.w.layers):
             # attention: x += wo · attention(rope(q), rope(k), v), where [q k v] = wqkv·xb
             # [+ bqkv] [q, k then RMSNorm per head]; k and v go to the KV cache
-            matmul(b["qkv"], self._normed(b, x, lw.attn_norm), lw.wqkv)
-            matmul(b["attn_out"], self._attend(b, lw, index, positions, slots), lw.wo)
+            self._matmul(b["qkv"], self._normed(b, x, lw.attn_norm), lw.wqkv)
+            self._matmul(b["attn_out"], self._attend(b, lw, index), lw.wo)
             x += self.comm.allreduce_sum(b["attn_out"], self.wire)
             # feed-forward: x += w2 · (silu(w1·xb) * w3·xb), where [w1·xb w3·xb] = w13·xb
-            matmul(b["h13"], self._normed(b, x, lw.ffn_norm), lw.w13)
-            matmul(b["ffn_out"], self._silu_mul(b), lw.w2)
+            self._matmul(b["h13"], self._normed(b, x, lw.ffn_norm), lw.w13)
+            self._matmul(b["ffn_out"], self._silu_mul(b), lw.w2)
             x += self.comm.allreduce_sum(b["ffn_out"], self.wire)
-        rows = x if all_logits else x[-1:]
-        final = np.empty_like(rows)
-        kernels.rmsnorm(final, rows, self.w.final_norm, c.norm_eps)
-        logits = np.empty((rows.shape[0], self.plan.vocab.size), np.float32)
-        matmul(logits, _Input(final), self.w.wcls)
+        rows = "" if all_logits else "last_"            # logits of every row, or of the last
+        final, logits = b[rows + "final"], b[rows + "logits"]
+        if self.wcls_q80:
+            q80 = (b[rows + "final_q"], b[rows + "final_d"])
+            self._bound(kernels.bind_rmsnorm_q80, final, *q80, b[rows + "x"], self.w.final_norm,
+                        c.norm_eps)
+        else:
+            kernels.rmsnorm(final, b[rows + "x"], self.w.final_norm, c.norm_eps)
+            q80 = None
+        self._matmul(logits, _Input(final, q80), self.w.wcls)
         counts = self.vocab_counts or [self.plan.vocab.size]
         return self.comm.gather_rows(logits, counts)

@@ -143,7 +143,7 @@ def test_matmul_q80_q40_generic_path(rows, cols, T, threads):
     a = np.empty((T, rows), np.float32)
     b = np.empty((T, rows), np.float32)
     K.matmul_q80_q40(a, xq, xd, w)
-    K._matmul_q80_q40(b, xq, xd, w, False)
+    K._matmul_unchecked(b, xq, xd, w, False)
     if w.layout == "slab":
         np.testing.assert_array_equal(a, b)
     else:                                  # row tiles: same int sums, FMA vs separate f32 rounding
@@ -190,7 +190,7 @@ def test_matmul_q80_q41(rows, cols, T, threads):
     ref, mag = naive_q80_q40(xq, xd, dequantize_q41(raw))
     assert np.all(np.abs(out - ref) <= 1e-5 * mag + 1e-30)
     gen = np.full((T, rows), np.nan, np.float32)          # the portable (no AVX2) twin
-    K._rows_q4(gen, xq, xd, w.buf, w.rows, w.nb, w.stride, 1, False)
+    K._matmul_unchecked(gen, xq, xd, w, False)
     np.testing.assert_allclose(gen, out, rtol=2e-5, atol=1e-5 * float(mag.max()))
 
 
@@ -208,7 +208,7 @@ def test_matmul_q80_q80(rows, cols, T, threads):
     ref, mag = naive_q80_q40(xq, xd, dequantize_q80(raw))
     assert np.all(np.abs(out - ref) <= 1e-5 * mag + 1e-30)
     gen = np.full((T, rows), np.nan, np.float32)
-    K._matmul_q80_q80(gen, xq, xd, w, False)
+    K._matmul_unchecked(gen, xq, xd, w, False)
     np.testing.assert_allclose(gen, out, rtol=2e-5, atol=1e-5 * float(mag.max()))
 
 
@@ -391,12 +391,14 @@ def test_attention_ignores_future_rows():
 @pytest.mark.parametrize("q80", [False, True])
 def test_attention_block(T, nq, nkv, hd, S, q80, threads):
     """attention_block == rope_interleaved on q and k, the cache rows written, then attention
-    (and quantize_q80_act of the result): the same bits as the kernels it fuses."""
+    (and quantize_q80_act of the result): the same bits as the kernels it fuses. The rows are
+    a sequence in KV slot 1 of 2; slot 0 is left alone."""
     r = rng(T * nq + S)
     qkv = r.standard_normal((T, (nq + 2 * nkv) * hd)).astype(np.float32)
-    kc = r.standard_normal((S, nkv, hd)).astype(np.float32)
-    vc = r.standard_normal((S, nkv, hd)).astype(np.float32)
+    kc = r.standard_normal((2, S, nkv, hd)).astype(np.float32)
+    vc = r.standard_normal((2, S, nkv, hd)).astype(np.float32)
     pos = (np.arange(T) + (S - T) // 2).astype(np.int32)
+    slots = np.ones(T, np.int32)
     cos, sin = _rope_tables(S, hd)
     kv_of_q = (np.arange(nq) // (nq // nkv)).astype(np.int32)
     scale = 1.0 / math.sqrt(hd)
@@ -405,12 +407,12 @@ def test_attention_block(T, nq, nkv, hd, S, q80, threads):
     K.rope_interleaved(q, pos, cos, sin, hd)
     K.rope_interleaved(k, pos, cos, sin, hd)
     kc_ref, vc_ref = kc.copy(), vc.copy()
-    kc_ref[pos], vc_ref[pos] = k.reshape(T, nkv, hd), v.reshape(T, nkv, hd)
+    kc_ref[1, pos], vc_ref[1, pos] = k.reshape(T, nkv, hd), v.reshape(T, nkv, hd)
     ref = np.empty((T, nq * hd), np.float32)
-    K.attention(ref, q, kc_ref, vc_ref, pos, kv_of_q, scale)
+    K.attention(ref, q, kc_ref[1], vc_ref[1], pos, kv_of_q, scale)
     out = np.full((T, nq * hd), np.nan, np.float32)
     qs, d = np.zeros((T, nq * hd), np.int8), np.zeros((T, nq * hd // 32), np.float32)
-    K.attention_block(out, qkv, kc, vc, pos, cos, sin, kv_of_q, scale, (qs, d) if q80 else None)
+    K.attention_block(out, qkv, kc, vc, pos, slots, cos, sin, kv_of_q, scale, (qs, d) if q80 else None)
     np.testing.assert_array_equal(qkv[:, :nq * hd], q)           # q rotated in place
     np.testing.assert_array_equal(kc, kc_ref)
     np.testing.assert_array_equal(vc, vc_ref)
@@ -419,6 +421,30 @@ def test_attention_block(T, nq, nkv, hd, S, q80, threads):
         rq, rd = quantize_q80_parts(ref)
         np.testing.assert_array_equal(qs, rq)
         np.testing.assert_array_equal(d, rd)
+
+
+def test_attention_block_rows_of_several_sequences():
+    """Rows of three sequences at different positions (a batched decode step) == each alone."""
+    r = rng(7)
+    nq, nkv, hd, S = 4, 2, 32, 30
+    kc = r.standard_normal((3, S, nkv, hd)).astype(np.float32)
+    vc = r.standard_normal((3, S, nkv, hd)).astype(np.float32)
+    qkv = r.standard_normal((3, (nq + 2 * nkv) * hd)).astype(np.float32)
+    pos, slots = np.array([4, 17, 0], np.int32), np.array([2, 0, 1], np.int32)
+    cos, sin = _rope_tables(S, hd)
+    kvq = np.array([0, 0, 1, 1], np.int32)
+    alone = np.empty((3, nq * hd), np.float32)
+    kc1, vc1 = kc.copy(), vc.copy()
+    for i in range(3):
+        row = qkv[i:i + 1].copy()
+        K.attention_block(alone[i:i + 1], row, kc1[slots[i]:slots[i] + 1], vc1[slots[i]:slots[i] + 1],
+                          pos[i:i + 1], None, cos, sin, kvq, 0.2)
+    out = np.empty_like(alone)
+    K.attention_block(out, qkv, kc, vc, pos, slots, cos, sin, kvq, 0.2)
+    np.testing.assert_array_equal(out, alone)
+    np.testing.assert_array_equal(kc, kc1)
+    with pytest.raises(ValueError, match="slots"):
+        K.attention_block(out, qkv, kc, vc, pos, np.array([0, 3, 1], np.int32), cos, sin, kvq, 0.2)
 
 
 @pytest.mark.parametrize("T", [1, 5])
@@ -469,6 +495,7 @@ def test_errors():
     with pytest.raises(ValueError, match="head_dim"):
         K.rope_interleaved(f, np.array([0, 1], np.int32), np.ones((4, 8), np.float32), np.ones((4, 8), np.float32), 15)
     kc = np.zeros((4, 1, 16), np.float32)
+    kc4 = kc[np.newaxis].copy()
     with pytest.raises(ValueError, match="positions"):
         K.attention(np.zeros((2, 32), np.float32), np.zeros((2, 32), np.float32), kc, kc,
                     np.array([0, 4], np.int32), np.zeros(2, np.int32), 1.0)
@@ -481,14 +508,14 @@ def test_errors():
     qkv = np.zeros((2, 64), np.float32)
     cos = np.ones((4, 8), np.float32)
     with pytest.raises(ValueError, match="positions"):
-        K.attention_block(np.zeros((2, 32), np.float32), qkv, kc, kc.copy(), np.array([0, 4], np.int32),
-                          cos, cos, np.zeros(2, np.int32), 1.0)
+        K.attention_block(np.zeros((2, 32), np.float32), qkv, kc4, kc4.copy(), np.array([0, 4], np.int32),
+                          None, cos, cos, np.zeros(2, np.int32), 1.0)
     with pytest.raises(ValueError, match="qkv"):
-        K.attention_block(np.zeros((2, 32), np.float32), qkv[:, :48].copy(), kc, kc.copy(),
-                          np.array([0, 1], np.int32), cos, cos, np.zeros(2, np.int32), 1.0)
+        K.attention_block(np.zeros((2, 32), np.float32), qkv[:, :48].copy(), kc4, kc4.copy(),
+                          np.array([0, 1], np.int32), None, cos, cos, np.zeros(2, np.int32), 1.0)
     with pytest.raises(ValueError, match="cos"):
-        K.attention_block(np.zeros((2, 32), np.float32), qkv, kc, kc.copy(), np.array([0, 1], np.int32),
-                          cos[:, :4].copy(), cos[:, :4].copy(), np.zeros(2, np.int32), 1.0)
+        K.attention_block(np.zeros((2, 32), np.float32), qkv, kc4, kc4.copy(), np.array([0, 1], np.int32),
+                          None, cos[:, :4].copy(), cos[:, :4].copy(), np.zeros(2, np.int32), 1.0)
     with pytest.raises(ValueError, match="columns"):
         K.matmul_f32(np.zeros((2, 3), np.float32), f, np.zeros((3, 32), np.float32))
 

@@ -34,13 +34,13 @@ def test_4bit_runtime_matches_its_numpy_twin(tmp_path, monkeypatch, file_type, r
     path = write_tiny_gguf(str(tmp_path / "q.gguf"), "q40_9h", weight_type=file_type)
     q = our_logits(SerialComm(), path, IDS, weights=runtime, wire="q80")
     plain = our_logits(SerialComm(), path, IDS)
-    f32_matmul = model_module.matmul
+    f32_matmul = model_module.Transformer._matmul
 
-    def q80_rounded_matmul(out, inp, w):
+    def q80_rounded_matmul(self, out, inp, w):
         inp.x = dequantize_q80_parts(*quantize_q80_parts(inp.x))
-        return f32_matmul(out, inp, w)
+        return f32_matmul(self, out, inp, w)
 
-    monkeypatch.setattr(model_module, "matmul", q80_rounded_matmul)
+    monkeypatch.setattr(model_module.Transformer, "_matmul", q80_rounded_matmul)
     twin = our_logits(SerialComm(), path, IDS)
     # Same arithmetic, but f32 sums in another order can move a value across a Q80
     # rounding boundary in a later layer: one step of one int8 (1/127 of its block's max).
