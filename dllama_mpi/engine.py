@@ -1,7 +1,7 @@
 """The root/worker step loop: the root decides each forward, every rank runs it.
 
 The root broadcasts a step packet (n_tokens, first position, flags, KV slot) and the
-embedded tokens; all ranks run the same forward on their shard; n_tokens == 0 means stop.
+tokens' embedding rows as the file stores them; all ranks run the same forward on their shard; n_tokens == 0 means stop.
 A step is either one sequence's tokens at consecutive positions in one KV slot, or (flag
 ROWS) rows of several sequences, each with its own position and slot (sent as int32
 [2, n_tokens] after the packet): the decode step of sequences generated together.
@@ -37,8 +37,7 @@ class StepStats:
 class Engine:
     comm: object
     model: object            # Transformer for this rank's shard
-    dim: int
-    embedding: object = None  # root only: ids -> [T, dim] f32
+    embedding: object        # loading.Embedding: stored rows (read on the root) -> f32
     steps: list[StepStats] = field(default_factory=list)
 
     # -- root --------------------------------------------------------------------------
@@ -49,7 +48,7 @@ class Engine:
         header = np.array([t, pos, FLAG_ALL_LOGITS if all_logits else 0, slot], np.int32)
         start, s0 = time.perf_counter(), self._snapshot()
         self.comm.bcast_step(header)
-        x = self.comm.bcast_array(self.embedding.lookup(tokens))
+        x = self.embedding.decode(self.comm.bcast_array(self.embedding.rows(tokens)))
         logits = self.model.forward(x, np.arange(pos, pos + t, dtype=np.int32), all_logits,
                                     np.full(t, slot, np.int32) if slot else None)
         self._record(t, start, s0)
@@ -62,7 +61,7 @@ class Engine:
         start, s0 = time.perf_counter(), self._snapshot()
         self.comm.bcast_step(np.array([t, 0, FLAG_ALL_LOGITS | FLAG_ROWS, 0], np.int32))
         rows = self.comm.bcast_array(np.array([positions, slots], np.int32).reshape(2, t))
-        x = self.comm.bcast_array(self.embedding.lookup(tokens))
+        x = self.embedding.decode(self.comm.bcast_array(self.embedding.rows(tokens)))
         logits = self.model.forward(x, rows[0], True, rows[1])
         self._record(t, start, s0)
         return logits
@@ -86,7 +85,7 @@ class Engine:
             else:
                 positions = np.arange(pos, pos + t, dtype=np.int32)
                 slots = np.full(t, slot, np.int32) if slot else None
-            x = self.comm.bcast_array(np.empty((t, self.dim), np.float32))
+            x = self.embedding.decode(self.comm.bcast_array(self.embedding.empty(t)))
             self.model.forward(x, positions, bool(flags & FLAG_ALL_LOGITS), slots)
             self._record(t, start, s0)
 
