@@ -107,8 +107,7 @@ def run_batch(args, run) -> int:
                     tokenizer_path=args.tokenizer, root_check=read_input)
     engine = session.engine
     if not comm.is_root:
-        engine.serve_forever()
-        engine.gather_step_stats()
+        engine.serve()
         return 0
     tok = session.tokenizer
     error = result = None

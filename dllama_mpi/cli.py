@@ -43,6 +43,14 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None)
 
 
+def _add_generation_args(p: argparse.ArgumentParser, steps_help: str) -> None:
+    p.add_argument("--steps", type=int, default=64, help=steps_help)
+    p.add_argument("--chat", action="store_true",
+                   help="wrap the prompt as a user message with the model's chat template")
+    p.add_argument("--ignore-eos", action="store_true",
+                   help="keep generating past end-of-sequence tokens (benchmarks)")
+
+
 def run_config(args) -> RunConfig:
     return RunConfig(weights_float_type=args.weights_float_type,
                      buffer_float_type=args.buffer_float_type,
@@ -62,11 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     _add_sampling_args(p)
     p.add_argument("--prompt", required=True)
-    p.add_argument("--steps", type=int, default=64, help="tokens to generate at most")
-    p.add_argument("--chat", action="store_true",
-                   help="wrap the prompt as a user message with the model's chat template")
-    p.add_argument("--ignore-eos", action="store_true",
-                   help="keep generating past end-of-sequence tokens (benchmarks)")
+    _add_generation_args(p, "tokens to generate at most")
     p.add_argument("--stats", action="store_true", help="per-token timing lines on stderr")
     p.add_argument("--json", action="store_true", help="print one JSON object at the end")
 
@@ -81,11 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one JSON object a line, in input order (written when all are done)")
     p.add_argument("--parallel", type=int, default=16,
                    help="sequences decoding together (KV-cache slots; memory grows with it)")
-    p.add_argument("--steps", type=int, default=64, help="default max_tokens of a prompt")
-    p.add_argument("--chat", action="store_true",
-                   help="wrap each \"prompt\" as a user message with the chat template")
-    p.add_argument("--ignore-eos", action="store_true",
-                   help="keep generating past end-of-sequence tokens (benchmarks)")
+    _add_generation_args(p, "default max_tokens of a prompt")
     p.add_argument("--quiet", action="store_true", help="no line per finished sequence")
 
     p = sub.add_parser("pull", help="download a known model into the cache")

@@ -71,6 +71,11 @@ class Engine:
         self.comm.bcast_step(np.zeros(STEP_HEADER, np.int32))
 
     # -- workers -----------------------------------------------------------------------
+    def serve(self) -> None:
+        """Worker: run forwards until the root stops, then join the statistics gather."""
+        self.serve_forever()
+        self.gather_step_stats()
+
     def serve_forever(self) -> None:
         """Worker: run forwards until the root sends n_tokens == 0."""
         while True:

@@ -29,8 +29,7 @@ def run_inference(args, run) -> int:
     session = start(comm, args.model, run, kv_dir=args.kv_cache_dir, tokenizer_path=args.tokenizer)
     engine = session.engine
     if not comm.is_root:
-        engine.serve_forever()
-        engine.gather_step_stats()
+        engine.serve()
         return 0
 
     tok = session.tokenizer

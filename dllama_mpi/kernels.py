@@ -196,21 +196,7 @@ def _quantize_q80_act_f16c(qs_out, d_out, x, T, nb):
 
 def quantize_q80_act(qs_out: np.ndarray, d_out: np.ndarray, x: np.ndarray) -> None:
     """GGML Q8_0 per 32-block: d = max|x|/127, q = roundf(x/d); d_out = float32(float16(d))."""
-    try:                                   # fast path when everything is right
-        T, n = x.shape
-        ok = (type(x) is np.ndarray and x.dtype == _F32 and qs_out.dtype == _I8 and d_out.dtype == _F32
-              and n % QK == 0 and qs_out.shape == x.shape and d_out.shape == (T, n // QK)
-              and x.flags.c_contiguous and qs_out.flags.c_contiguous and d_out.flags.c_contiguous
-              and qs_out.flags.writeable and d_out.flags.writeable)
-    except (AttributeError, ValueError, TypeError):
-        ok = False
-    if not ok:
-        _check("x", x, np.float32, ndim=2)
-        T, n = x.shape
-        if n % QK:
-            raise ValueError(f"x: row length {n} must be a multiple of {QK}")
-        _check_out("qs_out", qs_out, np.int8, (T, n))
-        _check_out("d_out", d_out, np.float32, (T, n // QK))
+    T, n = _check_q80_io(x, None, qs_out, d_out)
     (_quantize_q80_act_f16c if HAS_AVX2 else _quantize_q80_act)(qs_out, d_out, x, T, n // QK)
 
 
@@ -1102,6 +1088,27 @@ def _rmsnorm_q80_ser(out, qs, d, x, weight, eps, T, n, f16c):
         _quantize_q80_act(qs, d, out, T, n // QK)
 
 
+def _check_q80_io(x, out, qs, d) -> tuple[int, int]:
+    """x f32 [T, n], n a multiple of 32 -> (out f32 [T, n] unless None), qs int8 [T, n],
+    d f32 [T, n/32], contiguous and writeable.  Returns (T, n).  Fast when all is right."""
+    try:
+        T, n = x.shape
+        ok = (type(x) is np.ndarray and x.dtype == _F32 and x.flags.c_contiguous
+              and _q80_outputs_ok(x if out is None else out, qs, d, T, n))
+    except (AttributeError, ValueError, TypeError):
+        ok = False
+    if not ok:
+        _check("x", x, np.float32, ndim=2)
+        T, n = x.shape
+        if n % QK:
+            raise ValueError(f"x: row length {n} must be a multiple of {QK}")
+        if out is not None:
+            _check_out("out", out, np.float32, (T, n))
+        _check_out("qs", qs, np.int8, (T, n))
+        _check_out("d", d, np.float32, (T, n // QK))
+    return T, n
+
+
 def _q80_outputs_ok(out, qs, d, T: int, n: int) -> bool:
     """out f32 [T, n], qs int8 [T, n], d f32 [T, n/32]: contiguous and writeable (fast, no messages)."""
     try:
@@ -1123,22 +1130,10 @@ def rmsnorm_q80(out: np.ndarray, qs: np.ndarray, d: np.ndarray, x: np.ndarray, w
 
 def bind_rmsnorm_q80(out, qs, d, x, weight, eps: float):
     """rmsnorm_q80 for these arrays, checked once, as a call of no arguments (see bind_matmul)."""
-    try:
-        T, n = x.shape
-        ok = (type(x) is np.ndarray and type(weight) is np.ndarray and x.dtype == _F32
-              and weight.dtype == _F32 and weight.shape == (n,) and x.flags.c_contiguous
-              and weight.flags.c_contiguous and _q80_outputs_ok(out, qs, d, T, n))
-    except (AttributeError, ValueError, TypeError):
-        ok = False
-    if not ok:
-        _check("x", x, np.float32, ndim=2)
-        T, n = x.shape
-        if n % QK:
-            raise ValueError(f"x: row length {n} must be a multiple of {QK}")
+    T, n = _check_q80_io(x, out, qs, d)
+    if not (type(weight) is np.ndarray and weight.dtype == _F32 and weight.shape == (n,)
+            and weight.flags.c_contiguous):
         _check("weight", weight, np.float32, (n,))
-        _check_out("out", out, np.float32, (T, n))
-        _check_out("qs", qs, np.int8, (T, n))
-        _check_out("d", d, np.float32, (T, n // QK))
     quantize = _quantize_q80_act_f16c if HAS_AVX2 else _quantize_q80_act
     if T * n >= _PAR_MIN_WORK and T > 1:
         def call():
@@ -1176,20 +1171,23 @@ def rmsnorm_heads(x: np.ndarray, col0: int, n_heads: int, weight: np.ndarray, ep
 
 # ---------------------------------------------------------------- rope (interleaved pairs)
 
+@njit(inline="always", cache=True, fastmath=True, boundscheck=False, error_model="numpy")
+def _rotate(src, so, dst, do, cos, sin, p, half):
+    """dst[do + 2i, do + 2i + 1] = the pair src[so + 2i, so + 2i + 1] rotated by angle row p."""
+    for i in range(half):
+        c = cos[p, i]
+        s = sin[p, i]
+        a = src[so + 2 * i]
+        b = src[so + 2 * i + 1]
+        dst[do + 2 * i] = a * c - b * s
+        dst[do + 2 * i + 1] = a * s + b * c
+
+
 @_serial
 def _rope_rows(x, positions, cos, sin, hd, nh, t0, t1):
-    half = hd // 2
     for t in range(t0, t1):
-        p = positions[t]
         for h in range(nh):
-            o = h * hd
-            for i in range(half):
-                c = cos[p, i]
-                s = sin[p, i]
-                a = x[t, o + 2 * i]
-                b = x[t, o + 2 * i + 1]
-                x[t, o + 2 * i] = a * c - b * s
-                x[t, o + 2 * i + 1] = a * s + b * c
+            _rotate(x[t], h * hd, x[t], h * hd, cos, sin, positions[t], hd // 2)
 
 
 @_parallel
@@ -1459,29 +1457,15 @@ def _rope_store(qkv, nq, nkv, k_cache, v_cache, positions, slots, cos, sin, hd, 
     vc0 = kc0 + nkv * hd
     for t in range(T):
         p = positions[t]
+        row = qkv[t]
         for h in range(nq):
-            o = h * hd
-            for i in range(half):
-                c = cos[p, i]
-                s = sin[p, i]
-                a = qkv[t, o + 2 * i]
-                b = qkv[t, o + 2 * i + 1]
-                qkv[t, o + 2 * i] = a * c - b * s
-                qkv[t, o + 2 * i + 1] = a * s + b * c
+            _rotate(row, h * hd, row, h * hd, cos, sin, p, half)
         for h in range(nkv):
-            o = kc0 + h * hd
-            kr = k_cache[slots[t], p, h]
-            for i in range(half):
-                c = cos[p, i]
-                s = sin[p, i]
-                a = qkv[t, o + 2 * i]
-                b = qkv[t, o + 2 * i + 1]
-                kr[2 * i] = a * c - b * s
-                kr[2 * i + 1] = a * s + b * c
+            _rotate(row, kc0 + h * hd, k_cache[slots[t], p, h], 0, cos, sin, p, half)
             vr = v_cache[slots[t], p, h]
             o = vc0 + h * hd
             for i in range(hd):
-                vr[i] = qkv[t, o + i]
+                vr[i] = row[o + i]
 
 
 @_serial

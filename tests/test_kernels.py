@@ -478,7 +478,7 @@ def test_errors():
         K.silu_mul(f[:, :16].copy(), f[:, :33].copy())
     with pytest.raises(ValueError, match="multiple of 32"):
         K.quantize_q80_act(np.zeros((1, 40), np.int8), np.zeros((1, 1), np.float32), np.zeros((1, 40), np.float32))
-    with pytest.raises(ValueError, match="d_out"):
+    with pytest.raises(ValueError, match="d: expected shape"):
         K.quantize_q80_act(np.zeros((2, 64), np.int8), np.zeros((2, 3), np.float32), f)
     w = Q40Matrix.from_blocks(quantize_q40(np.ones((5, 64), np.float32)))
     xq, xd = np.zeros((2, 64), np.int8), np.zeros((2, 2), np.float32)
