@@ -1,6 +1,7 @@
 """The benchmark table (run by hand; never part of the tests).
 
     python bench/run_bench.py [--repeats 3] [--steps 64] [--quick] [--sweep]
+    python bench/run_bench.py --from-json bench/results/bench-<time>.json
 
 Makes the synthetic 1.1B Llama (bench/make_synthetic.py) if needed, pulls SmolLM2, then for
 each workload runs bench/bench_decode.py under mpiexec several times and takes medians.
@@ -70,7 +71,12 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="SmolLM2 only, one repeat")
     ap.add_argument("--sweep", action="store_true",
                     help="also decode at 1..4 ranks and batches of 1, 4, 16 (for the plot)")
+    ap.add_argument("--from-json", metavar="RESULTS.json",
+                    help="print the table and redraw the plot of an earlier run")
     args = ap.parse_args()
+    if args.from_json:
+        from_json(args.from_json)
+        return
     from dllama_mpi.models import pull
     models = {"smollm2": pull("smollm2-135m")}
     if not args.quick:
@@ -100,25 +106,8 @@ def main() -> None:
                               median_run(path, 1, 1, args.steps, 20, repeats, parallel)))
     bw_after = bandwidth()
     bw1, bw2 = max(bw_before[0], bw_after[0]), max(bw_before[1], bw_after[1])
-    lines = [f"read bandwidth (numba probe): {bw1:.1f} GB/s on 1 core, {bw2:.1f} GB/s on 2 "
-             f"(before {bw_before[0]:.1f}/{bw_before[1]:.1f}, after {bw_after[0]:.1f}/{bw_after[1]:.1f})",
-             "", "| model | ranks × threads | workload | tok/s | roofline tok/s | fraction | "
-             "sync ms/token | kB sent/token (rank 0) | Distributed Llama | llama.cpp |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for name, ranks, threads, kind, r in rows:
-        cores = ranks * threads
-        bw = bw1 if cores == 1 else bw2
-        roof = bw * 1e9 / r["weight_bytes_per_token"]
-        tok = r["decode_tok_s"] if kind == "decode" else r["prompt_tok_s"]
-        frac = f"{tok / roof:.0%}" if kind == "decode" else "compute-bound"
-        roof_s = f"{roof:.1f}" if kind == "decode" else "—"
-        pr = r["per_rank"][0]
-        dl, lc = PEERS.get((name, ranks, threads, kind), ("—", "—"))
-        label = {"decode": "decode", "batch16": "16 sequences, aggregate"}.get(
-            kind, f"prompt ({r['prompt_tokens']} tokens)")
-        lines.append(f"| {name} | {ranks} × {threads} | {label} | {tok:.1f} | {roof_s} | {frac} | "
-                     f"{pr['sync_ms']:.2f} | {pr['bytes_sent'] / 1e3:.1f} | {dl} | {lc} |")
-    table = "\n".join(lines)
+    table = make_table(rows, bw1, bw2, f" (before {bw_before[0]:.1f}/{bw_before[1]:.1f}, after "
+                                       f"{bw_after[0]:.1f}/{bw_after[1]:.1f})")
     print(table)
     out = os.path.join(HERE, "results", time.strftime("bench-%Y%m%d-%H%M%S.json"))
     os.makedirs(os.path.dirname(out), exist_ok=True)
@@ -129,6 +118,37 @@ def main() -> None:
             "table": table}, f, indent=1)
     print(f"\nwritten {out}")
     plot(rows, sweep, out[:-len(".json")] + ".png")
+
+
+def make_table(rows, bw1: float, bw2: float, note: str = "") -> str:
+    """The markdown table; rows: (model, ranks, threads, kind, bench_decode result)."""
+    lines = [f"read bandwidth (numba probe): {bw1:.1f} GB/s on 1 core, {bw2:.1f} GB/s on 2{note}",
+             "", "| model | ranks × threads | workload | tok/s | roofline tok/s | fraction | "
+             "sync ms/token | kB sent/token (rank 0) | Distributed Llama | llama.cpp |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, ranks, threads, kind, r in rows:
+        bw = bw1 if ranks * threads == 1 else bw2
+        roof = bw * 1e9 / r["weight_bytes_per_token"]
+        tok = r["prompt_tok_s"] if kind == "prompt" else r["decode_tok_s"]
+        frac = f"{tok / roof:.0%}" if kind == "decode" else "compute-bound"
+        roof_s = f"{roof:.1f}" if kind == "decode" else "—"
+        pr = r["per_rank"][0]
+        dl, lc = PEERS.get((name, ranks, threads, kind), ("—", "—"))
+        label = {"decode": "decode", "batch16": "16 sequences, aggregate"}.get(
+            kind, f"prompt ({r['prompt_tokens']} tokens)")
+        lines.append(f"| {name} | {ranks} × {threads} | {label} | {tok:.1f} | {roof_s} | {frac} | "
+                     f"{pr['sync_ms']:.2f} | {pr['bytes_sent'] / 1e3:.1f} | {dl} | {lc} |")
+    return "\n".join(lines)
+
+
+def from_json(path: str) -> None:
+    """Print the table (and redraw the plot) of an earlier run."""
+    with open(path) as f:
+        d = json.load(f)
+    rows = [(r["workload_model"], r["ranks"], r["nthreads"], r["kind"], r) for r in d["rows"]]
+    sweep = [(r["workload_model"], r["ranks"], r["nthreads"], r["parallel"], r) for r in d["sweep"]]
+    print(make_table(rows, *d["bandwidth_gb_s"]))
+    plot(rows, sweep, path[:-len(".json")] + ".png")
 
 
 def plot(rows, sweep, path: str) -> None:
