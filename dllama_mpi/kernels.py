@@ -41,11 +41,19 @@ def choose_threading_layer(weights_float_type: str) -> None:
     """Before the first parallel call: OpenMP for 4-bit weights (cheap parallel regions; no
     BLAS in the hot path), workqueue for f32 weights (OpenMP's idle threads spin and starve
     numpy's BLAS threads: F32 SmolLM2 decoded at 0.7 tok/s instead of 26). A user's
-    NUMBA_THREADING_LAYER wins; once threads are running the layer is fixed."""
+    NUMBA_THREADING_LAYER wins; once threads are running the layer is fixed.
+
+    OpenMP (GNU libgomp) threads spin ~300000 times before sleeping when they wait: with
+    another busy process on the node, every parallel region then waits for a thread that
+    spins or is descheduled, and SmolLM2 on 2 threads fell from 180 to 1.6 tok/s. We set
+    GOMP_SPINCOUNT=1000 unless the user chose a wait policy: measured 171-182 tok/s alone
+    (unchanged) and 74-77 beside a busy process (100: 150 / 114; 10000: 180 / 18)."""
     import os
     if "NUMBA_THREADING_LAYER" in os.environ or numba.np.ufunc.parallel._is_initialized:
         return
     numba.config.THREADING_LAYER = "workqueue" if weights_float_type == "f32" else "omp"
+    if not {"GOMP_SPINCOUNT", "OMP_WAIT_POLICY"} & set(os.environ):
+        os.environ["GOMP_SPINCOUNT"] = "1000"    # read by libgomp when numba first loads it
 
 
 _NUM_THREADS = numba.config.NUMBA_NUM_THREADS   # as numba.get_num_threads(), which costs ~2 us a call
