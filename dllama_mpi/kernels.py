@@ -1581,13 +1581,37 @@ def bind_attention_block(out, qkv, k_cache, v_cache, positions, slots, cos, sin,
 
 # ---------------------------------------------------------------- silu * mul (SwiGLU)
 
+@njit(inline="always", cache=True, fastmath=True, boundscheck=False, error_model="numpy")
+def _silu_times(g, u):
+    return g / (np.float32(1.0) + _exp_f32(-g)) * u   # _exp_f32 clamps: no inf under fastmath
+
+
 @_serial
 def _silu_mul_rows(out, gu, t0, t1, n):
     for t in range(t0, t1):
         for i in range(n):
-            v = gu[t, i]
-            # clamp: fastmath assumes no inf, and exp(-v) overflows f32 for v < -88
-            out[t, i] = v / (np.float32(1.0) + _exp_f32(-v)) * gu[t, n + i]
+            out[t, i] = _silu_times(gu[t, i], gu[t, n + i])
+
+
+@_parallel
+def _silu_mul_q80_split(out, qs, d, gu, n, f16c, nch):
+    """One row (T = 1): silu·mul and its Q80, the 32-blocks cut into nch chunks over the
+    threads (the same bits as _silu_mul_q80_ser: every block is computed alike)."""
+    nb = n // QK
+    per = (nb + nch - 1) // nch
+    o2, q2, d2 = out.reshape((nb, QK)), qs.reshape((nb, QK)), d.reshape((nb, 1))
+    for c in prange(nch):
+        b0 = min(nb, c * per)
+        b1 = min(nb, b0 + per)
+        for i in range(b0 * QK, b1 * QK):
+            out[0, i] = _silu_times(gu[0, i], gu[0, n + i])
+        if f16c:
+            _quantize_q80_act_f16c(q2[b0:b1], d2[b0:b1], o2[b0:b1], b1 - b0, 1)
+        else:
+            _quantize_q80_act(q2[b0:b1], d2[b0:b1], o2[b0:b1], b1 - b0, 1)
+
+
+_SPLIT_MIN = 4096   # one row splits over the threads from this width (SmolLM2's 1536: serial)
 
 
 @_parallel
@@ -1653,6 +1677,8 @@ def bind_silu_mul_q80(out, qs, d, gate_up):
             _silu_mul_par(out, gate_up, T, n)
             quantize(qs, d, out, T, n // QK)
         return call
+    if T == 1 and n >= _SPLIT_MIN and _NUM_THREADS > 1:
+        return partial(_silu_mul_q80_split, out, qs, d, gate_up, n, HAS_AVX2, _NUM_THREADS)
     return partial(_silu_mul_q80_ser, out, qs, d, gate_up, T, n, HAS_AVX2)
 
 
@@ -1714,3 +1740,4 @@ def warmup() -> None:
     _silu_mul_par(y, gu, T, n)
     rmsnorm_q80(y, xq, xd, x, np.ones(n, np.float32), 1e-5)
     silu_mul_q80(y, xq, xd, gu)
+    _silu_mul_q80_split(y[:1].copy(), xq[:1].copy(), xd[:1].copy(), gu[:1].copy(), n, HAS_AVX2, 2)

@@ -296,7 +296,7 @@ def test_rmsnorm(T, n, threads):
 
 
 @pytest.mark.parametrize("T", TS + [64])
-@pytest.mark.parametrize("n", [32, 576, 1536])
+@pytest.mark.parametrize("n", [32, 576, 1536, 8192])   # 8192 at T = 1: one row split over threads
 def test_fused_q80(T, n, threads):
     """rmsnorm_q80 / silu_mul_q80 give the bits of the two kernels they fuse"""
     r = rng(n + 3 * T)
