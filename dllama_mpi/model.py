@@ -12,7 +12,7 @@ import numpy as np
 
 from . import kernels
 from .config import ModelConfig
-from .qformats import Q41Matrix, Q80Matrix
+from .qformats import Q41Matrix
 from .quant import QK, Q40Matrix
 from .shard import ShardPlan
 

@@ -105,8 +105,9 @@ def start(comm, model_arg: str, run: RunConfig, want_tokenizer: bool = True,
                  directory=kv_dir, tag=f"rank{comm.rank}", n_slots=run.parallel)
     transformer = Transformer(config, me, weights, kv, comm, wire=run.buffer_float_type)
     transformer.vocab_counts = vocab_counts
-    codec = comm.bcast_obj(Embedding.of(model.tensor("embedding")).codec if comm.is_root else None)
-    embedding = Embedding(codec, model.tensor("embedding") if comm.is_root else None)
+    embedding = Embedding.of(model.tensor("embedding")) if comm.is_root else None
+    codec = comm.bcast_obj(embedding.codec if comm.is_root else None)
+    embedding = embedding or Embedding(codec)
     engine = Engine(comm, transformer, embedding)
     memory = comm.allgather_obj((weights.nbytes(), kv.nbytes))
     comm.stats.reset()
