@@ -89,7 +89,6 @@ class RunConfig:
     prefill_chunk: int = 128         # prompt tokens per forward (a matrix through the weights)
     load: str = "auto"               # scatter | direct | auto (see session._direct_load)
     parallel: int = 1                # sequences decoded together (KV-cache slots)
-    extra: dict = field(default_factory=dict)
 
     def resolved(self, file_weight_type: str, file_output_type: str = "F32") -> "RunConfig":
         """Settle the "auto" types from what the model file suggests (runtime weight type
@@ -154,3 +153,35 @@ class RunConfig:
             raise DllamaError("prefill chunk must be positive")
         if self.parallel < 1:
             raise DllamaError(f"--parallel must be >= 1, got {self.parallel}")
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request is sampled and when it ends (a server request, a batch line, a
+    chat turn). `stop` strings end the text as soon as it contains one (never emitted)."""
+    temperature: float = 0.8
+    top_p: float = 0.9
+    top_k: int = 0                   # 0: off
+    seed: int | None = None
+    max_tokens: int = 64
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False         # keep going past end-of-sequence ids (benchmarks)
+    logprobs: bool = False           # report the chosen token's log-probability
+    top_logprobs: int = 0            # and this many alternatives
+
+    def check(self) -> None:
+        """Raise DllamaError naming the first bad field."""
+        if self.temperature < 0:
+            raise DllamaError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise DllamaError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise DllamaError(f"top_k must be >= 0, got {self.top_k}")
+        if self.seed is not None and not 0 <= self.seed < 2**63:
+            raise DllamaError(f"seed must be in [0, 2**63), got {self.seed}")
+        if self.max_tokens < 0:
+            raise DllamaError(f"max_tokens must be >= 0, got {self.max_tokens}")
+        if not 0 <= self.top_logprobs <= 20:
+            raise DllamaError(f"top_logprobs must be in [0, 20], got {self.top_logprobs}")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise DllamaError("stop strings must be non-empty strings")
