@@ -20,9 +20,9 @@ import numpy as np  # noqa: E402
 
 from dllama_mpi.comm import make_comm  # noqa: E402
 from dllama_mpi.config import RunConfig  # noqa: E402
-from dllama_mpi.generation import generate, generate_batch  # noqa: E402
-from dllama_mpi.inference import decode_averages  # noqa: E402
-from dllama_mpi.session import start  # noqa: E402
+from dllama_mpi.runtime.generation import generate, generate_batch  # noqa: E402
+from dllama_mpi.apps.inference import decode_averages  # noqa: E402
+from dllama_mpi.runtime.startup import start  # noqa: E402
 
 
 def main() -> None:
@@ -43,7 +43,7 @@ def main() -> None:
     s = start(comm, args.model, run, want_tokenizer=False)
     run = s.run
     if not comm.is_root:
-        s.engine.serve_forever()
+        s.engine.run_worker_loop()
         s.engine.gather_step_stats()
         return
     rng = np.random.default_rng(0)
@@ -68,7 +68,7 @@ def main() -> None:
                       generated=len(g.generated_tokens))
     s.engine.stop()
     per_rank = [decode_averages(steps[1:]) for steps in s.engine.gather_step_stats()]
-    weight_bytes = sum(w for w, _ in s.memory)
+    weight_bytes = sum(m.weights for m in s.memory)
     print(json.dumps({
         "model": os.path.basename(args.model), "ranks": comm.size, "nthreads": s.nthreads,
         "weights": run.weights_float_type, "wire": run.buffer_float_type,

@@ -76,7 +76,7 @@ def worker(model_arg: str, load: str) -> None:
     from dllama_mpi.comm import make_comm
     from dllama_mpi.config import ModelConfig, RunConfig
     from dllama_mpi.loading import load_shard
-    from dllama_mpi.session import (_direct_load, _root_open, _warm_kernels, open_model,
+    from dllama_mpi.runtime.startup import (_direct_load, _root_open, _warm_kernels, open_model,
                                     release_free_memory)
 
     comm = make_comm()
@@ -102,7 +102,7 @@ def worker(model_arg: str, load: str) -> None:
     comm.barrier()
 
     t1 = _time.perf_counter()
-    weights, _ = load_shard(comm, model, config, run, progress=False, direct=direct)
+    weights = load_shard(comm, model, config, run, progress=False, direct=direct)
     load_s = _time.perf_counter() - t1
     loaded = _status()                # file pages while the model is still mapped
     if direct and not comm.is_root:   # then what session.start does after loading
@@ -148,7 +148,7 @@ def model_path(name: str) -> str:
     if name == "smollm2-h5":
         path = os.path.join(RESULTS, "smollm2-135m-q40.h5")
         if not os.path.exists(path):
-            from dllama_mpi.convert import convert
+            from dllama_mpi.apps.convert import convert
             convert(gguf, path, "q40", progress=False)
         return path
     raise SystemExit(f"unknown model {name!r} (smollm2, smollm2-h5, synthetic)")

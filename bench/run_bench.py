@@ -77,7 +77,7 @@ def main() -> None:
     if args.from_json:
         from_json(args.from_json)
         return
-    from dllama_mpi.models import pull
+    from dllama_mpi.registry import pull
     models = {"smollm2": pull("smollm2-135m")}
     if not args.quick:
         synth = os.path.join(HERE, "results", "synthetic-1.1b-q4_0.gguf")

@@ -28,7 +28,7 @@ def _abort(code: int) -> None:
 
 def main(argv=None) -> int:
     from .errors import DllamaError
-    from .session import StartupFailed
+    from .runtime.startup import StartupFailed
     try:
         from .cli import main as cli_main
         return cli_main(argv)

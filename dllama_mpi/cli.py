@@ -1,11 +1,10 @@
-"""Subcommands. Builds configs from arguments and prints; no math here."""
+"""Subcommands: argparse for every command, configs built from the arguments, dispatch to
+apps/. No math here."""
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 
-from . import models
+from . import registry
 from .config import BUFFER_TYPES, WEIGHT_TYPES, RunConfig
 from .errors import DllamaError
 
@@ -15,7 +14,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="a preset (see configs/): its keys are defaults for these options; "
                    "options on the command line win")
     p.add_argument("--model",
-                   help=f"a .gguf, .m or .h5 file, a Hugging Face folder, or a known model name ({', '.join(models.KNOWN_MODELS)})")
+                   help=f"a .gguf, .m or .h5 file, a Hugging Face folder, or a known model name ({', '.join(registry.KNOWN_MODELS)})")
     p.add_argument("--tokenizer", default=None,
                    help="a tokenizer file (.t or tokenizer.json): for .m models, or to replace "
                    "the model's own")
@@ -54,7 +53,8 @@ def _add_generation_args(p: argparse.ArgumentParser, steps_help: str) -> None:
 def run_config(args) -> RunConfig:
     return RunConfig(weights_float_type=args.weights_float_type,
                      buffer_float_type=args.buffer_float_type,
-                     max_seq_len=args.max_seq_len, nthreads=args.nthreads, load=args.load,
+                     max_seq_len=args.max_seq_len, nthreads=getattr(args, "nthreads", 0),
+                     load=getattr(args, "load", "auto"),
                      temperature=getattr(args, "temperature", 0.0),
                      topp=getattr(args, "topp", 1.0), topk=getattr(args, "topk", 0),
                      seed=getattr(args, "seed", None), parallel=getattr(args, "parallel", 1))
@@ -89,14 +89,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no line per finished sequence")
 
     p = sub.add_parser("pull", help="download a known model into the cache")
-    p.add_argument("name", choices=sorted(models.KNOWN_MODELS))
+    p.add_argument("name", choices=sorted(registry.KNOWN_MODELS))
 
     p = sub.add_parser("info", help="print a model's config and the memory per rank")
     p.add_argument("--model", required=True)
     p.add_argument("-n", "--ranks", type=int, default=1)
+    p.add_argument("--weights-float-type", choices=("auto",) + WEIGHT_TYPES, default="auto")
+    p.add_argument("--buffer-float-type", choices=("auto",) + BUFFER_TYPES, default="auto")
+    p.add_argument("--max-seq-len", type=int, default=0)
+    p.add_argument("--parallel", type=int, default=1, help="KV-cache slots")
     p = sub.add_parser("convert", help="convert a model (GGUF, .m, HF folder, .h5) to our "
                        "HDF5 store or to Distributed Llama's .m + .t")
-    from .convert import add_arguments as add_convert_arguments
+    from .apps.convert import add_arguments as add_convert_arguments
     add_convert_arguments(p)
 
     parser.subcommands = dict(sub.choices)
@@ -138,23 +142,18 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.command == "pull":
-        print(models.pull(args.name))
+        print(registry.pull(args.name))
         return 0
     if args.command == "convert":
-        from .convert import run as run_convert
+        from .apps.convert import run as run_convert
         return run_convert(args)
     if args.command == "info":
-        from .info import print_info
-        return print_info(args.model, args.ranks)
+        from .apps.info import print_info
+        return print_info(args.model, args.ranks, run_config(args))
     if args.command == "inference":
-        from .inference import run_inference
+        from .apps.inference import run_inference
         return run_inference(args, run_config(args))
     if args.command == "batch":
-        from .batch import run_batch
+        from .apps.batch import run_batch
         return run_batch(args, run_config(args))
     raise DllamaError(f"unknown command {args.command}")
-
-
-def print_json(obj) -> None:
-    sys.stdout.write(json.dumps(obj) + "\n")
-    sys.stdout.flush()

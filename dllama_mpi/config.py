@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .errors import DllamaError
 
@@ -109,8 +109,8 @@ class RunConfig:
             return self.max_seq_len
         return min(model.context_length or DEFAULT_MAX_SEQ_LEN, DEFAULT_MAX_SEQ_LEN)
 
-    def validate(self, model: ModelConfig, world_size: int) -> None:
-        """All checks that must fail on rank 0 before any loading, with one clear message."""
+    def validate(self, model: ModelConfig) -> None:
+        """The run's own checks (the split's are shard.check), on rank 0 before any loading."""
         model.check()
         if self.weights_float_type not in WEIGHT_TYPES + ("auto",):
             raise DllamaError(f"--weights-float-type must be one of {WEIGHT_TYPES}, "
@@ -121,20 +121,6 @@ class RunConfig:
         if self.buffer_float_type not in BUFFER_TYPES + ("auto",):
             raise DllamaError(f"--buffer-float-type must be one of {BUFFER_TYPES}, "
                               f"got {self.buffer_float_type!r}")
-        if world_size > model.n_heads:
-            raise DllamaError(
-                f"{world_size} ranks cannot split a model with {model.n_heads} query heads: "
-                f"run with at most {model.n_heads} ranks")
-        if self.weights_float_type in ("q40", "q41"):
-            from .shard import plan
-            for r in range(world_size):
-                p = plan(model, r, world_size)
-                if model.dim % 32 or p.q_cols % 32 or p.ffn_len % 32:
-                    raise DllamaError(
-                        f"4-bit weights need dim, each rank's attention width and FFN slice to be "
-                        f"multiples of 32 (dim {model.dim}, head_dim {model.head_dim}, "
-                        f"hidden {model.hidden_dim}, {world_size} ranks): "
-                        f"use --weights-float-type f32")
         ctx = self.resolved_max_seq_len(model)
         if ctx <= 0:
             raise DllamaError(f"--max-seq-len must be positive, got {ctx}")

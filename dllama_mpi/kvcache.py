@@ -25,11 +25,6 @@ class KVCache:
             self.paths = [os.path.join(directory, f"kv-{tag}-{name}.bin") for name in "kv"]
             self.k, self.v = (np.memmap(p, np.float32, "w+", shape=shape) for p in self.paths)
 
-    @staticmethod
-    def bytes_needed(n_layers: int, max_seq_len: int, n_kv_heads: int, head_dim: int,
-                     n_slots: int = 1) -> int:
-        return 2 * 4 * n_layers * n_slots * max_seq_len * n_kv_heads * head_dim
-
     @property
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes

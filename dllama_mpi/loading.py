@@ -8,56 +8,14 @@ are repacked into the kernel layout by the rank that uses them.
 from __future__ import annotations
 
 import numpy as np
-from gguf import GGMLQuantizationType
 
 from .config import ModelConfig, RunConfig
 from .errors import DllamaError
 from .model import LayerWeights, ShardWeights
 from .qformats import Q41_BLOCK_BYTES, Q41Matrix, Q80Matrix, quantize_q41
-from .quant import (Q40_BLOCK_BYTES, Q80_BLOCK_BYTES, QK, Q40Matrix, dequantize_q80,
+from .quant import (Q40_BLOCK_BYTES, Q80_BLOCK_BYTES, QK, Q40Matrix,
                     quantize_q40, quantize_q80)
-from .shard import Range, ShardPlan, in_split, plan
-
-LAYER_TENSORS = ("attn_norm", "wq", "wk", "wv", "wo", "ffn_norm", "w1", "w2", "w3")
-BIAS_TENSORS = ("bq", "bk", "bv")        # with config.attn_bias
-QK_NORM_TENSORS = ("q_norm", "k_norm")   # with config.qk_norm
-
-# how each layer tensor is split: "rep" replicated, "out:AXIS" a band of output rows,
-# "in:AXIS" a band of input columns, "vec:AXIS" a band of an out-split vector (a bias,
-# cut like its matrix's rows); AXIS names a range of shard.ShardPlan (see _range)
-KINDS = dict(attn_norm="rep", wq="out:q", wk="out:kv", wv="out:kv", wo="in:q",
-             ffn_norm="rep", w1="out:ffn", w2="in:ffn", w3="out:ffn",
-             bq="vec:q", bk="vec:kv", bv="vec:kv", q_norm="rep", k_norm="rep")
-
-
-def layer_tensors(config: ModelConfig) -> tuple[str, ...]:
-    """Short names of the tensors every layer of this model holds."""
-    return (LAYER_TENSORS + (BIAS_TENSORS if config.attn_bias else ()) +
-            (QK_NORM_TENSORS if config.qk_norm else ()))
-
-
-def tensor_specs(config: ModelConfig) -> list[tuple[str, str]]:
-    """(canonical name, how it is split) in the order weights travel."""
-    names = layer_tensors(config)
-    specs = [(f"layers.{i}.{n}", KINDS[n]) for i in range(config.n_layers) for n in names]
-    return specs + [("final_norm", "rep"), ("wcls", "out:vocab")]
-
-
-def _range(p: ShardPlan, axis: str) -> Range:
-    return {"q": p.q_rows, "kv": p.kv_rows, "ffn": p.ffn, "vocab": p.vocab}[axis]
-
-
-def slice_shape(config: ModelConfig, name: str, kind: str, p: ShardPlan) -> tuple[int, ...]:
-    """Shape of this rank's slice, as values [rows, cols] (or [n] for a vector)."""
-    if kind == "rep":
-        return (config.head_dim,) if name.endswith(QK_NORM_TENSORS) else (config.dim,)
-    split, axis = kind.split(":")
-    size = _range(p, axis).size
-    if split == "vec":
-        return (size,)
-    if split == "out":
-        return (size, config.dim)
-    return (config.dim, size)
+from .shard import Range, in_split, is_matrix, layer_tensors, plan, slice_shape, tensor_specs
 
 
 def _file_name(config: ModelConfig, name: str) -> str:
@@ -98,18 +56,14 @@ BLOCK_FORMATS = {"q40": (Q40Matrix, Q40_BLOCK_BYTES), "q41": (Q41Matrix, Q41_BLO
                  "q80": (Q80Matrix, Q80_BLOCK_BYTES)}
 
 
-def _is_matrix(kind: str) -> bool:
-    return kind.startswith(("out:", "in:"))
-
-
 def _runtime(arr: np.ndarray, kind: str, target: str):
-    if _is_matrix(kind) and target in BLOCK_FORMATS:
+    if is_matrix(kind) and target in BLOCK_FORMATS:
         return BLOCK_FORMATS[target][0].from_blocks(arr)
     return arr
 
 
 def _wire_shape(shape: tuple[int, ...], kind: str, target: str):
-    if _is_matrix(kind) and target in BLOCK_FORMATS:
+    if is_matrix(kind) and target in BLOCK_FORMATS:
         return (shape[0], shape[1] // QK * BLOCK_FORMATS[target][1]), np.uint8
     return shape, np.float32
 
@@ -119,7 +73,7 @@ def load_shard(comm, model, config: ModelConfig, run: RunConfig, progress: bool 
     """Every rank calls this. Scatter (default): `model` (an open model file) is needed on
     the root only, which reads and sends every slice. Direct: every rank has `model` open
     and reads only its own slices; nothing crosses MPI.
-    Returns (ShardWeights, vocab rows per rank)."""
+    Returns this rank's ShardWeights."""
     plans = [plan(config, r, comm.size) for r in range(comm.size)]
     me = plans[comm.rank]
     arrays: dict[str, np.ndarray] = {}  # slices read or received, until their layer is whole
@@ -133,7 +87,7 @@ def load_shard(comm, model, config: ModelConfig, run: RunConfig, progress: bool 
         if direct or comm.is_root:
             tensor = model.tensor(_file_name(config, name))
             for r in ([comm.rank] if direct else range(comm.size)):
-                rng = None if kind == "rep" else _range(plans[r], kind.split(":")[1])
+                rng = None if kind == "rep" else plans[r].range(kind.split(":")[1])
                 try:
                     arr = convert_slice(tensor, kind, rng, target)
                 except ValueError as e:
@@ -156,7 +110,7 @@ def load_shard(comm, model, config: ModelConfig, run: RunConfig, progress: bool 
         bar.close()
     wcls = _runtime(arrays["wcls"], "out:vocab", run.output_float_type)
     weights = ShardWeights(layers=layers, final_norm=arrays["final_norm"], wcls=wcls)
-    return weights, [p.vocab.size for p in plans]
+    return weights
 
 
 def _progress(total: int, enabled: bool):
@@ -167,39 +121,3 @@ def _progress(total: int, enabled: bool):
     from tqdm import tqdm
     return tqdm(total=total, desc="loading", unit="tensor", file=sys.stderr,
                 disable=not sys.stderr.isatty(), leave=False)
-
-
-class Embedding:
-    """Token embedding rows. The root reads a token's row as the file stores it (block bytes
-    or values): that is what crosses MPI (Q4_0: 18 bytes per 32 values instead of 128 as
-    f32), and every rank turns it into f32 the same way, so all hold the same bits."""
-
-    def __init__(self, codec: tuple, tensor=None):
-        """codec: (GGML type name, row dtype, row shape), from `codec` on the root; tensor:
-        the file's embedding tensor (root only)."""
-        self.type, dtype, row_shape = codec
-        self.dtype, self.row_shape, self.tensor = np.dtype(dtype), tuple(row_shape), tensor
-        self.ggml_type = GGMLQuantizationType[self.type]
-
-    @classmethod
-    def of(cls, tensor) -> "Embedding":
-        row = np.asarray(tensor.data[0:1])
-        return cls((tensor.type, row.dtype.str, row.shape[1:]), tensor)
-
-    @property
-    def codec(self) -> tuple:
-        return self.type, self.dtype.str, self.row_shape
-
-    def rows(self, ids) -> np.ndarray:
-        """Root: the stored rows of these token ids."""
-        return np.ascontiguousarray(self.tensor.data[np.asarray(ids, np.int64)], dtype=self.dtype)
-
-    def empty(self, n: int) -> np.ndarray:
-        return np.empty((n,) + self.row_shape, self.dtype)
-
-    def decode(self, rows: np.ndarray) -> np.ndarray:
-        """Stored rows -> f32 [T, dim]."""
-        if self.type == "Q8_0":  # the common case, without the generic path's overhead
-            return dequantize_q80(rows)
-        from gguf.quants import dequantize
-        return np.ascontiguousarray(dequantize(rows, self.ggml_type), dtype=np.float32)

@@ -164,7 +164,6 @@ class Transformer:
         self.fuse_q80 = bool(weights.layers) and isinstance(weights.layers[0].wqkv,
                                                             (Q40Matrix, Q41Matrix))
         self.scale = 1.0 / np.sqrt(config.head_dim)
-        self.vocab_counts = None  # set by the loader: vocab rows per rank, for the gather
         self._buffers: dict[int, dict[str, np.ndarray]] = {}
         self._bound = _BoundCalls()
         self.wcls_q80 = not isinstance(weights.wcls, np.ndarray)  # the final norm makes Q80 too
@@ -273,5 +272,4 @@ class Transformer:
             kernels.rmsnorm(final, b[rows + "x"], self.w.final_norm, c.norm_eps)
             q80 = None
         self._matmul(logits, _Input(final, q80), self.w.wcls)
-        counts = self.vocab_counts or [self.plan.vocab.size]
-        return self.comm.gather_rows(logits, counts)
+        return self.comm.gather_rows(logits, self.plan.vocab_counts)

@@ -3,11 +3,15 @@
 Weights are W[out, in].
 - out-split: a rank owns a band of output rows (wq, wk, wv, w1, w3, wcls);
 - in-split:  a rank owns a band of input columns and produces a partial sum (wo, w2).
+(Megatron says column- and row-parallel; Distributed Llama row and col slices.)
 
 Attention is split by query heads: contiguous ranges, the first n_heads % size ranks
 get one more. A rank holds every KV head its query heads need, so with more ranks than
 KV heads a KV head can live on two ranks. FFN hidden units and vocabulary rows are split
 in whole 32-blocks, remainder to the first ranks.
+
+Everything about the split lives here: the ranges (plan), how each tensor is cut (SPLIT,
+tensor_specs, slice_shape), and the checks a rank count must pass (check).
 """
 from __future__ import annotations
 
@@ -16,8 +20,21 @@ from dataclasses import dataclass
 import numpy as np
 
 from .config import ModelConfig
+from .errors import DllamaError
 
 BLOCK = 32
+
+LAYER_TENSORS = ("attn_norm", "wq", "wk", "wv", "wo", "ffn_norm", "w1", "w2", "w3")
+BIAS_TENSORS = ("bq", "bk", "bv")        # with config.attn_bias
+QK_NORM_TENSORS = ("q_norm", "k_norm")   # with config.qk_norm
+
+# How each tensor is split: "rep" replicated, "out:AXIS" a band of output rows, "in:AXIS" a
+# band of input columns, "vec:AXIS" a band of an out-split vector (a bias, cut like its
+# matrix's rows); AXIS names a range of ShardPlan (ShardPlan.range).
+SPLIT = dict(attn_norm="rep", wq="out:q", wk="out:kv", wv="out:kv", wo="in:q",
+             ffn_norm="rep", w1="out:ffn", w2="in:ffn", w3="out:ffn",
+             bq="vec:q", bk="vec:kv", bv="vec:kv", q_norm="rep", k_norm="rep",
+             final_norm="rep", wcls="out:vocab")
 
 
 @dataclass(frozen=True)
@@ -60,6 +77,7 @@ class ShardPlan:
     group: int              # query heads per KV head
     ffn: Range              # FFN hidden units owned
     vocab: Range            # output vocabulary rows owned
+    vocab_counts: tuple[int, ...]   # vocabulary rows of every rank (the logits gather)
 
     @property
     def q_rows(self) -> Range:
@@ -78,6 +96,10 @@ class ShardPlan:
     def ffn_len(self) -> int:
         return self.ffn.size
 
+    def range(self, axis: str) -> Range:
+        """The band of an axis named in SPLIT: q, kv (rows of wq / wk, wv), ffn, vocab."""
+        return {"q": self.q_rows, "kv": self.kv_rows, "ffn": self.ffn, "vocab": self.vocab}[axis]
+
     def kv_of_q(self) -> np.ndarray:
         """For each local query head, the index of its KV head in this rank's KV slice."""
         q = np.arange(self.q_heads.start, self.q_heads.stop)
@@ -92,14 +114,56 @@ def plan(config: ModelConfig, rank: int, size: int) -> ShardPlan:
     group = config.group
     q = split_even(config.n_heads, size, rank)
     kv = Range(q.start // group, (q.stop - 1) // group + 1)
+    counts = tuple(split_blocks(config.vocab_size, size, r).size for r in range(size))
     return ShardPlan(rank=rank, size=size, q_heads=q, kv_heads=kv, head_dim=config.head_dim,
                      group=group, ffn=split_blocks(config.hidden_dim, size, rank),
-                     vocab=split_blocks(config.vocab_size, size, rank))
+                     vocab=split_blocks(config.vocab_size, size, rank), vocab_counts=counts)
 
 
-def out_split(w: np.ndarray, rows: Range) -> np.ndarray:
-    """Band of output rows of W[out, in] (any row-major storage, e.g. Q40 block bytes)."""
-    return w[rows.as_slice()]
+def check(config: ModelConfig, size: int, weights_float_type: str) -> None:
+    """Raise DllamaError if `size` ranks cannot split this model with these weights."""
+    if size > config.n_heads:
+        raise DllamaError(f"{size} ranks cannot split a model with {config.n_heads} query "
+                          f"heads: run with at most {config.n_heads} ranks")
+    if weights_float_type in ("q40", "q41"):
+        for r in range(size):
+            p = plan(config, r, size)
+            if config.dim % BLOCK or p.q_cols % BLOCK or p.ffn_len % BLOCK:
+                raise DllamaError(
+                    f"4-bit weights need dim, each rank's attention width and FFN slice to be "
+                    f"multiples of {BLOCK} (dim {config.dim}, head_dim {config.head_dim}, "
+                    f"hidden {config.hidden_dim}, {size} ranks): use --weights-float-type f32")
+
+
+def layer_tensors(config: ModelConfig) -> tuple[str, ...]:
+    """Short names of the tensors every layer of this model holds."""
+    return (LAYER_TENSORS + (BIAS_TENSORS if config.attn_bias else ()) +
+            (QK_NORM_TENSORS if config.qk_norm else ()))
+
+
+def tensor_specs(config: ModelConfig) -> list[tuple[str, str]]:
+    """(canonical name, how it is split) in the order weights travel: layer by layer, then
+    the final norm and the output matrix."""
+    names = layer_tensors(config)
+    specs = [(f"layers.{i}.{n}", SPLIT[n]) for i in range(config.n_layers) for n in names]
+    return specs + [("final_norm", SPLIT["final_norm"]), ("wcls", SPLIT["wcls"])]
+
+
+def is_matrix(kind: str) -> bool:
+    return kind.startswith(("out:", "in:"))
+
+
+def slice_shape(config: ModelConfig, name: str, kind: str, p: ShardPlan) -> tuple[int, ...]:
+    """Shape of this rank's slice, as values [rows, cols] (or [n] for a vector)."""
+    if kind == "rep":
+        return (config.head_dim,) if name.endswith(QK_NORM_TENSORS) else (config.dim,)
+    split, axis = kind.split(":")
+    size = p.range(axis).size
+    if split == "vec":
+        return (size,)
+    if split == "out":
+        return (size, config.dim)
+    return (config.dim, size)
 
 
 def in_split(w: np.ndarray, cols: Range, block_bytes: int | None = None) -> np.ndarray:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from dllama_mpi.comm import SerialComm
-from dllama_mpi.convert import convert
+from dllama_mpi.apps.convert import convert
 from dllama_mpi.errors import DllamaError
 from dllama_mpi.formats import open_model
 from dllama_mpi.formats.dllama import ARCH_QWEN3, ROPE_FALCON, read_header, tensor_layout

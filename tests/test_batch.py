@@ -8,9 +8,9 @@ import pytest
 from dllama_mpi.comm import SerialComm
 from dllama_mpi.config import RunConfig
 from dllama_mpi.errors import DllamaError
-from dllama_mpi.generation import generate, generate_batch
+from dllama_mpi.runtime.generation import generate, generate_batch
 from dllama_mpi.sampler import Sampler
-from dllama_mpi.session import start
+from dllama_mpi.runtime.startup import start
 from tiny import write_tiny_gguf
 
 MAX_SEQ = 48

@@ -146,7 +146,7 @@ INFO_SHAPE = "qwen3_gqa6"  # q_dim 192 != dim 96, q/k norms: the count is not ju
 def every_format(tmp_path_factory):
     """The same random tiny model as an HF folder, a GGUF (with a tokenizer), a .m + .t
     converted from the GGUF, and an .h5 converted from the folder."""
-    from dllama_mpi.convert import convert
+    from dllama_mpi.apps.convert import convert
     from dllama_mpi.formats.gguf_write import write_llama_gguf
     from tiny import ARCH_SHAPES, hf_arch_model, save_hf_arch
     d = tmp_path_factory.mktemp("info")

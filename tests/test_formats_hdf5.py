@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from dllama_mpi.comm import SerialComm
-from dllama_mpi.convert import convert, main
+from dllama_mpi.apps.convert import convert, main
 from dllama_mpi.errors import DllamaError
 from dllama_mpi.formats import open_model
 from test_formats_hf import IDS, save_hf, write_bytes_tokenizer

@@ -3,7 +3,7 @@ import numpy as np
 
 from dllama_mpi.comm import SerialComm
 from dllama_mpi.config import RunConfig
-from dllama_mpi.session import start
+from dllama_mpi.runtime.startup import start
 from tiny import write_tiny_gguf
 
 

@@ -2,9 +2,9 @@
 import numpy as np
 import pytest
 
-from dllama_mpi.config import ModelConfig, RunConfig
+from dllama_mpi.config import ModelConfig
 from dllama_mpi.errors import DllamaError
-from dllama_mpi.shard import plan, split_blocks, split_even
+from dllama_mpi.shard import check, plan, split_blocks, split_even
 from tiny import SHAPES
 
 SMOLLM2 = dict(dim=576, hidden_dim=1536, n_layers=30, n_heads=9, n_kv_heads=3, vocab_size=49152)
@@ -59,12 +59,12 @@ def test_smollm2_on_two_and_four_ranks_shares_kv_heads():
 def test_too_many_ranks_is_one_clear_error():
     c = dict(configs())["smollm2"]
     with pytest.raises(DllamaError, match="at most 9 ranks"):
-        RunConfig(weights_float_type="q40").validate(c, 10)
-    RunConfig(weights_float_type="q40").validate(c, 9)
+        check(c, 10, "q40")
+    check(c, 9, "q40")
 
 
 def test_q40_needs_whole_blocks():
     c = dict(configs())["gqa6"]  # head_dim 16: a rank's attention band is not whole blocks
     with pytest.raises(DllamaError, match="f32"):
-        RunConfig(weights_float_type="q40").validate(c, 2)
-    RunConfig(weights_float_type="f32").validate(c, 2)
+        check(c, 2, "q40")
+    check(c, 2, "f32")

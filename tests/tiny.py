@@ -143,12 +143,12 @@ def hf_greedy(shape: str, ids, n: int, seed: int = 0) -> list[int]:
 def our_logits(comm, path: str, ids, weights="f32", wire="f32", max_seq_len=64, load="scatter"):
     """All positions' logits (root; None elsewhere). Every rank of comm must call this."""
     from dllama_mpi.config import RunConfig
-    from dllama_mpi.session import start
+    from dllama_mpi.runtime.startup import start
     run = RunConfig(weights_float_type=weights, buffer_float_type=wire, max_seq_len=max_seq_len,
                     load=load)
     s = start(comm, path, run, want_tokenizer=False)
     if not comm.is_root:
-        s.engine.serve_forever()
+        s.engine.run_worker_loop()
         return None
     logits = s.engine.forward(list(ids), 0, all_logits=True)
     s.engine.stop()
@@ -157,12 +157,12 @@ def our_logits(comm, path: str, ids, weights="f32", wire="f32", max_seq_len=64, 
 
 def our_greedy(comm, path: str, ids, n: int, weights="f32", wire="f32", max_seq_len=64):
     from dllama_mpi.config import RunConfig
-    from dllama_mpi.generation import generate
-    from dllama_mpi.session import start
+    from dllama_mpi.runtime.generation import generate
+    from dllama_mpi.runtime.startup import start
     run = RunConfig(weights_float_type=weights, buffer_float_type=wire, max_seq_len=max_seq_len)
     s = start(comm, path, run, want_tokenizer=False)
     if not comm.is_root:
-        s.engine.serve_forever()
+        s.engine.run_worker_loop()
         return None
     g = generate(s.engine, list(ids), n, lambda l: int(np.argmax(l)), set(), max_seq_len)
     s.engine.stop()
@@ -180,7 +180,7 @@ def smollm2_path() -> str:
     path = os.environ.get("DLLAMA_SMOLLM2_GGUF")
     if path and os.path.isfile(path):
         return path
-    from dllama_mpi.models import pull
+    from dllama_mpi.registry import pull
     return pull("smollm2-135m", quiet=True)
 
 

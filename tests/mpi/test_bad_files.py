@@ -13,7 +13,7 @@ import struct
 import pytest
 
 from dllama_mpi.config import RunConfig
-from dllama_mpi.session import StartupFailed, start
+from dllama_mpi.runtime.startup import StartupFailed, start
 from mpi_util import on_root
 from tiny import write_header_only_gguf
 
@@ -83,7 +83,7 @@ def _folder(d: str, name: str, config: bool, safetensors: bool) -> str:
 
 def make_bad_files(d: str) -> dict[str, str]:
     """Case name -> path of a model with that one thing wrong (written by the root)."""
-    from dllama_mpi.convert import convert
+    from dllama_mpi.apps.convert import convert
     good = _good_gguf(d)
     good_m = convert(good, os.path.join(d, "good.m"), "f32", to="dllama", progress=False)[0]
     good_h5 = convert(good, os.path.join(d, "good.h5"), "f32", progress=False)[0]
@@ -144,7 +144,7 @@ def start_like_the_cli(comm, path: str, load: str):
     if comm.is_root:  # it started: let every rank finish cleanly, then fail below
         s.engine.stop()
     else:
-        s.engine.serve_forever()
+        s.engine.run_worker_loop()
     return ("started", 0, "")
 
 

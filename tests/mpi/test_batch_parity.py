@@ -7,8 +7,8 @@ import pytest
 
 from dllama_mpi.comm import SerialComm
 from dllama_mpi.config import RunConfig
-from dllama_mpi.generation import generate, generate_batch
-from dllama_mpi.session import start
+from dllama_mpi.runtime.generation import generate, generate_batch
+from dllama_mpi.runtime.startup import start
 from mpi_util import agree, on_root
 from tiny import write_tiny_gguf
 
@@ -30,7 +30,7 @@ def test_batch_on_n_ranks_equals_alone_in_one_process(comm, shared_dir, weights,
                     parallel=3, nthreads=1)
     s = start(comm, path, run, want_tokenizer=False)
     if not comm.is_root:
-        s.engine.serve_forever()
+        s.engine.run_worker_loop()
         agree(comm, None)
         return
     prompts = _prompts(s.config.vocab_size, 5)

@@ -34,7 +34,7 @@ def model_file(comm, shared_dir: str, shape: str, form: str) -> str:
             if form == "gguf":
                 write_arch_gguf(path, shape)
             else:
-                from dllama_mpi.convert import convert
+                from dllama_mpi.apps.convert import convert
                 convert(folder, path, "f32", progress=False)
     return comm.bcast_obj(path)
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from dllama_mpi.comm import SerialComm
-from dllama_mpi.session import StartupFailed
+from dllama_mpi.runtime.startup import StartupFailed
 from mpi_util import agree
 from tiny import (SHAPES, hf_logits, our_greedy, our_logits, smollm2_path, tolerance,
                   write_tiny_gguf)

@@ -1,4 +1,6 @@
-"""Start-up shared by every subcommand: open, validate, load, build the engine.
+"""Start-up shared by every command: open, validate, load, build the engine (start); and
+the skeleton every command runs on it (run_root): workers follow the root's steps, the
+root runs the command, then all ranks gather step statistics and leave together.
 
 The root opens the model and tokenizer and validates the run before anything is
 loaded; a problem there is reported once, by the root, and every rank exits.
@@ -8,15 +10,20 @@ from __future__ import annotations
 import os
 import sys
 from dataclasses import dataclass
+from typing import Callable
 
-from . import kernels, models
-from .config import ModelConfig, RunConfig
-from .engine import Engine
-from .errors import DllamaError
-from .kvcache import KVCache
-from .loading import Embedding, load_shard
-from .model import Transformer, pack_weights
-from .shard import plan
+from .. import kernels, registry, shard
+from ..comm import Comm, SerialComm
+from ..config import ModelConfig, RunConfig
+from ..embedding import Embedding
+from ..errors import DllamaError
+from ..formats import open_model
+from ..kvcache import KVCache
+from ..loading import load_shard
+from ..memory import RankMemory, mib
+from ..memory import per_rank as memory_per_rank
+from ..model import Transformer, pack_weights
+from .engine import Engine, StepStats
 
 
 class StartupFailed(SystemExit):
@@ -30,20 +37,25 @@ class StartupFailed(SystemExit):
 
 @dataclass
 class Session:
-    comm: object
+    comm: Comm | SerialComm
     config: ModelConfig
-    run: RunConfig
+    run: RunConfig                # with its "auto" types resolved
     engine: Engine
-    tokenizer: object = None      # root only
+    tokenizer: object = None      # root only (tokenizer.Tokenizer)
     max_seq_len: int = 0
     nthreads: int = 1
-    memory: list | None = None    # per rank: (weights bytes, kv bytes), on the root
+    memory: list[RankMemory] | None = None   # every rank's bytes (memory.py), measured
 
+    def close(self) -> None:
+        """Release what outlives the process otherwise (the KV cache's files)."""
+        self.engine.model.kv.close()
 
-def open_model(path: str, tokenizer_path: str | None = None):
-    """GGUF, Distributed Llama .m (+ .t), Hugging Face folder or our HDF5 store."""
-    from .formats import open_model as open_any
-    return open_any(path, tokenizer_path)
+    def print_memory(self) -> None:
+        """One line per rank on stderr: what it holds."""
+        for m in self.memory:
+            print(f"rank {m.rank}: weights {mib(m.weights)}, KV cache {mib(m.kv_cache)} "
+                  f"({self.max_seq_len} positions x {self.run.parallel} slots), "
+                  f"{self.nthreads} threads", file=sys.stderr)
 
 
 def default_threads(comm) -> int:
@@ -56,10 +68,11 @@ def default_threads(comm) -> int:
 
 def _root_open(model_arg: str, run: RunConfig, size: int, want_tokenizer: bool,
                tokenizer_path: str | None):
-    path = models.resolve(model_arg)
+    path = registry.resolve(model_arg)
     model = open_model(path, tokenizer_path)
     run = run.resolved(model.preferred_weight_type(), model.output_type())
-    run.validate(model.config, size)
+    run.validate(model.config)
+    shard.check(model.config, size, run.weights_float_type)
     tokenizer = model.tokenizer() if want_tokenizer else None
     return model, tokenizer, run
 
@@ -94,22 +107,22 @@ def start(comm, model_arg: str, run: RunConfig, want_tokenizer: bool = True,
     kernels.choose_threading_layer(run.weights_float_type)
     kernels.set_num_threads(nthreads)
     _warm_kernels(comm)
-    weights, vocab_counts = load_shard(comm, model, config, run, direct=direct)
+    weights = load_shard(comm, model, config, run, direct=direct)
     pack_weights(weights)
     if direct and not comm.is_root:
         model.close()
     release_free_memory()
-    me = plan(config, comm.rank, comm.size)
+    me = shard.plan(config, comm.rank, comm.size)
     max_seq_len = run.resolved_max_seq_len(config)
     kv = KVCache(config.n_layers, max_seq_len, me.kv_heads.size, config.head_dim,
                  directory=kv_dir, tag=f"rank{comm.rank}", n_slots=run.parallel)
     transformer = Transformer(config, me, weights, kv, comm, wire=run.buffer_float_type)
-    transformer.vocab_counts = vocab_counts
     embedding = Embedding.of(model.tensor("embedding")) if comm.is_root else None
     codec = comm.bcast_obj(embedding.codec if comm.is_root else None)
     embedding = embedding or Embedding(codec)
     engine = Engine(comm, transformer, embedding)
-    memory = comm.allgather_obj((weights.nbytes(), kv.nbytes))
+    memory = comm.allgather_obj(RankMemory(comm.rank, weights.nbytes(), kv.nbytes,
+                                           memory_per_rank(config, run, comm.size)[comm.rank].buffers))
     comm.stats.reset()
     return Session(comm, config, run, engine, tokenizer, max_seq_len, nthreads, memory)
 
@@ -149,3 +162,34 @@ def _warm_kernels(comm) -> None:
     comm.barrier()
     if not comm.is_root:
         kernels.warmup()
+
+
+def run_root(session: Session, body: Callable[[Session], object],
+             report: Callable[[object, list[list[StepStats]]], None] | None = None) -> int:
+    """The skeleton of every command, called on every rank. Workers run forwards until the
+    root stops them; the root runs body(session). Then every rank's step statistics are
+    gathered and, on the root, report(body's value, steps per rank) prints the outcome.
+    A DllamaError from body is one `error:` line on the root. Returns the exit code."""
+    engine = session.engine
+    if not session.comm.is_root:
+        try:
+            engine.run_worker_loop()
+            engine.gather_step_stats()
+        finally:
+            session.close()
+        return 0
+    error = value = None
+    try:
+        value = body(session)
+    except DllamaError as e:
+        error = e
+    finally:
+        engine.stop()
+        session.close()
+    steps = engine.gather_step_stats()
+    if error is not None:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    if report is not None:
+        report(value, steps)
+    return 0

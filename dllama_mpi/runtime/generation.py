@@ -6,7 +6,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from .errors import DllamaError
+from ..errors import DllamaError
 
 
 @dataclass

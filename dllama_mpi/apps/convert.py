@@ -9,8 +9,8 @@ import argparse
 import os
 import sys
 
-from .errors import DllamaError
-from .formats import open_model
+from ..errors import DllamaError
+from ..formats import open_model
 
 TARGETS = ("hdf5", "dllama")
 
@@ -34,7 +34,7 @@ def convert(src_path: str, out_path: str | None = None, weights_float_type: str 
     model = open_model(src_path, tokenizer_path)
     try:
         if to == "hdf5":
-            from .formats.hdf5 import write_h5
+            from ..formats.hdf5 import write_h5
             return [write_h5(model, out_path, weights_float_type, progress=progress,
                              source=os.path.abspath(src_path))]
         return _to_dllama(model, out_path, weights_float_type, progress)
@@ -43,7 +43,7 @@ def convert(src_path: str, out_path: str | None = None, weights_float_type: str 
 
 
 def _to_dllama(model, out_path: str, weights: str, progress: bool) -> list[str]:
-    from .formats.dllama import tensor_layout, write_dllama_m, write_dllama_t
+    from ..formats.dllama import tensor_layout, write_dllama_m, write_dllama_t
     bar = None
     if progress:
         from tqdm import tqdm

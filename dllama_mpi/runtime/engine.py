@@ -11,10 +11,16 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .comm import STEP_HEADER
+from ..comm import STEP_HEADER
+
+if TYPE_CHECKING:
+    from ..comm import Comm, SerialComm
+    from ..embedding import Embedding
+    from ..model import Transformer
 
 FLAG_ALL_LOGITS = 1
 FLAG_ROWS = 2        # rows carry their own positions and KV slots
@@ -35,9 +41,9 @@ class StepStats:
 
 @dataclass
 class Engine:
-    comm: object
-    model: object            # Transformer for this rank's shard
-    embedding: object        # loading.Embedding: stored rows (read on the root) -> f32
+    comm: Comm | SerialComm
+    model: Transformer       # this rank's shard
+    embedding: Embedding     # stored rows (read on the root) -> f32 on every rank
     steps: list[StepStats] = field(default_factory=list)
 
     # -- root --------------------------------------------------------------------------
@@ -71,12 +77,7 @@ class Engine:
         self.comm.bcast_step(np.zeros(STEP_HEADER, np.int32))
 
     # -- workers -----------------------------------------------------------------------
-    def serve(self) -> None:
-        """Worker: run forwards until the root stops, then join the statistics gather."""
-        self.serve_forever()
-        self.gather_step_stats()
-
-    def serve_forever(self) -> None:
+    def run_worker_loop(self) -> None:
         """Worker: run forwards until the root sends n_tokens == 0."""
         while True:
             start, s0 = time.perf_counter(), self._snapshot()

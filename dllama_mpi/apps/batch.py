@@ -18,11 +18,11 @@ import sys
 import tempfile
 from dataclasses import dataclass
 
-from .comm import make_comm
-from .errors import DllamaError
-from .generation import generate_batch
-from .sampler import Sampler
-from .session import start
+from ..comm import make_comm
+from ..errors import DllamaError
+from ..runtime.generation import generate_batch
+from ..runtime.startup import run_root, start
+from ..sampler import Sampler
 
 
 @dataclass
@@ -105,57 +105,53 @@ def run_batch(args, run) -> int:
 
     session = start(comm, args.model, run, kv_dir=args.kv_cache_dir,
                     tokenizer_path=args.tokenizer, root_check=read_input)
-    engine = session.engine
-    if not comm.is_root:
-        engine.serve()
-        return 0
-    tok = session.tokenizer
-    error = result = None
+
+    def report(result, steps) -> None:
+        n_prompt = sum(len(g.prompt_tokens) for g in result.generations)
+        n_gen = sum(len(g.generated_tokens) for g in result.generations)
+        print(f"{len(result.generations)} sequences, {run.parallel} at a time: prompts "
+              f"{n_prompt} tokens in {result.prefill_seconds:.2f} s; decode "
+              f"{result.decode_tokens} tokens in {result.decode_steps} steps, "
+              f"{result.decode_tokens_per_s:.1f} tok/s aggregate; {n_gen} tokens generated in "
+              f"{result.seconds:.2f} s -> {args.output}", file=sys.stderr)
+
+    return run_root(session, lambda s: _complete(s, args, requests), report)
+
+
+def _complete(session, args, requests: list[Request]):
+    """Root: every request through continuous batching, then the results file."""
+    tok, run = session.tokenizer, session.run
+    prompts = []
+    for r in requests:
+        text = (tok.apply_chat_template(r.messages) if r.messages is not None else
+                tok.apply_chat_template([{"role": "user", "content": r.prompt}]) if args.chat
+                else r.prompt)
+        ids = tok.encode(text)
+        if len(ids) >= session.max_seq_len:
+            raise DllamaError(f"{args.input} line {r.line}: the prompt has {len(ids)} tokens; "
+                              f"--max-seq-len is {session.max_seq_len}")
+        prompts.append(ids)
+    samplers = [Sampler(run.temperature, run.topp, run.topk,
+                        None if run.seed is None else run.seed + i) for i in range(len(prompts))]
+    stop_ids = set() if args.ignore_eos else set(tok.eos_ids)
+    done = [0]
+
+    def progress(index, gen) -> None:
+        done[0] += 1
+        if not args.quiet:
+            print(f"[{done[0]}/{len(prompts)}] line {requests[index].line}: "
+                  f"{len(gen.generated_tokens)} tokens ({gen.finish_reason})", file=sys.stderr)
+
+    result = generate_batch(session.engine, prompts, [r.max_tokens for r in requests], samplers,
+                            stop_ids, session.max_seq_len, run.parallel, run.prefill_chunk,
+                            on_done=progress)
+    lines = [json.dumps({"id": r.id, "index": i, "text": tok.decode(g.generated_tokens),
+                         "prompt_tokens": len(g.prompt_tokens),
+                         "generated_tokens": g.generated_tokens,
+                         "finish_reason": g.finish_reason})
+             for i, (r, g) in enumerate(zip(requests, result.generations))]
     try:
-        prompts = []
-        for r in requests:
-            text = (tok.apply_chat_template(r.messages) if r.messages is not None else
-                    tok.apply_chat_template([{"role": "user", "content": r.prompt}]) if args.chat
-                    else r.prompt)
-            ids = tok.encode(text)
-            if len(ids) >= session.max_seq_len:
-                raise DllamaError(f"{args.input} line {r.line}: the prompt has {len(ids)} tokens; "
-                                  f"--max-seq-len is {session.max_seq_len}")
-            prompts.append(ids)
-        samplers = [Sampler(run.temperature, run.topp, run.topk,
-                            None if run.seed is None else run.seed + i) for i in range(len(prompts))]
-        stop_ids = set() if args.ignore_eos else set(tok.eos_ids)
-        done = [0]
-
-        def progress(index, gen) -> None:
-            done[0] += 1
-            if not args.quiet:
-                print(f"[{done[0]}/{len(prompts)}] line {requests[index].line}: "
-                      f"{len(gen.generated_tokens)} tokens ({gen.finish_reason})", file=sys.stderr)
-
-        result = generate_batch(engine, prompts, [r.max_tokens for r in requests], samplers,
-                                stop_ids, session.max_seq_len, run.parallel, run.prefill_chunk,
-                                on_done=progress)
-        lines = [json.dumps({"id": r.id, "index": i, "text": tok.decode(g.generated_tokens),
-                             "prompt_tokens": len(g.prompt_tokens),
-                             "generated_tokens": g.generated_tokens,
-                             "finish_reason": g.finish_reason})
-                 for i, (r, g) in enumerate(zip(requests, result.generations))]
         write_atomically(args.output, lines)
-    except DllamaError as e:
-        error = e
     except OSError as e:
-        error = DllamaError(f"cannot write {args.output}: {e.strerror}")
-    finally:
-        engine.stop()
-    engine.gather_step_stats()
-    if error is not None:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    n_prompt = sum(len(g.prompt_tokens) for g in result.generations)
-    n_gen = sum(len(g.generated_tokens) for g in result.generations)
-    print(f"{len(prompts)} sequences, {run.parallel} at a time: prompts {n_prompt} tokens in "
-          f"{result.prefill_seconds:.2f} s; decode {result.decode_tokens} tokens in "
-          f"{result.decode_steps} steps, {result.decode_tokens_per_s:.1f} tok/s aggregate; "
-          f"{n_gen} tokens generated in {result.seconds:.2f} s -> {args.output}", file=sys.stderr)
-    return 0
+        raise DllamaError(f"cannot write {args.output}: {e.strerror}") from None
+    return result

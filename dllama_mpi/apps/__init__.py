@@ -1,0 +1,1 @@
+"""Front ends: each a thin command over runtime/ (inference, batch, info, convert)."""

@@ -1,0 +1,104 @@
+"""Bytes per rank, as pure functions of (config, run, rank count): what start-up reports,
+what `info` predicts, and what a planner can sum. No arrays are made here.
+
+- weights: every matrix in its runtime layout (f32, or the 4-bit/8-bit tile layouts of
+  quant/, whose row tiles pad the row count), the stacked matrices (wq|wk|wv, w1|w3) as one,
+  plus the f32 norms and biases;
+- KV cache: layers x slots x positions x this rank's KV heads x head_dim, K and V, f32;
+- buffers: the activations of one decode row and of one prefill chunk (model.Transformer
+  keeps one set per row count it has run) and the reduction buffers of comm.py.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .config import ModelConfig, RunConfig
+from .quant import QK, ROW_TILE_MAX_COLS
+from .shard import ShardPlan, layer_tensors, plan
+
+F32 = 4
+Q40_SLAB_BYTES = 18          # per block in the slab layout: 16 nibble bytes + an f16 scale
+# row-tile layouts (quant.pack_row_tiles): (rows per tile, bytes per (tile, block) record)
+ROW_TILES = {"q40": (16, 16 * 16 + 2 * 16), "q41": (16, 16 * 16 + 2 * 2 * 16),
+             "q80": (8, 8 * 32 + 2 * 8)}
+
+
+def matrix_bytes(rows: int, cols: int, runtime_type: str) -> int:
+    """A rows x cols matrix held as `runtime_type` (f32, q40, q41, q80)."""
+    if runtime_type == "f32":
+        return rows * cols * F32
+    nb = cols // QK
+    if runtime_type == "q40" and cols > ROW_TILE_MAX_COLS:
+        return rows * nb * Q40_SLAB_BYTES
+    tile, record = ROW_TILES[runtime_type]
+    return -(-rows // tile) * nb * record
+
+
+def weight_bytes(config: ModelConfig, p: ShardPlan, weights_type: str, output_type: str) -> int:
+    """This rank's weights as the loaded shard holds them (model.ShardWeights.nbytes)."""
+    c = config
+    kv = p.kv_rows.size
+    matrices = (matrix_bytes(p.q_cols + 2 * kv, c.dim, weights_type)       # wq|wk|wv
+                + matrix_bytes(c.dim, p.q_cols, weights_type)               # wo
+                + matrix_bytes(2 * p.ffn_len, c.dim, weights_type)          # w1|w3
+                + matrix_bytes(c.dim, p.ffn_len, weights_type))             # w2
+    vectors = 2 * c.dim                                                     # the two norms
+    names = layer_tensors(c)
+    if "bq" in names:
+        vectors += p.q_cols + 2 * kv
+    if "q_norm" in names:
+        vectors += 2 * c.head_dim
+    per_layer = matrices + vectors * F32
+    return (c.n_layers * per_layer + c.dim * F32
+            + matrix_bytes(p.vocab.size, c.dim, output_type))
+
+
+def kv_bytes(config: ModelConfig, p: ShardPlan, max_seq_len: int, n_slots: int = 1) -> int:
+    """K and V of this rank's KV heads, every layer, position and slot (f32)."""
+    return 2 * F32 * config.n_layers * n_slots * max_seq_len * p.kv_heads.size * config.head_dim
+
+
+def activation_bytes(config: ModelConfig, p: ShardPlan, rows: int, size: int,
+                     q80_inputs: bool, wire: str) -> int:
+    """The forward buffers of `rows` rows (model.Transformer._buf) and the reductions'
+    send/receive buffers (comm.py) for that many rows."""
+    c = config
+    widths = dict(x=c.dim, xb=c.dim, qkv=p.q_cols + 2 * p.kv_rows.size, att=p.q_cols,
+                  attn_out=c.dim, h13=2 * p.ffn_len, h=p.ffn_len, ffn_out=c.dim, final=c.dim,
+                  logits=p.vocab.size)
+    total = rows * sum(widths.values()) * F32 + 2 * rows * 4          # + positions, slots
+    quantised = ("xb", "att", "h", "final") if q80_inputs else ()
+    total += sum(rows * widths[n] + rows * (widths[n] // QK) * F32 for n in quantised)
+    per_rank = rows * c.dim + rows * (c.dim // QK) * 2 if wire == "q80" else rows * c.dim * F32
+    return total + (1 + size) * per_rank + rows * c.dim * F32
+
+
+@dataclass(frozen=True)
+class RankMemory:
+    rank: int
+    weights: int
+    kv_cache: int
+    buffers: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.kv_cache + self.buffers
+
+
+def per_rank(config: ModelConfig, run: RunConfig, size: int) -> list[RankMemory]:
+    """Every rank's bytes for a run whose types are resolved (RunConfig.resolved)."""
+    seq = run.resolved_max_seq_len(config)
+    q80 = run.weights_float_type in ("q40", "q41")
+    out = []
+    for r in range(size):
+        p = plan(config, r, size)
+        buffers = sum(activation_bytes(config, p, t, size, q80, run.buffer_float_type)
+                      for t in {run.parallel, run.prefill_chunk})
+        out.append(RankMemory(r, weight_bytes(config, p, run.weights_float_type,
+                                              run.output_float_type),
+                              kv_bytes(config, p, seq, run.parallel), buffers))
+    return out
+
+
+def mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"

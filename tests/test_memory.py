@@ -1,0 +1,41 @@
+"""memory.py predicts what a loaded shard holds: the runtime matrices' bytes (every layout),
+and whole shards (weights and KV cache) for Q40, Q41 with the 8-bit output matrix, and F32,
+with 1 and 4 KV slots. The same figures are what `info` prints."""
+import numpy as np
+import pytest
+
+from dllama_mpi import memory
+from dllama_mpi.comm import SerialComm
+from dllama_mpi.config import RunConfig
+from dllama_mpi.quant import Q40Matrix
+from dllama_mpi.qformats import Q41Matrix, Q80Matrix, quantize_q41
+from dllama_mpi.runtime.startup import start
+from tiny import write_tiny_gguf
+
+
+@pytest.mark.parametrize("rows,cols", [(1, 32), (17, 96), (40, 2048), (33, 2080), (5, 4096)])
+def test_matrix_bytes_match_the_runtime_layouts(rows, cols):
+    w = np.random.default_rng(rows).standard_normal((rows, cols)).astype(np.float32)
+    assert memory.matrix_bytes(rows, cols, "f32") == w.nbytes
+    assert memory.matrix_bytes(rows, cols, "q40") == Q40Matrix.from_f32(w).nbytes
+    assert memory.matrix_bytes(rows, cols, "q41") == Q41Matrix.from_blocks(quantize_q41(w)).nbytes
+    assert memory.matrix_bytes(rows, cols, "q80") == Q80Matrix.from_f32(w).nbytes
+
+
+CASES = [("q4_0", "auto", "q40", "q40"),      # Q4_0 file: Q40 layers and output
+         ("f32", "q41", "q41", "q80"),        # 4-bit layers, the output matrix kept at 8 bits
+         ("f32", "auto", "f32", "f32")]
+
+
+@pytest.mark.parametrize("gguf_type,requested,layers,output", CASES)
+@pytest.mark.parametrize("slots", [1, 4])
+def test_prediction_equals_a_loaded_shard(tmp_path, gguf_type, requested, layers, output, slots):
+    path = write_tiny_gguf(str(tmp_path / f"m-{gguf_type}.gguf"), "q40_9h", gguf_type)
+    s = start(SerialComm(), path, RunConfig(weights_float_type=requested, max_seq_len=24,
+                                            nthreads=1, parallel=slots), want_tokenizer=False)
+    assert (s.run.weights_float_type, s.run.output_float_type) == (layers, output)
+    held = s.memory[0]
+    predicted = memory.per_rank(s.config, s.run, 1)[0]
+    assert held.weights == s.engine.model.w.nbytes()
+    assert held.kv_cache == s.engine.model.kv.nbytes
+    assert (predicted.weights, predicted.kv_cache) == (held.weights, held.kv_cache)
