@@ -5,17 +5,12 @@ import os
 import sys
 import traceback
 
-
-def _world_size() -> int:
-    for var in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "SLURM_NTASKS"):
-        if os.environ.get(var, "").isdigit():
-            return int(os.environ[var])
-    return 1
+from .launch import world_rank, world_size
 
 
 def _abort(code: int) -> None:
     """Take every rank down: a rank left waiting in a collective would hang the job."""
-    if _world_size() > 1:
+    if world_size() > 1:
         try:
             from .comm import abort_world
             sys.stdout.flush()
@@ -41,8 +36,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         _abort(1)
     except Exception:
-        rank = os.environ.get("PMI_RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "0"))
-        print(f"rank {rank}: internal error, aborting the job:", file=sys.stderr)
+        print(f"rank {world_rank()}: internal error, aborting the job:", file=sys.stderr)
         traceback.print_exc()
         _abort(1)
     return 1

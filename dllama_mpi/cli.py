@@ -3,10 +3,41 @@ apps/. No math here."""
 from __future__ import annotations
 
 import argparse
+import sys
 
 from . import registry
 from .config import BUFFER_TYPES, WEIGHT_TYPES, RunConfig
 from .errors import DllamaError
+from .launch import world_rank
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with every default shown in --help and a bad option reported as one
+    `error: ...` line (exit 2), like every other error of the program."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):
+        if world_rank() == 0:      # every rank parses the same arguments: one says it
+            sys.stderr.write(f"error: {message} (see {self.prog} --help)\n")
+        raise SystemExit(2)
+
+
+def _count(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -23,10 +54,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    "files as q41, other quantised files are quantised to q40, float files f32")
     p.add_argument("--buffer-float-type", choices=("auto",) + BUFFER_TYPES, default="auto",
                    help="activations between ranks (auto: q80 with 4-bit weights, else f32)")
-    p.add_argument("--max-seq-len", type=int, default=0,
-                   help="KV cache positions (default: the model's context, at most 4096)")
-    p.add_argument("--nthreads", type=int, default=0,
-                   help="threads per rank (default: cores this rank may use / ranks on the node)")
+    p.add_argument("--max-seq-len", type=_count, default=0,
+                   help="KV cache positions (0: the model's context, at most 4096)")
+    p.add_argument("--nthreads", type=_count, default=0,
+                   help="threads per rank (0: the cores this rank may use / ranks on the node)")
     p.add_argument("--load", choices=("auto", "scatter", "direct"), default="auto",
                    help="scatter: rank 0 reads the model and sends each rank its slice; direct: "
                    "every rank reads its own slice (shared filesystem); auto: direct when every "
@@ -37,13 +68,15 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    p.add_argument("--topp", type=float, default=0.9)
-    p.add_argument("--topk", type=int, default=0, help="0 = off")
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--topp", type=float, default=0.9,
+                   help="nucleus sampling: the smallest set of tokens with this probability")
+    p.add_argument("--topk", type=_count, default=0, help="sample among the k likeliest (0 = off)")
+    p.add_argument("--seed", type=_count, default=None,
+                   help="random seed of the sampler (none: a different text every run)")
 
 
 def _add_generation_args(p: argparse.ArgumentParser, steps_help: str) -> None:
-    p.add_argument("--steps", type=int, default=64, help=steps_help)
+    p.add_argument("--steps", type=_count, default=64, help=steps_help)
     p.add_argument("--chat", action="store_true",
                    help="wrap the prompt as a user message with the model's chat template")
     p.add_argument("--ignore-eos", action="store_true",
@@ -61,15 +94,15 @@ def run_config(args) -> RunConfig:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="dllama_mpi", description="Tensor-parallel LLM inference on MPI. Run under "
         "mpiexec -n N for N ranks (N up to the model's number of query heads).")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("inference", help="generate a continuation of one prompt")
     _add_model_args(p)
     _add_sampling_args(p)
-    p.add_argument("--prompt", required=True)
+    p.add_argument("--prompt", required=True, help="the text to continue")
     _add_generation_args(p, "tokens to generate at most")
     p.add_argument("--stats", action="store_true", help="per-token timing lines on stderr")
     p.add_argument("--json", action="store_true", help="print one JSON object at the end")
@@ -83,21 +116,26 @@ def build_parser() -> argparse.ArgumentParser:
                    'optional "id" and "max_tokens"')
     p.add_argument("--output", required=True, metavar="RESULTS.jsonl",
                    help="one JSON object a line, in input order (written when all are done)")
-    p.add_argument("--parallel", type=int, default=16,
+    p.add_argument("--parallel", type=_positive, default=16,
                    help="sequences decoding together (KV-cache slots; memory grows with it)")
     _add_generation_args(p, "default max_tokens of a prompt")
     p.add_argument("--quiet", action="store_true", help="no line per finished sequence")
 
     p = sub.add_parser("pull", help="download a known model into the cache")
-    p.add_argument("name", choices=sorted(registry.KNOWN_MODELS))
+    p.add_argument("name", choices=sorted(registry.KNOWN_MODELS), help="the model")
 
     p = sub.add_parser("info", help="print a model's config and the memory per rank")
-    p.add_argument("--model", required=True)
-    p.add_argument("-n", "--ranks", type=int, default=1)
-    p.add_argument("--weights-float-type", choices=("auto",) + WEIGHT_TYPES, default="auto")
-    p.add_argument("--buffer-float-type", choices=("auto",) + BUFFER_TYPES, default="auto")
-    p.add_argument("--max-seq-len", type=int, default=0)
-    p.add_argument("--parallel", type=int, default=1, help="KV-cache slots")
+    p.add_argument("--model", required=True,
+                   help="a model file or folder, or a known model name")
+    p.add_argument("-n", "--ranks", type=_positive, default=1, help="the ranks of the run")
+    p.add_argument("--weights-float-type", choices=("auto",) + WEIGHT_TYPES, default="auto",
+                   help="as for inference")
+    p.add_argument("--buffer-float-type", choices=("auto",) + BUFFER_TYPES, default="auto",
+                   help="as for inference")
+    p.add_argument("--max-seq-len", type=_count, default=0,
+                   help="KV cache positions (0: the model's context, at most 4096)")
+    p.add_argument("--parallel", type=_positive, default=1,
+                   help="KV-cache slots (sequences decoding together)")
     p = sub.add_parser("convert", help="convert a model (GGUF, .m, HF folder, .h5) to our "
                        "HDF5 store or to Distributed Llama's .m + .t")
     from .apps.convert import add_arguments as add_convert_arguments
@@ -136,7 +174,21 @@ def parse_args(argv=None) -> argparse.Namespace:
         args = parser.parse_args(argv)
     if getattr(args, "model", "") is None:
         parser.error("--model is required (on the command line or in --config)")
+    for name in ("prompt", "model", "input", "output"):
+        value = getattr(args, name, None)
+        if isinstance(value, str) and not _utf8(value):
+            parser.error(f"--{name} is not valid UTF-8 text")
     return args
+
+
+def _utf8(text: str) -> bool:
+    """argv arrives decoded with surrogate escapes: bytes that were not UTF-8 stay lone
+    surrogates, which cannot be encoded back."""
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 def main(argv=None) -> int:
