@@ -610,7 +610,7 @@ def matmul_q80_q40(out: np.ndarray, xq: np.ndarray, xd: np.ndarray, w: Q40Matrix
 def matmul_q80_q41(out: np.ndarray, xq: np.ndarray, xd: np.ndarray, w) -> None:
     """out[t, r] = sum_b xd[t,b] * (d[r,b] * sum_i q_i xq[t,i] + m[r,b] * sum_i xq[t,i])  for a Q41Matrix
     (GGML Q4_1 weights d*q + m): exact int block dots, the offsets fused into the f32 scaling."""
-    from .qformats import Q41Matrix
+    from .quant import Q41Matrix
     _check_matmul(out, xq, xd, w, Q41Matrix)
     _bound_matmul(out, xq, xd, w, HAS_AVX2)()
 
@@ -618,7 +618,7 @@ def matmul_q80_q41(out: np.ndarray, xq: np.ndarray, xd: np.ndarray, w) -> None:
 def matmul_q80_q80(out: np.ndarray, xq: np.ndarray, xd: np.ndarray, w) -> None:
     """out[t, r] = sum_b d_w[r,b] * xd[t,b] * sum_i wq[r,i] xq[t,i]  for a Q80Matrix (int8 weights):
     exact int32 block dots, f32 scales."""
-    from .qformats import Q80Matrix
+    from .quant import Q80Matrix
     _check_matmul(out, xq, xd, w, Q80Matrix)
     _bound_matmul(out, xq, xd, w, HAS_AVX2)()
 
@@ -629,7 +629,7 @@ def bind_matmul(out: np.ndarray, xq: np.ndarray, xd: np.ndarray, w):
     their checks and dispatch on every call (~6 us each: a visible share of a SmolLM2 token).
     The call is right as long as the arrays keep their shapes (the caller owns them) and the
     thread count stays as it was."""
-    from .qformats import Q41Matrix, Q80Matrix
+    from .quant import Q41Matrix, Q80Matrix
     cls = type(w) if type(w) in (Q40Matrix, Q41Matrix, Q80Matrix) else Q40Matrix
     _check_matmul(out, xq, xd, w, cls)
     return _bound_matmul(out, xq, xd, w, HAS_AVX2)
@@ -646,7 +646,7 @@ def _noop() -> None:
 
 def _bound_matmul(out, xq, xd, w, use_avx2: bool):
     """The kernel call for checked arguments (functools.partial: no Python frame of ours)."""
-    from .qformats import Q41Matrix
+    from .quant import Q41Matrix
     T = xq.shape[0]
     if T == 0 or w.rows == 0:
         return _noop
@@ -1639,7 +1639,7 @@ def silu_mul(out: np.ndarray, gate_up: np.ndarray) -> None:
 
 
 def _q41_blocks(w):
-    from .qformats import quantize_q41
+    from .quant import quantize_q41
     return quantize_q41(w)
 
 
@@ -1699,7 +1699,7 @@ def warmup() -> None:
     for fn in ((_q40_serial_avx2, _q40_par_avx2) if HAS_AVX2 else (_q40_serial_generic, _q40_par_generic)):
         xl, xh, xi = _xbuffers(T, w.nslab)
         fn(out, xq, xd, w.qs, w.d.view(np.uint16), w.rows, w.nb, w.nslab, xl, xh, xi, _S16)
-    from .qformats import Q41Matrix, Q80Matrix
+    from .quant import Q41Matrix, Q80Matrix
     wr = Q40Matrix.from_f32(rng.standard_normal((rows, n)).astype(np.float32))        # row-tile layout
     w41 = Q41Matrix.from_blocks(_q41_blocks(rng.standard_normal((rows, n)).astype(np.float32)))
     w80 = Q80Matrix.from_f32(rng.standard_normal((rows, n)).astype(np.float32))

@@ -13,9 +13,8 @@ from gguf import GGMLQuantizationType
 from .config import ModelConfig, RunConfig
 from .errors import DllamaError
 from .model import LayerWeights, ShardWeights
-from .qformats import Q41_BLOCK_BYTES, Q41Matrix, Q80Matrix, quantize_q41
-from .quant import (Q40_BLOCK_BYTES, Q80_BLOCK_BYTES, QK, Q40Matrix, dequantize_q80,
-                    quantize_q40, quantize_q80)
+from .quant import (Q40_BLOCK_BYTES, Q41_BLOCK_BYTES, Q80_BLOCK_BYTES, QK, Q40Matrix, Q41Matrix,
+                    Q80Matrix, dequantize_q80, quantize_q40, quantize_q41, quantize_q80)
 from .shard import Range, ShardPlan, in_split, plan
 
 LAYER_TENSORS = ("attn_norm", "wq", "wk", "wv", "wo", "ffn_norm", "w1", "w2", "w3")

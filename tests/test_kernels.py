@@ -180,7 +180,7 @@ def _q80_input(r, T, cols):
 @pytest.mark.parametrize("T", TS)
 @pytest.mark.parametrize("rows,cols", RT_SHAPES)
 def test_matmul_q80_q41(rows, cols, T, threads):
-    from dllama_mpi.qformats import Q41Matrix, dequantize_q41, quantize_q41
+    from dllama_mpi.quant import Q41Matrix, dequantize_q41, quantize_q41
     r = rng(rows * 5 + cols + T)
     raw = quantize_q41((r.standard_normal((rows, cols)) * 0.05 + 0.03).astype(np.float32))
     w = Q41Matrix.from_blocks(raw)
@@ -197,8 +197,7 @@ def test_matmul_q80_q41(rows, cols, T, threads):
 @pytest.mark.parametrize("T", TS)
 @pytest.mark.parametrize("rows,cols", RT_SHAPES)
 def test_matmul_q80_q80(rows, cols, T, threads):
-    from dllama_mpi.qformats import Q80Matrix
-    from dllama_mpi.quant import dequantize_q80, quantize_q80
+    from dllama_mpi.quant import Q80Matrix, dequantize_q80, quantize_q80
     r = rng(rows * 3 + cols + T)
     raw = quantize_q80((r.standard_normal((rows, cols)) * 0.05).astype(np.float32))
     w = Q80Matrix.from_blocks(raw)
@@ -229,7 +228,7 @@ def _unit_scale_blocks(q, nb, kind):
 @pytest.mark.parametrize("T", TS)
 def test_row_tile_integer_dots_exact(kind, T, threads):
     """d = xd = 1 and extreme values: every block dot and their f32 sum are exact integers."""
-    from dllama_mpi.qformats import Q41Matrix, Q80Matrix
+    from dllama_mpi.quant import Q41Matrix, Q80Matrix
     r = rng(T)
     rows, cols = 37, 576
     nb = cols // 32
@@ -252,7 +251,7 @@ def test_row_tile_integer_dots_exact(kind, T, threads):
 
 
 def test_row_tile_errors():
-    from dllama_mpi.qformats import Q41Matrix, Q80Matrix
+    from dllama_mpi.quant import Q41Matrix, Q80Matrix
     w = Q80Matrix.from_f32(np.ones((4, 64), np.float32))
     xq, xd = np.zeros((1, 64), np.int8), np.zeros((1, 2), np.float32)
     with pytest.raises(ValueError, match="Q80Matrix"):
