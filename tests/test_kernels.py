@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from dllama_mpi import kernels as K
+from dllama_mpi.kernels.matmul import _matmul_unchecked
 from dllama_mpi.quant import Q40Matrix, dequantize_q40, dequantize_q80_parts, quantize_q40, quantize_q80_parts
 
 TS = [1, 3, 17]
@@ -143,7 +144,7 @@ def test_matmul_q80_q40_generic_path(rows, cols, T, threads):
     a = np.empty((T, rows), np.float32)
     b = np.empty((T, rows), np.float32)
     K.matmul_q80_q40(a, xq, xd, w)
-    K._matmul_unchecked(b, xq, xd, w, False)
+    _matmul_unchecked(b, xq, xd, w, False)
     if w.layout == "slab":
         np.testing.assert_array_equal(a, b)
     else:                                  # row tiles: same int sums, FMA vs separate f32 rounding
@@ -190,7 +191,7 @@ def test_matmul_q80_q41(rows, cols, T, threads):
     ref, mag = naive_q80_q40(xq, xd, dequantize_q41(raw))
     assert np.all(np.abs(out - ref) <= 1e-5 * mag + 1e-30)
     gen = np.full((T, rows), np.nan, np.float32)          # the portable (no AVX2) twin
-    K._matmul_unchecked(gen, xq, xd, w, False)
+    _matmul_unchecked(gen, xq, xd, w, False)
     np.testing.assert_allclose(gen, out, rtol=2e-5, atol=1e-5 * float(mag.max()))
 
 
@@ -207,7 +208,7 @@ def test_matmul_q80_q80(rows, cols, T, threads):
     ref, mag = naive_q80_q40(xq, xd, dequantize_q80(raw))
     assert np.all(np.abs(out - ref) <= 1e-5 * mag + 1e-30)
     gen = np.full((T, rows), np.nan, np.float32)
-    K._matmul_unchecked(gen, xq, xd, w, False)
+    _matmul_unchecked(gen, xq, xd, w, False)
     np.testing.assert_allclose(gen, out, rtol=2e-5, atol=1e-5 * float(mag.max()))
 
 
