@@ -19,8 +19,7 @@ import numpy as np
 from numba import njit, prange
 
 from dllama_mpi import kernels as K
-from dllama_mpi.qformats import Q41Matrix, Q80Matrix, quantize_q41
-from dllama_mpi.quant import Q40Matrix, quantize_q40
+from dllama_mpi.quant import Q40Matrix, Q41Matrix, Q80Matrix, quantize_q40, quantize_q41
 
 
 @njit(parallel=True, fastmath=True, cache=True)

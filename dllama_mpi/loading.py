@@ -12,9 +12,8 @@ import numpy as np
 from .config import ModelConfig, RunConfig
 from .errors import DllamaError
 from .model import LayerWeights, ShardWeights
-from .qformats import Q41_BLOCK_BYTES, Q41Matrix, Q80Matrix, quantize_q41
-from .quant import (Q40_BLOCK_BYTES, Q80_BLOCK_BYTES, QK, Q40Matrix,
-                    quantize_q40, quantize_q80)
+from .quant import (Q40_BLOCK_BYTES, Q41_BLOCK_BYTES, Q80_BLOCK_BYTES, QK, Q40Matrix, Q41Matrix,
+                    Q80Matrix, quantize_q40, quantize_q41, quantize_q80)
 from .shard import Range, in_split, is_matrix, layer_tensors, plan, slice_shape, tensor_specs
 
 

@@ -12,8 +12,7 @@ import numpy as np
 
 from . import kernels
 from .config import ModelConfig
-from .qformats import Q41Matrix
-from .quant import QK, Q40Matrix
+from .quant import QK, Q40Matrix, Q41Matrix
 from .shard import ShardPlan
 
 Matrix = "np.ndarray | Q40Matrix | Q41Matrix"  # f32 [out, in] or a 4-bit runtime form

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from dllama_mpi import kernels as K
+from dllama_mpi.kernels.matmul import _matmul_unchecked
 from dllama_mpi.quant import Q40Matrix, dequantize_q40, dequantize_q80_parts, quantize_q40, quantize_q80_parts
 
 TS = [1, 3, 17]
@@ -143,7 +144,7 @@ def test_matmul_q80_q40_generic_path(rows, cols, T, threads):
     a = np.empty((T, rows), np.float32)
     b = np.empty((T, rows), np.float32)
     K.matmul_q80_q40(a, xq, xd, w)
-    K._matmul_unchecked(b, xq, xd, w, False)
+    _matmul_unchecked(b, xq, xd, w, False)
     if w.layout == "slab":
         np.testing.assert_array_equal(a, b)
     else:                                  # row tiles: same int sums, FMA vs separate f32 rounding
@@ -180,7 +181,7 @@ def _q80_input(r, T, cols):
 @pytest.mark.parametrize("T", TS)
 @pytest.mark.parametrize("rows,cols", RT_SHAPES)
 def test_matmul_q80_q41(rows, cols, T, threads):
-    from dllama_mpi.qformats import Q41Matrix, dequantize_q41, quantize_q41
+    from dllama_mpi.quant import Q41Matrix, dequantize_q41, quantize_q41
     r = rng(rows * 5 + cols + T)
     raw = quantize_q41((r.standard_normal((rows, cols)) * 0.05 + 0.03).astype(np.float32))
     w = Q41Matrix.from_blocks(raw)
@@ -190,15 +191,14 @@ def test_matmul_q80_q41(rows, cols, T, threads):
     ref, mag = naive_q80_q40(xq, xd, dequantize_q41(raw))
     assert np.all(np.abs(out - ref) <= 1e-5 * mag + 1e-30)
     gen = np.full((T, rows), np.nan, np.float32)          # the portable (no AVX2) twin
-    K._matmul_unchecked(gen, xq, xd, w, False)
+    _matmul_unchecked(gen, xq, xd, w, False)
     np.testing.assert_allclose(gen, out, rtol=2e-5, atol=1e-5 * float(mag.max()))
 
 
 @pytest.mark.parametrize("T", TS)
 @pytest.mark.parametrize("rows,cols", RT_SHAPES)
 def test_matmul_q80_q80(rows, cols, T, threads):
-    from dllama_mpi.qformats import Q80Matrix
-    from dllama_mpi.quant import dequantize_q80, quantize_q80
+    from dllama_mpi.quant import Q80Matrix, dequantize_q80, quantize_q80
     r = rng(rows * 3 + cols + T)
     raw = quantize_q80((r.standard_normal((rows, cols)) * 0.05).astype(np.float32))
     w = Q80Matrix.from_blocks(raw)
@@ -208,7 +208,7 @@ def test_matmul_q80_q80(rows, cols, T, threads):
     ref, mag = naive_q80_q40(xq, xd, dequantize_q80(raw))
     assert np.all(np.abs(out - ref) <= 1e-5 * mag + 1e-30)
     gen = np.full((T, rows), np.nan, np.float32)
-    K._matmul_unchecked(gen, xq, xd, w, False)
+    _matmul_unchecked(gen, xq, xd, w, False)
     np.testing.assert_allclose(gen, out, rtol=2e-5, atol=1e-5 * float(mag.max()))
 
 
@@ -229,7 +229,7 @@ def _unit_scale_blocks(q, nb, kind):
 @pytest.mark.parametrize("T", TS)
 def test_row_tile_integer_dots_exact(kind, T, threads):
     """d = xd = 1 and extreme values: every block dot and their f32 sum are exact integers."""
-    from dllama_mpi.qformats import Q41Matrix, Q80Matrix
+    from dllama_mpi.quant import Q41Matrix, Q80Matrix
     r = rng(T)
     rows, cols = 37, 576
     nb = cols // 32
@@ -252,7 +252,7 @@ def test_row_tile_integer_dots_exact(kind, T, threads):
 
 
 def test_row_tile_errors():
-    from dllama_mpi.qformats import Q41Matrix, Q80Matrix
+    from dllama_mpi.quant import Q41Matrix, Q80Matrix
     w = Q80Matrix.from_f32(np.ones((4, 64), np.float32))
     xq, xd = np.zeros((1, 64), np.int8), np.zeros((1, 2), np.float32)
     with pytest.raises(ValueError, match="Q80Matrix"):

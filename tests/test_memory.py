@@ -7,8 +7,7 @@ import pytest
 from dllama_mpi import memory
 from dllama_mpi.comm import SerialComm
 from dllama_mpi.config import RunConfig
-from dllama_mpi.quant import Q40Matrix
-from dllama_mpi.qformats import Q41Matrix, Q80Matrix, quantize_q41
+from dllama_mpi.quant import Q40Matrix, Q41Matrix, Q80Matrix, quantize_q41
 from dllama_mpi.runtime.startup import start
 from tiny import write_tiny_gguf
 

@@ -28,7 +28,7 @@ def test_greedy_decode_matches_transformers(tmp_path, shape):
 def test_4bit_runtime_matches_its_numpy_twin(tmp_path, monkeypatch, file_type, runtime):
     """A Q4_0 (Q4_1) file run two ways: the Q40 (Q41) kernels on the file's own bits,
     and the F32 path on the dequantised weights with every matmul input rounded through
-    Q80 in numpy (quant.py) -- the same arithmetic, so only f32 summation order differs."""
+    Q80 in numpy (dllama_mpi.quant) -- the same arithmetic, so only f32 summation order differs."""
     from dllama_mpi import model as model_module
     from dllama_mpi.quant import dequantize_q80_parts, quantize_q80_parts
     path = write_tiny_gguf(str(tmp_path / "q.gguf"), "q40_9h", weight_type=file_type)

@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 
 from dllama_mpi import kernels
-from dllama_mpi.qformats import Q41Matrix, add_offsets, block_sums, dequantize_q41, quantize_q41
-from dllama_mpi.quant import dequantize_q80_parts, quantize_q80_parts
+from dllama_mpi.quant import (Q41Matrix, add_offsets, block_sums, dequantize_q41, dequantize_q80_parts, quantize_q41,
+                              quantize_q80_parts)
 
 
 @pytest.mark.parametrize("rows,cols", [(1, 32), (7, 96), (33, 2080)])
@@ -32,8 +32,7 @@ def test_q41_matmul_equals_dequantised_product(t):
 
 @pytest.mark.parametrize("rows,cols", [(1, 32), (17, 96), (33, 576)])
 def test_row_tile_round_trips(rows, cols):
-    from dllama_mpi.qformats import Q80Matrix
-    from dllama_mpi.quant import dequantize_q80, quantize_q80
+    from dllama_mpi.quant import Q80Matrix, dequantize_q80, quantize_q80
     w = np.random.default_rng(rows).standard_normal((rows, cols)).astype(np.float32)
     raw = quantize_q41(w)
     m = Q41Matrix.from_blocks(raw)

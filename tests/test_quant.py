@@ -1,10 +1,10 @@
-"""quant.py against gguf.quants (bit-identical) and round trips."""
+"""dllama_mpi.quant against gguf.quants (bit-identical) and round trips."""
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as GT
 from gguf.quants import dequantize as g_dequantize, quantize as g_quantize
 
-from dllama_mpi import quant
+from dllama_mpi.quant import blocks as quant
 from dllama_mpi.quant import (Q40Matrix, dequantize_q40, dequantize_q80, dequantize_q80_parts,
                               quantize_q40, quantize_q80, quantize_q80_parts)
 
