@@ -9,9 +9,8 @@ import pytest
 from dllama_mpi.comm import SerialComm
 from dllama_mpi.errors import DllamaError
 from dllama_mpi.formats import open_model
-from dllama_mpi.formats.dllama import (DllamaModel, read_dllama_t, write_dllama_m,
-                                       write_dllama_t)
-from dllama_mpi.tokenizer import Tokenizer
+from dllama_mpi.formats.dllama import DllamaModel, write_dllama_m, write_dllama_t
+from dllama_mpi.tokenizer import Tokenizer, read_dllama_t
 from test_formats_hf import IDS, save_hf
 from tiny import SHAPES, hf_logits, hf_model, our_logits, tolerance, write_tiny_gguf
 
