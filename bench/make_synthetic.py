@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dllama_mpi.formats.gguf_write import FILE_TYPES, WEIGHT_TYPES, random_llama_tensors, write_llama_gguf  # noqa: E402
+from dllama_mpi.testing import FILE_TYPES, WEIGHT_TYPES, random_llama_tensors, write_llama_gguf  # noqa: E402
 
 PRESETS = {
     "synthetic-1.1b": dict(dim=2048, hidden_dim=8192, n_layers=16, n_heads=32, n_kv_heads=8, vocab_size=32000,

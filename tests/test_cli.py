@@ -23,7 +23,7 @@ def run(*args, ranks=None, **kw):
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A tiny random Llama with a byte-level BPE tokenizer (written by our GGUF writer)."""
-    from dllama_mpi.formats.gguf_write import random_llama_tensors, write_llama_gguf
+    from dllama_mpi.testing import random_llama_tensors, write_llama_gguf
     path = str(tmp_path_factory.mktemp("cli") / "tiny.gguf")
     shape = dict(dim=96, hidden_dim=160, n_layers=2, n_heads=3, n_kv_heads=1, vocab_size=400)
     write_llama_gguf(path, **shape, context_length=128, weight_type="f32", tokenizer="bytes",
@@ -147,7 +147,7 @@ def every_format(tmp_path_factory):
     """The same random tiny model as an HF folder, a GGUF (with a tokenizer), a .m + .t
     converted from the GGUF, and an .h5 converted from the folder."""
     from dllama_mpi.apps.convert import convert
-    from dllama_mpi.formats.gguf_write import write_llama_gguf
+    from dllama_mpi.testing import write_llama_gguf
     from tiny import ARCH_SHAPES, hf_arch_model, save_hf_arch
     d = tmp_path_factory.mktemp("info")
     s = ARCH_SHAPES[INFO_SHAPE]
@@ -231,7 +231,7 @@ def test_a_rank_that_dies_ends_the_job(tmp_path):
     import signal
     import time
 
-    from dllama_mpi.formats.gguf_write import random_llama_tensors, write_llama_gguf
+    from dllama_mpi.testing import random_llama_tensors, write_llama_gguf
     path = str(tmp_path / "long.gguf")
     shape = dict(dim=96, hidden_dim=160, n_layers=2, n_heads=3, n_kv_heads=1, vocab_size=400)
     write_llama_gguf(path, **shape, context_length=16384, weight_type="f32", tokenizer="bytes",

@@ -9,9 +9,8 @@ import pytest
 from dllama_mpi.comm import SerialComm
 from dllama_mpi.errors import DllamaError
 from dllama_mpi.formats import open_model
-from dllama_mpi.formats.dllama import (DllamaModel, read_dllama_t, write_dllama_m,
-                                       write_dllama_t)
-from dllama_mpi.tokenizer import Tokenizer
+from dllama_mpi.formats.dllama import DllamaModel, write_dllama_m, write_dllama_t
+from dllama_mpi.tokenizer import Tokenizer, read_dllama_t
 from test_formats_hf import IDS, save_hf
 from tiny import SHAPES, hf_logits, hf_model, our_logits, tolerance, write_tiny_gguf
 
@@ -124,7 +123,7 @@ def test_f32_hand_built_file_matches_transformers(tmp_path):
 
 
 def test_q40_bytes_equal_gguf_q4_0_bytes(tmp_path):
-    """The same f32 weights quantised two ways: .m Q40 (our writer) and GGUF Q4_0 (gguf_write)."""
+    """The same f32 weights quantised two ways: .m Q40 (our writer) and GGUF Q4_0 (testing.gguf_writer)."""
     gguf = open_model(write_tiny_gguf(str(tmp_path / "q.gguf"), "q40_9h", weight_type="q4_0"))
     m = open_model(write_dllama_m(open_model(save_hf(tmp_path / "hf", "q40_9h")),
                                   str(tmp_path / "m.m"), "q40"))

@@ -10,8 +10,9 @@ import pytest
 
 from dllama_mpi.errors import DllamaError
 from dllama_mpi.formats import open_model
-from dllama_mpi.formats.gguf import GGUFModel, _LazyArray
-from dllama_mpi.formats.gguf_write import random_llama_tensors, write_llama_gguf
+from dllama_mpi.formats.gguf import GGUFModel
+from dllama_mpi.formats.gguf_header import _LazyArray
+from dllama_mpi.testing import random_llama_tensors, write_llama_gguf
 
 SHAPE = dict(dim=96, hidden_dim=160, n_layers=2, n_heads=6, n_kv_heads=2, vocab_size=300)
 

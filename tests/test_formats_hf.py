@@ -9,7 +9,7 @@ import pytest
 from dllama_mpi.comm import SerialComm
 from dllama_mpi.errors import DllamaError
 from dllama_mpi.formats import open_model, qk_row_permutation
-from dllama_mpi.formats.gguf_write import permute_qk
+from dllama_mpi.testing import permute_qk
 from dllama_mpi.shard import Range
 from tiny import SHAPES, hf_logits, hf_model, our_logits, tolerance
 
@@ -105,8 +105,8 @@ def test_tied_and_untied(tmp_path):
 
 
 def write_bytes_tokenizer(folder, template_in_jinja=False) -> None:
-    """A tokenizer.json (the synthetic byte-level BPE of gguf_write) + tokenizer_config.json."""
-    from dllama_mpi.formats.gguf_write import CHATML_TEMPLATE, write_llama_gguf
+    """A tokenizer.json (the synthetic byte-level BPE of testing.gguf_writer) + tokenizer_config.json."""
+    from dllama_mpi.testing import CHATML_TEMPLATE, write_llama_gguf
     from dllama_mpi.tokenizer import Tokenizer
     g = os.path.join(folder, "tok.gguf")
     write_llama_gguf(g, dim=32, hidden_dim=32, n_layers=1, n_heads=1, n_kv_heads=1,

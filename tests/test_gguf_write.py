@@ -16,16 +16,16 @@ import pytest
 import gguf
 from gguf.quants import dequantize, quantize
 
-from dllama_mpi.formats.gguf_write import (
+from dllama_mpi.formats.base import llama3_rope_factors
+from dllama_mpi.testing import (
     WEIGHT_TYPES,
     byte_bpe_vocab,
-    bytes_to_unicode,
-    llama3_rope_factors,
     permute_qk,
     random_llama_tensors,
     unpermute_qk,
     write_llama_gguf,
 )
+from dllama_mpi.tokenizer import bytes_to_unicode
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

@@ -96,7 +96,7 @@ def hf_arch_logits(shape: str, ids, seed: int = 0) -> np.ndarray:
 
 def write_arch_gguf(path: str, shape: str, weight_type: str = "f32", seed: int = 0) -> str:
     """The model of hf_arch_model as a GGUF of its architecture, by our writer."""
-    from dllama_mpi.formats.gguf_write import write_llama_gguf
+    from dllama_mpi.testing import write_llama_gguf
     s = dict(ARCH_SHAPES[shape])
     model = hf_arch_model(shape, seed)
     tensors = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
@@ -111,7 +111,7 @@ def write_arch_gguf(path: str, shape: str, weight_type: str = "f32", seed: int =
 
 
 def write_tiny_gguf(path: str, shape: str, weight_type: str = "f32", seed: int = 0) -> str:
-    from dllama_mpi.formats.gguf_write import write_llama_gguf
+    from dllama_mpi.testing import write_llama_gguf
     s = dict(SHAPES[shape])
     model = hf_model(shape, seed)
     tensors = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}

@@ -1,4 +1,4 @@
-"""Distributed Llama model (.m) and tokenizer (.t) files: read and write.
+"""Distributed Llama model (.m) files: read and write; the tokenizer (.t) file next to it.
 
 Layouts (all little-endian; /work/shared/notes/dllama-formats.md):
   .m  int32 magic 0x0A00ABCD, int32 header size (8 + 8 * keys), (int32 key, int32 value)
@@ -8,22 +8,21 @@ Layouts (all little-endian; /work/shared/notes/dllama-formats.md):
       for rope_type llama/llama3.1; in rotate-half order (Hugging Face's) for falcon rope,
       which the C++ forces for qwen3 -- permuted to interleaved on read (q/k norms too).
       Q40 blocks are GGML Q4_0 blocks and Q80 blocks GGML Q8_0 blocks, bit for bit.
-  .t  int32 magic 0x567124, int32 header size, pairs; [chat_stop bytes]; chat template;
-      eos ids (int32); per token: float32 score, uint32 length, raw bytes.
+  .t  the tokenizer file: its layout, reader and packer are tokenizer/dllama_t.py's; found
+      next to the .m and written (atomically, like the .m) here.
 """
 from __future__ import annotations
 
 import math
 import os
 import struct
-from dataclasses import dataclass, field
 
 import numpy as np
 
 from ..config import ModelConfig
 from ..errors import DllamaError
-from . import DLLAMA_MAGIC, LazyRows, expected_shapes, rope_permutation
-from .base import Tensor
+from .base import (DLLAMA_MAGIC, LazyRows, Tensor, expected_shapes, llama3_rope_factors,
+                   load_tokenizer_file, rope_permutation)
 
 KEYS = {0: "version", 1: "arch_type", 2: "dim", 3: "hidden_dim", 4: "n_layers", 5: "n_heads",
         6: "n_kv_heads", 7: "n_experts", 8: "n_active_experts", 9: "vocab_size",
@@ -38,10 +37,6 @@ FLOAT_TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q8_0"}       # .m code -> GGML
 WRITE_TYPES = {"f32": 0, "f16": 1, "q40": 2, "q80": 3}
 ROPE_LLAMA, ROPE_FALCON, ROPE_LLAMA3_1 = 0, 1, 2
 LAYER_ORDER = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")  # then [q_norm k_norm] attn_norm ffn_norm
-T_MAGIC, T_KEYS = 0x567124, {0: "version", 1: "vocab_size", 2: "max_token_length",
-                             3: "bos_id", 4: "eos_id", 5: "pad_id", 6: "chat_eos_id",
-                             7: "chat_template", 8: "chat_stop", 9: "n_eos_tokens",
-                             10: "add_bos"}
 
 
 def _row_bytes(type_name: str, cols: int) -> int:
@@ -116,7 +111,6 @@ def config_from_header(h: dict[str, int], where: str) -> tuple[ModelConfig, str,
     theta = float(h.get("rope_theta", 10000))
     factors = None
     if rope_type == ROPE_LLAMA3_1:
-        from .gguf_write import llama3_rope_factors
         scaling = {"factor": h.get("rope_scaling_factor", 1),
                    "low_freq_factor": h.get("rope_scaling_low_freq_factor", 0),
                    "high_freq_factor": h.get("rope_scaling_high_freq_factor", 0),
@@ -205,7 +199,6 @@ class DllamaModel:
         return self.weight_type
 
     def tokenizer(self):
-        from . import load_tokenizer_file
         path = self.tokenizer_path or find_tokenizer_t(self.path)
         if path is None:
             raise DllamaError(f"{self.path}: no tokenizer (.t) found next to it; give --tokenizer")
@@ -243,7 +236,6 @@ def norm_epsilon_code(eps: float) -> int:
 def fit_llama3_scaling(c: ModelConfig) -> dict:
     """The integer llama3 parameters whose factors are c.rope_freq_factors (a .m header holds
     integers only), found by search; a DllamaError when there are none."""
-    from .gguf_write import llama3_rope_factors
     want = np.asarray(c.rope_freq_factors, np.float32)
     factor = round(float(want.max()))
     for orig in [2 ** k for k in range(4, 21)] + [1000 * k for k in (2, 4, 8, 16, 32)]:
@@ -358,132 +350,10 @@ def atomic_write(out_path: str, write) -> str:
     return out_path
 
 
-# --------------------------------------------------------------------------- .t files
-
-@dataclass
-class TFile:
-    tokens: list[bytes]
-    scores: list[float]
-    bos_id: int | None = None
-    eos_ids: list[int] = field(default_factory=list)
-    pad_id: int | None = None
-    chat_template: str | None = None
-    add_bos: bool | None = None
-    max_token_length: int = 0
-
-
-def read_dllama_t(path: str) -> TFile:
-    if not os.path.isfile(path):
-        raise DllamaError(f"tokenizer file not found: {path}")
-    with open(path, "rb") as f:
-        data = f.read()
-    pos = 0
-
-    def take(n: int, what: str) -> bytes:
-        nonlocal pos
-        if pos + n > len(data):
-            raise DllamaError(f"{path}: truncated tokenizer file (while reading {what})")
-        pos += n
-        return data[pos - n:pos]
-
-    magic, header_size = struct.unpack("<ii", take(8, "the header"))
-    if magic == 0x567123:
-        raise DllamaError(f"{path}: old tokenizer format (magic 0x567123); regenerate it")
-    if magic != T_MAGIC:
-        raise DllamaError(f"{path}: not a Distributed Llama tokenizer (magic "
-                          f"{magic & 0xFFFFFFFF:#x}, expected {T_MAGIC:#x})")
-    if header_size < 8 or (header_size - 8) % 8:
-        raise DllamaError(f"{path}: bad header size {header_size}")
-    values = struct.unpack(f"<{(header_size - 8) // 4}i", take(header_size - 8, "the header"))
-    h: dict[str, int] = {}
-    eos_ids: list[int] = []
-    for key, value in zip(values[::2], values[1::2]):
-        if key not in T_KEYS:
-            raise DllamaError(f"{path}: unknown tokenizer header key {key} (value {value})")
-        name = T_KEYS[key]
-        if name in ("eos_id", "chat_eos_id"):
-            eos_ids.append(value)
-        elif name == "chat_stop":
-            take(value, "chat_stop")  # legacy: skipped, as the C++ does
-        h[name] = value
-    if h.get("version") != 1:
-        raise DllamaError(f"{path}: tokenizer version {h.get('version')} (only 1 is supported)")
-    if "vocab_size" not in h or h["vocab_size"] <= 0:
-        raise DllamaError(f"{path}: no vocab_size in the tokenizer header")
-    template = None
-    if h.get("chat_template", 0) > 0:
-        template = take(h["chat_template"], "the chat template").decode("utf-8", "replace")
-    n_eos = h.get("n_eos_tokens", 0)
-    if n_eos:
-        eos_ids = list(struct.unpack(f"<{n_eos}i", take(4 * n_eos, "eos ids"))) + eos_ids
-    tokens, scores = [], []
-    for i in range(h["vocab_size"]):
-        score, n = struct.unpack("<fI", take(8, f"token {i}"))
-        tokens.append(take(n, f"token {i}"))
-        scores.append(score)
-    if pos != len(data):
-        raise DllamaError(f"{path}: {len(data) - pos} bytes after the last token (corrupt?)")
-    n = len(tokens)
-    for i in eos_ids + [h.get("bos_id", 0)]:
-        if not 0 <= i < n:
-            raise DllamaError(f"{path}: token id {i} out of range (vocab {n})")
-    return TFile(tokens, scores, bos_id=h.get("bos_id"), eos_ids=list(dict.fromkeys(eos_ids)),
-                 pad_id=h.get("pad_id"), chat_template=template,
-                 add_bos=None if "add_bos" not in h else bool(h["add_bos"]),
-                 max_token_length=h.get("max_token_length", 0))
-
+# --------------------------------------------------------------------------- .t writer
 
 def write_dllama_t(tokenizer, out_path: str) -> str:
     """Write our Tokenizer as a .t file (raw token bytes, scores -id unless known)."""
-    t = tfile_from_tokenizer(tokenizer)
-    keys = {"version": 1, "vocab_size": len(t.tokens),
-            "max_token_length": max(len(b) for b in t.tokens)}
-    if t.bos_id is not None:
-        keys["bos_id"] = t.bos_id
-    template = (t.chat_template or "").encode("utf-8")
-    if template:
-        keys["chat_template"] = len(template)
-    keys["n_eos_tokens"] = len(t.eos_ids)
-    keys["add_bos"] = int(bool(t.add_bos))
-    ids = {v: k for k, v in T_KEYS.items()}
-    pairs = [v for k, val in keys.items() for v in (ids[k], int(val))]
-
-    def write(f):
-        f.write(struct.pack(f"<ii{len(pairs)}i", T_MAGIC, 8 + 4 * len(pairs), *pairs))
-        f.write(template)
-        f.write(struct.pack(f"<{len(t.eos_ids)}i", *t.eos_ids))
-        for b, s in zip(t.tokens, t.scores):
-            f.write(struct.pack("<fI", s, len(b)) + b)
-
-    return atomic_write(out_path, write)
-
-
-def tfile_from_tokenizer(tok) -> TFile:
-    """Token texts as the raw bytes Distributed Llama's converter writes: byte-level BPE
-    tokens decoded from GPT-2's byte alphabet, SentencePiece '▁' as a space."""
-    import json as _json
-    from ..tokenizer import bytes_to_unicode
-    hf = tok.hf_tokenizer
-    spec = _json.loads(hf.to_str())
-    byte_level = "ByteLevel" in _json.dumps(spec.get("decoder")) or \
-        "ByteLevel" in _json.dumps(spec.get("pre_tokenizer"))
-    u2b = {c: b for b, c in bytes_to_unicode().items()}
-    specials = {i for i, t in hf.get_added_tokens_decoder().items()}
-    n = tok.vocab_size
-    tokens = []
-    for i in range(n):
-        s = hf.id_to_token(i)
-        if s is None or s == "":
-            b = f"<unused{i}>".encode()
-        elif i in specials:
-            b = s.encode("utf-8")
-        elif byte_level and all(ch in u2b for ch in s):
-            b = bytes(u2b[ch] for ch in s)
-        else:
-            b = s.replace("\u2581", " ").encode("utf-8")
-        tokens.append(b)
-    scores = getattr(tok, "scores", None)
-    if scores is None or len(scores) != n:
-        scores = [-float(i) for i in range(n)]
-    return TFile(tokens, list(scores), bos_id=tok.bos_id, eos_ids=list(tok.eos_ids),
-                 chat_template=tok.chat_template, add_bos=tok.add_bos)
+    from ..tokenizer.dllama_t import pack_dllama_t, tfile_from_tokenizer
+    data = pack_dllama_t(tfile_from_tokenizer(tokenizer))
+    return atomic_write(out_path, lambda f: f.write(data))

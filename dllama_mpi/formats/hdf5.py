@@ -23,8 +23,7 @@ import numpy as np
 
 from ..config import ModelConfig
 from ..errors import DllamaError
-from . import HDF5_SIGNATURE, LazyRows, expected_shapes
-from .base import Tensor
+from .base import HDF5_SIGNATURE, LazyRows, Tensor, expected_shapes
 
 FORMAT, FORMAT_VERSION = "dllama_mpi", 1
 TARGETS = {"q40": ("Q4_0", "Q8_0"), "f16": ("F16", "F16"), "f32": ("F32", "F32")}
@@ -257,10 +256,10 @@ def _text(v) -> str:
 def _rows(group, name: str, shape, dtype):
     """The dataset's rows, read on demand. HDF5 gives every open dataset a chunk cache
     (1 MiB by default) holding the last chunks read: with every tensor's dataset kept open
-    that held ~90 MB more than the shard for SmolLM2. So a band (a rank's slice, read once)
-    is read through a handle opened for it and closed after; only small reads (embedding
-    rows while generating) keep one open handle, whose cache then holds one chunk. (Without
-    any cache the column bands of wo/w2 were read row by row, ~30 times slower.)"""
+    the caches add up to more than a small model's shard. So a band (a rank's slice, read
+    once) is read through a handle opened for it and closed after; only small reads
+    (embedding rows while generating) keep one open handle, whose cache then holds one
+    chunk. (No cache at all is worse: the column bands of wo/w2 are then read row by row.)"""
     kept = []
 
     def read(ds, start, stop, cols):

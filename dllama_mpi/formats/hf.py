@@ -16,8 +16,7 @@ import numpy as np
 
 from ..config import ModelConfig
 from ..errors import DllamaError
-from . import LazyRows, expected_shapes, rope_permutation
-from .base import Tensor
+from .base import LazyRows, Tensor, expected_shapes, llama3_rope_factors, rope_permutation
 
 SUPPORTED_ARCHS = ("llama", "mistral", "qwen2", "qwen3")
 NOT_YET = {"qwen3_moe": "mixture of experts", "mixtral": "mixture of experts",
@@ -63,7 +62,6 @@ def rope_from_hf(cfg: dict, head_dim: int, where: str) -> tuple[float, tuple | N
     """(rope base, per-pair frequency divisors or None) from a transformers 4 or 5 config:
     base top-level (`rope_theta`) or under `rope_parameters`; scaling in `rope_scaling`
     (4.x) or `rope_parameters` (5.x)."""
-    from .gguf_write import llama3_rope_factors
     params = cfg.get("rope_parameters") or {}
     scaling = cfg.get("rope_scaling") or params
     theta = float(cfg.get("rope_theta") or params.get("rope_theta") or 10000.0)

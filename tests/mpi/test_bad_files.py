@@ -23,7 +23,7 @@ SHAPE = dict(dim=96, hidden_dim=160, n_layers=2, n_heads=6, n_kv_heads=2, vocab_
 
 
 def _good_gguf(d: str) -> str:
-    from dllama_mpi.formats.gguf_write import random_llama_tensors, write_llama_gguf
+    from dllama_mpi.testing import random_llama_tensors, write_llama_gguf
     path = os.path.join(d, "good.gguf")
     write_llama_gguf(path, **SHAPE, context_length=128, weight_type="f32", tokenizer="bytes",
                      tensors=random_llama_tensors(**SHAPE, std=0.1, seed=3))
