@@ -215,7 +215,8 @@ class Scheduler:
                 logits = self.engine.forward(tokens, positions[0], slot=slots[0])
             else:
                 want = list(range(len(decode))) + ([len(tokens) - 1] if completes else [])
-                logits = self.engine.forward_rows(tokens, positions, slots, logit_rows=want)
+                logits = self.engine.forward_rows(     # None: every row (decode-only steps)
+                    tokens, positions, slots, logit_rows=None if len(want) == len(tokens) else want)
         except BaseException as e:
             for s in decode + ([pre] if pre is not None else []):
                 self.slots[s.slot].tokens.clear()      # what the cache holds is unknown
@@ -294,8 +295,9 @@ class Scheduler:
             self.slots[s.slot].seq = None
             self.slots[s.slot].last_used = next(self._clock)
             s.slot = -1
-        if s in self._running:
-            self._running.remove(s)
+        with self._cond:
+            if s in self._running:
+                self._running.remove(s)
         completion = s.completion(reason, error)
         if s.on_done is not None:
             try:
