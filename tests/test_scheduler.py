@@ -181,6 +181,10 @@ def test_mixed_steps_equal_sequences_alone(tiny):
     assert sched.tokens_generated_total == sum(n_new)
     assert sched.prompt_tokens_total == sum(map(len, ps))
     assert sched.requests_running == sched.requests_waiting == 0
+    counters = sched.counters()
+    assert counters["steps_total"] == len(rec.steps) and counters["requests_total"] == 5
+    assert counters["decode_rows_total"] + counters["prefill_rows_total"] == sum(
+        len(st["tokens"]) for st in rec.steps)
 
 
 def test_token_budget_is_respected(tiny):
@@ -511,3 +515,25 @@ def test_a_failing_callback_ends_only_its_request():
     assert h.wait(0).finish_reason == "error" and "boom" in h.wait(0).error
     assert ok.wait(0).finish_reason == "length" and len(ok.wait(0).generated_tokens) == 5
     assert all(sl.seq is None for sl in sched.slots)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stop", ["wörld 🙂", "🙂 e", "ö", "d 🙂"])
+def test_stop_strings_with_the_real_streaming_decoder(stop):
+    """SmolLM2's byte-level tokenizer splits 'ö' and '🙂' over several tokens (the decoder
+    holds incomplete UTF-8): the text is cut before the stop string all the same."""
+    from dllama_mpi.runtime.stops import TextStream
+    from dllama_mpi.tokenizer import Tokenizer
+    from tiny import smollm2_path
+    tok = Tokenizer.from_gguf(smollm2_path())
+    text = "héllo wörld 🙂 end of the wörld"
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text
+    stream = TextStream(tok.decoder(), (stop,))
+    pieces = []
+    for i, t in enumerate(ids):
+        pieces.append(stream.push(t, last=i == len(ids) - 1))
+        assert stop not in "".join(pieces)
+        if stream.stopped:
+            break
+    assert stream.stopped and "".join(pieces) == stream.text == text[:text.find(stop)]
