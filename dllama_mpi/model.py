@@ -192,6 +192,22 @@ class Transformer:
             self._buffers[t] = b
         return b
 
+    def _chosen_rows(self, b, logit_rows) -> str:
+        """Copy the rows of b["x"] named by logit_rows into head buffers of that many rows
+        (kept in b per count); the prefix of their names in b."""
+        n = len(logit_rows)
+        prefix = f"rows{n}_"
+        if prefix + "x" not in b:
+            c, vocab = self.config, self.plan.vocab.size
+            b[prefix + "x"], b[prefix + "final"] = (np.zeros((n, c.dim), np.float32)
+                                                    for _ in range(2))
+            b[prefix + "logits"] = np.zeros((n, vocab), np.float32)
+            if self.wcls_q80:
+                b[prefix + "final_q"] = np.zeros((n, c.dim), np.int8)
+                b[prefix + "final_d"] = np.zeros((n, c.dim // QK), np.float32)
+        np.take(b["x"], np.asarray(logit_rows, np.intp), axis=0, out=b[prefix + "x"])
+        return prefix
+
     def _matmul(self, out: np.ndarray, inp: _Input, w) -> None:
         """out [T, rows] = inp [T, cols] @ w[rows, cols]^T."""
         if isinstance(w, np.ndarray):
@@ -237,9 +253,10 @@ class Transformer:
         return _Input(b["h"], self._q80(b, "h"))
 
     def forward(self, x_in: np.ndarray, positions: np.ndarray, all_logits: bool = False,
-                slots: np.ndarray | None = None):
+                slots: np.ndarray | None = None, logit_rows: np.ndarray | None = None):
         """x_in [T, dim] embedded tokens at positions [T] of the sequences in KV-cache slots
-        [T] (None: all in slot 0) -> logits [T or 1, vocab] on root (None on other ranks)."""
+        [T] (None: all in slot 0) -> logits [T or 1, vocab] on root (None on other ranks).
+        logit_rows (row indices, instead of all/last): logits [len(logit_rows), vocab]."""
         c = self.config
         t = x_in.shape[0]
         b = self._buf(t)
@@ -260,7 +277,12 @@ class Transformer:
             self._matmul(b["h13"], self._normed(b, x, lw.ffn_norm), lw.w13)
             self._matmul(b["ffn_out"], self._silu_mul(b), lw.w2)
             x += self.comm.allreduce_sum(b["ffn_out"], self.wire)
-        rows = "" if all_logits else "last_"            # logits of every row, or of the last
+        if logit_rows is not None:                      # logits of the chosen rows
+            if len(logit_rows) == 0:
+                return np.zeros((0, c.vocab_size), np.float32) if self.comm.is_root else None
+            rows = self._chosen_rows(b, logit_rows)
+        else:
+            rows = "" if all_logits else "last_"        # logits of every row, or of the last
         final, logits = b[rows + "final"], b[rows + "logits"]
         if self.wcls_q80:
             q80 = (b[rows + "final_q"], b[rows + "final_d"])

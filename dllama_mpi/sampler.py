@@ -1,4 +1,5 @@
-"""Next-token choice from logits: greedy, temperature, top-k, top-p; seeded."""
+"""Next-token choice from logits: greedy, temperature, top-k, top-p; seeded. Log-probabilities
+of the raw logits (log-softmax, as OpenAI reports them) when a request asks."""
 from __future__ import annotations
 
 import numpy as np
@@ -11,6 +12,11 @@ class Sampler:
         self.topp = topp
         self.topk = topk
         self.rng = np.random.default_rng(seed)
+
+    @classmethod
+    def from_params(cls, params) -> "Sampler":
+        """The sampler of one request's SamplingParams (its own seeded generator)."""
+        return cls(params.temperature, params.top_p, params.top_k, params.seed)
 
     def __call__(self, logits: np.ndarray) -> int:
         if self.temperature == 0.0:
@@ -29,3 +35,23 @@ class Sampler:
             keep = order[: int(np.searchsorted(cum, self.topp)) + 1]
             idx, p = idx[keep], p[keep] / p[keep].sum()
         return int(idx[self.rng.choice(p.size, p=p)])
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """log p of every token from raw logits (no temperature, no top-k/top-p), float64."""
+    z = np.asarray(logits, np.float64)
+    z = z - z.max()
+    return z - np.log(np.exp(z).sum())
+
+
+def logprobs_of(logits: np.ndarray, token: int, top: int = 0
+                ) -> tuple[float, list[tuple[int, float]] | None]:
+    """The chosen token's log-probability, and the `top` most likely (token, logprob) pairs,
+    most likely first (ties by token id), or None when top == 0."""
+    lp = log_softmax(logits)
+    if top <= 0:
+        return float(lp[token]), None
+    top = min(top, lp.size)
+    idx = np.argpartition(-lp, top - 1)[:top]
+    idx = idx[np.lexsort((idx, -lp[idx]))]
+    return float(lp[token]), [(int(i), float(lp[i])) for i in idx]

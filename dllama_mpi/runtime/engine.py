@@ -4,7 +4,10 @@ The root broadcasts a step packet (n_tokens, first position, flags, KV slot) and
 tokens' embedding rows as the file stores them; all ranks run the same forward on their shard; n_tokens == 0 means stop.
 A step is either one sequence's tokens at consecutive positions in one KV slot, or (flag
 ROWS) rows of several sequences, each with its own position and slot (sent as int32
-[2, n_tokens] after the packet): the decode step of sequences generated together.
+[2 * n_tokens] after the packet): the decode step of sequences generated together, or a
+scheduler step mixing decode rows with a prompt chunk. With FLAG_LOGIT_ROWS the packet's
+position word holds a count n and the int32 array carries n row indices after the
+positions and slots: logits are computed for those rows only.
 The engine knows token ids only: text lives with the tokenizer on the root.
 """
 from __future__ import annotations
@@ -24,6 +27,7 @@ if TYPE_CHECKING:
 
 FLAG_ALL_LOGITS = 1
 FLAG_ROWS = 2        # rows carry their own positions and KV slots
+FLAG_LOGIT_ROWS = 4  # with FLAG_ROWS: logits of chosen rows only (header[1] = their count)
 
 
 @dataclass
@@ -60,17 +64,31 @@ class Engine:
         self._record(t, start, s0)
         return logits
 
-    def forward_rows(self, tokens, positions, slots) -> np.ndarray:
-        """Root: one token of each of several sequences (token i at positions[i] of the
-        sequence in KV slot slots[i]); logits [T, vocab], one row per token."""
+    def forward_rows(self, tokens, positions, slots, logit_rows=None) -> np.ndarray:
+        """Root: one step of rows of several sequences (token i at positions[i] of the
+        sequence in KV slot slots[i]; rows of one sequence in position order, all written to
+        the KV cache before any attends). Logits [T, vocab], one row per token, or with
+        logit_rows (row indices) [len(logit_rows), vocab] for those rows only."""
         t = len(tokens)
+        if logit_rows is None:
+            header = [t, 0, FLAG_ALL_LOGITS | FLAG_ROWS, 0]
+            packet = np.concatenate([positions, slots])
+        else:
+            header = [t, len(logit_rows), FLAG_ROWS | FLAG_LOGIT_ROWS, 0]
+            packet = np.concatenate([positions, slots, logit_rows])
         start, s0 = time.perf_counter(), self._snapshot()
-        self.comm.bcast_step(np.array([t, 0, FLAG_ALL_LOGITS | FLAG_ROWS, 0], np.int32))
-        rows = self.comm.bcast_array(np.array([positions, slots], np.int32).reshape(2, t))
+        self.comm.bcast_step(np.array(header, np.int32))
+        rows = self.comm.bcast_array(packet.astype(np.int32))
         x = self.embedding.decode(self.comm.bcast_array(self.embedding.rows(tokens)))
-        logits = self.model.forward(x, rows[0], True, rows[1])
+        logits = self._forward_rows(x, t, header[2], rows)
         self._record(t, start, s0)
         return logits
+
+    def _forward_rows(self, x, t: int, flags: int, rows: np.ndarray):
+        positions, slots = rows[:t], rows[t:2 * t]
+        if flags & FLAG_LOGIT_ROWS:
+            return self.model.forward(x, positions, False, slots, logit_rows=rows[2 * t:])
+        return self.model.forward(x, positions, True, slots)
 
     def stop(self) -> None:
         """Root: tell the workers to leave their loop."""
@@ -86,13 +104,15 @@ class Engine:
             if t == 0:
                 return
             if flags & FLAG_ROWS:
-                rows = self.comm.bcast_array(np.empty((2, t), np.int32))
-                positions, slots = rows[0], rows[1]
+                n = pos if flags & FLAG_LOGIT_ROWS else 0
+                rows = self.comm.bcast_array(np.empty(2 * t + n, np.int32))
+                x = self.embedding.decode(self.comm.bcast_array(self.embedding.empty(t)))
+                self._forward_rows(x, t, flags, rows)
             else:
                 positions = np.arange(pos, pos + t, dtype=np.int32)
                 slots = np.full(t, slot, np.int32) if slot else None
-            x = self.embedding.decode(self.comm.bcast_array(self.embedding.empty(t)))
-            self.model.forward(x, positions, bool(flags & FLAG_ALL_LOGITS), slots)
+                x = self.embedding.decode(self.comm.bcast_array(self.embedding.empty(t)))
+                self.model.forward(x, positions, bool(flags & FLAG_ALL_LOGITS), slots)
             self._record(t, start, s0)
 
     # -- statistics --------------------------------------------------------------------

@@ -1,12 +1,16 @@
-"""Sequences on the root: a prompt as a batch (in chunks), then token by token; several
-sequences decoding together (generate_batch)."""
+"""Sequences on the root for one-thread front ends: one prompt and its continuation
+(generate), a list of prompts decoding together (generate_batch); both through the one
+loop of runtime.scheduler."""
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+from ..config import SamplingParams
 from ..errors import DllamaError
+from .scheduler import Completion, Scheduler
+from .sequence import check_prompt  # noqa: F401  (re-exported)
 
 
 @dataclass
@@ -31,40 +35,27 @@ class Generation:
 def generate(engine, prompt: list[int], max_new_tokens: int, sample: Callable[[object], int],
              stop_ids: set[int], max_seq_len: int, prefill_chunk: int = 128,
              on_token: Callable[[int], None] | None = None) -> Generation:
-    """Root only. Stops at a stop id (not emitted), max_new_tokens, or the context end."""
+    """Root only, KV slot 0. Stops at a stop id (not emitted), max_new_tokens, or the
+    context end. The prompt goes in chunks of prefill_chunk tokens."""
     check_prompt(prompt, max_seq_len)
-    g = Generation(prompt_tokens=list(prompt))
-    t0 = time.perf_counter()
-    for start in range(0, len(prompt), prefill_chunk):
-        logits = engine.forward(prompt[start:start + prefill_chunk], start)
-    g.prompt_seconds = time.perf_counter() - t0
-    pos = len(prompt)
-    t0 = time.perf_counter()
-    while len(g.generated_tokens) < max_new_tokens:
-        token = sample(logits[-1])
-        if token in stop_ids:
-            g.finish_reason = "stop"
-            break
-        g.generated_tokens.append(token)
-        if on_token is not None:
-            on_token(token)
-        if len(g.generated_tokens) == max_new_tokens or pos >= max_seq_len:
-            break
-        logits = engine.forward([token], pos)
-        pos += 1
-    g.decode_seconds = time.perf_counter() - t0
-    return g
+    scheduler = Scheduler(engine, n_slots=1, max_seq_len=max_seq_len, eos_ids=stop_ids,
+                          token_budget=prefill_chunk, prefix_cache=False)
+    tokens = None if on_token is None else (
+        lambda ev: on_token(ev.token) if ev.token is not None else None)
+    c = scheduler.generate(prompt, _params(max_new_tokens), on_token=tokens, sampler=sample)
+    return _generation(c)
 
 
-@dataclass
-class _Running:
-    index: int          # which prompt
-    gen: Generation
-    sample: Callable[[object], int]
-    max_new: int
-    token: int = 0      # the token to feed next
-    pos: int = 0        # its position
-    started: float = 0.0
+def _params(max_new_tokens: int) -> SamplingParams:
+    """Sampling is the caller's sampler; stop ids are the scheduler's eos_ids."""
+    return SamplingParams(max_tokens=max(0, max_new_tokens))
+
+
+def _generation(c: Completion) -> Generation:
+    if c.finish_reason == "error":
+        raise DllamaError(c.error)
+    return Generation(c.prompt_tokens, c.generated_tokens, c.finish_reason,
+                      c.prompt_seconds, c.decode_seconds)
 
 
 @dataclass
@@ -82,78 +73,38 @@ class BatchResult:
         return self.decode_tokens / self.decode_seconds if self.decode_seconds else 0.0
 
 
-def check_prompt(prompt: list[int], max_seq_len: int) -> None:
-    if not prompt:
-        raise DllamaError("the prompt is empty: nothing to condition on")
-    if len(prompt) >= max_seq_len:
-        raise DllamaError(f"the prompt has {len(prompt)} tokens; --max-seq-len is {max_seq_len} "
-                          f"(it must leave room for at least one generated token)")
-
-
 def generate_batch(engine, prompts: list[list[int]], max_new_tokens: list[int],
                    samplers: list[Callable[[object], int]], stop_ids: set[int], max_seq_len: int,
                    n_slots: int, prefill_chunk: int = 128,
                    on_done: Callable[[int, Generation], None] | None = None) -> BatchResult:
-    """Root only. Continuous batching: up to n_slots sequences decode together, one row each
-    per step (engine.forward_rows); a finished sequence frees its KV slot for the next
-    prompt, which is prefilled (in chunks, alone) before it joins. Each sequence stops as
-    generate() does, and gives the same tokens as generate() would alone."""
+    """Root only. Continuous batching through the Scheduler: up to n_slots sequences decode
+    together, one row each per step, and a prompt's chunk (steps of at most prefill_chunk
+    rows) shares the steps of the running sequences; a finished sequence frees its KV slot
+    for the next prompt (which reuses the tokens it shares with the slot's last sequence).
+    Each sequence stops as generate() does, and gives the same tokens as generate() alone."""
     for p in prompts:
         check_prompt(p, max_seq_len)
+    scheduler = Scheduler(engine, n_slots=n_slots, max_seq_len=max_seq_len, eos_ids=stop_ids,
+                          token_budget=prefill_chunk)
     result = BatchResult([Generation(prompt_tokens=list(p)) for p in prompts])
-    waiting = list(range(len(prompts)))[::-1]
-    free = list(range(n_slots))[::-1]
-    running: dict[int, _Running] = {}
     t_start = time.perf_counter()
 
-    def finish(slot: int, reason: str) -> None:
-        r = running.pop(slot)
-        r.gen.finish_reason = reason
-        r.gen.decode_seconds = time.perf_counter() - r.started
-        free.append(slot)
-        if on_done is not None:
-            on_done(r.index, r.gen)
+    def done(index: int, c: Completion) -> None:
+        if c.finish_reason != "error":
+            result.generations[index] = g = _generation(c)
+            if on_done is not None:
+                on_done(index, g)
 
-    def take(slot: int, logits_row) -> None:
-        """Sample the next token of the sequence in slot; finish it or queue the token."""
-        r = running[slot]
-        token = r.sample(logits_row)
-        if token in stop_ids:
-            finish(slot, "stop")
-            return
-        r.gen.generated_tokens.append(token)
-        if len(r.gen.generated_tokens) == r.max_new or r.pos >= max_seq_len:
-            finish(slot, "length")
-            return
-        r.token = token
-
-    while waiting or running:
-        while waiting and free:                      # admit: prefill into a free slot
-            i, slot = waiting.pop(), free.pop()
-            prompt = result.generations[i].prompt_tokens
-            r = running[slot] = _Running(i, result.generations[i], samplers[i], max_new_tokens[i],
-                                         pos=len(prompt))
-            t0 = time.perf_counter()
-            for start in range(0, len(prompt), prefill_chunk):
-                logits = engine.forward(prompt[start:start + prefill_chunk], start, slot=slot)
-            r.started = time.perf_counter()
-            r.gen.prompt_seconds = r.started - t0
-            result.prefill_seconds += r.gen.prompt_seconds
-            if r.max_new <= 0:
-                finish(slot, "length")
-            else:
-                take(slot, logits[-1])
-        if not running:
-            continue
-        slots = sorted(running)
-        t0 = time.perf_counter()
-        logits = engine.forward_rows([running[s].token for s in slots],
-                                     [running[s].pos for s in slots], slots)
-        result.decode_seconds += time.perf_counter() - t0
-        result.decode_steps += 1
-        result.decode_tokens += len(slots)
-        for row, slot in enumerate(slots):
-            running[slot].pos += 1
-            take(slot, logits[row])
+    handles = [scheduler.submit(p, _params(m), sampler=sample,
+                                on_done=lambda c, i=i: done(i, c))
+               for i, (p, m, sample) in enumerate(zip(prompts, max_new_tokens, samplers))]
+    while scheduler.step():
+        pass
+    for h in handles:
+        _generation(h.wait(0))          # an error ends the batch as before: raised
+    result.decode_steps = scheduler.decode_steps_total
+    result.decode_tokens = scheduler.decode_rows_total
+    result.decode_seconds = scheduler.decode_seconds_total
+    result.prefill_seconds = scheduler.prefill_seconds_total
     result.seconds = time.perf_counter() - t_start
     return result

@@ -1,0 +1,319 @@
+"""The open scheduler: the one loop behind inference, chat, batch and serve (on the root).
+
+Requests arrive at any time from any thread (submit: a lock and a condition); the scheduler
+thread alone drives the engine. Each engine step carries one row for every decoding
+sequence plus at most one prompt chunk of one prefilling sequence, within a token budget
+(decode rows first; the chunk gets what is left, at least one token), so a long prompt
+never stalls the running streams: continuous batching with chunked prefill, in one forward.
+
+A sequence ends on a stop id (not emitted), a stop string (never emitted: text that could
+still become one is held back), max_tokens, the context end, cancellation (any thread, any
+time: its slot is freed at the next step boundary) or an error. A finished sequence's KV
+slot keeps its tokens: a later prompt that starts with them takes that slot and starts
+prefill where they differ (the prefix cache).
+"""
+from __future__ import annotations
+
+import itertools
+import sys
+import threading
+import time
+from collections import deque
+
+from ..errors import DllamaError
+from ..sampler import Sampler, logprobs_of
+from .sequence import (Completion, RequestHandle, Sequence, Slot, TokenEvent,  # noqa: F401
+                       check_prompt)
+from .stops import TextStream
+
+
+class Scheduler:
+    def __init__(self, engine, *, n_slots: int, max_seq_len: int, eos_ids,
+                 decoder_factory=None, token_budget: int = 256, prefix_cache: bool = True,
+                 prefill_alone: bool = False):
+        """engine: forward(tokens, pos, slot=) and forward_rows(tokens, positions, slots,
+        logit_rows=) on the root. decoder_factory: () -> a streaming decoder (push(token) ->
+        str, flush() -> str), needed for text and stop strings. prefill_alone: steps with a
+        prompt chunk carry no decode rows (the behaviour before chunked prefill; benchmarks)."""
+        if n_slots < 1:
+            raise DllamaError(f"the scheduler needs at least one KV slot, got {n_slots}")
+        if token_budget < 1:
+            raise DllamaError(f"token_budget must be >= 1, got {token_budget}")
+        self.engine, self.max_seq_len = engine, max_seq_len
+        self.eos_ids = frozenset(int(i) for i in eos_ids)
+        self.decoder_factory, self.token_budget = decoder_factory, token_budget
+        self.prefix_cache, self.prefill_alone = prefix_cache, prefill_alone
+        self.slots = [Slot() for _ in range(n_slots)]
+        self._cond = threading.Condition(threading.Lock())
+        self._waiting: deque[Sequence] = deque()     # submitted, no slot yet (FIFO)
+        self._running: list[Sequence] = []           # in a slot, in admission order
+        self._closed = False
+        self._loop_thread: threading.Thread | None = None
+        self._ids, self._clock = itertools.count(), itertools.count()
+        # counters (for /metrics); the *_seconds of a mixed step are shared by its rows
+        self.requests_total = 0
+        self.tokens_generated_total = self.prompt_tokens_total = self.cached_tokens_total = 0
+        self.steps_total = self.decode_steps_total = 0
+        self.decode_rows_total = self.prefill_rows_total = 0
+        self.decode_seconds_total = self.prefill_seconds_total = 0.0
+
+    # -- any thread --------------------------------------------------------------------
+    def submit(self, prompt_tokens, params, on_token=None, on_done=None,
+               request_id: str | None = None, sampler=None) -> RequestHandle:
+        """Queue a request; DllamaError at once for an empty prompt, one that leaves no room
+        in max_seq_len, or bad params. sampler: a callable(logits) -> token id used instead
+        of the seeded Sampler of params (generate_batch's callers bring their own)."""
+        params.check()
+        prompt = [int(t) for t in prompt_tokens]
+        check_prompt(prompt, self.max_seq_len)
+        if params.stop and self.decoder_factory is None:
+            raise DllamaError("stop strings need the text: this scheduler has no decoder")
+        decoder = self.decoder_factory() if self.decoder_factory is not None else None
+        with self._cond:
+            if self._closed:
+                raise DllamaError("the scheduler is closed")
+            handle = RequestHandle(request_id or f"req-{next(self._ids)}", self)
+            self._waiting.append(Sequence(
+                handle, prompt, params, sampler or Sampler.from_params(params),
+                TextStream(decoder, params.stop), on_token, on_done))
+            self.requests_total += 1
+            self._cond.notify_all()
+        return handle
+
+    def _cancel(self, handle: RequestHandle) -> None:
+        with self._cond:
+            handle.cancel_requested = True
+            self._cond.notify_all()
+
+    def close(self, cancel: bool = False) -> None:
+        """Stop run() once nothing runs (cancelling everything first if asked); later
+        submits raise DllamaError."""
+        with self._cond:
+            self._closed = True
+            if cancel:
+                for s in list(self._waiting) + list(self._running):
+                    s.handle.cancel_requested = True
+            self._cond.notify_all()
+
+    @property
+    def requests_running(self) -> int:
+        return len(self._running)
+
+    @property
+    def requests_waiting(self) -> int:
+        return len(self._waiting)
+
+    def counters(self) -> dict:
+        """A snapshot of the counters (for /metrics)."""
+        names = ("requests_running", "requests_waiting", "requests_total",
+                 "tokens_generated_total", "prompt_tokens_total", "cached_tokens_total",
+                 "steps_total", "decode_steps_total", "decode_rows_total", "prefill_rows_total",
+                 "decode_seconds_total", "prefill_seconds_total")
+        return {n: getattr(self, n) for n in names}
+
+    # -- the scheduler thread ----------------------------------------------------------
+    def run(self) -> None:
+        """step() while there is work; wait for work when idle; return after close() once
+        nothing runs. An engine error fails every request, then propagates."""
+        with self._cond:
+            if self._loop_thread is not None:
+                raise DllamaError("the scheduler already runs in another thread")
+            self._loop_thread = threading.current_thread()
+        try:
+            while True:
+                with self._cond:
+                    while not self._closed and not (self._waiting or self._running):
+                        self._cond.wait()
+                    if self._closed and not (self._waiting or self._running):
+                        return
+                self.step()
+        except BaseException as e:
+            self._fail_all(f"{type(e).__name__}: {e}")
+            raise
+        finally:
+            with self._cond:
+                self._loop_thread = None
+
+    def generate(self, prompt_tokens, params, on_token=None, sampler=None) -> Completion:
+        """Submit, then step() until the request is done (one-thread front ends); when run()
+        drives the scheduler in another thread, just wait for it."""
+        handle = self.submit(prompt_tokens, params, on_token=on_token, sampler=sampler)
+        if self._loop_thread is not None:
+            return handle.wait()
+        while not handle.done():
+            if not self.step() and not handle.done():
+                raise RuntimeError("the scheduler went idle before the request finished")
+        return handle.completion
+
+    def step(self) -> bool:
+        """One engine step: reap cancellations, admit, then one forward of the decode rows
+        and at most one prompt chunk. False if there was nothing to do."""
+        if self._loop_thread not in (None, threading.current_thread()):
+            raise DllamaError("step() called while run() drives the scheduler in another thread")
+        self._reap_cancelled()
+        self._admit()
+        decode = [s for s in self._running if not s.prefilling]
+        pre = next((s for s in self._running if s.prefilling), None)
+        if pre is not None and self.prefill_alone:
+            decode = []
+        if not decode and pre is None:
+            return False
+        room = max(1, self.token_budget - len(decode))
+        chunk = pre.prompt[pre.pos:pre.pos + room] if pre is not None else []
+        self._forward(decode, pre, chunk)
+        return True
+
+    def _reap_cancelled(self) -> None:
+        with self._cond:
+            gone = [s for s in self._waiting if s.handle.cancel_requested]
+            for s in gone:
+                self._waiting.remove(s)
+        gone += [s for s in self._running if s.handle.cancel_requested]
+        for s in gone:
+            self._finish(s, "cancelled")
+
+    def _admit(self) -> None:
+        """Give the oldest waiting request a free slot when no sequence is prefilling (one
+        prompt chunk per step: admitting more would only hold slots)."""
+        while not any(s.prefilling for s in self._running):
+            free = [i for i, sl in enumerate(self.slots) if sl.seq is None]
+            with self._cond:
+                if not free or not self._waiting:
+                    return
+                seq = self._waiting.popleft()
+                self._running.append(seq)
+            if seq.params.max_tokens == 0:
+                self._finish(seq, "length")
+                continue
+            slot = self._choose_slot(seq.prompt, free)
+            cached = self.slots[slot].shared_prefix(seq.prompt) if self.prefix_cache else 0
+            self.slots[slot].seq = seq
+            del self.slots[slot].tokens[cached:]
+            seq.slot, seq.pos, seq.cached_tokens = slot, cached, cached
+            self.prompt_tokens_total += len(seq.prompt)
+            self.cached_tokens_total += cached
+
+    def _choose_slot(self, prompt, free: list[int]) -> int:
+        """The free slot sharing the longest prefix with prompt; among equals (and when the
+        cache is off) the least recently used."""
+        if not self.prefix_cache:
+            return min(free, key=lambda i: self.slots[i].last_used)
+        return max(free, key=lambda i: (self.slots[i].shared_prefix(prompt),
+                                        -self.slots[i].last_used))
+
+    def _forward(self, decode: list[Sequence], pre: Sequence | None, chunk: list[int]) -> None:
+        tokens = [s.next_token for s in decode] + chunk
+        positions = [s.pos for s in decode]
+        slots = [s.slot for s in decode]
+        if pre is not None:
+            positions += range(pre.pos, pre.pos + len(chunk))
+            slots += [pre.slot] * len(chunk)
+        completes = pre is not None and pre.pos + len(chunk) == len(pre.prompt)
+        t0 = time.perf_counter()
+        try:
+            if len(decode) + (pre is not None) == 1:   # one sequence: its last row's logits
+                logits = self.engine.forward(tokens, positions[0], slot=slots[0])
+            else:
+                want = list(range(len(decode))) + ([len(tokens) - 1] if completes else [])
+                logits = self.engine.forward_rows(     # None: every row (decode-only steps)
+                    tokens, positions, slots, logit_rows=None if len(want) == len(tokens) else want)
+        except BaseException as e:
+            for s in decode + ([pre] if pre is not None else []):
+                self.slots[s.slot].tokens.clear()      # what the cache holds is unknown
+                self._finish(s, "error", f"{type(e).__name__}: {e}")
+            raise
+        self._count(time.perf_counter() - t0, len(decode), len(chunk))
+        for s in decode:
+            self.slots[s.slot].tokens.append(s.next_token)
+            s.pos += 1
+        if pre is not None:
+            self.slots[pre.slot].tokens.extend(chunk)
+            pre.pos += len(chunk)
+        self._reap_cancelled()            # cancelled during the forward: no more tokens
+        for row, s in enumerate(decode):
+            self._take(s, logits[row])
+        if completes:
+            self._take(pre, logits[-1])
+
+    def _count(self, seconds: float, n_decode: int, n_chunk: int) -> None:
+        self.steps_total += 1
+        self.decode_steps_total += n_decode > 0
+        self.decode_rows_total += n_decode
+        self.prefill_rows_total += n_chunk
+        share = n_decode / (n_decode + n_chunk)
+        self.decode_seconds_total += seconds * share
+        self.prefill_seconds_total += seconds * (1 - share)
+
+    def _take(self, s: Sequence, row) -> None:
+        """Sample s's next token from its logits row; emit it, or end the sequence."""
+        if s.handle.done():
+            return
+        p = s.params
+        token = int(s.sample(row))
+        if s.t_first is None:
+            s.t_first = time.perf_counter()
+        if token in self.eos_ids and not p.ignore_eos:
+            self._finish(s, "stop")
+            return
+        s.generated.append(token)
+        self.tokens_generated_total += 1
+        last = len(s.generated) >= p.max_tokens or s.pos >= self.max_seq_len
+        text = s.stream.push(token, last)
+        lp = top = None
+        if p.logprobs or p.top_logprobs:
+            lp, top = logprobs_of(row, token, p.top_logprobs)
+            lp = lp if p.logprobs else None
+        if not self._emit(s, TokenEvent(token, text, lp, top)):
+            return
+        if s.stream.stopped:
+            self._finish(s, "stop")
+        elif last:
+            self._finish(s, "length")
+        else:
+            s.next_token = token
+
+    def _emit(self, s: Sequence, event: TokenEvent) -> bool:
+        if s.on_token is None:
+            return True
+        try:
+            s.on_token(event)
+            return True
+        except Exception as e:              # a front end's bug ends its request, not the loop
+            self._finish(s, "error", f"on_token raised {type(e).__name__}: {e}", tail=False)
+            return False
+
+    def _finish(self, s: Sequence, reason: str, error: str | None = None,
+                tail: bool = True) -> None:
+        """End s: release held-back text, free its slot (its tokens stay for the prefix
+        cache), report the Completion."""
+        text = s.stream.finish()
+        if text and tail and s.on_token is not None:
+            self._emit(s, TokenEvent(None, text))
+            if s.handle.done():
+                return
+        if s.slot >= 0:
+            self.slots[s.slot].seq = None
+            self.slots[s.slot].last_used = next(self._clock)
+            s.slot = -1
+        with self._cond:
+            if s in self._running:
+                self._running.remove(s)
+        completion = s.completion(reason, error)
+        if s.on_done is not None:
+            try:
+                s.on_done(completion)
+            except Exception as e:
+                print(f"warning: on_done of request {s.handle.id} raised {type(e).__name__}: {e}",
+                      file=sys.stderr)
+        s.handle._set(completion)
+
+    def _fail_all(self, message: str) -> None:
+        with self._cond:
+            self._closed = True
+            waiting = list(self._waiting)
+            self._waiting.clear()
+        for s in list(self._running) + waiting:
+            if s.slot >= 0:
+                self.slots[s.slot].tokens.clear()
+            if not s.handle.done():
+                self._finish(s, "error", message)
