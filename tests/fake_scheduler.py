@@ -165,17 +165,17 @@ class FakeScheduler:
                 self._finish(seq, "cancelled", calls)
             while self._waiting and len(self._running) < self.n_slots:
                 self._running.append(self._waiting.pop(0))
-            if not self._running:
-                return False
-            self.steps_total += 1
+            busy = bool(self._running)
+            if busy:
+                self.steps_total += 1
             for seq in list(self._running):
                 self._advance(seq, calls)
         for fn, arg in calls:
             if fn is not None:
                 fn(arg)
-        if self.delay:
+        if busy and self.delay:
             time.sleep(self.delay)
-        return True
+        return busy or bool(calls)
 
     def run(self) -> None:
         while True:
