@@ -535,3 +535,27 @@ def test_run_server_port_in_use():
         sched = FakeScheduler(max_seq_len=CTX)
         with pytest.raises(DllamaError, match="cannot serve"):
             run_server(sched, TOK, MODEL, CTX, "127.0.0.1", port)
+
+
+# ---------------------------------------------------------------------------------------------
+# the schema module alone (the batch command reuses it)
+# ---------------------------------------------------------------------------------------------
+def test_schema_imports_without_fastapi():
+    import subprocess
+    import sys
+    code = ("import sys, dllama_mpi.apps.openai_schema as s; "
+            "assert 'fastapi' not in sys.modules and 'uvicorn' not in sys.modules; "
+            "b = s.CompletionRequest.model_validate({'prompt': 'x', 'max_tokens': 3, 'stop': 'y'}); "
+            "p = s.to_sampling_params(b, None); assert (p.max_tokens, p.stop) == (3, ('y',))")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60,
+                   cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def test_non_finite_logprobs_stay_json():
+    from dllama_mpi.apps import openai_schema as oa
+    entries = [(1, float("-inf"), [(1, float("-inf")), (2, -1.0)])]
+    chat = oa.chat_logprobs(entries, str)
+    legacy = oa.completion_logprobs(entries, str)
+    json.dumps([chat, legacy], allow_nan=False)
+    assert chat["content"][0]["logprob"] == -9999.0
+    assert legacy["top_logprobs"][0] == {"1": -9999.0, "2": -1.0}

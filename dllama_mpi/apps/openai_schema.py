@@ -19,6 +19,7 @@ Types are strict (no "1" for 1, no 1 for true); an int is accepted where a float
 from __future__ import annotations
 
 import json
+import math
 import time
 import uuid
 from typing import Any, Callable, Iterable, Literal
@@ -327,6 +328,14 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) ->
 LogprobEntry = tuple[int, float | None, "list[tuple[int, float]] | None"]
 
 
+def _lp(x: float | None) -> float | None:
+    """A logprob JSON can carry: -inf (a token sampling ruled out) as OpenAI's -9999.0."""
+    if x is None:
+        return None
+    x = float(x)
+    return x if math.isfinite(x) else -9999.0
+
+
 def _tok(token_text: Callable[[int], str], t: int) -> dict:
     s = token_text(t)
     return {"token": s, "bytes": list(s.encode("utf-8"))}
@@ -337,8 +346,9 @@ def chat_logprobs(entries: list[LogprobEntry], token_text: Callable[[int], str])
     content = []
     for t, lp, top in entries:
         item = _tok(token_text, t)
-        item["logprob"] = lp
-        item["top_logprobs"] = [dict(_tok(token_text, u), logprob=ulp) for u, ulp in (top or [])]
+        item["logprob"] = _lp(lp)
+        item["top_logprobs"] = [dict(_tok(token_text, u), logprob=_lp(ulp))
+                                for u, ulp in (top or [])]
         content.append(item)
     return {"content": content, "refusal": None}
 
@@ -351,8 +361,8 @@ def completion_logprobs(entries: list[LogprobEntry], token_text: Callable[[int],
     for t, lp, top in entries:
         s = token_text(t)
         tokens.append(s)
-        lps.append(lp)
-        tops.append({token_text(u): ulp for u, ulp in (top or [])})
+        lps.append(_lp(lp))
+        tops.append({token_text(u): _lp(ulp) for u, ulp in (top or [])})
         offsets.append(offset)
         offset += len(s)
     return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops if with_top else None,

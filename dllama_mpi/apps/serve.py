@@ -433,11 +433,12 @@ def create_app(scheduler, tokenizer, model_name: str, max_seq_len: int, *,
         total = len(run.handles)
         entries = [[] for _ in range(total)]
         results = [None] * total
-        async for index, item, done in run.items(request, poll_seconds):
-            if done:
-                results[index] = item
-            elif params.logprobs:
-                entries[index].append(entry(item))
+        async with contextlib.aclosing(run.items(request, poll_seconds)) as items:
+            async for index, item, done in items:
+                if done:
+                    results[index] = item
+                elif params.logprobs:
+                    entries[index].append(entry(item))
         if run.disconnected:
             return Response(status_code=499)       # nobody is listening
         for c in results:
@@ -477,29 +478,30 @@ def create_app(scheduler, tokenizer, model_name: str, max_seq_len: int, *,
             if chat:
                 for i in range(total):
                     yield chunk(i, "", first=True)
-            async for index, item, done in run.items(request, poll_seconds):
-                if not done:
-                    text = item.text or ""
-                    lp = None
-                    if params.logprobs:
-                        lp = (oa.chat_logprobs([entry(item)], token_text) if chat else
-                              oa.completion_logprobs([entry(item)], token_text,
-                                                     offset=len(emitted[index]),
-                                                     with_top=params.top_logprobs > 0))
-                    if text or lp is not None:
-                        emitted[index] += text
-                        yield chunk(index, text, lp=lp)
-                    continue
-                c = results[index] = item
-                failure = _failure(c)
-                if failure is not None:
-                    run.cancel()
-                    yield oa.sse(oa.error_body(failure.message, failure.type, code=failure.code))
-                    yield oa.SSE_DONE
-                    return
-                # text held back until the end (an incomplete character, a stop-string prefix)
-                rest = c.text[len(emitted[index]):] if c.text.startswith(emitted[index]) else ""
-                yield chunk(index, rest, finish=_openai_finish(c.finish_reason))
+            async with contextlib.aclosing(run.items(request, poll_seconds)) as items:
+                async for index, item, done in items:
+                    if not done:
+                        text = item.text or ""
+                        lp = None
+                        if params.logprobs:
+                            lp = (oa.chat_logprobs([entry(item)], token_text) if chat else
+                                  oa.completion_logprobs([entry(item)], token_text,
+                                                         offset=len(emitted[index]),
+                                                         with_top=params.top_logprobs > 0))
+                        if text or lp is not None:
+                            emitted[index] += text
+                            yield chunk(index, text, lp=lp)
+                        continue
+                    c = results[index] = item
+                    failure = _failure(c)
+                    if failure is not None:
+                        run.cancel()
+                        yield oa.sse(oa.error_body(failure.message, failure.type, code=failure.code))
+                        yield oa.SSE_DONE
+                        return
+                    # text held back until the end (an incomplete character, a stop-string prefix)
+                    rest = c.text[len(emitted[index]):] if c.text.startswith(emitted[index]) else ""
+                    yield chunk(index, rest, finish=_openai_finish(c.finish_reason))
             if run.disconnected:
                 return
             if inc:
