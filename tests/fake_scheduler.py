@@ -104,8 +104,9 @@ class _Seq:
 
 
 class FakeScheduler:
-    def __init__(self, max_seq_len=256, n_slots=4, delay=0.0, reply=None):
+    def __init__(self, max_seq_len=256, n_slots=4, delay=0.0, reply=None, token_text=chr):
         self.max_seq_len = max_seq_len
+        self.token_text = token_text     # the text of one token (the fake tokenizer's: chr)
         self.n_slots = n_slots
         self.delay = delay
         self.reply = reply or (lambda prompt: list(reversed(prompt)))
@@ -222,7 +223,7 @@ class FakeScheduler:
         if token == EOS:
             return self._finish(seq, "stop", calls)
         seq.generated.append(token)
-        seq.text += chr(token)
+        seq.text += self.token_text(token)
         self.tokens_generated_total += 1
         lp = top = None
         if p.logprobs:

@@ -118,3 +118,28 @@ def test_ctrl_c_cancels_the_answer_not_the_chat():
     assert "[answer cancelled]" in out.getvalue()
     assert len(s.submitted) == 2                     # the chat went on with the next line
     assert s.finished[1].finish_reason == "length"
+
+
+@pytest.mark.slow
+def test_real_tokenizer_turns_extend_the_kv_tokens():
+    """SmolLM2's ChatML template and BPE: the second prompt is the first prompt + the answer's
+    tokens + the new turn, and stands for exactly the re-rendered conversation."""
+    from dllama_mpi.tokenizer import Tokenizer
+    from tiny import smollm2_path
+    tok = Tokenizer.from_gguf(smollm2_path())
+    answer = tok.encode("The capital of France is Paris.", add_bos=False)
+    s = FakeScheduler(max_seq_len=2048, reply=lambda p: answer,
+                      token_text=lambda t: tok.decode([t]))
+    out = io.StringIO()
+    run_chat(s, tok, PARAMS, system="You are brief.", input=io.StringIO("Capital of France?\nWhy?\n"),
+             output=out)
+    assert out.getvalue().count("The capital of France is Paris.\n") == 2
+    (_, p0, _), (_, p1, _) = s.submitted
+    assert p1[:len(p0) + len(answer)] == p0 + answer
+    full = tok.apply_chat_template([
+        {"role": "system", "content": "You are brief."},
+        {"role": "user", "content": "Capital of France?"},
+        {"role": "assistant", "content": "The capital of France is Paris."},
+        {"role": "user", "content": "Why?"}])
+    assert tok.decode(p1) == tok.decode(tok.encode(full))
+    assert s.finished[1].cached_tokens == len(p0) + len(answer)

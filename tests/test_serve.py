@@ -559,3 +559,21 @@ def test_non_finite_logprobs_stay_json():
     json.dumps([chat, legacy], allow_nan=False)
     assert chat["content"][0]["logprob"] == -9999.0
     assert legacy["top_logprobs"][0] == {"1": -9999.0, "2": -1.0}
+
+
+@pytest.mark.slow
+def test_real_tokenizer(make_scheduler):
+    """SmolLM2's tokenizer: the chat template's tokens reach the scheduler, token strings of
+    logprobs are the tokenizer's pieces."""
+    from dllama_mpi.tokenizer import Tokenizer
+    from tiny import smollm2_path
+    tok = Tokenizer.from_gguf(smollm2_path())
+    answer = tok.encode("Paris, of course.", add_bos=False)
+    s = make_scheduler(reply=lambda p: answer, token_text=lambda t: tok.decode([t]))
+    with TestClient(create_app(s, tok, "smollm2", 2048)) as c:
+        msgs = [{"role": "user", "content": "Capital of France?"}]
+        r = c.post("/v1/chat/completions", json={"messages": msgs, "logprobs": True}).json()
+    assert r["choices"][0]["message"]["content"] == "Paris, of course."
+    assert "".join(e["token"] for e in r["choices"][0]["logprobs"]["content"]) == "Paris, of course."
+    assert s.submitted[-1][1] == tok.encode(tok.apply_chat_template(msgs))
+    assert r["usage"]["completion_tokens"] == len(answer)
