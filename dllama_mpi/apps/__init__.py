@@ -1,1 +1,2 @@
-"""Front ends: each a thin command over runtime/ (inference, batch, info, convert)."""
+"""Front ends: each a thin command over runtime/ (inference, chat, batch, serve with its
+OpenAI schema, info, convert)."""
