@@ -121,6 +121,28 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generation_args(p, "default max_tokens of a prompt")
     p.add_argument("--quiet", action="store_true", help="no line per finished sequence")
 
+    p = sub.add_parser("chat", help="an interactive conversation (stdin/stdout on rank 0)")
+    _add_model_args(p)
+    _add_sampling_args(p)
+    p.add_argument("--system", default=None, help="a system prompt for the conversation")
+    p.add_argument("--steps", type=_count, default=1024,
+                   help="tokens an answer may have at most")
+    p.add_argument("--parallel", type=_positive, default=1,
+                   help="KV-cache slots (one conversation needs one)")
+
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server on rank 0 "
+                       "(/v1/chat/completions, /v1/completions, /v1/models, /metrics)")
+    _add_model_args(p)
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=_count, default=8080, help="port to listen on (0: any free)")
+    p.add_argument("--parallel", type=_positive, default=4,
+                   help="sequences decoding together (KV-cache slots; memory grows with it)")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on /v1/*")
+    p.add_argument("--model-name", default=None,
+                   help="the model id the API reports (default: the model file's name)")
+
     p = sub.add_parser("pull", help="download a known model into the cache")
     p.add_argument("name", choices=sorted(registry.KNOWN_MODELS), help="the model")
 
@@ -208,4 +230,10 @@ def main(argv=None) -> int:
     if args.command == "batch":
         from .apps.batch import run_batch
         return run_batch(args, run_config(args))
+    if args.command == "chat":
+        from .apps.chat import run_chat_command
+        return run_chat_command(args, run_config(args))
+    if args.command == "serve":
+        from .apps.serve import run_serve
+        return run_serve(args, run_config(args))
     raise DllamaError(f"unknown command {args.command}")

@@ -155,3 +155,22 @@ def run_chat(scheduler, tokenizer, params: SamplingParams, system: str | None = 
                       file=sys.stderr, flush=True)
     output.flush()
     return 0
+
+
+def run_chat_command(args, run) -> int:
+    """`chat`: every rank starts; the root talks with the user on stdin/stdout until /exit
+    or end of input, then stops the workers."""
+    from ..comm import make_comm
+    from ..runtime.startup import ignore_job_signals_on_workers, run_root, scheduler_for, start
+    comm = make_comm()
+    ignore_job_signals_on_workers(comm)
+    session = start(comm, args.model, run, kv_dir=args.kv_cache_dir,
+                    tokenizer_path=args.tokenizer)
+    params = SamplingParams(temperature=run.temperature, top_p=run.topp, top_k=run.topk,
+                            seed=run.seed, max_tokens=args.steps, ignore_eos=False)
+
+    def body(s) -> int:
+        s.print_memory()
+        return run_chat(scheduler_for(s), s.tokenizer, params, system=args.system)
+
+    return run_root(session, body)

@@ -24,6 +24,7 @@ from ..memory import RankMemory, mib
 from ..memory import per_rank as memory_per_rank
 from ..model import Transformer, pack_weights
 from .engine import Engine, StepStats
+from .scheduler import Scheduler
 
 
 class StartupFailed(SystemExit):
@@ -193,3 +194,22 @@ def run_root(session: Session, body: Callable[[Session], object],
     if report is not None:
         report(value, steps)
     return 0
+
+
+def scheduler_for(session: Session, **options) -> Scheduler:
+    """The root's scheduler over this session's engine: one sequence per KV slot
+    (--parallel), the tokenizer's end ids and streaming decoder."""
+    tok = session.tokenizer
+    return Scheduler(session.engine, n_slots=session.run.parallel,
+                     max_seq_len=session.max_seq_len, eos_ids=tok.eos_ids,
+                     decoder_factory=tok.decoder, **options)
+
+
+def ignore_job_signals_on_workers(comm) -> None:
+    """Launchers forward SIGINT/SIGTERM to every rank. A worker that died of one mid-collective
+    would take the job down before the root could stop it cleanly: workers ignore them and
+    leave when the root's stop step arrives."""
+    if not comm.is_root:
+        import signal
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
