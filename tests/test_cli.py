@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from dllama_mpi.comm import SerialComm
-from tiny import our_greedy, write_header_only_gguf, write_tiny_gguf
+from tiny import write_cli_gguf, our_greedy, write_header_only_gguf, write_tiny_gguf
 
 TIMEOUT = 300
 
@@ -23,12 +23,7 @@ def run(*args, ranks=None, **kw):
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A tiny random Llama with a byte-level BPE tokenizer (written by our GGUF writer)."""
-    from dllama_mpi.testing import random_llama_tensors, write_llama_gguf
-    path = str(tmp_path_factory.mktemp("cli") / "tiny.gguf")
-    shape = dict(dim=96, hidden_dim=160, n_layers=2, n_heads=3, n_kv_heads=1, vocab_size=400)
-    write_llama_gguf(path, **shape, context_length=128, weight_type="f32", tokenizer="bytes",
-                     tensors=random_llama_tensors(**shape, std=0.1, seed=3))
-    return path
+    return write_cli_gguf(str(tmp_path_factory.mktemp("cli") / "tiny.gguf"))
 
 
 def assert_clean_error(p, *words):

@@ -17,6 +17,7 @@ import pytest
 from dllama_mpi.comm import SerialComm
 from dllama_mpi.config import RunConfig, SamplingParams
 from dllama_mpi.runtime.startup import scheduler_for, start
+from tiny import write_cli_gguf
 
 TIMEOUT = 240
 
@@ -24,12 +25,7 @@ TIMEOUT = 240
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A tiny random Llama with a byte-level BPE tokenizer and a chat template."""
-    from dllama_mpi.testing import random_llama_tensors, write_llama_gguf
-    path = str(tmp_path_factory.mktemp("serve") / "tiny.gguf")
-    shape = dict(dim=96, hidden_dim=160, n_layers=2, n_heads=3, n_kv_heads=1, vocab_size=400)
-    write_llama_gguf(path, **shape, context_length=256, weight_type="f32", tokenizer="bytes",
-                     tensors=random_llama_tensors(**shape, std=0.1, seed=3))
-    return path
+    return write_cli_gguf(str(tmp_path_factory.mktemp("serve") / "tiny.gguf"), context_length=256)
 
 
 def _alone(path, prompt_text, max_tokens, chat=False):

@@ -205,3 +205,13 @@ def write_header_only_gguf(path, arch: str, tensor_type: str | None = None) -> s
     w.write_tensors_to_file()
     w.close()
     return str(path)
+
+
+def write_cli_gguf(path: str, context_length: int = 128) -> str:
+    """A tiny random Llama with a byte-level BPE tokenizer and a chat template (written by
+    our GGUF writer): what the command-line tests run."""
+    from dllama_mpi.testing import random_llama_tensors, write_llama_gguf
+    shape = dict(dim=96, hidden_dim=160, n_layers=2, n_heads=3, n_kv_heads=1, vocab_size=400)
+    write_llama_gguf(path, **shape, context_length=context_length, weight_type="f32",
+                     tokenizer="bytes", tensors=random_llama_tensors(**shape, std=0.1, seed=3))
+    return path

@@ -390,28 +390,29 @@ def completion_response(id: str, created: int, model: str, choices: list[dict],
             "system_fingerprint": None, "choices": choices, "usage": usage_}
 
 
-def chat_chunk(id: str, created: int, model: str, index: int, delta: dict,
-               finish_reason: str | None = None, logprobs: dict | None = None,
-               include_usage: bool = False) -> dict:
-    c = {"id": id, "object": "chat.completion.chunk", "created": created, "model": model,
-         "system_fingerprint": None,
-         "choices": [{"index": index, "delta": delta, "logprobs": logprobs,
-                      "finish_reason": finish_reason}]}
+def _chunk(obj: str, id: str, created: int, model: str, choice: dict,
+           include_usage: bool) -> dict:
+    c = {"id": id, "object": obj, "created": created, "model": model,
+         "system_fingerprint": None, "choices": [choice]}
     if include_usage:
         c["usage"] = None
     return c
+
+
+def chat_chunk(id: str, created: int, model: str, index: int, delta: dict,
+               finish_reason: str | None = None, logprobs: dict | None = None,
+               include_usage: bool = False) -> dict:
+    return _chunk("chat.completion.chunk", id, created, model,
+                  {"index": index, "delta": delta, "logprobs": logprobs,
+                   "finish_reason": finish_reason}, include_usage)
 
 
 def completion_chunk(id: str, created: int, model: str, index: int, text: str,
                      finish_reason: str | None = None, logprobs: dict | None = None,
                      include_usage: bool = False) -> dict:
-    c = {"id": id, "object": "text_completion", "created": created, "model": model,
-         "system_fingerprint": None,
-         "choices": [{"index": index, "text": text, "logprobs": logprobs,
-                      "finish_reason": finish_reason}]}
-    if include_usage:
-        c["usage"] = None
-    return c
+    return _chunk("text_completion", id, created, model,
+                  {"index": index, "text": text, "logprobs": logprobs,
+                   "finish_reason": finish_reason}, include_usage)
 
 
 def usage_chunk(id: str, created: int, model: str, obj: str, usage_: dict) -> dict:
