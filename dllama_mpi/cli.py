@@ -135,11 +135,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (0.0.0.0: every interface)")
-    p.add_argument("--port", type=_count, default=8080, help="port to listen on (0: any free)")
-    p.add_argument("--parallel", type=_positive, default=4,
+    p.add_argument("--port", type=_count, default=9990, help="port to listen on (0: any free)")
+    p.add_argument("--parallel", "--max-batch", type=_positive, default=4,
                    help="sequences decoding together (KV-cache slots; memory grows with it)")
     p.add_argument("--api-key", default=None,
-                   help="require 'Authorization: Bearer KEY' on /v1/*")
+                   help="require 'Authorization: Bearer KEY' on /v1/* (or set DLLAMA_API_KEY)")
+    p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                   help="allow browsers on this origin (repeatable; CORS is off without it)")
     p.add_argument("--model-name", default=None,
                    help="the model id the API reports (default: the model file's name)")
 

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 
+import httpx
 import openai
 import pytest
 
@@ -20,6 +21,7 @@ from dllama_mpi.runtime.startup import scheduler_for, start
 from tiny import write_cli_gguf
 
 TIMEOUT = 240
+KEY = "test-key"          # given through DLLAMA_API_KEY, not the command line
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +47,9 @@ class Server:
                "--parallel", "3", "--nthreads", "1", "--max-seq-len", "256"]
         if ranks > 1:
             cmd = [shutil.which("mpiexec") or "mpiexec", "-n", str(ranks), *cmd]
+        env = dict(os.environ, DLLAMA_API_KEY=KEY)
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     text=True, start_new_session=True)
+                                     text=True, start_new_session=True, env=env)
         self.err = []
         deadline = time.monotonic() + TIMEOUT
         while time.monotonic() < deadline:
@@ -77,8 +80,8 @@ class Server:
 def test_serve_answers_what_the_engine_generates(tiny, ranks):
     server = Server(tiny, ranks)
     try:
-        client = openai.OpenAI(base_url=server.url, api_key="unused", max_retries=0,
-                               timeout=120)
+        assert httpx.get(server.url + "/models").status_code == 401
+        client = openai.OpenAI(base_url=server.url, api_key=KEY, max_retries=0, timeout=120)
         assert [m.id for m in client.models.list().data] == ["tiny"]
         r = client.completions.create(model="tiny", prompt="hello world", max_tokens=12,
                                       temperature=0)
@@ -119,3 +122,17 @@ def test_chat_keeps_the_conversation(tiny):
     first = _alone(tiny, "abc", 8, chat=True)
     assert first in p.stdout
     assert p.stdout.count("> ") >= 3 and "Traceback" not in p.stderr
+
+
+def test_chat_says_when_the_context_is_full(tiny):
+    """The first answer runs into the context end (the random model does not stop by
+    itself); the next turn cannot fit: one error line, and the chat goes on after /reset."""
+    p = subprocess.run([sys.executable, "-m", "dllama_mpi", "chat", "--model", tiny,
+                        "--temperature", "0", "--steps", "500", "--nthreads", "1",
+                        "--max-seq-len", "48"],
+                       input="abc\nmore\n/reset\nabc\n", capture_output=True, text=True,
+                       timeout=TIMEOUT)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.count("reached the end of the context (48 tokens)") == 2, p.stdout
+    assert p.stderr.count("error:") == 1 and "the context holds 48" in p.stderr, p.stderr
+    assert "Traceback" not in p.stderr

@@ -83,6 +83,10 @@ class ChatSession:
                 output.write(event.text)
                 output.flush()
 
+        context = getattr(self.scheduler, "max_seq_len", None)
+        if context and len(prompt) >= context:
+            raise DllamaError(f"the conversation has {len(prompt)} tokens, the context holds "
+                              f"{context}: /reset starts a new one")
         with _sigint_sets_flag() as interrupted:
             handle = self.scheduler.submit(prompt, self.params, on_token=on_token)
             cancelled = False
@@ -98,6 +102,11 @@ class ChatSession:
         output.write(rest + "\n")
         if c.finish_reason == "cancelled":
             output.write("[answer cancelled]\n")
+        context = getattr(self.scheduler, "max_seq_len", None)
+        if c.finish_reason == "length" and context and \
+                len(prompt) + len(c.generated_tokens) >= context:
+            output.write(f"[the conversation reached the end of the context ({context} tokens):"
+                         " /reset starts a new one]\n")
         output.flush()
         if c.finish_reason == "error":
             raise DllamaError(c.error or "generation failed")

@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import functools
 import json
+import os
 import signal
 import sys
 import threading
@@ -33,6 +34,7 @@ from dataclasses import replace
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from prometheus_client import generate_latest
@@ -47,6 +49,7 @@ from .http_metrics import Gate, Metrics
 __all__ = ["create_app", "run_server", "run_serve", "MAX_SEQUENCES"]
 
 MAX_SEQUENCES = 64          # sequences one request may start (prompts x n)
+MAX_BODY_BYTES = 8 << 20    # a request body larger than this is refused (413)
 POLL_SECONDS = 0.5          # how often a waiting request checks that its client is still there
 
 
@@ -55,7 +58,8 @@ POLL_SECONDS = 0.5          # how often a waiting request checks that its client
 # ---------------------------------------------------------------------------------------------
 def create_app(scheduler, tokenizer, model_name: str, max_seq_len: int, *,
                defaults: SamplingParams | None = None, api_key: str | None = None,
-               poll_seconds: float = POLL_SECONDS) -> FastAPI:
+               poll_seconds: float = POLL_SECONDS, max_body_bytes: int = MAX_BODY_BYTES,
+               cors_origins: tuple[str, ...] = ()) -> FastAPI:
     """The HTTP app in front of `scheduler` (anything with the scheduler contract's submit;
     requests_running / requests_waiting / *_total counters are read for /metrics when present).
 
@@ -72,6 +76,9 @@ def create_app(scheduler, tokenizer, model_name: str, max_seq_len: int, *,
     app.state.metrics = metrics
     app.state.scheduler = scheduler
     app.add_middleware(Gate, api_key=api_key, metrics=metrics)
+    if cors_origins:        # off unless asked: browsers on other origins get no access
+        app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins),
+                           allow_methods=["GET", "POST"], allow_headers=["*"])
 
     @functools.lru_cache(maxsize=65536)
     def token_text(t: int) -> str:
@@ -109,8 +116,23 @@ def create_app(scheduler, tokenizer, model_name: str, max_seq_len: int, *,
         return ApiError(500, f"internal error: {type(e).__name__}: {e}", "server_error").response()
 
     # -- request parsing --------------------------------------------------------------------
+    async def read_body(request: Request) -> bytes:
+        """The body, refused with a 413 as soon as it is known to exceed max_body_bytes."""
+        too_big = ApiError(413, f"the request body exceeds {max_body_bytes} bytes",
+                           code="request_too_large")
+        length = request.headers.get("content-length", "")
+        if length.isdigit() and int(length) > max_body_bytes:
+            raise too_big
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > max_body_bytes:
+                raise too_big
+            chunks.append(chunk)
+        return b"".join(chunks)
+
     async def parse(request: Request, model):
-        raw = await request.body()
+        raw = await read_body(request)
         try:
             obj = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -327,16 +349,17 @@ class _Server(uvicorn.Server):
 
 
 def run_server(scheduler, tokenizer, model_name: str, max_seq_len: int,
-               host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, *,
+               host: str = "127.0.0.1", port: int = 9990, api_key: str | None = None, *,
                defaults: SamplingParams | None = None, log_level: str = "warning",
-               startup_timeout: float = 60.0, shutdown_timeout: float = 5.0) -> None:
+               startup_timeout: float = 60.0, shutdown_timeout: float = 5.0,
+               cors_origins: tuple[str, ...] = ()) -> None:
     """Serve until SIGINT/SIGTERM (or until the scheduler is closed): uvicorn in a background
     thread, `scheduler.run()` on the calling thread, which must be the main thread of rank 0.
     Prints `serving <model> on http://host:port/v1` on stderr once listening. The first signal
     stops gracefully (no new connections, running requests cancelled, scheduler closed); a
     second one forces uvicorn out. Raises DllamaError if the server cannot listen."""
     app = create_app(scheduler, tokenizer, model_name, max_seq_len, defaults=defaults,
-                     api_key=api_key)
+                     api_key=api_key, cors_origins=cors_origins)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="off",
                             access_log=log_level in ("debug", "info", "trace"),
                             timeout_graceful_shutdown=max(1, int(shutdown_timeout)))
@@ -395,6 +418,9 @@ def run_server(scheduler, tokenizer, model_name: str, max_seq_len: int,
             signal.signal(s, h)
 
 
+API_KEY_VARIABLE = "DLLAMA_API_KEY"   # the key without putting it on the command line
+
+
 def run_serve(args, run) -> int:
     """`serve`: every rank starts; the root serves HTTP until SIGINT/SIGTERM, then stops the
     workers."""
@@ -409,12 +435,12 @@ def run_serve(args, run) -> int:
     def body(s) -> None:
         s.print_memory()
         run_server(scheduler_for(s), s.tokenizer, name, s.max_seq_len, host=args.host,
-                   port=args.port, api_key=args.api_key)
+                   port=args.port, api_key=args.api_key or os.environ.get(API_KEY_VARIABLE),
+                   cors_origins=tuple(args.cors_origin))
 
     return run_root(session, body)
 
 
 def _model_name(model_arg: str) -> str:
-    import os
     base = os.path.basename(os.path.normpath(model_arg))
     return os.path.splitext(base)[0] if base.endswith((".gguf", ".m", ".h5")) else base
