@@ -42,9 +42,12 @@ def _alone(path, prompt_text, max_tokens, chat=False):
 
 
 class Server:
-    def __init__(self, path, ranks):
+    """`serve` in a subprocess (its own process group), on a free port, until stop()."""
+
+    def __init__(self, path, ranks, extra=("--parallel", "3", "--nthreads", "1",
+                                           "--max-seq-len", "256")):
         cmd = [sys.executable, "-m", "dllama_mpi", "serve", "--model", path, "--port", "0",
-               "--parallel", "3", "--nthreads", "1", "--max-seq-len", "256"]
+               *extra]
         if ranks > 1:
             cmd = [shutil.which("mpiexec") or "mpiexec", "-n", str(ranks), *cmd]
         env = dict(os.environ, DLLAMA_API_KEY=KEY)
