@@ -1,6 +1,6 @@
 """Distributed Llama model (.m) files: read and write; the tokenizer (.t) file next to it.
 
-Layouts (all little-endian; /work/shared/notes/dllama-formats.md):
+Layouts (all little-endian; as Distributed Llama writes them, src/llm.cpp and src/tokenizer.cpp):
   .m  int32 magic 0x0A00ABCD, int32 header size (8 + 8 * keys), (int32 key, int32 value)
       pairs, then tensors back to back: embedding F32; per layer wq wk wv wo w1 w2 w3 (the
       weight type), [qwen3: q_norm k_norm F32 [head_dim]], attn_norm ffn_norm F32; final
