@@ -26,6 +26,10 @@ from .sequence import (Completion, RequestHandle, Sequence, Slot, TokenEvent,  #
                        check_prompt)
 from .stops import TextStream
 
+# a prefix held by another slot is copied when it saves at least this many positions of
+# prefill (a copy is a broadcast step of its own)
+MIN_COPY_POSITIONS = 16
+
 
 class Scheduler:
     def __init__(self, engine, *, n_slots: int, max_seq_len: int, eos_ids,
@@ -56,6 +60,7 @@ class Scheduler:
         self.steps_total = self.decode_steps_total = 0
         self.decode_rows_total = self.prefill_rows_total = 0
         self.decode_seconds_total = self.prefill_seconds_total = 0.0
+        self.kv_copies_total = 0
 
     # -- any thread --------------------------------------------------------------------
     def submit(self, prompt_tokens, params, on_token=None, on_done=None,
@@ -108,7 +113,7 @@ class Scheduler:
         names = ("requests_running", "requests_waiting", "requests_total",
                  "tokens_generated_total", "prompt_tokens_total", "cached_tokens_total",
                  "steps_total", "decode_steps_total", "decode_rows_total", "prefill_rows_total",
-                 "decode_seconds_total", "prefill_seconds_total")
+                 "decode_seconds_total", "prefill_seconds_total", "kv_copies_total")
         return {n: getattr(self, n) for n in names}
 
     # -- the scheduler thread ----------------------------------------------------------
@@ -187,11 +192,29 @@ class Scheduler:
                 continue
             slot = self._choose_slot(seq.prompt, free)
             cached = self.slots[slot].shared_prefix(seq.prompt) if self.prefix_cache else 0
+            if self.prefix_cache:
+                cached = self._copy_longer_prefix(seq.prompt, slot, cached)
             self.slots[slot].seq = seq
             del self.slots[slot].tokens[cached:]
             seq.slot, seq.pos, seq.cached_tokens = slot, cached, cached
             self.prompt_tokens_total += len(seq.prompt)
             self.cached_tokens_total += cached
+
+    def _copy_longer_prefix(self, prompt, slot: int, cached: int) -> int:
+        """When another slot (a running sequence's too: the n choices of one prompt, a shared
+        system prompt) holds a longer prefix of prompt than `slot`, copy its K/V over: a
+        memory copy instead of a prefill. Returns the positions `slot` now holds."""
+        best, src = cached, -1
+        for i, other in enumerate(self.slots):
+            n = other.shared_prefix(prompt)
+            if i != slot and n > best:
+                best, src = n, i
+        if best - cached < MIN_COPY_POSITIONS:
+            return cached
+        self.engine.copy_kv(src, slot, best)
+        self.slots[slot].tokens[:] = self.slots[src].tokens[:best]
+        self.kv_copies_total += 1
+        return best
 
     def _choose_slot(self, prompt, free: list[int]) -> int:
         """The free slot sharing the longest prefix with prompt; among equals (and when the
