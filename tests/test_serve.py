@@ -377,8 +377,11 @@ def test_malformed_requests(client):
     r = client.post("/v1/completions", json={"prompt": "x" * CTX})
     assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
     r = client.post("/v1/completions", json={"prompt": "x" * (CTX - 1), "max_tokens": 100})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+    assert r.json()["error"]["param"] == "max_tokens"
+    r = client.post("/v1/completions", json={"prompt": "x" * (CTX - 1)})
     assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] == "length"
-    assert r.json()["usage"]["completion_tokens"] == 1    # capped at the room left
+    assert r.json()["usage"]["completion_tokens"] == 1    # no max_tokens: the room left
     r = client.post("/v1/nothing", json={})
     assert r.status_code == 404 and r.json()["error"]["message"] == "Invalid URL (POST /v1/nothing)"
     r = client.get("/v1/chat/completions")

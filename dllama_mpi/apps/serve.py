@@ -65,7 +65,8 @@ def create_app(scheduler, tokenizer, model_name: str, max_seq_len: int, *,
 
     `defaults` gives the sampling of fields a request leaves out (default: OpenAI's
     temperature 1, top_p 1, and as many tokens as the context leaves); every sequence's
-    max_tokens is capped at the room its prompt leaves in max_seq_len."""
+    max_tokens is capped at the room its prompt leaves in max_seq_len; an explicit max_tokens
+    beyond that room is a 400 (context_length_exceeded), as OpenAI answers."""
     if defaults is None:
         defaults = SamplingParams(temperature=1.0, top_p=1.0, max_tokens=max_seq_len)
     metrics = Metrics(scheduler)
@@ -215,6 +216,14 @@ def create_app(scheduler, tokenizer, model_name: str, max_seq_len: int, *,
         if len(prompts) * n > MAX_SEQUENCES:
             raise ApiError(400, f"at most {MAX_SEQUENCES} sequences per request (prompts x n), "
                                 f"got {len(prompts) * n}", param="n")
+        asked = getattr(body, "max_completion_tokens", None) or body.max_tokens
+        longest = max(len(p) for p in prompts)
+        if asked is not None and longest + asked > max_seq_len:
+            raise ApiError(400, f"This model's maximum context length is {max_seq_len} tokens. "
+                                f"However, you requested {longest + asked} tokens ({longest} in "
+                                f"the prompt, {asked} in the completion). Please reduce the "
+                                f"length of the prompt or of the completion.",
+                           param="max_tokens", code="context_length_exceeded")
         run = RequestRun(asyncio.get_running_loop(), metrics)
         rid = oa.new_id("chatcmpl" if chat else "cmpl")
         try:
