@@ -154,6 +154,10 @@ class SamplingParams:
     ignore_eos: bool = False         # keep going past end-of-sequence ids (benchmarks)
     logprobs: bool = False           # report the chosen token's log-probability
     top_logprobs: int = 0            # and this many alternatives
+    min_p: float = 0.0               # drop tokens below min_p x the top probability (0: off)
+    # structured output: grammar.response_format_text() of an OpenAI response_format (JSON
+    # text, hashable); None: free text. Compiled at submit (an invalid schema is a DllamaError)
+    response_format: str | None = None
 
     def check(self) -> None:
         """Raise DllamaError naming the first bad field."""
@@ -171,3 +175,8 @@ class SamplingParams:
             raise DllamaError(f"top_logprobs must be in [0, 20], got {self.top_logprobs}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise DllamaError("stop strings must be non-empty strings")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise DllamaError(f"min_p must be in [0, 1], got {self.min_p}")
+        if self.response_format is not None and not isinstance(self.response_format, str):
+            raise DllamaError("response_format must be the JSON text of grammar."
+                              "response_format_text()")

@@ -198,8 +198,11 @@ def run_root(session: Session, body: Callable[[Session], object],
 
 def scheduler_for(session: Session, **options) -> Scheduler:
     """The root's scheduler over this session's engine: one sequence per KV slot
-    (--parallel), the tokenizer's end ids and streaming decoder."""
+    (--parallel), the tokenizer's end ids and streaming decoder, and a grammar compiler for
+    response_format (built lazily: nothing is compiled until a request asks)."""
+    from ..grammar import GrammarCompiler
     tok = session.tokenizer
+    options.setdefault("grammar", GrammarCompiler(tok, eos_ids=tok.eos_ids))
     return Scheduler(session.engine, n_slots=session.run.parallel,
                      max_seq_len=session.max_seq_len, eos_ids=tok.eos_ids,
                      decoder_factory=tok.decoder, **options)
