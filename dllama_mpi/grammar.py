@@ -5,7 +5,7 @@ mask costs tens of microseconds per token). Everything here runs on the root, in
 scheduler's process:
 
   * `response_format_text(obj)`: an OpenAI response_format object -> the frozen form that
-    SamplingParams carries (canonical JSON text, hashable), or None for plain text;
+    SamplingParams carries (JSON text, hashable), or None for plain text;
   * `GrammarCompiler(tokenizer)`: one per scheduler; `matcher(text)` compiles a frozen
     response_format for one sequence (DllamaError for an invalid one: a 400 at submit).
     llguidance's view of the tokenizer (an `LLTokenizer` built from our Hugging Face
@@ -42,10 +42,10 @@ _ANY_OBJECT = {"type": "object"}
 
 def response_format_text(obj: Any) -> str | None:
     """The frozen form of an OpenAI `response_format` (a dict, or a pydantic model dumped to
-    one): None for None / {"type": "text"}; otherwise canonical JSON text (sorted keys) of
-    {"type": "json_object"} or {"type": "json_schema", "json_schema": {"name", "schema",
-    "strict"}}. Raises DllamaError for a malformed object (the schema itself is checked when
-    it is compiled)."""
+    one): None for None / {"type": "text"}; otherwise the JSON text of {"type":
+    "json_object"} or {"type": "json_schema", "json_schema": {"name", "schema", "strict"}}
+    (the schema's keys in their given order: properties are generated in that order).
+    Raises DllamaError for a malformed object (the schema itself is checked when compiled)."""
     if obj is None:
         return None
     if not isinstance(obj, dict):
@@ -69,8 +69,9 @@ def response_format_text(obj: Any) -> str | None:
         raise DllamaError("response_format json_schema.strict must be a boolean")
     frozen = {"name": str(spec.get("name") or "schema"), "schema": schema,
               "strict": bool(strict)}
-    return json.dumps({"type": "json_schema", "json_schema": frozen}, sort_keys=True,
-                      ensure_ascii=False, separators=(",", ":"))
+    # keys keep their order: llguidance generates properties in the schema's order
+    return json.dumps({"type": "json_schema", "json_schema": frozen}, ensure_ascii=False,
+                      separators=(",", ":"))
 
 
 def schema_of(text: str) -> tuple[Any, bool]:
