@@ -19,7 +19,8 @@ Formats: {"type": "json_object"} -> any JSON object; {"type": "json_schema", "js
 {"name", "schema", "strict"}} -> that schema (strict: keywords llguidance cannot enforce are
 an error; otherwise they are ignored). Whitespace between JSON tokens is bounded (at most
 WHITESPACE_MAX characters per gap) so that a small model cannot loop on newlines until
-max_tokens; a schema's own top-level "x-guidance" options override that.
+max_tokens; a schema with its own top-level "x-guidance" options (llguidance's
+whitespace_flexible, whitespace_pattern, item_separator, key_separator) gets those instead.
 """
 from __future__ import annotations
 
@@ -151,9 +152,12 @@ class GrammarCompiler:
         import llguidance
         schema, strict = schema_of(response_format)
         overrides = None if strict else {"lenient": True}
+        # a schema's own "x-guidance" options (whitespace, separators) replace our bound
+        own = isinstance(schema, dict) and "x-guidance" in schema
         try:
             g = llguidance.LLMatcher.grammar_from_json_schema(
-                json.dumps(schema), defaults=_JSON_DEFAULTS, overrides=overrides)
+                json.dumps(schema), defaults=None if own else _JSON_DEFAULTS,
+                overrides=overrides)
         except (ValueError, TypeError) as e:
             raise DllamaError(f"response_format: invalid JSON schema: {e}") from None
         problem = llguidance.LLMatcher.validate_grammar(g, self.ll_tokenizer())
