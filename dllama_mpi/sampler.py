@@ -29,19 +29,19 @@ class Sampler:
 
     def __call__(self, logits: np.ndarray, allowed: np.ndarray | None = None) -> int:
         """A token id; `allowed`: a boolean mask over the logits (None: every token)."""
-        if allowed is None:
-            idx = None
-            z = logits
-        else:
-            idx = np.flatnonzero(allowed[:logits.size])
-            if idx.size == 0:
+        if allowed is not None:
+            allowed = allowed[:logits.size]
+            if not allowed.any():
                 raise DllamaError("the grammar allows no token here")
-            z = logits[idx]
         if self.temperature == 0.0:
-            best = int(np.argmax(z))
-            return best if idx is None else int(idx[best])
-        if idx is None:
-            idx = np.arange(z.size)
+            if allowed is None:
+                return int(np.argmax(logits))
+            return int(np.argmax(np.where(allowed, logits, -np.inf)))
+        if allowed is None:
+            idx, z = np.arange(logits.size), logits
+        else:
+            idx = np.flatnonzero(allowed)
+            z = logits[idx]
         z = z.astype(np.float64) / self.temperature
         if self.topk and self.topk < z.size:
             keep = np.argpartition(-z, self.topk - 1)[: self.topk]
