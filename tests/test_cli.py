@@ -203,21 +203,40 @@ def test_info_for_every_format(every_format, form):
             f"ffn {pl.ffn.start}:{pl.ffn.stop}, vocab {pl.vocab.start}:{pl.vocab.stop};"), line
 
 
-def _rank_pids(root_pid: int, rank: int) -> list[int]:
-    """PIDs of processes under root_pid whose MPI rank (PMI_RANK) is `rank`."""
-    found = []
+def _descendants(root_pid: int) -> set[int]:
+    """root_pid's children, their children, and so on (from /proc)."""
+    children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    found, todo = set(), [root_pid]
+    while todo:
+        for child in children.get(todo.pop(), ()):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def _rank_pids(root_pid: int, rank: int) -> list[int]:
+    """PIDs of processes under root_pid (and only those: other runs on the machine are not
+    ours to kill) whose MPI rank (PMI_RANK) is `rank`."""
+    found = []
+    for pid in sorted(_descendants(root_pid)):
         try:
-            with open(f"/proc/{entry}/environ", "rb") as f:
+            with open(f"/proc/{pid}/environ", "rb") as f:
                 env = dict(kv.split(b"=", 1) for kv in f.read().split(b"\0") if b"=" in kv)
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
                 cmd = f.read()
         except OSError:
             continue
         if env.get(b"PMI_RANK") == str(rank).encode() and b"dllama_mpi" in cmd:
-            found.append(int(entry))
+            found.append(pid)
     return found
 
 
