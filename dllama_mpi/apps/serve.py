@@ -230,7 +230,10 @@ def create_app(scheduler, tokenizer, model_name: str, max_seq_len: int, *,
             for i, prompt in enumerate(prompts):
                 p = replace(params, max_tokens=min(params.max_tokens, max_seq_len - len(prompt)))
                 for j in range(n):
-                    run.submit(scheduler, prompt, p, i * n + j, f"{rid}-{i * n + j}")
+                    # off the event loop: a first constrained request builds the grammar's
+                    # tokenizer (about a second), and other clients must not wait for it
+                    await asyncio.to_thread(run.submit, scheduler, prompt, p, i * n + j,
+                                            f"{rid}-{i * n + j}")
         except DllamaError as e:
             run.cancel()
             raise ApiError(400, str(e)) from None
