@@ -95,7 +95,10 @@ def _steps(needs) -> list[tuple[str, float, list, object]]:
     xq = np.empty((T, n), np.int8)
     xd = np.empty((T, n // QK), np.float32)
     f32 = lambda *shape: rng.standard_normal(shape).astype(np.float32)  # noqa: E731
-    steps = []
+    ones = np.ones(n, np.float32)
+    ones_ro = np.ones(n, np.float32)
+    ones_ro.flags.writeable = False     # the model's norm weights are read-only views: numba
+    steps = []                          # compiles those separately
 
     def step(need, name, seconds, dispatchers):
         def add(fn):
@@ -146,8 +149,9 @@ def _steps(needs) -> list[tuple[str, float, list, object]]:
     @step("fused", "rmsnorm + q80", 2.0, [_rmsnorm_q80_ser, _rmsnorm_par])
     def _():
         y = np.empty_like(x)
-        rmsnorm_q80(y, xq, xd, x, np.ones(n, np.float32), 1e-5)
-        _rmsnorm_par(y, x, np.ones(n, np.float32), 1e-5, T, n)
+        for w in (ones, ones_ro):
+            rmsnorm_q80(y, xq, xd, x, w, 1e-5)
+            _rmsnorm_par(y, x, w, 1e-5, T, n)
 
     @step("fused", "silu·mul + q80", 2.0, [_silu_mul_q80_ser, _silu_mul_par])
     def _():
@@ -163,8 +167,9 @@ def _steps(needs) -> list[tuple[str, float, list, object]]:
     @step("f32", "rmsnorm", 1.6, [_rmsnorm_rows, _rmsnorm_par])
     def _():
         y = np.empty_like(x)
-        rmsnorm(y, x, np.ones(n, np.float32), 1e-5)
-        _rmsnorm_par(y, x, np.ones(n, np.float32), 1e-5, T, n)
+        for w in (ones, ones_ro):
+            rmsnorm(y, x, w, 1e-5)
+            _rmsnorm_par(y, x, w, 1e-5, T, n)
 
     @step("f32", "silu·mul", 1.6, [_silu_mul_rows, _silu_mul_par])
     def _():
@@ -174,7 +179,8 @@ def _steps(needs) -> list[tuple[str, float, list, object]]:
 
     @step("qk_norm", "per-head rmsnorm", 0.5, [_rmsnorm_heads])
     def _():
-        rmsnorm_heads(x.copy(), 16, 2, np.ones(16, np.float32), 1e-6)
+        for w in (ones, ones_ro):
+            rmsnorm_heads(x.copy(), 16, 2, w[:16], 1e-6)
 
     @step("attention", "attention block", 6.0, [_attention_block_ser, _rope_store, _attention_par])
     def _():
