@@ -73,7 +73,8 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
                    help="nucleus sampling: the smallest set of tokens with this probability")
     p.add_argument("--topk", type=_count, default=0, help="sample among the k likeliest (0 = off)")
     p.add_argument("--seed", type=_count, default=None,
-                   help="random seed of the sampler (none: a different text every run)")
+                   help="random seed of the sampler (none: a random one, so a different text "
+                   "every run; inference prints it on stderr)")
 
 
 def _add_generation_args(p: argparse.ArgumentParser, steps_help: str) -> None:
