@@ -395,3 +395,34 @@ def test_unsupported_architecture(tmp_path, ranks):
 def test_unsupported_tensor_type(tmp_path, ranks):
     path = write_header_only_gguf(tmp_path / "q.gguf", "llama", tensor_type="Q5_0")
     assert_clean_error(run("inference", "--model", path, "--prompt", "x", ranks=ranks), "Q5_0")
+
+
+# ------------------------------------------------------------------ SmolLM2: the quick start
+
+@pytest.mark.slow
+def test_quick_start_on_two_ranks_answers_paris():
+    """README command 1 (greedy, fewer steps): the text alone on stdout."""
+    from tiny import smollm2_path
+    smollm2_path()                  # in the cache (the suite's other SmolLM2 tests need it too)
+    p = run("inference", "--model", "smollm2-135m", "--prompt", "The capital of France is",
+            "--steps", "4", "--temperature", "0", ranks=2)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.startswith(" Paris") and "The capital" not in p.stdout
+    assert p.stderr.startswith("dllama_mpi: 2 ranks x ")
+
+
+@pytest.mark.slow
+def test_chat_past_the_end_of_turn_prints_no_special_tokens():
+    """--chat --ignore-eos used to print `<|im_end|>` and `<|im_start|>` as text."""
+    from tiny import smollm2_path
+    p = run("inference", "--model", smollm2_path(), "--prompt", "Say hi", "--chat",
+            "--ignore-eos", "--steps", "40", "--temperature", "0", "--json")
+    out = json.loads(p.stdout)
+    from dllama_mpi.tokenizer import Tokenizer
+    tok = Tokenizer.from_gguf(smollm2_path())
+    ends = {tok.token_to_id("<|im_end|>"), tok.token_to_id("<|im_start|>")}
+    assert ends & set(out["generated_tokens"]), "the model did not pass an end of turn"
+    assert "<|im_" not in out["text"]
+    q = run("inference", "--model", smollm2_path(), "--prompt", "Say hi", "--chat",
+            "--ignore-eos", "--steps", "40", "--temperature", "0")
+    assert q.stdout == out["text"] + "\n" and "<|im_" not in q.stdout
