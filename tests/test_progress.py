@@ -57,11 +57,17 @@ def test_compile_stage_says_first_run_with_an_estimate_and_counts(monkeypatch):
     out = io.StringIO()
     monkeypatch.setattr(kernels, "warmup_is_cached", lambda needs: (False, 21.0))
     monkeypatch.setenv("NUMBA_CACHE_DIR", "/somewhere/numba")
+    monkeypatch.setattr(progress.os, "getloadavg", lambda: (0.5, 0.5, 0.5))
     progress.warm_kernels(SerialComm(), {"q80act", "attention"}, progress.Stages(True, out),
                           "q41 weights, q80 output")
     lines = out.getvalue().splitlines()
     assert lines[0] == ("compiling numba kernels for q41 weights, q80 output: first run only, "
                         "about 21 s; cached afterwards in /somewhere/numba")
+    monkeypatch.setattr(progress.os, "getloadavg", lambda: (9.5, 9.0, 9.0))
+    monkeypatch.setattr(progress, "cores", lambda: 2)
+    busy = io.StringIO()
+    progress.warm_kernels(SerialComm(), {"q80act"}, progress.Stages(True, busy))
+    assert "about 21 s on a free core (load here 9.5 on 2 cores: longer);" in busy.getvalue()
     assert lines[1].startswith("compiling kernels: 1/2 steps (50%,") and "q80 activations done" in lines[1]
     assert lines[-1].startswith("kernels compiled in ")
     # a warm cache: nothing to say

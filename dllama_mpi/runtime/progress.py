@@ -125,7 +125,7 @@ def warm_kernels(comm, needs: set[str], stages: Stages, what: str = "") -> None:
         bar = None
         if not cached and stages.enabled:
             stages.line(f"compiling numba kernels{' for ' + what if what else ''}: first run only, "
-                        f"about {_rough(seconds)}; cached afterwards in "
+                        f"about {_rough(seconds)}{_busy()}; cached afterwards in "
                         f"{_home(os.environ.get('NUMBA_CACHE_DIR', 'numba cache'))}")
             bar = stages.counter("compiling kernels", len(kernels._steps(every)), "steps", every=0)
         t0 = time.monotonic()
@@ -143,6 +143,16 @@ def warm_kernels(comm, needs: set[str], stages: Stages, what: str = "") -> None:
     _quiet_barrier(comm)
     if not comm.is_root:
         kernels.warmup(needs)
+
+
+def _busy() -> str:
+    """The estimate is for a free core: say so when the machine is busy."""
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return ""
+    n = cores()
+    return f" on a free core (load here {load:.1f} on {n} cores: longer)" if load > n else ""
 
 
 def _rough(seconds: float) -> str:
