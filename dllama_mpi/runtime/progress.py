@@ -118,12 +118,16 @@ def kernels_needed(config: ModelConfig, p, run: RunConfig, nthreads: int) -> set
 def warm_kernels(comm, needs: set[str], stages: Stages, what: str = "") -> None:
     """Compile (or load from numba's cache) on the root first — every rank's kernels —, so
     ranks never race to write the same cache files; then everyone else loads them. The
-    root says so when the cache lacks them (a first run), with an estimate and a count."""
+    root says so when the cache lacks them (a first run), with an estimate and a count.
+    When the cache has them all, every rank loads its own at the same time."""
     every = set().union(*comm.allgather_obj(needs))
+    cached, seconds = kernels.warmup_is_cached(every) if comm.is_root else (None, 0)
+    if comm.bcast_obj(cached):      # all in the cache: every rank loads its own at once
+        kernels.warmup(needs)
+        return
     if comm.is_root:
-        cached, seconds = kernels.warmup_is_cached(every)
         bar = None
-        if not cached and stages.enabled:
+        if stages.enabled:
             stages.line(f"compiling numba kernels{' for ' + what if what else ''}: first run only, "
                         f"about {_rough(seconds)}{_busy()}; cached afterwards in "
                         f"{_home(os.environ.get('NUMBA_CACHE_DIR', 'numba cache'))}")
