@@ -96,3 +96,11 @@ def test_first_line_says_ranks_threads_and_why(monkeypatch, asked, expect):
     monkeypatch.setattr(progress, "cores", lambda: 2)
     line = progress.first_line(1, 1, asked or 2, asked)
     assert line.startswith("dllama_mpi: 1 rank x ") and expect in line
+
+
+def test_first_line_warns_when_the_node_is_oversubscribed(monkeypatch):
+    monkeypatch.setattr(progress, "cores", lambda: 2)
+    line = progress.first_line(4, 4, 1, 0)
+    assert line.startswith("dllama_mpi: 4 ranks x 1 thread (2 cores / 4 ranks here)")
+    assert "\nnote: 4 ranks x 1 thread on 2 cores: oversubscribed" in line
+    assert "note" not in progress.first_line(2, 2, 1, 0)

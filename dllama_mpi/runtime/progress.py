@@ -97,9 +97,15 @@ class _PlainCounter:
 
 def first_line(ranks: int, local_ranks: int, nthreads: int, asked: int) -> str:
     """What this run is, before anything slow: ranks, threads and why."""
-    how = "--nthreads" if asked else f"{cores()} cores / {local_ranks} rank{'s' * (local_ranks > 1)} here"
-    return (f"dllama_mpi: {ranks} rank{'s' * (ranks > 1)} x {nthreads} thread"
+    n = cores()
+    how = "--nthreads" if asked else f"{n} core{'s' * (n > 1)} / {local_ranks} rank{'s' * (local_ranks > 1)} here"
+    line = (f"dllama_mpi: {ranks} rank{'s' * (ranks > 1)} x {nthreads} thread"
             f"{'s' * (nthreads > 1)} ({how}); progress on stderr, the text on stdout")
+    if local_ranks * nthreads > n:
+        line += (f"\nnote: {local_ranks} rank{'s' * (local_ranks > 1)} x {nthreads} thread"
+                 f"{'s' * (nthreads > 1)} on {n} core{'s' * (n > 1)}: oversubscribed, every "
+                 f"reduction waits for a descheduled rank (fewer ranks, e.g. -n 1, run faster)")
+    return line
 
 
 def model_line(model, run: RunConfig) -> str:
