@@ -347,9 +347,26 @@ def _rank_pids(root_pid: int, rank: int) -> list[int]:
                 cmd = f.read()
         except OSError:
             continue
-        if env.get(b"PMI_RANK") == str(rank).encode() and b"dllama_mpi" in cmd:
+        if env.get(b"PMI_RANK") == str(rank).encode() and b"dllama_mpi" in cmd \
+                and _descends_from(int(entry), root_pid):
             found.append(int(entry))
     return found
+
+
+def _descends_from(pid: int, root_pid: int) -> bool:
+    """Whether pid is root_pid's descendant (other jobs on a shared machine have ranks 1 too:
+    the test must kill its own)."""
+    for _ in range(64):
+        if pid == root_pid:
+            return True
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                pid = int(f.read().rsplit(")", 1)[1].split()[1])   # the parent's pid
+        except (OSError, ValueError, IndexError):
+            return False
+        if pid <= 1:
+            return False
+    return False
 
 
 def test_a_rank_that_dies_ends_the_job(tmp_path):
