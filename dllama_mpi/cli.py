@@ -57,7 +57,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-seq-len", type=_count, default=0,
                    help="KV cache positions (0: the model's context, at most 4096)")
     p.add_argument("--nthreads", type=_count, default=0,
-                   help="threads per rank (0: the cores this rank may use / ranks on the node)")
+                   help="threads per rank (0: the cores this rank may use / ranks on the node; "
+                   "at most numba's NUMBA_NUM_THREADS)")
     p.add_argument("--load", choices=("auto", "scatter", "direct"), default="auto",
                    help="scatter: rank 0 reads the model and sends each rank its slice; direct: "
                    "every rank reads its own slice (shared filesystem); auto: direct when every "
@@ -72,7 +73,8 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
                    help="nucleus sampling: the smallest set of tokens with this probability")
     p.add_argument("--topk", type=_count, default=0, help="sample among the k likeliest (0 = off)")
     p.add_argument("--seed", type=_count, default=None,
-                   help="random seed of the sampler (none: a different text every run)")
+                   help="random seed of the sampler (none: a random one, so a different text "
+                   "every run; inference prints it on stderr)")
 
 
 def _add_generation_args(p: argparse.ArgumentParser, steps_help: str) -> None:
@@ -102,10 +104,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inference", help="generate a continuation of one prompt")
     _add_model_args(p)
     _add_sampling_args(p)
-    p.add_argument("--prompt", required=True, help="the text to continue")
+    p.add_argument("--prompt", required=True, help="the text to continue (with --chat: the "
+                   "user's message)")
     _add_generation_args(p, "tokens to generate at most")
-    p.add_argument("--stats", action="store_true", help="per-token timing lines on stderr")
-    p.add_argument("--json", action="store_true", help="print one JSON object at the end")
+    p.add_argument("--echo", action="store_true",
+                   help="print the prompt on stdout before the text (with --chat: the "
+                   "message, then a newline)")
+    p.add_argument("--stats", action="store_true",
+                   help="timing lines on stderr: the prompt pass, then each token")
+    p.add_argument("--json", action="store_true",
+                   help="stdout: one JSON object at the end instead of the streamed text")
+    p.add_argument("--quiet", action="store_true",
+                   help="no start-up lines or summary on stderr (errors only)")
 
     p = sub.add_parser("batch", help="complete a file of prompts (JSON Lines), several "
                        "sequences decoding together")
@@ -202,6 +212,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         value = getattr(args, name, None)
         if isinstance(value, str) and not _utf8(value):
             parser.error(f"--{name} is not valid UTF-8 text")
+    if getattr(args, "nthreads", 0):
+        from .kernels import max_threads
+        if args.nthreads > max_threads():
+            parser.error(f"--nthreads {args.nthreads}: at most {max_threads()} here (numba's "
+                         f"NUMBA_NUM_THREADS; 0 picks the cores per rank)")
     return args
 
 

@@ -21,6 +21,8 @@ def print_info(model_arg: str, ranks: int, run: RunConfig | None = None) -> int:
     for k, v in c.to_dict().items():
         if k == "rope_freq_factors" and v is not None:
             v = f"{len(v)} factors"
+        elif isinstance(v, float):
+            v = f"{v:.7g}"      # norm_eps 1e-05, not the f32 value 9.999999747378752e-06
         print(f"  {k}: {v}")
     # the model's own tensors, by canonical name (not a file's extras such as rope_freqs)
     tensors = [model.tensor(name) for name in expected_shapes(c)]

@@ -19,12 +19,12 @@ from ..embedding import Embedding
 from ..errors import DllamaError
 from ..formats import open_model
 from ..kvcache import KVCache
-from ..loading import load_shard
 from ..memory import RankMemory, mib
 from ..memory import per_rank as memory_per_rank
 from ..model import Transformer, pack_weights
 from .engine import Engine, StepStats
 from .scheduler import Scheduler
+from .progress import Stages, cores, first_line, kernels_needed, load_with_progress, model_line, warm_kernels
 
 
 class StartupFailed(SystemExit):
@@ -59,12 +59,10 @@ class Session:
                   f"{self.nthreads} threads", file=sys.stderr)
 
 
-def default_threads(comm) -> int:
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cores = os.cpu_count() or 1
-    return max(1, cores // comm.node_local_size())
+def default_threads(comm, local_ranks: int | None = None) -> int:
+    """The cores this rank may use / the ranks on its node, at most numba's thread limit."""
+    local = comm.node_local_size() if local_ranks is None else local_ranks
+    return max(1, min(cores() // local, kernels.max_threads()))
 
 
 def _root_open(model_arg: str, run: RunConfig, size: int, want_tokenizer: bool,
@@ -80,18 +78,27 @@ def _root_open(model_arg: str, run: RunConfig, size: int, want_tokenizer: bool,
 
 def start(comm, model_arg: str, run: RunConfig, want_tokenizer: bool = True,
           kv_dir: str | None = None, tokenizer_path: str | None = None,
-          root_check=None) -> Session:
-    """root_check: called first on the root (e.g. to read an input file); its DllamaError
-    is reported like a bad model, before anything is loaded."""
+          root_check=None, after_open=None, progress: bool = True) -> Session:
+    """root_check: called first on the root (e.g. to read an input file); after_open(tokenizer,
+    max_seq_len): called on the root once the model is open, before anything is loaded (e.g.
+    to check the prompt's length); their DllamaError is reported like a bad model.
+    progress: the root prints a line per stage on stderr (progress.py)."""
     model = tokenizer = None
     status = None
+    stages = Stages(comm.is_root and progress)
+    local_ranks = comm.node_local_size()
+    nthreads = run.nthreads or default_threads(comm, local_ranks)
+    stages.line(first_line(comm.size, local_ranks, nthreads, run.nthreads))
     if comm.is_root:
         try:
             if root_check is not None:
                 root_check()
             model, tokenizer, run = _root_open(model_arg, run, comm.size, want_tokenizer,
                                                 tokenizer_path)
+            if after_open is not None:
+                after_open(tokenizer, run.resolved_max_seq_len(model.config))
             status = ("ok", model.config.to_dict(), run, model.path)
+            stages.line(model_line(model, run))
         except DllamaError as e:
             status = ("error", str(e))
     status = comm.bcast_obj(status)
@@ -104,16 +111,16 @@ def start(comm, model_arg: str, run: RunConfig, want_tokenizer: bool = True,
     if direct and not comm.is_root:
         model = open_model(path)
 
-    nthreads = run.nthreads or default_threads(comm)
     kernels.choose_threading_layer(run.weights_float_type)
     kernels.set_num_threads(nthreads)
-    _warm_kernels(comm)
-    weights = load_shard(comm, model, config, run, direct=direct)
+    me = shard.plan(config, comm.rank, comm.size)
+    warm_kernels(comm, kernels_needed(config, me, run, nthreads), stages,
+                 f"{run.weights_float_type} weights, {run.output_float_type} output")
+    weights = load_with_progress(comm, model, config, run, direct, stages)
     pack_weights(weights)
     if direct and not comm.is_root:
         model.close()
     release_free_memory()
-    me = shard.plan(config, comm.rank, comm.size)
     max_seq_len = run.resolved_max_seq_len(config)
     kv = KVCache(config.n_layers, max_seq_len, me.kv_heads.size, config.head_dim,
                  directory=kv_dir, tag=f"rank{comm.rank}", n_slots=run.parallel)
@@ -153,16 +160,6 @@ def _direct_load(comm, mode: str, path: str) -> bool:
             print(f"error: {message}", file=sys.stderr)
         raise StartupFailed(1, message)
     return False
-
-
-def _warm_kernels(comm) -> None:
-    """Compile (or load from numba's cache) on the root first, so ranks never race to
-    write the same cache files; then everyone else loads them."""
-    if comm.is_root:
-        kernels.warmup()
-    comm.barrier()
-    if not comm.is_root:
-        kernels.warmup()
 
 
 def run_root(session: Session, body: Callable[[Session], object],
