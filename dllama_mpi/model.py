@@ -12,10 +12,40 @@ import numpy as np
 
 from . import kernels
 from .config import ModelConfig
-from .quant import QK, Q40Matrix, Q41Matrix
-from .shard import ShardPlan
+from .quant import QK
+from .shard import STACKS, ShardPlan, stack_runs
 
-Matrix = "np.ndarray | Q40Matrix | Q41Matrix"  # f32 [out, in] or a 4-bit runtime form
+Matrix = "np.ndarray | Q40Matrix | Q41Matrix | Q80Matrix | SplitMatrix"  # f32 [out, in], a
+# block-quantised runtime form, or a stack of parts of different forms
+
+
+class SplitMatrix:
+    """A stacked matrix (wq|wk|wv, w1|w3) whose parts differ in runtime type (a Q4_K_M
+    layer: Q4_K wq and wk, Q6_K wv): one matrix per run of parts of one type, their output
+    rows one after the other (`bounds`). Model._matmul runs each into its band of the output."""
+
+    def __init__(self, parts: list):
+        self.parts = list(parts)
+        self.bounds, r = [], 0
+        for m in self.parts:
+            n = m.shape[0] if isinstance(m, np.ndarray) else m.rows
+            self.bounds.append((r, r + n))
+            r += n
+        self.rows = r
+
+    @property
+    def nbytes(self) -> int:
+        return sum(int(m.nbytes) for m in self.parts)
+
+    def __repr__(self) -> str:
+        return f"SplitMatrix({self.parts!r})"
+
+
+def is_quantised(m) -> bool:
+    """A block-quantised runtime matrix (or a stack with such a part): takes Q80 inputs."""
+    if isinstance(m, SplitMatrix):
+        return any(is_quantised(p) for p in m.parts)
+    return not isinstance(m, np.ndarray)
 
 
 @dataclass
@@ -32,15 +62,23 @@ class LayerWeights:
     k_norm: np.ndarray | None = None  # f32 [head_dim] (Qwen3), replicated
 
     @classmethod
-    def from_slices(cls, t: dict[str, np.ndarray], matrix) -> "LayerWeights":
+    def from_slices(cls, t: dict[str, np.ndarray], matrix, type_of=None) -> "LayerWeights":
         """A layer from this rank's slices by short name (attn_norm, wq, wk, wv, wo, ffn_norm,
         w1, w2, w3 [, bq, bk, bv] [, q_norm, k_norm]), matrices as rows of f32 values or of
-        GGML block bytes; matrix(rows) makes the runtime matrix.  The matrices that read the
-        same input are stacked: one matmul for q, k and v, one for gate and up."""
+        GGML block bytes; matrix(rows, type) makes the runtime matrix of a runtime type, and
+        type_of(short name) is each matrix's type (None: one type for all).  The matrices that
+        read the same input are stacked: one matmul for q, k and v, one for gate and up --
+        when their types agree; otherwise a SplitMatrix of the runs that agree."""
+        type_of = type_of or (lambda name: None)
+
+        def stack(names):
+            parts = [matrix(np.concatenate([t[n] for n in run]) if len(run) > 1 else t[run[0]],
+                            type_of(run[0])) for run in stack_runs(names, type_of)]
+            return parts[0] if len(parts) == 1 else SplitMatrix(parts)
+
         bias = (np.concatenate([t["bq"], t["bk"], t["bv"]]) if "bq" in t else None)
-        return cls(attn_norm=t["attn_norm"], ffn_norm=t["ffn_norm"],
-                   wqkv=matrix(np.concatenate([t["wq"], t["wk"], t["wv"]])), wo=matrix(t["wo"]),
-                   w13=matrix(np.concatenate([t["w1"], t["w3"]])), w2=matrix(t["w2"]),
+        m = {field: stack(names) for field, names in STACKS.items()}
+        return cls(attn_norm=t["attn_norm"], ffn_norm=t["ffn_norm"], **m,
                    bqkv=bias, q_norm=t.get("q_norm"), k_norm=t.get("k_norm"))
 
 
@@ -92,12 +130,17 @@ def _aligned(n: int) -> int:
 def _data(m) -> list[np.ndarray]:
     if isinstance(m, np.ndarray):
         return [m]
+    if isinstance(m, SplitMatrix):
+        return [a for p in m.parts for a in _data(p)]
     return [m.buf] if hasattr(m, "buf") else [m.qs, m.d]
 
 
 def _moved(m, place):
     if isinstance(m, np.ndarray):
         return place(m)
+    if isinstance(m, SplitMatrix):
+        m.parts = [_moved(p, place) for p in m.parts]
+        return m
     m.move_data(place)
     return m
 
@@ -158,9 +201,9 @@ class Transformer:
         self.cos, self.sin = rope_tables(config, kv_cache.max_seq_len)
         self.kv_layers = [kv_cache.layer(i) for i in range(config.n_layers)]
         self.kv_of_q = plan.kv_of_q()
-        # 4-bit layers take Q80 inputs: norm and silu·mul then quantise in the same pass
-        self.fuse_q80 = bool(weights.layers) and isinstance(weights.layers[0].wqkv,
-                                                            (Q40Matrix, Q41Matrix))
+        # quantised layers take Q80 inputs: norm and silu·mul then quantise in the same pass
+        self.fuse_q80 = any(is_quantised(getattr(lw, f)) for lw in weights.layers
+                            for f in STACKS)
         self.scale = 1.0 / np.sqrt(config.head_dim)
         self._buffers: dict[int, dict[str, np.ndarray]] = {}
         self._bound = _BoundCalls()
@@ -210,12 +253,29 @@ class Transformer:
 
     def _matmul(self, out: np.ndarray, inp: _Input, w) -> None:
         """out [T, rows] = inp [T, cols] @ w[rows, cols]^T."""
-        if isinstance(w, np.ndarray):
+        if isinstance(w, SplitMatrix):
+            self._matmul_parts(out, inp, w)
+        elif isinstance(w, np.ndarray):
             kernels.matmul_f32(out, inp.x, w)
         elif inp.buffers:
             self._bound(kernels.bind_matmul, out, *inp.q80(), w)
         else:
             kernels.bind_matmul(out, *inp.q80(), w)()
+
+    def _matmul_parts(self, out: np.ndarray, inp: _Input, w: SplitMatrix) -> None:
+        """Each part into its band of out's columns: a view when out has one row (still
+        C-contiguous), else a buffer of its own, copied in (kept with out's buffers)."""
+        t = out.shape[0]
+        b = self._buf(t)
+        key = ("parts", id(out), tuple(w.bounds))
+        outs = b.get(key)
+        if outs is None:
+            outs = b[key] = [out[:, lo:hi] if t == 1 else np.zeros((t, hi - lo), np.float32)
+                             for lo, hi in w.bounds]
+        for (lo, hi), m, o in zip(w.bounds, w.parts, outs):
+            self._matmul(o, inp, m)
+            if t != 1:
+                out[:, lo:hi] = o
 
     def _q80(self, b, name: str):
         """The Q80 buffers of b[name] when the weights take Q80 inputs, else None."""

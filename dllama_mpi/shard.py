@@ -120,19 +120,41 @@ def plan(config: ModelConfig, rank: int, size: int) -> ShardPlan:
                      vocab=split_blocks(config.vocab_size, size, rank), vocab_counts=counts)
 
 
-def check(config: ModelConfig, size: int, weights_float_type: str) -> None:
-    """Raise DllamaError if `size` ranks cannot split this model with these weights."""
+def check(config: ModelConfig, size: int, weights_float_type: str,
+          quantised: bool | None = None) -> None:
+    """Raise DllamaError if `size` ranks cannot split this model with these weights
+    (`quantised`: some layer matrix is block-quantised; by default weights_float_type says)."""
     if size > config.n_heads:
         raise DllamaError(f"{size} ranks cannot split a model with {config.n_heads} query "
                           f"heads: run with at most {config.n_heads} ranks")
-    if weights_float_type in ("q40", "q41"):
+    if quantised is None:
+        quantised = weights_float_type != "f32"
+    if quantised:
         for r in range(size):
             p = plan(config, r, size)
             if config.dim % BLOCK or p.q_cols % BLOCK or p.ffn_len % BLOCK:
                 raise DllamaError(
-                    f"4-bit weights need dim, each rank's attention width and FFN slice to be "
-                    f"multiples of {BLOCK} (dim {config.dim}, head_dim {config.head_dim}, "
-                    f"hidden {config.hidden_dim}, {size} ranks): use --weights-float-type f32")
+                    f"quantised weights need dim, each rank's attention width and FFN slice "
+                    f"to be multiples of {BLOCK} (dim {config.dim}, head_dim "
+                    f"{config.head_dim}, hidden {config.hidden_dim}, {size} ranks): use "
+                    f"--weights-float-type f32")
+
+
+# the matrices that read the same input, stacked into one matmul (model.LayerWeights)
+STACKS = {"wqkv": ("wq", "wk", "wv"), "wo": ("wo",), "w13": ("w1", "w3"), "w2": ("w2",)}
+
+
+def stack_runs(names: tuple[str, ...], type_of) -> list[tuple[str, ...]]:
+    """A stack's parts grouped into runs of one runtime type (type_of(short name)): the parts
+    of a run are stacked into one matrix; a stack whose parts differ in type (a Q4_K_M layer's
+    Q4_K wq, wk and Q6_K wv) is held as several matrices, one per run."""
+    runs: list[list[str]] = []
+    for n in names:
+        if runs and type_of(runs[-1][0]) == type_of(n):
+            runs[-1].append(n)
+        else:
+            runs.append([n])
+    return [tuple(r) for r in runs]
 
 
 def layer_tensors(config: ModelConfig) -> tuple[str, ...]:

@@ -19,6 +19,15 @@ SHAPES = {
                                                       "low_freq_factor": 1.0,
                                                       "high_freq_factor": 4.0,
                                                       "original_max_position_embeddings": 64}),
+    # K-quant rows are whole 256-value super-blocks: dim and hidden multiples of 256, so that
+    # every matrix is a K-quant; at 3 ranks the in-split bands of wo (96, 96, 64 columns) and
+    # w2 (448, 416, 416) cut super-blocks
+    "k8h": dict(dim=256, hidden_dim=1280, n_layers=2, n_heads=8, n_kv_heads=2,
+                vocab_size=300, head_dim=32),
+    # w2's rows (352) are not whole super-blocks: llama.cpp's Q5_0 / Q8_0 fallbacks; tied, so
+    # the output matrix is the Q4_K embedding
+    "k8h_fallback": dict(dim=256, hidden_dim=352, n_layers=2, n_heads=8, n_kv_heads=2,
+                         vocab_size=300, head_dim=32, tied=True),
 }
 
 

@@ -12,14 +12,15 @@ import os
 
 import numpy as np
 
-from ..config import ModelConfig
+from ..config import MIXED, RUNTIME_TYPE, ModelConfig
 from ..errors import DllamaError
-from .base import LazyRows, Tensor, expected_shapes, rope_permutation
+from .base import FLOAT_TYPES, LazyRows, Tensor, expected_shapes, rope_permutation
 from .gguf_header import GGUFHeader
 
 SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3")
 ROTATE_HALF_ARCHS = ("qwen2", "qwen3")  # llama.cpp runs them with NEOX rope: q/k unpermuted
-SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")
+SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K", "Q5_0",
+                   "Q5_1")  # K-quants and the 5-bit types: see quant/kquants.py
 
 _LAYER_NAMES = {
     "attn_norm": "attn_norm", "wq": "attn_q", "wk": "attn_k", "wv": "attn_v",
@@ -176,15 +177,30 @@ class GGUFModel:
                               lambda a, b, cols, arr=arr: arr[a:b] if cols is None else arr[a:b, cols],
                               perm=perm)
 
+    def _layer_types(self) -> dict[str, str]:
+        """Canonical name -> GGML type of every layer matrix."""
+        return {n: self.tensor(n).type for n, shape in expected_shapes(self.config).items()
+                if n.startswith("layers.") and len(shape) == 2}
+
     def preferred_weight_type(self) -> str:
-        """Runtime type that loses nothing more than the file: Q4_1 files stay q41, other
-        quantised files become q40 (Q4_0 bit for bit), float files stay f32."""
-        types = [t.type for n, t in self.tensors.items() if n.startswith("blk.") and
-                 len(t.shape) == 2]
-        common = max(set(types), key=types.count) if types else "F32"
+        """Runtime type that loses nothing more than the file: Q4_1 files stay q41, Q4_0
+        files q40, float files f32, other files of one type (Q8_0) become q40; a file whose
+        layers mix types or hold K-quants or 5-bit types (Q4_K_M: Q4_K, Q6_K) is "mixed":
+        every matrix keeps its own form (runtime_types)."""
+        types = set(self._layer_types().values())
+        if len(types) > 1 and types <= set(FLOAT_TYPES):
+            return "f32"
+        if len(types) > 1 or types & {"Q4_K", "Q5_K", "Q6_K", "Q5_0", "Q5_1"}:
+            return MIXED
+        common = types.pop() if types else "F32"
         if common == "Q4_1":
             return "q41"
-        return "f32" if common in ("F32", "F16", "BF16") else "q40"
+        return "f32" if common in FLOAT_TYPES else "q40"
+
+    def runtime_types(self) -> dict[str, str]:
+        """Canonical layer matrix name -> the runtime form that loses least (config.RUNTIME_TYPE:
+        Q4_K -> q41 with its nibbles kept, Q5_K / Q6_K / Q5_x -> q80, Q8_0 -> q80, ...)."""
+        return {n: RUNTIME_TYPE[t] for n, t in self._layer_types().items()}
 
     def output_type(self) -> str:
         """GGML type of the output matrix (the embedding when tied)."""

@@ -70,11 +70,19 @@ def _root_open(model_arg: str, run: RunConfig, size: int, want_tokenizer: bool,
                tokenizer_path: str | None):
     path = registry.resolve(model_arg)
     model = open_model(path, tokenizer_path)
-    run = run.resolved(model.preferred_weight_type(), model.output_type())
+    run = resolve_run(run, model)
     run.validate(model.config)
-    shard.check(model.config, size, run.weights_float_type)
+    shard.check(model.config, size, run.weights_float_type, run.quantised_layers)
     tokenizer = model.tokenizer() if want_tokenizer else None
     return model, tokenizer, run
+
+
+def resolve_run(run: RunConfig, model) -> RunConfig:
+    """The run's "auto" types settled for this model file (RunConfig.resolved), with each
+    matrix's own runtime type when the file mixes types (formats' runtime_types)."""
+    types = getattr(model, "runtime_types", None)
+    return run.resolved(model.preferred_weight_type(), model.output_type(),
+                        types() if types is not None else None)
 
 
 def start(comm, model_arg: str, run: RunConfig, want_tokenizer: bool = True,

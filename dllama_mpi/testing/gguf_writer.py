@@ -44,11 +44,14 @@ from gguf.quants import quantize as _gguf_quantize
 
 from ..formats.base import llama3_rope_factors
 from .bpe_vocab import CHATML_TEMPLATE, byte_bpe_vocab
+from .kquants import QUANTIZERS as K_QUANTIZERS
 from .llama_tensors import ARCHS, TensorSpec, llama_tensor_specs, permute_qk
 
-#: weight_type name -> GGML type of the 2-D matrices
+#: weight_type name -> GGML type of the 2-D matrices ("q4_k_m": the mix of its own below)
 WEIGHT_TYPES: dict[str, QT] = {"f32": QT.F32, "f16": QT.F16, "q4_0": QT.Q4_0, "q4_1": QT.Q4_1,
-                               "q8_0": QT.Q8_0}
+                               "q8_0": QT.Q8_0, "q5_0": QT.Q5_0, "q5_1": QT.Q5_1,
+                               "q4_k": QT.Q4_K, "q5_k": QT.Q5_K, "q6_k": QT.Q6_K,
+                               "q4_k_m": QT.Q4_K}
 #: weight_type name -> ``general.file_type`` (llama.cpp's LlamaFileType)
 FILE_TYPES: dict[str, int] = {
     "f32": int(gguf.LlamaFileType.ALL_F32),
@@ -56,7 +59,15 @@ FILE_TYPES: dict[str, int] = {
     "q4_0": int(gguf.LlamaFileType.MOSTLY_Q4_0),
     "q4_1": int(gguf.LlamaFileType.MOSTLY_Q4_1),
     "q8_0": int(gguf.LlamaFileType.MOSTLY_Q8_0),
+    "q5_0": int(gguf.LlamaFileType.MOSTLY_Q5_0),
+    "q5_1": int(gguf.LlamaFileType.MOSTLY_Q5_1),
+    "q4_k": int(gguf.LlamaFileType.MOSTLY_Q4_K_S),
+    "q5_k": int(gguf.LlamaFileType.MOSTLY_Q5_K_S),
+    "q6_k": int(gguf.LlamaFileType.MOSTLY_Q6_K),
+    "q4_k_m": int(gguf.LlamaFileType.MOSTLY_Q4_K_M),
 }
+# llama.cpp's fallbacks for K-quants when a row is not a multiple of 256 values
+_K_FALLBACK = {QT.Q4_K: QT.Q5_0, QT.Q5_K: QT.Q5_1, QT.Q6_K: QT.Q8_0}
 
 _CHUNK_ELEMS = 1 << 22  # rows are converted in chunks of about this many values
 
@@ -102,12 +113,28 @@ def _copy_tokenizer(w: gguf.GGUFWriter, src: str | os.PathLike, vocab_size: int)
 
 # --------------------------------------------------------------------------- writer
 
-def _conv_type(spec: TensorSpec, qtype: QT) -> QT:
+def _more_bits(layer: int, n_layers: int) -> bool:
+    """llama.cpp's use_more_bits: the layers whose attn_v / ffn_down Q4_K_M keeps at Q6_K."""
+    return (layer < n_layers // 8 or layer >= 7 * n_layers // 8
+            or (layer - n_layers // 8) % 3 == 2)
+
+
+def _conv_type(spec: TensorSpec, qtype: QT, weight_type: str = "", n_layers: int = 0) -> QT:
     if not spec.is_matrix:
         return QT.F32
     if qtype in (QT.F32, QT.F16):
         return qtype
+    if weight_type == "q4_k_m":   # as llama.cpp's llama_tensor_get_type mixes Q4_K_M
+        name = spec.gguf_name
+        if name == "output.weight":
+            qtype = QT.Q6_K
+        elif name.endswith(("attn_v.weight", "ffn_down.weight")) and \
+                _more_bits(int(name.split(".")[1]), n_layers):
+            qtype = QT.Q6_K
     block, _ = gguf.GGML_QUANT_SIZES[qtype]
+    if spec.shape[-1] % block and qtype in _K_FALLBACK:
+        qtype = _K_FALLBACK[qtype]
+        block, _ = gguf.GGML_QUANT_SIZES[qtype]
     if spec.shape[-1] % block:
         # convert_hf_to_gguf.py falls back to F16 when a row does not fit the blocks
         return QT.F16
@@ -129,18 +156,24 @@ def _fetch(tensors: Mapping[str, Any], name: str) -> np.ndarray:
     return np.asarray(v)
 
 
+def _quantize(a: np.ndarray, qtype: QT) -> np.ndarray:
+    if qtype.name in K_QUANTIZERS:       # the gguf package only dequantises K-quants
+        return K_QUANTIZERS[qtype.name](a)
+    return _gguf_quantize(a, qtype)
+
+
 def _write_tensor(fout, a: np.ndarray, qtype: QT) -> int:
     """Convert ``a`` (f32, C order) to ``qtype`` in row chunks and write it; returns bytes written."""
     written = 0
     if a.ndim == 1:
-        b = _gguf_quantize(np.ascontiguousarray(a, dtype=np.float32), qtype)
+        b = _quantize(np.ascontiguousarray(a, dtype=np.float32), qtype)
         b.tofile(fout)
         return b.nbytes
     rows = a.shape[0]
     step = max(1, _CHUNK_ELEMS // max(1, a.shape[1]))
     for r0 in range(0, rows, step):
         chunk = np.ascontiguousarray(a[r0:r0 + step], dtype=np.float32)
-        b = _gguf_quantize(chunk, qtype)
+        b = _quantize(chunk, qtype)
         b.tofile(fout)
         written += b.nbytes
     return written
@@ -245,7 +278,7 @@ def write_llama_gguf(path: str | os.PathLike, *, dim: int, hidden_dim: int, n_la
 
     plan: list[tuple[TensorSpec, QT, int]] = []
     for s in specs:
-        t = _conv_type(s, qtype)
+        t = _conv_type(s, qtype, weight_type, n_layers)
         nb = _nbytes(s.shape, t)
         plan.append((s, t, nb))
         w.add_tensor_info(s.gguf_name, s.shape, np.dtype(np.float32), nb, raw_dtype=t)
