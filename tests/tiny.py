@@ -214,3 +214,35 @@ def write_header_only_gguf(path, arch: str, tensor_type: str | None = None) -> s
     w.write_tensors_to_file()
     w.close()
     return str(path)
+
+
+def dequantised_hf_logits(path: str, shape: str, ids) -> np.ndarray:
+    """transformers' logits for the model of hf_model(shape) with the weights a GGUF holds,
+    dequantised by the gguf package (q/k rows back in Hugging Face order): the reference for
+    a quantised file."""
+    import torch
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    from dllama_mpi.formats.gguf import GGUFModel
+    from dllama_mpi.testing import llama_tensor_specs, unpermute_qk
+    s = dict(SHAPES[shape])
+    tied = s.pop("tied", False)
+    model = hf_model(shape)
+    g = GGUFModel(path)
+    state = {}
+    for spec in llama_tensor_specs(dim=s["dim"], hidden_dim=s["hidden_dim"],
+                                   n_layers=s["n_layers"], n_heads=s["n_heads"],
+                                   n_kv_heads=s["n_kv_heads"], vocab_size=s["vocab_size"],
+                                   head_dim=s.get("head_dim"), tied=tied):
+        t = g.tensors[spec.gguf_name]
+        w = np.asarray(dequantize(np.asarray(t.data), GGMLQuantizationType[t.type]),
+                       np.float32).reshape(spec.shape)
+        if spec.permute_heads:
+            w = unpermute_qk(w, spec.permute_heads)
+        state[spec.hf_name] = torch.from_numpy(np.array(w, np.float32))
+    if tied:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    model.load_state_dict(state, strict=False)
+    with torch.no_grad():
+        return model(torch.tensor([list(ids)])).logits[0].float().numpy()

@@ -16,9 +16,10 @@ can be helped:
 * **Q4_K -> q41**: each 32-value sub-block *is* a Q4_1 block, w = D*q + M with D = d*sc[j] and
   M = -dmin*m[j]; the nibbles are kept, only D and M are rounded from their exact f32 products
   to the f16 that Q4_1 stores (``q4k_to_q41``).  Exact where the products fit an f16 (11
-  significant bits: sc = 1, 2, 4, ... always; odd sc when d has trailing zero bits); elsewhere the
-  error is at most 2^-12 relative on D and M: |w' - w| <= 2^-12 (15 |D| + |M|), i.e. under 0.4 %
-  of one 4-bit step (docs/models.md has the measurements).
+  significant bits: sc a power of two always; other sc when d has enough trailing zero bits);
+  elsewhere the error is at most half an f16 ulp, 2^-11 relative, on D and M:
+  |w' - w| <= 2^-11 (15 |D| + |M|); measured, ~1 % of Q4_K's own rounding error in RMS
+  (docs/models.md has the measurements).
 * **Q5_K, Q6_K, Q5_0, Q5_1 -> q80** (Q8_0 blocks: d*q, q int8): dequantised by the ``gguf``
   package's reference and quantised to Q8_0.  A second rounding, of at most half a Q8_0 step
   (max|w| / 254 of the 32-value block): about an eighth of a 6-bit step, a sixteenth of a 5-bit one.
