@@ -68,26 +68,76 @@ def _tensors(header: GGUFHeader, path: str, file_size: int) -> dict[str, Tensor]
     return out
 
 
+SPLIT_NAME = "{prefix}-{no:05d}-of-{count:05d}.gguf"   # llama.cpp's gguf-split (no from 1)
+
+
+def split_parts(path: str, header: GGUFHeader) -> list[str]:
+    """The files of the split GGUF `path` is a part of (`split.count`, `split.no` from 0),
+    in order, named as llama.cpp names them; [path] for a file that is not split."""
+    count = int(header.value("split.count", 1) or 1)
+    if count <= 1:
+        return [path]
+    no = int(header.value("split.no", 0))
+    suffix = SPLIT_NAME.format(prefix="", no=no + 1, count=count)
+    if not path.endswith(suffix) or not 0 <= no < count:
+        raise DllamaError(f"{path} is part {no + 1} of a {count}-part split GGUF, but its name "
+                          f"does not end in {suffix!r}: cannot find the other parts")
+    prefix = path[:-len(suffix)]
+    return [SPLIT_NAME.format(prefix=prefix, no=i + 1, count=count) for i in range(count)]
+
+
+def _open_header(path: str) -> GGUFHeader:
+    if not os.path.isfile(path):
+        raise DllamaError(f"model file not found: {path}")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise DllamaError(f"{path} is not a GGUF file (magic {magic!r}, expected b'GGUF')")
+    try:
+        return GGUFHeader(path)
+    except ValueError as e:
+        raise DllamaError(f"cannot read GGUF file {path}: {e} (truncated or corrupt?)") from None
+
+
 class GGUFModel:
-    """An open GGUF file, checked up front so that errors come before any loading."""
+    """An open GGUF file -- or every part of a split GGUF, from any one of them: the metadata
+    of the first part, the tensors of all -- checked up front so that errors come before any
+    loading."""
 
     format = "gguf"
 
     def __init__(self, path: str):
-        if not os.path.isfile(path):
-            raise DllamaError(f"model file not found: {path}")
-        with open(path, "rb") as f:
-            magic = f.read(4)
-        if magic != b"GGUF":
-            raise DllamaError(f"{path} is not a GGUF file (magic {magic!r}, expected b'GGUF')")
-        try:
-            self.header = GGUFHeader(path)
-        except ValueError as e:
-            raise DllamaError(f"cannot read GGUF file {path}: {e} (truncated or corrupt?)") \
-                from None
-        self.path = path
-        self.file_size = os.path.getsize(path)
-        self.tensors = _tensors(self.header, path, self.file_size)
+        path = os.fspath(path)
+        header = _open_header(path)
+        self.files = split_parts(path, header)
+        self.path = self.files[0]
+        self.tensors: dict[str, Tensor] = {}
+        for no, part in enumerate(self.files):
+            if len(self.files) > 1 and part != path:
+                if not os.path.isfile(part):
+                    raise DllamaError(f"split GGUF part {no + 1} of {len(self.files)} is "
+                                      f"missing: {part}")
+                h = _open_header(part)
+            else:
+                h = header
+            if len(self.files) > 1 and (int(h.value("split.no", -1)) != no or
+                                        int(h.value("split.count", 0)) != len(self.files)):
+                raise DllamaError(f"{part}: not part {no + 1} of {len(self.files)} (its split.no "
+                                  f"is {h.value('split.no')}, split.count "
+                                  f"{h.value('split.count')})")
+            if no == 0:
+                self.header = h
+            tensors = _tensors(h, part, os.path.getsize(part))
+            twice = sorted(set(tensors) & set(self.tensors))
+            if twice:
+                raise DllamaError(f"{part}: tensor {twice[0]} is in two parts of the split GGUF")
+            self.tensors.update(tensors)
+        expected = self.header.value("split.tensors.count")
+        if len(self.files) > 1 and expected is not None and int(expected) != len(self.tensors):
+            raise DllamaError(f"{self.path}: the split GGUF's {len(self.files)} parts hold "
+                              f"{len(self.tensors)} tensors, its split.tensors.count says "
+                              f"{expected}")
+        self.file_size = sum(os.path.getsize(p) for p in self.files)
         self.config = self._read_config()
         self._check_tensors()
         if self.config.arch in ROTATE_HALF_ARCHS:

@@ -98,7 +98,8 @@ def start(comm, model_arg: str, run: RunConfig, want_tokenizer: bool = True,
                 root_check()
             model, tokenizer, run = _root_open(model_arg, run, comm.size, want_tokenizer,
                                                 tokenizer_path)
-            status = ("ok", model.config.to_dict(), run, model.path)
+            status = ("ok", model.config.to_dict(), run, model.path,
+                      list(getattr(model, "files", [model.path])))
         except DllamaError as e:
             status = ("error", str(e))
     status = comm.bcast_obj(status)
@@ -106,8 +107,8 @@ def start(comm, model_arg: str, run: RunConfig, want_tokenizer: bool = True,
         if comm.is_root:
             print(f"error: {status[1]}", file=sys.stderr)
         raise StartupFailed(1, status[1])
-    config, run, path = ModelConfig.from_dict(status[1]), status[2], status[3]
-    direct = _direct_load(comm, run.load, path)
+    config, run, path, files = ModelConfig.from_dict(status[1]), status[2], status[3], status[4]
+    direct = _direct_load(comm, run.load, files)
     if direct and not comm.is_root:
         model = open_model(path)
 
@@ -145,17 +146,19 @@ def release_free_memory() -> None:
         pass
 
 
-def _direct_load(comm, mode: str, path: str) -> bool:
+def _direct_load(comm, mode: str, files: list[str]) -> bool:
     """direct: every rank reads its own slices (shared filesystem); scatter: the root reads
-    and sends; auto: direct when every rank can read the file."""
+    and sends; auto: direct when every rank can read the model's files (every part of a
+    split GGUF)."""
     if mode == "scatter" or comm.size == 1:
         return False
-    readable = comm.allgather_obj(os.access(path, os.R_OK))
+    readable = comm.allgather_obj(all(os.access(f, os.R_OK) for f in files))
     if all(readable):
         return True
     if mode == "direct":
         missing = [r for r, ok in enumerate(readable) if not ok]
-        message = f"--load direct, but ranks {missing} cannot read {path}"
+        what = files[0] if len(files) == 1 else f"all {len(files)} parts of {files[0]}"
+        message = f"--load direct, but ranks {missing} cannot read {what}"
         if comm.is_root:
             print(f"error: {message}", file=sys.stderr)
         raise StartupFailed(1, message)

@@ -9,10 +9,10 @@ package; nothing the runtime runs does.
 """
 
 from .bpe_vocab import CHATML_TEMPLATE, byte_bpe_vocab
-from .gguf_writer import FILE_TYPES, WEIGHT_TYPES, write_llama_gguf
+from .gguf_writer import FILE_TYPES, WEIGHT_TYPES, split_gguf, write_llama_gguf
 from .llama_tensors import (LazyTensors, TensorSpec, llama_tensor_specs, permute_qk,
                             random_llama_tensors, unpermute_qk)
 
-__all__ = ["write_llama_gguf", "WEIGHT_TYPES", "FILE_TYPES", "random_llama_tensors", "LazyTensors",
+__all__ = ["write_llama_gguf", "split_gguf", "WEIGHT_TYPES", "FILE_TYPES", "random_llama_tensors", "LazyTensors",
            "TensorSpec", "llama_tensor_specs", "permute_qk", "unpermute_qk", "byte_bpe_vocab",
            "CHATML_TEMPLATE"]

@@ -318,3 +318,32 @@ def write_llama_gguf(path: str | os.PathLike, *, dim: int, hidden_dim: int, n_la
             pass
         raise
     return path
+
+
+def split_gguf(path: str | os.PathLike, out_prefix: str | os.PathLike,
+               max_tensors: int) -> list[Path]:
+    """Rewrite the GGUF ``path`` as a split GGUF of at most ``max_tensors`` tensors a part,
+    as llama.cpp's converter does with ``--split-max-tensors``: parts
+    ``<out_prefix>-0000i-of-0000n.gguf``, every key/value in the first part, ``split.no``,
+    ``split.count`` and ``split.tensors.count`` in each, tensor bytes unchanged. Returns the
+    parts' paths in order."""
+    reader = gguf.GGUFReader(path)
+    arch = reader.fields["general.architecture"].contents()
+    w = gguf.GGUFWriter(Path(f"{out_prefix}.gguf"), arch, split_max_tensors=max_tensors)
+    for key, field in reader.fields.items():
+        if key.startswith(("GGUF.", "split.")) or key == "general.architecture":
+            continue
+        vtype = field.types[0]
+        if vtype == VT.ARRAY:
+            values = field.contents()
+            if len(values):
+                w.add_key_value(key, values, VT.ARRAY, sub_type=field.types[1])
+        else:
+            w.add_key_value(key, field.contents(), vtype)
+    for t in reader.tensors:
+        w.add_tensor(t.name, np.asarray(t.data), raw_dtype=t.tensor_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return w.format_shard_names(Path(f"{out_prefix}.gguf"))

@@ -6,6 +6,7 @@ cut 256-value super-blocks. On N ranks: read at f32 the logits equal transformer
 gguf-dequantised weights; in their own runtime types (Q41 / Q80, mixed) the greedy tokens
 and logits equal one process's (f32 wire: the same bits but for summation order), direct
 loading gives the bits of scatter loading, and every rank holds what memory.py predicts.
+Split GGUFs: direct loading from a part gives the whole file's bits.
 """
 import os
 
@@ -76,3 +77,18 @@ def test_every_rank_holds_what_memory_predicts(comm, shared_dir, shape):
     predicted = [(m.weights, m.kv_cache) for m in memory.per_rank(s.config, s.run, comm.size)]
     agree(comm, held == predicted and s.run.weights_float_type == "mixed"
           if comm.is_root else None, f"held {held} != {predicted} ({s.run.weights_float_type})")
+
+
+@pytest.mark.mpi(min_size=2)
+def test_split_gguf_direct_loading_reads_every_part(comm, shared_dir):
+    """The Q4_K_M file split in 4 parts (llama.cpp's split GGUF), opened from its third part:
+    with direct loading every rank reads its slices from whichever parts hold them; the
+    logits are the bits of the whole file's."""
+    from dllama_mpi.testing import split_gguf
+    whole = k_file(comm, shared_dir, "k8h")
+    parts = on_root(comm, lambda: [str(p) for p in split_gguf(
+        whole, os.path.join(shared_dir, "k8h-split"), 6)])
+    split = our_logits(comm, parts[2], IDS, weights="auto", wire="f32", load="direct")
+    ref = our_logits(comm, whole, IDS, weights="auto", wire="f32", load="scatter")
+    agree(comm, np.array_equal(split, ref) if comm.is_root else None,
+          f"{len(parts)} parts on {comm.size} ranks: logits differ from the whole file's")
