@@ -93,7 +93,7 @@ def worker(model_arg: str, load: str) -> None:
     if comm.is_root:
         model, _, run = _root_open(model_arg, RunConfig(load=load), comm.size, False, None)
         status = (model.config.to_dict(), run, model.path,
-                  list(getattr(model, "files", [model.path])))
+                  list(getattr(model, "parts", [model.path])))
     config, run, path, files = comm.bcast_obj(status)
     config = ModelConfig.from_dict(config)
     direct = _direct_load(comm, run.load, files)

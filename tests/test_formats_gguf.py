@@ -98,7 +98,7 @@ def test_split_gguf_opens_from_any_part(tmp_path):
     ref = GGUFModel(whole)
     for part in parts:
         m = open_model(part)
-        assert m.files == parts and m.path == parts[0]
+        assert m.parts == parts and m.path == parts[0]
         assert m.config == ref.config and set(m.tensors) == set(ref.tensors)
         for name, t in ref.tensors.items():
             np.testing.assert_array_equal(np.asarray(m.tensors[name].data), np.asarray(t.data))

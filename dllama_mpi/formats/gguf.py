@@ -109,20 +109,20 @@ class GGUFModel:
     def __init__(self, path: str):
         path = os.fspath(path)
         header = _open_header(path)
-        self.files = split_parts(path, header)
-        self.path = self.files[0]
+        self.parts = split_parts(path, header)
+        self.path = self.parts[0]
         self.tensors: dict[str, Tensor] = {}
-        for no, part in enumerate(self.files):
-            if len(self.files) > 1 and part != path:
+        for no, part in enumerate(self.parts):
+            if len(self.parts) > 1 and part != path:
                 if not os.path.isfile(part):
-                    raise DllamaError(f"split GGUF part {no + 1} of {len(self.files)} is "
+                    raise DllamaError(f"split GGUF part {no + 1} of {len(self.parts)} is "
                                       f"missing: {part}")
                 h = _open_header(part)
             else:
                 h = header
-            if len(self.files) > 1 and (int(h.value("split.no", -1)) != no or
-                                        int(h.value("split.count", 0)) != len(self.files)):
-                raise DllamaError(f"{part}: not part {no + 1} of {len(self.files)} (its split.no "
+            if len(self.parts) > 1 and (int(h.value("split.no", -1)) != no or
+                                        int(h.value("split.count", 0)) != len(self.parts)):
+                raise DllamaError(f"{part}: not part {no + 1} of {len(self.parts)} (its split.no "
                                   f"is {h.value('split.no')}, split.count "
                                   f"{h.value('split.count')})")
             if no == 0:
@@ -133,11 +133,11 @@ class GGUFModel:
                 raise DllamaError(f"{part}: tensor {twice[0]} is in two parts of the split GGUF")
             self.tensors.update(tensors)
         expected = self.header.value("split.tensors.count")
-        if len(self.files) > 1 and expected is not None and int(expected) != len(self.tensors):
-            raise DllamaError(f"{self.path}: the split GGUF's {len(self.files)} parts hold "
+        if len(self.parts) > 1 and expected is not None and int(expected) != len(self.tensors):
+            raise DllamaError(f"{self.path}: the split GGUF's {len(self.parts)} parts hold "
                               f"{len(self.tensors)} tensors, its split.tensors.count says "
                               f"{expected}")
-        self.file_size = sum(os.path.getsize(p) for p in self.files)
+        self.file_size = sum(os.path.getsize(p) for p in self.parts)
         self.config = self._read_config()
         self._check_tensors()
         if self.config.arch in ROTATE_HALF_ARCHS:

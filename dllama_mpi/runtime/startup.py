@@ -99,7 +99,7 @@ def start(comm, model_arg: str, run: RunConfig, want_tokenizer: bool = True,
             model, tokenizer, run = _root_open(model_arg, run, comm.size, want_tokenizer,
                                                 tokenizer_path)
             status = ("ok", model.config.to_dict(), run, model.path,
-                      list(getattr(model, "files", [model.path])))
+                      list(getattr(model, "parts", [model.path])))
         except DllamaError as e:
             status = ("error", str(e))
     status = comm.bcast_obj(status)
