@@ -54,7 +54,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    "files as q41, Q8_0 files are quantised to q40, float files f32, and files "
                    "that mix types or hold K-quants (Q4_K_M, ...) keep each matrix in its own "
                    "form (Q4_K as q41, Q5_K/Q6_K/Q5_0/Q5_1/Q8_0 as q80); a type named here "
-                   "converts every matrix to it")
+                   "converts every matrix to it (f16: float weights at half f32's memory)")
     p.add_argument("--buffer-float-type", choices=("auto",) + BUFFER_TYPES, default="auto",
                    help="activations between ranks (auto: q80 with 4-bit weights, else f32)")
     p.add_argument("--max-seq-len", type=_count, default=0,

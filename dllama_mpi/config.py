@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 from .errors import DllamaError
 
-WEIGHT_TYPES = ("q40", "q41", "q80", "f32")  # runtime forms; "auto" picks one per file
+WEIGHT_TYPES = ("q40", "q41", "q80", "f16", "f32")  # runtime forms; "auto" picks one per file
+FLOAT_FORMS = ("f32", "f16")   # runtime forms that are not block-quantised (f32 inputs)
 MIXED = "mixed"   # what "auto" resolves to when every matrix keeps its own runtime type
 # GGML type -> the runtime form that loses least (quant/kquants.py says what each loses)
 RUNTIME_TYPE = {"F32": "f32", "F16": "f32", "BF16": "f32", "Q4_0": "q40", "Q4_1": "q41",
@@ -108,7 +109,8 @@ class RunConfig:
         types = dict(tensor_types or {}) if w == MIXED else {}
         if w == MIXED and not types:
             raise DllamaError("mixed weight types need the type of every matrix")
-        quantised = w != "f32" and not (w == MIXED and set(types.values()) == {"f32"})
+        quantised = w not in FLOAT_FORMS and not (w == MIXED and
+                                                  set(types.values()) <= set(FLOAT_FORMS))
         b = self.buffer_float_type
         if b == "auto":
             b = "q80" if quantised else "f32"
@@ -118,7 +120,8 @@ class RunConfig:
             # files that hold it at more than 4: 4-bit logits cost SmolLM2 ~13 points of
             # top-1 agreement); f32 layers: f32
             natural = RUNTIME_TYPE.get(file_output_type, "q80")
-            o = ("q80" if natural == "f32" else natural) if quantised else "f32"
+            o = ("q80" if natural == "f32" else natural) if quantised else \
+                ("f16" if w == "f16" else "f32")
         return dataclasses.replace(self, weights_float_type=w, buffer_float_type=b,
                                    output_float_type=o, tensor_types=types)
 
@@ -134,8 +137,8 @@ class RunConfig:
     def quantised_layers(self) -> bool:
         """Some layer matrix is block-quantised (its inputs are then made Q80 once)."""
         if self.weights_float_type == MIXED:
-            return any(t != "f32" for t in self.tensor_types.values())
-        return self.weights_float_type != "f32"
+            return any(t not in FLOAT_FORMS for t in self.tensor_types.values())
+        return self.weights_float_type not in FLOAT_FORMS
 
     def resolved_max_seq_len(self, model: ModelConfig) -> int:
         if self.max_seq_len > 0:

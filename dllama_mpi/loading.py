@@ -48,7 +48,15 @@ def convert_slice(tensor, kind: str, rng: Range | None, target: str) -> np.ndarr
     return _QUANTIZE[target](values) if target in _QUANTIZE else values
 
 
-_QUANTIZE = {"q40": quantize_q40, "q41": quantize_q41, "q80": quantize_q80}
+def _to_f16(values: np.ndarray) -> np.ndarray:
+    with np.errstate(over="ignore"):
+        out = values.astype(np.float16)
+    if not np.isfinite(out).all() and np.isfinite(values).all():
+        raise ValueError("values beyond the float16 range: use --weights-float-type f32")
+    return out
+
+
+_QUANTIZE = {"q40": quantize_q40, "q41": quantize_q41, "q80": quantize_q80, "f16": _to_f16}
 
 
 def _convert(raw: np.ndarray, type_name: str, target: str) -> np.ndarray:
@@ -74,7 +82,7 @@ def _runtime(arr: np.ndarray, kind: str, target: str):
 def _wire_shape(shape: tuple[int, ...], kind: str, target: str):
     if is_matrix(kind) and target in BLOCK_FORMATS:
         return (shape[0], shape[1] // QK * BLOCK_FORMATS[target][1]), np.uint8
-    return shape, np.float32
+    return shape, (np.float16 if is_matrix(kind) and target == "f16" else np.float32)
 
 
 def load_shard(comm, model, config: ModelConfig, run: RunConfig, progress: bool = True,

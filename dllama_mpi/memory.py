@@ -25,9 +25,9 @@ ROW_TILES = {"q40": (16, 16 * 16 + 2 * 16), "q41": (16, 16 * 16 + 2 * 2 * 16),
 
 
 def matrix_bytes(rows: int, cols: int, runtime_type: str) -> int:
-    """A rows x cols matrix held as `runtime_type` (f32, q40, q41, q80)."""
-    if runtime_type == "f32":
-        return rows * cols * F32
+    """A rows x cols matrix held as `runtime_type` (f32, f16, q40, q41, q80)."""
+    if runtime_type in ("f32", "f16"):
+        return rows * cols * (F32 if runtime_type == "f32" else 2)
     nb = cols // QK
     if runtime_type == "q40" and cols > ROW_TILE_MAX_COLS:
         return rows * nb * Q40_SLAB_BYTES

@@ -15,7 +15,7 @@ from .config import ModelConfig
 from .quant import QK
 from .shard import STACKS, ShardPlan, stack_runs
 
-Matrix = "np.ndarray | Q40Matrix | Q41Matrix | Q80Matrix | SplitMatrix"  # f32 [out, in], a
+Matrix = "np.ndarray | Q40Matrix | Q41Matrix | Q80Matrix | SplitMatrix"  # f32/f16 [out, in], a
 # block-quantised runtime form, or a stack of parts of different forms
 
 
@@ -256,7 +256,7 @@ class Transformer:
         if isinstance(w, SplitMatrix):
             self._matmul_parts(out, inp, w)
         elif isinstance(w, np.ndarray):
-            kernels.matmul_f32(out, inp.x, w)
+            (kernels.matmul_f16 if w.dtype == np.float16 else kernels.matmul_f32)(out, inp.x, w)
         elif inp.buffers:
             self._bound(kernels.bind_matmul, out, *inp.q80(), w)
         else:

@@ -19,7 +19,7 @@ from ..quant import QK, Q40Matrix, Q41Matrix, Q80Matrix, quantize_q41
 from ._jit import choose_threading_layer, get_num_threads, set_num_threads
 from .attention import attention, attention_block, attention_scratch, bind_attention_block, rope_interleaved
 from .ffn import bind_silu_mul_q80, silu_mul, silu_mul_q80
-from .matmul import bind_matmul, matmul_f32, matmul_q80_q40, matmul_q80_q41, matmul_q80_q80
+from .matmul import bind_matmul, matmul_f16, matmul_f32, matmul_q80_q40, matmul_q80_q41, matmul_q80_q80
 from .matmul_slab import PREFETCH_ROWS
 from .norm import bind_rmsnorm_q80, rmsnorm, rmsnorm_heads, rmsnorm_q80
 from .q80 import quantize_q80_act
@@ -28,6 +28,7 @@ from .simd import HAS_AVX2
 # the private kernels warmup() compiles as well (parallel twins, the other ISA path)
 from .attention import _attention_par, _rope_par, _rope_store
 from .ffn import _silu_mul_par, _silu_mul_q80_split
+from .matmul_f16 import _f16_rows_par, _f16_rows_serial
 from .matmul_rows import _ACC, _rbuffers, _rows_q4_par, _rows_q8_par
 from .matmul_slab import _S16, _q40_par_avx2, _q40_par_generic, _q40_serial_avx2, _q40_serial_generic, _xbuffers
 from .norm import _rmsnorm_par
@@ -35,7 +36,8 @@ from .norm import _rmsnorm_par
 __all__ = [
     "HAS_AVX2", "PREFETCH_ROWS",
     "attention", "attention_block", "attention_scratch", "bind_attention_block", "bind_matmul",
-    "bind_rmsnorm_q80", "bind_silu_mul_q80", "choose_threading_layer", "get_num_threads", "matmul_f32",
+    "bind_rmsnorm_q80", "bind_silu_mul_q80", "choose_threading_layer", "get_num_threads", "matmul_f16",
+    "matmul_f32",
     "matmul_q80_q40", "matmul_q80_q41", "matmul_q80_q80", "quantize_q80_act", "rmsnorm", "rmsnorm_heads",
     "rmsnorm_q80", "rope_interleaved", "set_num_threads", "silu_mul", "silu_mul_q80", "warmup",
 ]
@@ -69,6 +71,11 @@ def warmup() -> None:
             xi, xf = _rbuffers(T_, n // QK)
             _rows_q4_par(o, xq_, xd_, xi, xf, w41.buf, rows, n // QK, w41.stride, 1, _ACC)
             _rows_q8_par(o, xq_, xd_, xi, xf, w80.buf, rows, n // QK, w80.stride, _ACC)
+    w16 = rng.standard_normal((rows, n)).astype(np.float16)
+    for T_ in (1, 5):
+        o = np.empty((T_, rows), np.float32)
+        for fn in (_f16_rows_serial, _f16_rows_par):
+            fn(o, x[:1].repeat(T_, 0), w16.view(np.uint16), rows, n, T_)
     y = np.empty_like(x)
     rmsnorm(y, x, np.ones(n, np.float32), 1e-5)
     _rmsnorm_par(y, x, np.ones(n, np.float32), 1e-5, T, n)
