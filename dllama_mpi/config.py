@@ -36,6 +36,12 @@ class ModelConfig:
     tied_embeddings: bool = False
     attn_bias: bool = False          # q/k/v biases (Qwen2): bq, bk, bv, out-split like their rows
     qk_norm: bool = False            # per-head RMSNorm of q and k before rope (Qwen3)
+    # mixture of experts (Qwen3-MoE, Mixtral): every layer's FFN is n_experts experts of
+    # hidden_dim units each, n_experts_used chosen per token by a router [n_experts, dim]
+    # (softmax, top-k, the k weights renormalised to sum 1 with expert_norm)
+    n_experts: int = 0
+    n_experts_used: int = 0
+    expert_norm: bool = True
 
     def __post_init__(self):
         if self.head_dim == 0:
@@ -74,6 +80,9 @@ class ModelConfig:
                               f"n_kv_heads ({self.n_kv_heads})")
         if self.head_dim % 2:
             raise DllamaError(f"model config: head_dim ({self.head_dim}) must be even for rope")
+        if self.n_experts and not 0 < self.n_experts_used <= self.n_experts:
+            raise DllamaError(f"model config: {self.n_experts_used} experts used per token of "
+                              f"{self.n_experts}")
         if self.rope_freq_factors is not None and len(self.rope_freq_factors) != self.head_dim // 2:
             raise DllamaError(f"model config: {len(self.rope_freq_factors)} rope frequency "
                               f"factors for head_dim {self.head_dim}")

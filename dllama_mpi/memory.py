@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from .config import ModelConfig, RunConfig
 from .quant import QK, ROW_TILE_MAX_COLS
-from .shard import STACKS, ShardPlan, layer_tensors, plan, stack_runs
+from .shard import STACKS, ShardPlan, layer_stacks, layer_tensors, plan, stack_runs
 
 F32 = 4
 Q40_SLAB_BYTES = 18          # per block in the slab layout: 16 nibble bytes + an f16 scale
@@ -52,14 +52,17 @@ def weight_bytes(config: ModelConfig, p: ShardPlan, run: RunConfig) -> int:
         vectors += p.q_cols + 2 * p.kv_rows.size
     if "q_norm" in names:
         vectors += 2 * c.head_dim
+    if c.n_experts:
+        vectors += c.n_experts * c.dim                                      # the router
     total = c.n_layers * vectors * F32 + c.dim * F32
     for i in range(c.n_layers):
         def type_of(short, i=i):
             return run.matrix_type(f"layers.{i}.{short}")
-        for parts in STACKS.values():
+        for parts in layer_stacks(c):
             for group in stack_runs(parts, type_of):
-                total += matrix_bytes(sum(rows[n] for n in group), cols.get(group[0], c.dim),
-                                      type_of(group[0]))
+                last = group[0].rsplit(".", 1)[-1]
+                total += matrix_bytes(sum(rows[n.rsplit(".", 1)[-1]] for n in group),
+                                      cols.get(last, c.dim), type_of(group[0]))
     return total + matrix_bytes(p.vocab.size, c.dim, run.matrix_type("wcls"))
 
 
@@ -69,6 +72,8 @@ def split_stack_rows(config: ModelConfig, p: ShardPlan, run: RunConfig) -> int:
     rows, seen = _rows(config, p), set()
     for i in range(config.n_layers):
         for field, parts in STACKS.items():
+            if config.n_experts and field in ("w13", "w2"):
+                continue      # experts' outputs are fresh arrays, their parts' too
             runs = stack_runs(parts, lambda short: run.matrix_type(f"layers.{i}.{short}"))
             if len(runs) > 1:
                 seen.add((field, tuple(sum(rows[n] for n in g) for g in runs)))

@@ -34,7 +34,7 @@ QK_NORM_TENSORS = ("q_norm", "k_norm")   # with config.qk_norm
 SPLIT = dict(attn_norm="rep", wq="out:q", wk="out:kv", wv="out:kv", wo="in:q",
              ffn_norm="rep", w1="out:ffn", w2="in:ffn", w3="out:ffn",
              bq="vec:q", bk="vec:kv", bv="vec:kv", q_norm="rep", k_norm="rep",
-             final_norm="rep", wcls="out:vocab")
+             final_norm="rep", wcls="out:vocab", router="rep")
 
 
 @dataclass(frozen=True)
@@ -157,17 +157,41 @@ def stack_runs(names: tuple[str, ...], type_of) -> list[tuple[str, ...]]:
     return [tuple(r) for r in runs]
 
 
+def expert_names(e: int) -> tuple[str, str, str]:
+    """Short names of expert e's gate, up and down matrices (split like w1, w3, w2)."""
+    return f"experts.{e}.w1", f"experts.{e}.w3", f"experts.{e}.w2"
+
+
 def layer_tensors(config: ModelConfig) -> tuple[str, ...]:
-    """Short names of the tensors every layer of this model holds."""
-    return (LAYER_TENSORS + (BIAS_TENSORS if config.attn_bias else ()) +
+    """Short names of the tensors every layer of this model holds: with experts, the
+    router and every expert's w1, w3, w2 instead of the dense w1, w3, w2."""
+    names = LAYER_TENSORS
+    if config.n_experts:
+        names = tuple(n for n in names if n not in ("w1", "w2", "w3")) + ("router",) + tuple(
+            n for e in range(config.n_experts) for n in expert_names(e))
+    return (names + (BIAS_TENSORS if config.attn_bias else ()) +
             (QK_NORM_TENSORS if config.qk_norm else ()))
+
+
+def layer_stacks(config: ModelConfig) -> list[tuple[str, ...]]:
+    """The matrices of a layer in the groups that read the same input (STACKS; every
+    expert's w1|w3 and its w2 with experts)."""
+    if not config.n_experts:
+        return list(STACKS.values())
+    return [STACKS["wqkv"], STACKS["wo"]] + [
+        g for e in range(config.n_experts) for g in (expert_names(e)[:2], expert_names(e)[2:])]
+
+
+def split_of(short: str) -> str:
+    """How a layer tensor (short name, experts.3.w2 included) is split (SPLIT)."""
+    return SPLIT[short.rsplit(".", 1)[-1]]
 
 
 def tensor_specs(config: ModelConfig) -> list[tuple[str, str]]:
     """(canonical name, how it is split) in the order weights travel: layer by layer, then
     the final norm and the output matrix."""
     names = layer_tensors(config)
-    specs = [(f"layers.{i}.{n}", SPLIT[n]) for i in range(config.n_layers) for n in names]
+    specs = [(f"layers.{i}.{n}", split_of(n)) for i in range(config.n_layers) for n in names]
     return specs + [("final_norm", SPLIT["final_norm"]), ("wcls", SPLIT["wcls"])]
 
 
@@ -178,6 +202,8 @@ def is_matrix(kind: str) -> bool:
 def slice_shape(config: ModelConfig, name: str, kind: str, p: ShardPlan) -> tuple[int, ...]:
     """Shape of this rank's slice, as values [rows, cols] (or [n] for a vector)."""
     if kind == "rep":
+        if name.endswith(".router"):
+            return (config.n_experts, config.dim)
         return (config.head_dim,) if name.endswith(QK_NORM_TENSORS) else (config.dim,)
     split, axis = kind.split(":")
     size = p.range(axis).size

@@ -246,3 +246,75 @@ def dequantised_hf_logits(path: str, shape: str, ids) -> np.ndarray:
     model.load_state_dict(state, strict=False)
     with torch.no_grad():
         return model(torch.tensor([list(ids)])).logits[0].float().numpy()
+
+
+# Mixtures of experts (random tiny Qwen3-MoE and Mixtral): 6 query heads over 2 KV heads, 4
+# experts of 96 units (3 blocks: one per rank at 3 ranks), 2 used per token.
+MOE_SHAPES = {
+    "qwen3moe": dict(arch="qwen3moe", dim=96, hidden_dim=96, n_layers=2, n_heads=6,
+                     n_kv_heads=2, vocab_size=300, head_dim=32, n_experts=4, n_experts_used=2),
+    "mixtral": dict(arch="llama", dim=96, hidden_dim=96, n_layers=2, n_heads=6, n_kv_heads=2,
+                    vocab_size=300, n_experts=4, n_experts_used=2),
+}
+
+
+def hf_moe_model(shape: str, seed: int = 0):
+    import torch
+    import transformers
+    s = MOE_SHAPES[shape]
+    common = dict(vocab_size=s["vocab_size"], hidden_size=s["dim"],
+                  num_hidden_layers=s["n_layers"], num_attention_heads=s["n_heads"],
+                  num_key_value_heads=s["n_kv_heads"], num_experts_per_tok=s["n_experts_used"],
+                  max_position_embeddings=256, rms_norm_eps=1e-6, rope_theta=1000000.0,
+                  tie_word_embeddings=False, initializer_range=0.1)
+    if shape == "qwen3moe":
+        cfg = transformers.Qwen3MoeConfig(**common, head_dim=s["head_dim"], intermediate_size=160,
+                                          moe_intermediate_size=s["hidden_dim"],
+                                          num_experts=s["n_experts"], norm_topk_prob=True)
+        cls = transformers.Qwen3MoeForCausalLM
+    else:
+        cfg = transformers.MixtralConfig(**common, intermediate_size=s["hidden_dim"],
+                                         num_local_experts=s["n_experts"])
+        cls = transformers.MixtralForCausalLM
+    torch.manual_seed(seed)
+    model = cls(cfg).float().eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+    return model
+
+
+def hf_moe_logits(shape: str, ids, seed: int = 0) -> np.ndarray:
+    import torch
+    with torch.no_grad():
+        return hf_moe_model(shape, seed)(torch.tensor([list(ids)])).logits[0].float().numpy()
+
+
+def save_hf_moe(folder: str, shape: str, seed: int = 0) -> str:
+    hf_moe_model(shape, seed).save_pretrained(str(folder))
+    return str(folder)
+
+
+def write_moe_gguf(path: str, shape: str, weight_type: str = "f32", seed: int = 0) -> str:
+    """The model of hf_moe_model as llama.cpp's converter writes it: the experts' matrices
+    stacked [n_experts, ...] (ffn_{gate,up,down}_exps), the router F32 (ffn_gate_inp)."""
+    from dllama_mpi.testing import write_llama_gguf
+    s = MOE_SHAPES[shape]
+    sd = {k: v.detach().float().numpy() for k, v in hf_moe_model(shape, seed).state_dict().items()}
+    tensors, h = {}, s["hidden_dim"]
+    for k, v in sd.items():
+        if k.endswith("mlp.experts.gate_up_proj"):     # [E, 2h, dim]: gate rows, then up
+            p = k[:-len("gate_up_proj")]
+            tensors[p + "gate_proj"], tensors[p + "up_proj"] = v[:, :h], v[:, h:]
+        elif k.endswith("mlp.experts.down_proj"):
+            tensors[k] = v
+        else:
+            tensors[k] = v
+    write_llama_gguf(path, arch=s["arch"], dim=s["dim"], hidden_dim=h, n_layers=s["n_layers"],
+                     n_heads=s["n_heads"], n_kv_heads=s["n_kv_heads"],
+                     vocab_size=s["vocab_size"], context_length=256, head_dim=s.get("head_dim"),
+                     rope_theta=1000000.0, norm_eps=1e-6, tensors=tensors,
+                     weight_type=weight_type, tokenizer=None, n_experts=s["n_experts"],
+                     n_experts_used=s["n_experts_used"])
+    return path

@@ -17,8 +17,9 @@ from ..errors import DllamaError
 from .base import FLOAT_TYPES, LazyRows, Tensor, expected_shapes, rope_permutation
 from .gguf_header import GGUFHeader
 
-SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3")
-ROTATE_HALF_ARCHS = ("qwen2", "qwen3")  # llama.cpp runs them with NEOX rope: q/k unpermuted
+SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3", "qwen3moe")  # llama with expert_count: Mixtral
+ROTATE_HALF_ARCHS = ("qwen2", "qwen3", "qwen3moe")  # llama.cpp runs them with NEOX rope: q/k
+                                                    # unpermuted
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K", "Q5_0",
                    "Q5_1")  # K-quants and the 5-bit types: see quant/kquants.py
 
@@ -30,10 +31,19 @@ _LAYER_NAMES = {
 _BIAS_NAMES = {"bq": "attn_q", "bk": "attn_k", "bv": "attn_v"}
 
 
+_EXPERT_NAMES = {"w1": "ffn_gate_exps", "w3": "ffn_up_exps", "w2": "ffn_down_exps"}
+
+
 def gguf_name(name: str) -> str:
-    """Canonical name ('layers.3.wq', 'embedding', 'final_norm', 'wcls') -> GGUF name."""
+    """Canonical name ('layers.3.wq', 'embedding', 'final_norm', 'wcls') -> GGUF name; an
+    expert's matrix ('layers.3.experts.5.w1') -> the 3-D tensor of all experts."""
+    if name.startswith("layers.") and ".experts." in name:
+        _, index, _, _, short = name.split(".")
+        return f"blk.{index}.{_EXPERT_NAMES[short]}.weight"
     if name.startswith("layers."):
         _, index, short = name.split(".")
+        if short == "router":
+            return f"blk.{index}.ffn_gate_inp.weight"
         if short in _BIAS_NAMES:
             return f"blk.{index}.{_BIAS_NAMES[short]}.bias"
         return f"blk.{index}.{_LAYER_NAMES[short]}.weight"
@@ -180,8 +190,15 @@ class GGUFModel:
                 freq_factors = (float(factor),) * (head_dim // 2)
             elif stype not in (None, "none") and factor and float(factor) != 1.0:
                 raise DllamaError(f"{self.path}: unsupported rope scaling {stype!r}")
+        n_experts = int(self.field(f"{a}.expert_count", 0) or 0)
+        hidden = int(self.field(f"{a}.expert_feed_forward_length", 0) or 0) if n_experts else 0
+        if n_experts and not hidden and arch == "qwen3moe":
+            need("expert_feed_forward_length")
         return ModelConfig(
-            arch=arch, dim=dim, hidden_dim=int(need("feed_forward_length")),
+            arch=arch, dim=dim, hidden_dim=hidden or int(need("feed_forward_length")),
+            n_experts=n_experts,
+            n_experts_used=int(self.field(f"{a}.expert_used_count", 0) or 0) if n_experts else 0,
+            expert_norm=bool(self.field(f"{a}.expert_weights_norm", True)),
             n_layers=int(need("block_count")), n_heads=n_heads,
             n_kv_heads=int(self.field(f"{a}.attention.head_count_kv", n_heads)),
             vocab_size=int(vocab), context_length=int(self.field(f"{a}.context_length", 0)),
@@ -205,6 +222,11 @@ class GGUFModel:
             t = self.tensors.get(gguf_name(name))
             if t is None:
                 raise DllamaError(f"{self.path}: missing tensor {gguf_name(name)}")
+            if ".experts." in name:   # [n_experts, out, in]: checked as one expert's matrix
+                if len(t.shape) != 3 or t.shape[0] != c.n_experts:
+                    raise DllamaError(f"{self.path}: tensor {t.name} has shape {t.shape}, "
+                                      f"expected ({c.n_experts}, {shape[0]}, {shape[1]})")
+                t = t.expert(int(name.split(".")[3]))
             if t.type not in SUPPORTED_TYPES:
                 raise DllamaError(f"{self.path}: tensor {t.name} has type {t.type}; supported: "
                                   f"{', '.join(SUPPORTED_TYPES)}")
@@ -230,7 +252,7 @@ class GGUFModel:
     def _layer_types(self) -> dict[str, str]:
         """Canonical name -> GGML type of every layer matrix."""
         return {n: self.tensor(n).type for n, shape in expected_shapes(self.config).items()
-                if n.startswith("layers.") and len(shape) == 2}
+                if n.startswith("layers.") and len(shape) == 2 and not n.endswith(".router")}
 
     def preferred_weight_type(self) -> str:
         """Runtime type that loses nothing more than the file: Q4_1 files stay q41, Q4_0
@@ -259,7 +281,8 @@ class GGUFModel:
 
     # -- tensors ---------------------------------------------------------------------
     def tensor(self, name: str) -> Tensor:
-        return self.tensors[gguf_name(name)]
+        t = self.tensors[gguf_name(name)]
+        return t.expert(int(name.split(".")[3])) if ".experts." in name else t
 
     def tokenizer(self):
         from ..tokenizer import Tokenizer

@@ -185,7 +185,8 @@ def write_llama_gguf(path: str | os.PathLike, *, dim: int, hidden_dim: int, n_la
                      rope_scaling: Mapping[str, Any] | None = None, tensors: Mapping[str, Any],
                      weight_type: str = "f32", tokenizer: str | os.PathLike | None = "bytes",
                      name: str = "dllama-mpi synthetic",
-                     extra_metadata: Mapping[str, Any] | None = None, arch: str = "llama") -> Path:
+                     extra_metadata: Mapping[str, Any] | None = None, arch: str = "llama",
+                     n_experts: int = 0, n_experts_used: int = 0) -> Path:
     """Write a llama-architecture GGUF from HF-named float32 tensors (see the module docstring).
 
     ``tensors``: Mapping of HF names to float32 arrays (or zero-argument callables returning
@@ -195,7 +196,9 @@ def write_llama_gguf(path: str | os.PathLike, *, dim: int, hidden_dim: int, n_la
     BPE), None, or the path of a GGUF whose ``tokenizer.*`` fields are copied.
     ``extra_metadata``: additional key -> value pairs (str; bool; int as UINT32, or INT64 when
     negative or large; float as FLOAT32).  ``arch``: "llama", or "qwen2" / "qwen3" (see
-    :func:`llama_tensor_specs`).  Returns the path written.
+    :func:`llama_tensor_specs`).  ``n_experts`` / ``n_experts_used``: a mixture of experts
+    (Mixtral as "llama", Qwen3-MoE as "qwen3moe"), its tensors named as llama_tensor_specs
+    says, ``hidden_dim`` an expert's.  Returns the path written.
     """
     if weight_type not in WEIGHT_TYPES:
         raise ValueError(f"weight_type must be one of {sorted(WEIGHT_TYPES)}, got {weight_type!r}")
@@ -216,7 +219,7 @@ def write_llama_gguf(path: str | os.PathLike, *, dim: int, hidden_dim: int, n_la
     tied = "lm_head.weight" not in tensors
     specs = llama_tensor_specs(dim=dim, hidden_dim=hidden_dim, n_layers=n_layers, n_heads=n_heads,
                                n_kv_heads=n_kv_heads, vocab_size=vocab_size, head_dim=hd, tied=tied,
-                               arch=arch)
+                               arch=arch, n_experts=n_experts)
     expected = {s.hf_name for s in specs}
     missing = sorted(expected - set(tensors.keys()))
     if missing:
@@ -255,6 +258,11 @@ def write_llama_gguf(path: str | os.PathLike, *, dim: int, hidden_dim: int, n_la
     w.add_file_type(FILE_TYPES[weight_type])
     w.add_vocab_size(vocab_size)
     w.add_rope_dimension_count(hd)
+    if n_experts:
+        w.add_expert_count(n_experts)
+        w.add_expert_used_count(n_experts_used)
+        if arch == "qwen3moe":
+            w.add_expert_feed_forward_length(hidden_dim)
     for stype, factor in scaling_kv:
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR if stype == "linear" else stype)
         w.add_rope_scaling_factor(factor)
