@@ -258,7 +258,7 @@ MOE_SHAPES = {
 }
 
 
-def hf_moe_model(shape: str, seed: int = 0):
+def hf_moe_model(shape: str, seed: int = 0, norm_topk_prob: bool = True):
     import torch
     import transformers
     s = MOE_SHAPES[shape]
@@ -270,7 +270,8 @@ def hf_moe_model(shape: str, seed: int = 0):
     if shape == "qwen3moe":
         cfg = transformers.Qwen3MoeConfig(**common, head_dim=s["head_dim"], intermediate_size=160,
                                           moe_intermediate_size=s["hidden_dim"],
-                                          num_experts=s["n_experts"], norm_topk_prob=True)
+                                          num_experts=s["n_experts"],
+                                          norm_topk_prob=norm_topk_prob)
         cls = transformers.Qwen3MoeForCausalLM
     else:
         cfg = transformers.MixtralConfig(**common, intermediate_size=s["hidden_dim"],
@@ -285,14 +286,23 @@ def hf_moe_model(shape: str, seed: int = 0):
     return model
 
 
-def hf_moe_logits(shape: str, ids, seed: int = 0) -> np.ndarray:
+def hf_moe_logits(shape: str, ids, seed: int = 0, **kw) -> np.ndarray:
     import torch
     with torch.no_grad():
-        return hf_moe_model(shape, seed)(torch.tensor([list(ids)])).logits[0].float().numpy()
+        return hf_moe_model(shape, seed, **kw)(torch.tensor([list(ids)])).logits[0].float().numpy()
 
 
-def save_hf_moe(folder: str, shape: str, seed: int = 0) -> str:
-    hf_moe_model(shape, seed).save_pretrained(str(folder))
+def hf_moe_greedy(shape: str, ids, n: int, seed: int = 0) -> list[int]:
+    import torch
+    with torch.no_grad():
+        out = hf_moe_model(shape, seed).generate(torch.tensor([list(ids)]), max_new_tokens=n,
+                                                 do_sample=False, eos_token_id=None,
+                                                 pad_token_id=0)
+    return out[0, len(ids):].tolist()
+
+
+def save_hf_moe(folder: str, shape: str, seed: int = 0, **kw) -> str:
+    hf_moe_model(shape, seed, **kw).save_pretrained(str(folder))
     return str(folder)
 
 
