@@ -3,7 +3,8 @@ what `info` predicts, and what a planner can sum. No arrays are made here.
 
 - weights: every matrix in its runtime layout (f32, or the 4-bit/8-bit tile layouts of
   quant/, whose row tiles pad the row count), each of its own type in a mixed file, the
-  stacked matrices (wq|wk|wv, w1|w3) as one where their types agree, plus the f32 norms and
+  stacked matrices (wq|wk|wv, w1|w3) as one where their types agree, every expert's
+  w1|w3 and w2 slices with mixtures of experts (and the f32 router), plus the f32 norms and
   biases;
 - KV cache: layers x slots x positions x this rank's KV heads x head_dim, K and V, f32;
 - buffers: the activations of one decode row and of one prefill chunk (model.Transformer
