@@ -182,7 +182,7 @@ BAD = {
     "qwen2_moe": (lambda p: _edit_config(p, model_type="qwen2_moe"),
                   "'qwen2_moe' is not supported yet"),
     "qwen3_moe_without_experts": (lambda p: _edit_config(p, model_type="qwen3_moe"),
-                                  "lacks num_local_experts"),
+                                  "lacks num_experts"),
     "gelu": (lambda p: _edit_config(p, hidden_act="gelu"), "hidden_act"),
     "rope": (lambda p: _edit_config(p, rope_parameters={"rope_type": "yarn", "factor": 2.0}),
              "rope scaling type 'yarn'"),

@@ -89,3 +89,15 @@ def test_info_counts_the_experts_parameters(tmp_path, capsys, form):
     params = int(out.split("parameters: ")[1].split()[0].replace(",", ""))
     assert params == sum(p.numel() for p in hf_moe_model("qwen3moe").parameters())
     assert "n_experts: 4" in out and "n_experts_used: 2" in out
+
+
+def test_conversions(tmp_path):
+    """To our .h5 store: the same logits; to a Distributed Llama .m: a clear refusal."""
+    from dllama_mpi.apps.convert import convert
+    from dllama_mpi.errors import DllamaError
+    path = _file(tmp_path, "qwen3moe", "gguf")
+    h5 = convert(path, str(tmp_path / "m.h5"), "f32", progress=False)[0]
+    np.testing.assert_array_equal(our_logits(SerialComm(), h5, IDS),
+                                  our_logits(SerialComm(), path, IDS))
+    with pytest.raises(DllamaError, match="mixture-of-experts"):
+        convert(path, str(tmp_path / "m.m"), "f32", to="dllama", progress=False)

@@ -116,7 +116,10 @@ def config_from_hf(cfg: dict, where: str, tied: bool) -> ModelConfig:
             if sparse != (1, []):
                 raise DllamaError(f"{where}: dense layers among the expert ones "
                                   f"(decoder_sparse_step, mlp_only_layers) are not supported")
-            moe = dict(n_experts=int(cfg.get("num_experts") or cfg["num_local_experts"]),
+            n_experts = cfg.get("num_experts") or cfg.get("num_local_experts")
+            if not n_experts:
+                raise DllamaError(f"{where}: config.json lacks num_experts (num_local_experts)")
+            moe = dict(n_experts=int(n_experts),
                        n_experts_used=int(cfg["num_experts_per_tok"]),
                        expert_norm=arch == "mixtral" or bool(cfg.get("norm_topk_prob")))
         hidden = cfg["moe_intermediate_size"] if arch == "qwen3_moe" else cfg["intermediate_size"]
