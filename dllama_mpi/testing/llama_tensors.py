@@ -132,15 +132,16 @@ def _tensor_rng(seed: int, name: str) -> np.random.Generator:
 
 def random_llama_tensors(*, dim: int, hidden_dim: int, n_layers: int, n_heads: int, n_kv_heads: int,
                          vocab_size: int, head_dim: int | None = None, tied: bool = False,
-                         std: float = 0.02, seed: int = 0) -> LazyTensors:
+                         std: float = 0.02, seed: int = 0, n_experts: int = 0) -> LazyTensors:
     """Random Llama weights in HF naming/orientation, as a lazy mapping (see :class:`LazyTensors`).
 
     Matrices ~ normal(0, std); norm weights ~ 1 + normal(0, 0.1).  Each tensor depends only on
     ``seed`` and its name, so any access order gives the same values.  ``tied=True`` omits
-    ``lm_head.weight``.
+    ``lm_head.weight``; ``n_experts``: a mixture of experts (llama_tensor_specs).
     """
     specs = llama_tensor_specs(dim=dim, hidden_dim=hidden_dim, n_layers=n_layers, n_heads=n_heads,
-                               n_kv_heads=n_kv_heads, vocab_size=vocab_size, head_dim=head_dim, tied=tied)
+                               n_kv_heads=n_kv_heads, vocab_size=vocab_size, head_dim=head_dim, tied=tied,
+                               n_experts=n_experts)
 
     def make(name: str, shape: tuple[int, ...]) -> np.ndarray:
         rng = _tensor_rng(seed, name)
