@@ -45,13 +45,16 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="a preset (see configs/): its keys are defaults for these options; "
                    "options on the command line win")
     p.add_argument("--model",
-                   help=f"a .gguf, .m or .h5 file, a Hugging Face folder, or a known model name ({', '.join(registry.KNOWN_MODELS)})")
+                   help=f"a .gguf (or any part of a split .gguf), .m or .h5 file, a Hugging Face folder, or a known model name ({', '.join(registry.KNOWN_MODELS)})")
     p.add_argument("--tokenizer", default=None,
                    help="a tokenizer file (.t or tokenizer.json): for .m models, or to replace "
                    "the model's own")
     p.add_argument("--weights-float-type", choices=("auto",) + WEIGHT_TYPES, default="auto",
                    help="runtime weight format; auto (default): Q4_0 files run as q40, Q4_1 "
-                   "files as q41, other quantised files are quantised to q40, float files f32")
+                   "files as q41, Q8_0 files are quantised to q40, float files f32, and files "
+                   "that mix types or hold K-quants (Q4_K_M, ...) keep each matrix in its own "
+                   "form (Q4_K as q41, Q5_K/Q6_K/Q5_0/Q5_1/Q8_0 as q80); a type named here "
+                   "converts every matrix to it (f16: float weights at half f32's memory)")
     p.add_argument("--buffer-float-type", choices=("auto",) + BUFFER_TYPES, default="auto",
                    help="activations between ranks (auto: q80 with 4-bit weights, else f32)")
     p.add_argument("--max-seq-len", type=_count, default=0,

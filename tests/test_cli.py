@@ -407,8 +407,8 @@ def test_unsupported_architecture(tmp_path, ranks):
 
 @pytest.mark.parametrize("ranks", [None, 2, 3])  # one process, and under mpiexec
 def test_unsupported_tensor_type(tmp_path, ranks):
-    path = write_header_only_gguf(tmp_path / "q.gguf", "llama", tensor_type="Q5_0")
-    assert_clean_error(run("inference", "--model", path, "--prompt", "x", ranks=ranks), "Q5_0")
+    path = write_header_only_gguf(tmp_path / "q.gguf", "llama", tensor_type="IQ4_NL")
+    assert_clean_error(run("inference", "--model", path, "--prompt", "x", ranks=ranks), "IQ4_NL")
 
 
 # ------------------------------------------------------------------ SmolLM2: the quick start

@@ -314,6 +314,9 @@ def write_dllama_m(model, out_path: str, weights_float_type: str = "q40", progre
         raise DllamaError(f".m weight type must be one of {', '.join(WRITE_TYPES)}, "
                           f"got {weights_float_type!r}")
     c = model.config
+    if c.n_experts:
+        raise DllamaError("mixture-of-experts models cannot be written as a .m file yet "
+                          "(convert to .h5, or run the GGUF / Hugging Face folder itself)")
     code = WRITE_TYPES[weights_float_type]
     wtype = FLOAT_TYPES[code]
     if wtype not in ("F32", "F16") and (c.dim % 32 or c.hidden_dim % 32 or c.q_dim % 32):

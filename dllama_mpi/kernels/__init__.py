@@ -20,7 +20,7 @@ from ..quant import QK, ROW_TILE_MAX_COLS, Q40Matrix, Q41Matrix, Q80Matrix, quan
 from ._jit import choose_threading_layer, get_num_threads, max_threads, set_num_threads
 from .attention import attention, attention_block, attention_scratch, bind_attention_block, rope_interleaved
 from .ffn import bind_silu_mul_q80, silu_mul, silu_mul_q80
-from .matmul import bind_matmul, matmul_f32, matmul_q80_q40, matmul_q80_q41, matmul_q80_q80
+from .matmul import bind_matmul, matmul_f16, matmul_f32, matmul_q80_q40, matmul_q80_q41, matmul_q80_q80
 from .matmul_slab import PREFETCH_ROWS
 from .norm import bind_rmsnorm_q80, rmsnorm, rmsnorm_heads, rmsnorm_q80
 from .q80 import quantize_q80_act
@@ -31,6 +31,7 @@ from .attention import _attention_block_ser, _attention_par, _attention_ser, _ro
 from .ffn import _SPLIT_MIN, _silu_mul_par, _silu_mul_q80_ser, _silu_mul_q80_split, _silu_mul_rows
 from .matmul_rows import (_ACC, _rbuffers, _rows_q4_generic, _rows_q4_par, _rows_q4_serial, _rows_q8_generic,
                           _rows_q8_par, _rows_q8_serial)
+from .matmul_f16 import _f16_rows_par, _f16_rows_serial
 from .matmul_slab import _S16, _q40_par_avx2, _q40_par_generic, _q40_serial_avx2, _q40_serial_generic, _xbuffers
 from .norm import _rmsnorm_heads, _rmsnorm_par, _rmsnorm_q80_ser, _rmsnorm_rows
 from .q80 import _quantize_q80_act, _quantize_q80_act_f16c
@@ -38,7 +39,7 @@ from .q80 import _quantize_q80_act, _quantize_q80_act_f16c
 __all__ = [
     "HAS_AVX2", "PREFETCH_ROWS",
     "attention", "attention_block", "attention_scratch", "bind_attention_block", "bind_matmul",
-    "bind_rmsnorm_q80", "bind_silu_mul_q80", "choose_threading_layer", "get_num_threads", "matmul_f32",
+    "bind_rmsnorm_q80", "bind_silu_mul_q80", "choose_threading_layer", "get_num_threads", "matmul_f16", "matmul_f32",
     "max_threads", "needed", "warmup_is_cached",
     "matmul_q80_q40", "matmul_q80_q41", "matmul_q80_q80", "quantize_q80_act", "rmsnorm", "rmsnorm_heads",
     "rmsnorm_q80", "rope_interleaved", "set_num_threads", "silu_mul", "silu_mul_q80", "warmup",
@@ -53,13 +54,14 @@ __all__ = [
 #   fused      rmsnorm and silu·mul with their Q80 in one pass                  4-bit weights
 #   silu_split one-row silu·mul·Q80 split over the threads                      wide FFN, > 1 thread
 #   f32        rmsnorm and silu·mul on f32 activations                          f32 weights or output
+#   f16        F16 weights widened as read (f32 activations)                    f16 weights
 #   qk_norm    per-head RMSNorm of q and k                                      Qwen3
 #   q4rows     Q80 x Q4_0/Q4_1 on the row-tile layout                           q41, narrow q40
 #   q40slab    Q80 x Q4_0 on the slab layout                                    q40 with > 2047 columns
 #   q8rows     Q80 x Q8_0 (the 8-bit output matrix)                             q80 output
 #   tests      the stand-alone rope and attention (tests and benchmarks only)
-ALL_NEEDS = ("q80act", "attention", "fused", "silu_split", "f32", "qk_norm", "q4rows", "q40slab",
-             "q8rows", "tests")
+ALL_NEEDS = ("q80act", "attention", "fused", "silu_split", "f32", "f16", "qk_norm", "q4rows",
+             "q40slab", "q8rows", "tests")
 
 
 def needed(matrices, ffn_width: int, nthreads: int, qk_norm: bool = False) -> set[str]:
@@ -72,8 +74,10 @@ def needed(matrices, ffn_width: int, nthreads: int, qk_norm: bool = False) -> se
         needs.add("fused")
         if ffn_width >= _SPLIT_MIN and nthreads > 1:
             needs.add("silu_split")
-    if "f32" in types:
+    if types & {"f32", "f16"}:
         needs.add("f32")
+    if "f16" in types:
+        needs.add("f16")
     if qk_norm:
         needs.add("qk_norm")
     if "q41" in types or any(t == "q40" and cols <= ROW_TILE_MAX_COLS for t, cols in matrices):
@@ -176,6 +180,14 @@ def _steps(needs) -> list[tuple[str, float, list, object]]:
         y, gu = np.empty_like(x), np.concatenate([x, x], axis=1)
         silu_mul(y, gu)
         _silu_mul_par(y, gu, T, n)
+
+    @step("f16", "f16 matmul", 2.0, [_f16_rows_serial, _f16_rows_par])
+    def _():
+        w16 = f32(rows, n).astype(np.float16)
+        for T_ in (1, 5):
+            o = np.empty((T_, rows), np.float32)
+            for fn in (_f16_rows_serial, _f16_rows_par):
+                fn(o, x[:1].repeat(T_, 0), w16.view(np.uint16), rows, n, T_)
 
     @step("qk_norm", "per-head rmsnorm", 0.5, [_rmsnorm_heads])
     def _():

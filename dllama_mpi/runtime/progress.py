@@ -117,7 +117,9 @@ def model_line(model, run: RunConfig) -> str:
 
 def kernels_needed(config: ModelConfig, p, run: RunConfig, nthreads: int) -> set[str]:
     w, o = run.weights_float_type, run.output_float_type
-    matrices = [(w, config.dim), (w, p.q_cols), (w, p.ffn_len), (o, config.dim)]
+    layers = set(run.tensor_types.values()) if run.tensor_types else {w}
+    matrices = [(t, cols) for t in layers for cols in (config.dim, p.q_cols, p.ffn_len)]
+    matrices.append((o, config.dim))
     return kernels.needed(matrices, p.ffn_len, nthreads, config.qk_norm)
 
 

@@ -69,11 +69,19 @@ def _root_open(model_arg: str, run: RunConfig, size: int, want_tokenizer: bool,
                tokenizer_path: str | None):
     path = registry.resolve(model_arg)
     model = open_model(path, tokenizer_path)
-    run = run.resolved(model.preferred_weight_type(), model.output_type())
+    run = resolve_run(run, model)
     run.validate(model.config)
-    shard.check(model.config, size, run.weights_float_type)
+    shard.check(model.config, size, run.weights_float_type, run.quantised_layers)
     tokenizer = model.tokenizer() if want_tokenizer else None
     return model, tokenizer, run
+
+
+def resolve_run(run: RunConfig, model) -> RunConfig:
+    """The run's "auto" types settled for this model file (RunConfig.resolved), with each
+    matrix's own runtime type when the file mixes types (formats' runtime_types)."""
+    types = getattr(model, "runtime_types", None)
+    return run.resolved(model.preferred_weight_type(), model.output_type(),
+                        types() if types is not None else None)
 
 
 def start(comm, model_arg: str, run: RunConfig, want_tokenizer: bool = True,
@@ -97,7 +105,8 @@ def start(comm, model_arg: str, run: RunConfig, want_tokenizer: bool = True,
                                                 tokenizer_path)
             if after_open is not None:
                 after_open(tokenizer, run.resolved_max_seq_len(model.config))
-            status = ("ok", model.config.to_dict(), run, model.path)
+            status = ("ok", model.config.to_dict(), run, model.path,
+                      list(getattr(model, "parts", [model.path])))
             stages.line(model_line(model, run))
         except DllamaError as e:
             status = ("error", str(e))
@@ -106,8 +115,8 @@ def start(comm, model_arg: str, run: RunConfig, want_tokenizer: bool = True,
         if comm.is_root:
             print(f"error: {status[1]}", file=sys.stderr)
         raise StartupFailed(1, status[1])
-    config, run, path = ModelConfig.from_dict(status[1]), status[2], status[3]
-    direct = _direct_load(comm, run.load, path)
+    config, run, path, files = ModelConfig.from_dict(status[1]), status[2], status[3], status[4]
+    direct = _direct_load(comm, run.load, files)
     if direct and not comm.is_root:
         model = open_model(path)
 
@@ -145,17 +154,19 @@ def release_free_memory() -> None:
         pass
 
 
-def _direct_load(comm, mode: str, path: str) -> bool:
+def _direct_load(comm, mode: str, files: list[str]) -> bool:
     """direct: every rank reads its own slices (shared filesystem); scatter: the root reads
-    and sends; auto: direct when every rank can read the file."""
+    and sends; auto: direct when every rank can read the model's files (every part of a
+    split GGUF)."""
     if mode == "scatter" or comm.size == 1:
         return False
-    readable = comm.allgather_obj(os.access(path, os.R_OK))
+    readable = comm.allgather_obj(all(os.access(f, os.R_OK) for f in files))
     if all(readable):
         return True
     if mode == "direct":
         missing = [r for r, ok in enumerate(readable) if not ok]
-        message = f"--load direct, but ranks {missing} cannot read {path}"
+        what = files[0] if len(files) == 1 else f"all {len(files)} parts of {files[0]}"
+        message = f"--load direct, but ranks {missing} cannot read {what}"
         if comm.is_root:
             print(f"error: {message}", file=sys.stderr)
         raise StartupFailed(1, message)
