@@ -37,7 +37,7 @@ def print_info(model_arg: str, ranks: int, run: RunConfig | None = None) -> int:
         values, size = t.block
         nbytes[t.type] += math.prod(t.shape) // values * size
     params = sum(math.prod(t.shape) for t in tensors)
-    print(f"tensors: " + ", ".join(f"{t} x{types[t]} ({mib(nbytes[t])})" for t in sorted(types))
+    print("tensors: " + ", ".join(f"{t} x{types[t]} ({mib(nbytes[t])})" for t in sorted(types))
           + f"; parameters: {params:,} ({_human(params)})")
     if ranks > c.n_heads:
         print(f"{ranks} ranks: impossible, at most {c.n_heads} (query heads)")
