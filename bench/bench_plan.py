@@ -166,7 +166,8 @@ def predicted(r: dict, read_bw: float, link=None, ranks_per_node: int | None = N
                           r["row_bytes"], context=r["prompt_tokens"] + r["steps"] // 2,
                           prompt=r["prefill_tokens"])
     return dict(rank_bytes=p.rank_bytes, decode_tok_s=p.decode.tok_s,
-                decode_network_ms=1e3 * p.decode.network_s, prefill_tok_s=p.prefill.tok_s,
+                decode_network_ms=1e3 * p.decode.network_s, decode_sync_ms=1e3 * p.decode.sync_s,
+                prefill_tok_s=p.prefill.tok_s,
                 sent=[t.sent for t in p.traffic], weights=[m.weights for m in p.memory])
 
 
@@ -188,7 +189,7 @@ def table(rows) -> str:
             f"| {name} | {r['ranks']} × {r['nthreads']} | {pmem / MiB:.0f} MiB | "
             f"{held / MiB:.0f} MiB | {err(pmem, held)} | {p['decode_tok_s']:.1f} | "
             f"{r['decode_tok_s']:.1f} | {err(p['decode_tok_s'], r['decode_tok_s'])} | "
-            f"{p['decode_network_ms']:.2f} | {sync:.2f} | {p['prefill_tok_s']:.1f} | "
+            f"{p['decode_sync_ms']:.2f} | {sync:.2f} | {p['prefill_tok_s']:.1f} | "
             f"{r['prefill_tok_s']:.1f} | {err(p['prefill_tok_s'], r['prefill_tok_s'])} |")
     return "\n".join(lines)
 

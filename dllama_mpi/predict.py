@@ -133,7 +133,7 @@ LINKS = {
     "25gbe": Link("25gbe", 2.94e9, 10e-6, "23.5 Gbit/s of TCP payload"),
     "usb4": Link("usb4", 2.5e9, 40e-6, "USB4/Thunderbolt 4 host-to-host IP, ~20 Gbit/s achieved"),
     "ib-hdr": Link("ib-hdr", 24e9, 1.5e-6, "InfiniBand HDR 200 Gbit/s, RDMA"),
-    "shm": Link("shm", 8e9, 12e-6, "ranks of one node: MPICH shared memory, this machine"),
+    "shm": Link("shm", 2.4e9, 4e-6, "ranks of one node: MPICH shared memory, this machine"),
 }
 
 _RATE_UNITS = {"bit": 1 / 8, "kbit": 1e3 / 8, "mbit": 1e6 / 8, "gbit": 1e9 / 8, "b/s": 1,
@@ -195,8 +195,11 @@ class Machine:
     ranks_per_node: int = 1         # ranks sharing its memory, bandwidth and link
     stream_fraction: float = 0.85   # of the probe, what the 4-bit matmuls stream at
     layer_s: float = 45e-6          # per layer per decode step: ~8 kernel calls from Python
-    reduce_s: float = 25e-6         # per reduction on > 1 rank: Q80 pack + sum in rank order
     token_s: float = 350e-6         # per step on the root: packet, embedding row, sampling
+    # per reduction on > 1 rank, CPU: packing and summing in rank order (comm.py), fixed +
+    # per value and rank: Q80 (quantise, dequantise) and F32 (copies)
+    reduce_s: tuple = (("q80", 13e-6, 1.2e-9), ("f32", 4e-6, 0.2e-9))
+    skew_s: float = 20e-6           # per collective on > 1 rank: the ranks never arrive together
     prefill_ops: float = 130e9      # multiply-adds x 2 per second of prompt matmuls (1 node)
     prefill_row_s: float = 50e-6    # per layer per prompt row: norms, rope, attention, Q80
     memory: int = 0                 # bytes per node (0: not checked)
@@ -289,6 +292,7 @@ def collective_seconds(kind: str, nbytes: int, size: int, link: Link, share: int
 
 
 def network_seconds(collectives: list[Collective], size: int, link: Link, share: int = 1) -> float:
+    """The link's time for these collectives (latencies + bytes / bandwidth)."""
     return sum(x.count * collective_seconds(x.kind, x.nbytes, size, link, share)
                for x in collectives)
 
@@ -300,6 +304,15 @@ def kv_read_bytes(c: ModelConfig, rank: int, size: int, context: int) -> int:
     return 2 * F32 * c.n_layers * context * plan(c, rank, size).kv_heads.size * c.head_dim
 
 
+def reduce_seconds(c: ModelConfig, size: int, run: RunConfig, machine: Machine,
+                   rows: int = 1) -> float:
+    """CPU of one reduction of `rows` rows on `size` ranks (packing, summing)."""
+    if size == 1:
+        return 0.0
+    fixed, per_value = dict((w, (a, b)) for w, a, b in machine.reduce_s)[run.buffer_float_type]
+    return fixed + per_value * rows * c.dim * size
+
+
 @dataclass(frozen=True)
 class Speed:
     compute_s: float        # the slowest rank's compute per step
@@ -307,10 +320,16 @@ class Speed:
     latency_s: float        # of which message latencies
     overhead_s: float       # fixed costs in compute_s (per layer, reduction, token)
     tokens: int             # tokens per step
+    wait_s: float = 0.0     # ranks waiting for each other in collectives (Machine.skew_s)
+
+    @property
+    def sync_s(self) -> float:
+        """Time in collectives: what comm.py's sync_seconds measures."""
+        return self.network_s + self.wait_s
 
     @property
     def step_s(self) -> float:
-        return self.compute_s + self.network_s
+        return self.compute_s + self.network_s + self.wait_s
 
     @property
     def tok_s(self) -> float:
@@ -323,7 +342,7 @@ def decode_speed(c: ModelConfig, run: RunConfig, size: int, link: Link, machine:
     """One decode step of `rows` sequences (aggregate tok/s when rows > 1)."""
     bw = machine.stream_fraction * machine.read_bw / machine.ranks_per_node
     ops = machine.prefill_ops / machine.ranks_per_node
-    overhead = (c.n_layers * (machine.layer_s + (2 * machine.reduce_s if size > 1 else 0))
+    overhead = (c.n_layers * (machine.layer_s + 2 * reduce_seconds(c, size, run, machine, rows))
                 + machine.token_s)
     worst = 0.0
     for m in memory:
@@ -334,7 +353,8 @@ def decode_speed(c: ModelConfig, run: RunConfig, size: int, link: Link, machine:
     net = network_seconds(coll, size, link, machine.ranks_per_node)
     lat = network_seconds(coll, size, replace(link, bandwidth=float("inf")),
                           machine.ranks_per_node)
-    return Speed(worst + overhead, net, lat, overhead, rows)
+    wait = machine.skew_s * sum(x.count for x in coll)
+    return Speed(worst + overhead, net, lat, overhead, rows, wait)
 
 
 def prefill_speed(c: ModelConfig, run: RunConfig, size: int, link: Link, machine: Machine,
@@ -342,7 +362,7 @@ def prefill_speed(c: ModelConfig, run: RunConfig, size: int, link: Link, machine
     """A prompt of `prompt` tokens in forwards of run.prefill_chunk rows (last row's logits)."""
     ops = machine.prefill_ops / machine.ranks_per_node
     chunk = max(1, min(run.prefill_chunk, prompt))
-    compute = net = lat = overhead = 0.0
+    compute = net = lat = overhead = wait = 0.0
     done = 0
     while done < prompt:
         t = min(chunk, prompt - done)
@@ -351,7 +371,7 @@ def prefill_speed(c: ModelConfig, run: RunConfig, size: int, link: Link, machine
             attn = 4 * c.n_layers * t * (done + t / 2) * plan(c, r, size).q_cols
             worst = max(worst, (2 * t * matmul_params(c, r, size) + attn) / ops)
         fixed = (c.n_layers * (t * machine.prefill_row_s + machine.layer_s
-                               + (2 * machine.reduce_s if size > 1 else 0)) + machine.token_s)
+                               + 2 * reduce_seconds(c, size, run, machine, t)) + machine.token_s)
         head = 2 * c.dim * split_blocks(c.vocab_size, size, 0).size / ops   # last row's logits
         compute += worst + fixed + head
         overhead += fixed
@@ -359,8 +379,9 @@ def prefill_speed(c: ModelConfig, run: RunConfig, size: int, link: Link, machine
         net += network_seconds(coll, size, link, machine.ranks_per_node)
         lat += network_seconds(coll, size, replace(link, bandwidth=float("inf")),
                                machine.ranks_per_node)
+        wait += machine.skew_s * sum(x.count for x in coll)
         done += t
-    return Speed(compute, net, lat, overhead, prompt)
+    return Speed(compute, net, lat, overhead, prompt, wait)
 
 
 # -- the plan ------------------------------------------------------------------------------

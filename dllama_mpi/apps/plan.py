@@ -159,8 +159,8 @@ def _gib(n: float) -> str:
 
 
 def _speed_line(label: str, s, per: str = "step") -> str:
-    net = (f", network {1e3 * s.network_s:.2f} ms ({1e3 * s.latency_s:.2f} ms of it latency)"
-           if s.network_s else "")
+    net = (f", network {1e3 * s.network_s:.2f} ms ({1e3 * s.latency_s:.2f} ms of it latency), "
+           f"waiting for other ranks {1e3 * s.wait_s:.2f} ms" if s.network_s else "")
     return (f"{label}: {s.tok_s:.3g} tok/s (per {per}: compute {1e3 * s.compute_s:.2f} ms, "
             f"{1e3 * s.overhead_s:.2f} ms of it fixed costs{net})")
 
@@ -218,6 +218,7 @@ def plan_json(p: Plan, what: str, machine_source: str, smallest) -> dict:
         return None if s is None else dict(
             tok_s=s.tok_s, step_ms=1e3 * s.step_s, compute_ms=1e3 * s.compute_s,
             network_ms=1e3 * s.network_s, latency_ms=1e3 * s.latency_s,
+            wait_ms=1e3 * s.wait_s, sync_ms=1e3 * s.sync_s,
             fixed_ms=1e3 * s.overhead_s, tokens_per_step=s.tokens)
     run = p.run
     return {
