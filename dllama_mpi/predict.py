@@ -34,8 +34,8 @@ from .shard import BLOCK, plan, split_blocks
 
 F32 = 4
 # RSS of a rank beyond the arrays memory.py counts: the interpreter, numpy, numba's compiled
-# kernels, mpi4py and MPICH (measured by bench/bench_plan.py: 150-190 MiB on this machine)
-RUNTIME_BYTES = 180 * 2**20
+# kernels, mpi4py and MPICH (measured by bench/bench_plan.py: 130-165 MiB on this machine)
+RUNTIME_BYTES = 150 * 2**20
 # GGML type -> (values, bytes) per block of a stored embedding row (what the root broadcasts)
 ROW_BLOCKS = {"F32": (1, 4), "F16": (1, 2), "BF16": (1, 2), "Q8_0": (32, 34), "Q4_0": (32, 18),
               "Q4_1": (32, 20)}

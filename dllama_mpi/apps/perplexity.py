@@ -51,6 +51,7 @@ def windows(n: int, ctx: int, stride: int) -> list[Window]:
 @dataclass
 class Result:
     nll: np.ndarray                 # float64 [tokens scored]
+    top1: np.ndarray                # the model's likeliest token at each scored position
     tokens_evaluated: int           # rows through the model (windows overlap)
     windows: int
     seconds: float
@@ -89,7 +90,7 @@ def token_nll(logits: np.ndarray, targets) -> np.ndarray:
 
 def evaluate(engine, ids: list[int], ctx: int, stride: int, batch: int) -> Result:
     """Root: every window's forwards on every rank, NLL of the scored tokens."""
-    parts = []
+    parts, top1 = [], []
     evaluated = 0
     ws = windows(len(ids), ctx, stride)
     t0 = time.perf_counter()
@@ -101,11 +102,15 @@ def evaluate(engine, ids: list[int], ctx: int, stride: int, batch: int) -> Resul
             lo, hi = max(c0, w.scored - 1), min(c1, w.end - 1)
             logits = engine.forward(ids[c0:c1], c0 - w.begin, all_logits=lo < hi)
             if lo < hi:
-                parts.append(token_nll(logits[lo - c0:hi - c0], ids[lo + 1:hi + 1]))
+                rows = logits[lo - c0:hi - c0]
+                parts.append(token_nll(rows, ids[lo + 1:hi + 1]))
+                top1.append(rows.argmax(axis=1))
         evaluated += w.end - w.begin
     seconds = time.perf_counter() - t0
-    return Result(np.concatenate(parts) if parts else np.zeros(0), evaluated, len(ws), seconds,
-                  ctx, stride, len(ids))
+    empty = np.zeros(0, np.int64)
+    return Result(np.concatenate(parts) if parts else empty.astype(np.float64),
+                  np.concatenate(top1) if top1 else empty, evaluated, len(ws), seconds, ctx,
+                  stride, len(ids))
 
 
 def add_arguments(p) -> None:
