@@ -19,7 +19,10 @@ Then, per rate and wire (Q80: 34 bytes per 32 values; F32: 4 per value), a measu
 (bench_plan.py's worker: SmolLM2 by default, 1 thread per rank) against `plan` with the
 link bw=RATE (x 0.95: TCP/IP headers), lat=the measured 16-byte Allgather time. Caveat: a
 token bucket limits the average rate, not the time each packet takes on the wire: a message
-smaller than the bucket (`--burst`) passes at veth speed when the bucket is full.
+smaller than the bucket (`--burst`, default 1 ms of the rate) passes at veth speed when the
+bucket is full, where a real link would spend size / rate on it. Smaller buckets (one frame,
+4 KiB; with or without GSO on the veth) gave erratic millisecond stalls on small messages
+and could not reach 1 Gbit/s for large ones.
 
 Namespaces and veths are named after this process id and removed at the end (or on error).
 """

@@ -77,7 +77,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch", type=_arg(_positive), default=1,
                    help="sequences decoding together (KV-cache slots); > 1 adds their "
                    "aggregate tok/s")
-    p.add_argument("--link", type=_arg(parse_link), default=LINKS["1gbe"],
+    p.add_argument("--link", type=_arg(parse_link), default="1gbe",
                    help=f"between nodes: {', '.join(LINKS)}, or 'bw=RATE,lat=TIME' "
                    "(e.g. bw=2.5gbit,lat=80us)")
     p.add_argument("--node-memory", type=_arg(parse_size), default=None,
@@ -86,14 +86,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ranks-per-node", type=_arg(_positive), default=1,
                    help="ranks sharing one node's memory, read bandwidth and link")
     bw = p.add_mutually_exclusive_group()
-    bw.add_argument("--read-bw", type=_arg(_gb_s), default=None, metavar="GB/s",
-                    help=f"a node's memory read bandwidth (default {Machine.read_bw / 1e9:g}: "
-                    "this project's test machine, 2 cores)")
+    bw.add_argument("--read-bw", type=_arg(_gb_s), default=Machine.read_bw / 1e9, metavar="GB/s",
+                    help="a node's memory read bandwidth, all its cores (the default: this "
+                    "project's 2-core test machine)")
     bw.add_argument("--probe", action="store_true",
                     help="measure this machine's read bandwidth (all its cores; ~2 s)")
-    p.add_argument("--prefill-gops", type=_arg(_gb_s), default=None,
-                   help=f"a node's int8 throughput on prompt matrices, G ops/s (default "
-                   f"{Machine.prefill_ops / 1e9:g})")
+    p.add_argument("--prefill-gops", type=_arg(_gb_s), default=Machine.prefill_ops / 1e9,
+                   metavar="GOP/s", help="a node's int8 throughput on prompt matrices (the "
+                   "default: this project's 2-core test machine)")
     p.add_argument("--context", type=_arg(_count), default=256,
                    help="positions in the KV cache while decoding (attention reads them)")
     p.add_argument("--prompt", type=_arg(_positive), default=128,
@@ -138,17 +138,14 @@ def resolve_inputs(args):
 
 
 def machine_of(args) -> tuple[Machine, str]:
-    m = Machine(ranks_per_node=args.ranks_per_node,
-                memory=args.node_memory or 0)
-    source = "given" if args.read_bw else "default: this project's test machine"
+    m = Machine(ranks_per_node=args.ranks_per_node, memory=args.node_memory or 0,
+                read_bw=args.read_bw * 1e9, prefill_ops=args.prefill_gops * 1e9)
+    source = ("default: this project's test machine" if m.read_bw == Machine.read_bw
+              else "given")
     if args.probe:
         from .probe import read_bandwidth
         m = replace(m, read_bw=read_bandwidth())
         source = "probed on this machine, all cores"
-    elif args.read_bw:
-        m = replace(m, read_bw=args.read_bw * 1e9)
-    if args.prefill_gops:
-        m = replace(m, prefill_ops=args.prefill_gops * 1e9)
     return m, source
 
 
