@@ -167,6 +167,8 @@ def predicted(r: dict, read_bw: float, link=None, ranks_per_node: int | None = N
                           prompt=r["prefill_tokens"])
     return dict(rank_bytes=p.rank_bytes, decode_tok_s=p.decode.tok_s,
                 decode_network_ms=1e3 * p.decode.network_s, decode_sync_ms=1e3 * p.decode.sync_s,
+                decode_compute_ms=1e3 * p.decode.compute_s,
+                decode_latency_ms=1e3 * (p.decode.latency_s + p.decode.wait_s),
                 prefill_tok_s=p.prefill.tok_s,
                 sent=[t.sent for t in p.traffic], weights=[m.weights for m in p.memory])
 

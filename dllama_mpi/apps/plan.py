@@ -258,10 +258,10 @@ def sweep_rows(config, run, machine, row, context, prompt, links) -> list[dict]:
     return rows
 
 
-def print_sweep(rows, links, out=sys.stdout) -> None:
+def print_sweep(rows, links, ranks_per_node: int = 1, out=sys.stdout) -> None:
     names = list(links)
-    out.write(f"\npredicted decode tok/s by ranks and link (1 rank per node unless "
-              f"--ranks-per-node):\n\n")
+    out.write(f"\npredicted decode tok/s by ranks and link ({ranks_per_node} rank(s) per "
+              "node):\n\n")
     out.write("| ranks | largest rank | fits | kB sent/token (rank 0) | "
               + " | ".join(names) + " |\n")
     out.write("|---|---|---|---|" + "---|" * len(names) + "\n")
@@ -341,7 +341,7 @@ def run(args) -> int:
             sys.stdout.write(f"smallest rank count that fits {_gib(machine.memory)} per node: "
                              f"{smallest or 'none'}\n")
     if rows is not None:
-        print_sweep(rows, links)
+        print_sweep(rows, links, machine.ranks_per_node)
     if args.plot:
         sys.stdout.write(f"\nwritten {args.plot}\n")
     return 0
