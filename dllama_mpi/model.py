@@ -66,8 +66,8 @@ def pack_weights(weights: ShardWeights) -> None:
     (numpy advises them for large buffers; 121 small matrices of SmolLM2 on 4 kB pages cost
     TLB misses) and the kernels' prefetch runs on from one matrix into the next."""
     mats = [m for lw in weights.layers for m in (lw.wqkv, lw.wo, lw.w13, lw.w2)] + [weights.wcls]
-    parts = [a for m in mats for a in _data(m)]
-    arena = np.empty(sum(_aligned(a.nbytes) for a in parts), np.uint8)
+    arena = np.empty(sum(_aligned(a.nbytes) for m in mats for a in _data(m)), np.uint8)
+    del mats                        # no reference may outlive the move: see below
     offset = 0
 
     def place(a: np.ndarray) -> np.ndarray:
@@ -79,10 +79,24 @@ def pack_weights(weights: ShardWeights) -> None:
         offset += _aligned(a.nbytes)
         return view
 
-    for lw in weights.layers:       # layer by layer: the old copies are freed as we go
+    # layer by layer, the old copies freed as we go and their heap pages given back at once
+    # (glibc keeps freed blocks below its mmap threshold, up to 32 MiB): otherwise the
+    # arena and every old copy are resident together, twice the shard at the peak
+    for lw in weights.layers:
         for name in ("wqkv", "wo", "w13", "w2"):
             setattr(lw, name, _moved(getattr(lw, name), place))
+        _trim_heap()
     weights.wcls = _moved(weights.wcls, place)
+    _trim_heap()
+
+
+def _trim_heap() -> None:
+    """Return the heap's free pages to the system (glibc malloc_trim; a no-op elsewhere)."""
+    import ctypes
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _aligned(n: int) -> int:
