@@ -291,6 +291,10 @@ def plot_sweep(rows, links, title: str, path: str) -> None:
         ax.axvspan(0.5, max(fitting) + 0.5, color="0.85", label="does not fit a node")
     ax.set(xlabel="ranks (one per node)", ylabel="predicted decode tok/s", title=title,
            yscale="log")
+    from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
+    ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+    ax.yaxis.set_minor_formatter(NullFormatter())
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     fig.tight_layout()
