@@ -76,13 +76,17 @@ def worker(model_arg: str, load: str) -> None:
     from dllama_mpi.comm import make_comm
     from dllama_mpi.config import ModelConfig, RunConfig
     from dllama_mpi.loading import load_shard
-    from dllama_mpi.runtime.startup import (_direct_load, _root_open, _warm_kernels, open_model,
-                                    release_free_memory)
+    from dllama_mpi.model import trim_heap
+    from dllama_mpi.runtime.startup import _direct_load, _root_open, open_model
 
     comm = make_comm()
     kernels.choose_threading_layer("q40")
     kernels.set_num_threads(1)
-    _warm_kernels(comm)
+    if comm.is_root:                  # compiled once, then loaded from the cache by the others
+        kernels.warmup()
+    comm.barrier()
+    if not comm.is_root:
+        kernels.warmup()
     comm.barrier()
     reset = _reset_peak()
     before = _status()
@@ -108,7 +112,7 @@ def worker(model_arg: str, load: str) -> None:
     loaded = _status()                # file pages while the model is still mapped
     if direct and not comm.is_root:   # then what session.start does after loading
         model.close()
-    release_free_memory()
+    trim_heap()
     st = _status()
     mine = {"rank": comm.rank, "open_s": open_s, "load_s": load_s, "shard": weights.nbytes(),
             "base": before["VmRSS"], "peak": st["VmHWM"] if reset else None,

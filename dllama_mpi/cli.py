@@ -178,6 +178,21 @@ def build_parser() -> argparse.ArgumentParser:
     from .apps.convert import add_arguments as add_convert_arguments
     add_convert_arguments(p)
 
+    # -- plan (apps/plan.py) --
+    p = sub.add_parser("plan", help="predict memory per rank, bytes per token and tok/s of N "
+                       "ranks on a given link (no MPI, no model file needed with --preset)")
+    from .apps.plan import add_arguments as add_plan_arguments
+    add_plan_arguments(p)
+    # -- end plan --
+
+    # -- perplexity (apps/perplexity.py) --
+    p = sub.add_parser("perplexity", help="teacher-forced perplexity of a text file, in "
+                       "strided windows")
+    _add_model_args(p)
+    from .apps.perplexity import add_arguments as add_perplexity_arguments
+    add_perplexity_arguments(p)
+    # -- end perplexity --
+
     parser.subcommands = dict(sub.choices)
     return parser
 
@@ -209,9 +224,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     if getattr(args, "config", None):
         parser.subcommands[args.command].set_defaults(**load_preset(args.config, parser, args.command))
         args = parser.parse_args(argv)
-    if getattr(args, "model", "") is None:
+    if getattr(args, "model", "") is None and not getattr(args, "preset", None):
         parser.error("--model is required (on the command line or in --config)")
-    for name in ("prompt", "model", "input", "output"):
+    for name in ("prompt", "model", "input", "output", "text"):
         value = getattr(args, name, None)
         if isinstance(value, str) and not _utf8(value):
             parser.error(f"--{name} is not valid UTF-8 text")
@@ -244,6 +259,12 @@ def main(argv=None) -> int:
     if args.command == "info":
         from .apps.info import print_info
         return print_info(args.model, args.ranks, run_config(args))
+    if args.command == "plan":
+        from .apps.plan import run as run_plan
+        return run_plan(args)
+    if args.command == "perplexity":
+        from .apps.perplexity import run_perplexity
+        return run_perplexity(args, run_config(args))
     if args.command == "inference":
         from .apps.inference import run_inference
         return run_inference(args, run_config(args))

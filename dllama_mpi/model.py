@@ -122,8 +122,8 @@ def pack_weights(weights: ShardWeights) -> None:
     (numpy advises them for large buffers; 121 small matrices of SmolLM2 on 4 kB pages cost
     TLB misses) and the kernels' prefetch runs on from one matrix into the next."""
     mats = [m for lw in weights.layers for m in lw.matrices()] + [weights.wcls]
-    parts = [a for m in mats for a in _data(m)]
-    arena = np.empty(sum(_aligned(a.nbytes) for a in parts), np.uint8)
+    arena = np.empty(sum(_aligned(a.nbytes) for m in mats for a in _data(m)), np.uint8)
+    del mats                        # no reference may outlive the move: see below
     offset = 0
 
     def place(a: np.ndarray) -> np.ndarray:
@@ -135,13 +135,27 @@ def pack_weights(weights: ShardWeights) -> None:
         offset += _aligned(a.nbytes)
         return view
 
-    for lw in weights.layers:       # layer by layer: the old copies are freed as we go
+    # layer by layer, the old copies freed as we go and their heap pages given back at once
+    # (glibc keeps freed blocks below its mmap threshold, up to 32 MiB): otherwise the
+    # arena and every old copy are resident together, twice the shard at the peak
+    for lw in weights.layers:
         for name in ("wqkv", "wo", "w13", "w2"):
             if getattr(lw, name) is not None:
                 setattr(lw, name, _moved(getattr(lw, name), place))
         if lw.experts is not None:
             lw.experts = [(_moved(a, place), _moved(b, place)) for a, b in lw.experts]
+        trim_heap()
     weights.wcls = _moved(weights.wcls, place)
+    trim_heap()
+
+
+def trim_heap() -> None:
+    """Return the heap's free pages to the system (glibc malloc_trim; a no-op elsewhere)."""
+    import ctypes
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _aligned(n: int) -> int:

@@ -21,7 +21,7 @@ from ..formats import open_model
 from ..kvcache import KVCache
 from ..memory import RankMemory, mib
 from ..memory import per_rank as memory_per_rank
-from ..model import Transformer, pack_weights
+from ..model import Transformer, pack_weights, trim_heap
 from .engine import Engine, StepStats
 from .scheduler import Scheduler
 from .progress import Stages, cores, first_line, kernels_needed, load_with_progress, model_line, warm_kernels
@@ -129,7 +129,7 @@ def start(comm, model_arg: str, run: RunConfig, want_tokenizer: bool = True,
     pack_weights(weights)
     if direct and not comm.is_root:
         model.close()
-    release_free_memory()
+    trim_heap()      # the heap that loading freed (read and conversion buffers)
     max_seq_len = run.resolved_max_seq_len(config)
     kv = KVCache(config.n_layers, max_seq_len, me.kv_heads.size, config.head_dim,
                  directory=kv_dir, tag=f"rank{comm.rank}", n_slots=run.parallel)
@@ -142,16 +142,6 @@ def start(comm, model_arg: str, run: RunConfig, want_tokenizer: bool = True,
                                            memory_per_rank(config, run, comm.size)[comm.rank].buffers))
     comm.stats.reset()
     return Session(comm, config, run, engine, tokenizer, max_seq_len, nthreads, memory)
-
-
-def release_free_memory() -> None:
-    """Give the heap that loading freed (read and conversion buffers) back to the system:
-    glibc keeps it otherwise, 15-40 MB per rank for SmolLM2 from an .h5 store."""
-    import ctypes
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
 
 
 def _direct_load(comm, mode: str, files: list[str]) -> bool:
