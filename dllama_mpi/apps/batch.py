@@ -24,6 +24,7 @@ from dataclasses import replace
 from ..comm import make_comm
 from ..config import SamplingParams
 from ..errors import DllamaError
+from ..runtime.scheduler import Scheduler
 from ..runtime.startup import run_root, start
 from . import batch_io
 from .batch_loop import BatchLoop, Stats, StopFlag
@@ -151,7 +152,12 @@ def _body(session, args, plan: _Plan, stop: StopFlag, result: list) -> Stats:
     errors = batch_io.RecordWriter(args.errors, args.fsync_seconds) if args.errors else None
     progress = Progress(plan.total, args.progress_seconds, args.quiet)
     try:
-        loop = BatchLoop(session, batch_io.read_items(args.input, plan.format, args.chat),
+        tok = session.tokenizer
+        scheduler = Scheduler(session.engine, n_slots=args.max_batch,
+                              max_seq_len=session.max_seq_len, eos_ids=tok.eos_ids,
+                              decoder_factory=tok.decoder)
+        loop = BatchLoop(scheduler, tok, session.max_seq_len,
+                         batch_io.read_items(args.input, plan.format, args.chat),
                          plan.done, output, errors, defaults, run.seed, args.max_batch,
                          args.model_name or model_name(args.model), stop, progress,
                          stop_timeout=args.stop_timeout)

@@ -164,7 +164,9 @@ def _simple_item(item: Item, text: str, chat: bool) -> None:
         raise _bad("invalid_request", f"{where}: needs exactly one of \"prompt\" or \"messages\"")
     if prompt is not None and (not isinstance(prompt, str) or not prompt):
         raise _bad("invalid_request", f"{where}: \"prompt\" must be a non-empty string", "prompt")
-    if messages is not None and not (isinstance(messages, list) and messages):
+    if messages is not None and not (isinstance(messages, list) and messages and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str)
+            and isinstance(m.get("content"), str) for m in messages)):
         raise _bad("invalid_request", f"{where}: \"messages\" must be a non-empty list of "
                    "{\"role\": str, \"content\": str}", "messages")
     body = {}

@@ -17,7 +17,6 @@ from typing import Iterator
 
 from ..config import SamplingParams
 from ..errors import DllamaError
-from ..runtime.scheduler import Scheduler
 from . import openai_schema as oa
 from .batch_io import Done, Item, RecordWriter, duplicate_error, error_record, ok_record
 from .batch_requests import RequestError, answer, prepare, token_texts
@@ -83,21 +82,19 @@ class _Pending:
 
 
 class BatchLoop:
-    def __init__(self, session, items: Iterator[Item], done: Done, output: RecordWriter,
-                 errors: RecordWriter | None, defaults: SamplingParams, seed: int | None,
-                 max_batch: int, model_name: str, stop: StopFlag, progress,
-                 stop_timeout: float = 60.0, token_budget: int = 256):
-        tok = session.tokenizer
-        self.tokenizer, self.max_seq_len = tok, session.max_seq_len
-        self.sched = Scheduler(session.engine, n_slots=max_batch, max_seq_len=session.max_seq_len,
-                               eos_ids=tok.eos_ids, decoder_factory=tok.decoder,
-                               token_budget=token_budget)
+    def __init__(self, scheduler, tokenizer, max_seq_len: int, items: Iterator[Item],
+                 done: Done, output: RecordWriter, errors: RecordWriter | None,
+                 defaults: SamplingParams, seed: int | None, max_batch: int, model_name: str,
+                 stop: StopFlag, progress, stop_timeout: float = 60.0):
+        """scheduler: the scheduler contract (submit, step, requests_running/waiting), stepped
+        here; progress: skip(), record(ok, tokens), tick()."""
+        self.sched, self.tokenizer, self.max_seq_len = scheduler, tokenizer, max_seq_len
         self.items, self.done = items, done
         self.output, self.errors = output, errors or output
         self.defaults, self.seed, self.max_batch = defaults, seed, max_batch
         self.model_name, self.stop, self.progress = model_name, stop, progress
         self.stop_timeout = stop_timeout
-        self.token_text = token_texts(tok)
+        self.token_text = token_texts(tokenizer)
         self.first_line: dict[str, int] = {}      # custom_id -> line of its first occurrence
         self.occurrences: dict[str, int] = {}
         self.pending: dict[str, _Pending] = {}
