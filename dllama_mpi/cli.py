@@ -224,6 +224,12 @@ def main(argv=None) -> int:
         from .apps.inference import run_inference
         return run_inference(args, run_config(args))
     if args.command == "batch":
-        from .apps.batch import run_batch
-        return run_batch(args, run_config(args))
+        from .apps.batch_signals import StopFlag
+        stop = StopFlag()                  # before the heavy imports: a stop signal is never lost
+        previous = stop.install(world_rank() == 0)
+        try:
+            from .apps.batch import run_batch
+            return run_batch(args, run_config(args), stop)
+        finally:
+            stop.restore(previous)
     raise DllamaError(f"unknown command {args.command}")

@@ -16,7 +16,6 @@ rerun the same command to resume (jobs/batch.sbatch turns it into `scontrol requ
 from __future__ import annotations
 
 import os
-import signal
 import sys
 import time
 from dataclasses import replace
@@ -27,7 +26,8 @@ from ..errors import DllamaError
 from ..runtime.scheduler import Scheduler
 from ..runtime.startup import run_root, start
 from . import batch_io
-from .batch_loop import BatchLoop, Stats, StopFlag
+from .batch_loop import BatchLoop, Stats
+from .batch_signals import StopFlag
 
 EXIT_RESUMABLE = 75          # sysexits EX_TEMPFAIL: "try again later"
 
@@ -117,6 +117,8 @@ class _Plan:
         self.done = batch_io.scan_records(a.output)
         if a.errors:
             batch_io.scan_records(a.errors, self.done)
+        print(f"batch: {self.total} requests in {a.input} ({self.format} format)",
+              file=sys.stderr, flush=True)
         if self.done.dropped:
             print(f"batch: dropped a torn last line ({self.done.dropped} bytes) from the output",
                   file=sys.stderr)
@@ -125,23 +127,19 @@ class _Plan:
                   "a record", file=sys.stderr)
 
 
-def run_batch(args, run) -> int:
+def run_batch(args, run, stop: StopFlag) -> int:
+    """Every rank. `stop`: the flag the stop signals set on the root (installed by the caller,
+    workers ignore them). Returns the exit code, the same on every rank."""
     comm = make_comm()
-    stop = StopFlag()
-    previous = stop.install(comm.is_root)
-    try:
-        plan = _Plan(args)
-        run = replace(run, parallel=args.max_batch)
-        session = start(comm, args.model, run, kv_dir=args.kv_cache_dir,
-                        tokenizer_path=args.tokenizer, root_check=plan.check)
-        result: list[Stats] = []
-        code = run_root(session, lambda s: _body(s, args, plan, stop, result), _report(args))
-        if code == 0 and result and not result[0].complete:
-            code = EXIT_RESUMABLE
-        return comm.bcast_obj(code if comm.is_root else None)
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
+    plan = _Plan(args)
+    run = replace(run, parallel=args.max_batch)
+    session = start(comm, args.model, run, kv_dir=args.kv_cache_dir,
+                    tokenizer_path=args.tokenizer, root_check=plan.check)
+    result: list[Stats] = []
+    code = run_root(session, lambda s: _body(s, args, plan, stop, result), _report(args))
+    if code == 0 and result and not result[0].complete:
+        code = EXIT_RESUMABLE
+    return comm.bcast_obj(code if comm.is_root else None)
 
 
 def _body(session, args, plan: _Plan, stop: StopFlag, result: list) -> Stats:

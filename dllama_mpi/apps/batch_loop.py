@@ -9,7 +9,6 @@ no record: the next run (the same command) does it again.
 """
 from __future__ import annotations
 
-import signal
 import sys
 import time
 from dataclasses import dataclass, field, replace
@@ -20,28 +19,9 @@ from ..errors import DllamaError
 from . import openai_schema as oa
 from .batch_io import Done, Item, RecordWriter, duplicate_error, error_record, ok_record
 from .batch_requests import RequestError, answer, prepare, token_texts
+from .batch_signals import StopFlag
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 SEED_MODULUS = 2**63
-
-
-class StopFlag:
-    """A signal handler that only counts: the loop looks at it between engine steps."""
-
-    def __init__(self):
-        self.count = 0
-        self.name: str | None = None
-
-    def __call__(self, signum, frame=None) -> None:
-        self.count += 1
-        self.name = self.name or signal.Signals(signum).name
-
-    def install(self, is_root: bool) -> dict:
-        """Root: the stop signals set this flag; workers ignore them (launchers forward them to
-        every rank, and a worker must leave only when the root's stop step arrives). Returns
-        the previous handlers."""
-        handler = self if is_root else signal.SIG_IGN
-        return {s: signal.signal(s, handler) for s in STOP_SIGNALS}
 
 
 @dataclass
