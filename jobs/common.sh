@@ -27,14 +27,16 @@ export NUMBA_CACHE_DIR=${NUMBA_CACHE_DIR:-/tmp/dllama-numba-$(id -u)}
 # Compute nodes often have no internet: run `python -m dllama_mpi pull smollm2-135m` on a login
 # node beforehand (the cache, ~/.cache/dllama_mpi or $DLLAMA_MPI_CACHE, must be shared).
 
-# dllama_launch ARGS...: `python -m dllama_mpi ARGS` on $NTASKS ranks with $LAUNCHER.
-dllama_launch() {
+# dllama_command ARGS...: DLLAMA_CMD=(the command that runs `python -m dllama_mpi ARGS` on
+# $NTASKS ranks with $LAUNCHER). Run it as "${DLLAMA_CMD[@]}" (in the background: `&`, and $!
+# is the launcher itself, which passes the signals it gets on to every rank).
+dllama_command() {
     case "$LAUNCHER" in
-        srun) srun --mpi=pmi2 --ntasks="$NTASKS" --cpus-per-task="$SRUN_CPUS_PER_TASK" \
-                  "$PYTHON" -m dllama_mpi "$@" ;;
-        mpiexec|mpirun) "$LAUNCHER" -n "$NTASKS" "$PYTHON" -m dllama_mpi "$@" ;;
+        srun) DLLAMA_CMD=(srun --mpi=pmi2 --ntasks="$NTASKS"
+                          --cpus-per-task="$SRUN_CPUS_PER_TASK" "$PYTHON" -m dllama_mpi "$@") ;;
+        mpiexec|mpirun) DLLAMA_CMD=("$LAUNCHER" -n "$NTASKS" "$PYTHON" -m dllama_mpi "$@") ;;
         *) echo "error: LAUNCHER must be mpiexec, mpirun or srun, got '$LAUNCHER'" >&2
-           return 2 ;;
+           exit 2 ;;
     esac
 }
 
