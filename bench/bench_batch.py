@@ -25,7 +25,7 @@ import time
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
 
-from dllama_mpi.apps import batch_io  # noqa: E402
+from dllama_mpi.apps import batch_io, batch_records  # noqa: E402
 
 TOPICS = ["the water cycle", "compilers", "the printing press", "vaccines", "hash tables",
           "plate tectonics", "photosynthesis", "the french revolution"]
@@ -42,7 +42,8 @@ def write_prompts(path: str, n: int) -> None:
 
 def run_batch(args, folder: str, max_batch: int) -> dict:
     n = args.requests or max(16, 2 * max_batch)
-    inp, out = os.path.join(folder, f"in-{max_batch}.jsonl"), os.path.join(folder, f"out-{max_batch}.jsonl")
+    inp = os.path.join(folder, f"in-{max_batch}.jsonl")
+    out = os.path.join(folder, f"out-{max_batch}.jsonl")
     write_prompts(inp, n)
     cmd = [sys.executable, "-m", "dllama_mpi", "batch", "--model", args.model, "--input", inp,
            "--output", out, "--max-batch", str(max_batch), "--steps", str(args.steps),
@@ -71,11 +72,11 @@ def resume_cost(folder: str, lines: int) -> dict:
                                  "logprobs": None, "finish_reason": "length"}],
                     "usage": {"prompt_tokens": 40, "completion_tokens": 64, "total_tokens": 104,
                               "prompt_tokens_details": {"cached_tokens": 0}}}
-            f.write(batch_io.encode_record(batch_io.ok_record(f"req-{i}", body)))
+            f.write(batch_records.encode_record(batch_records.ok_record(f"req-{i}", body)))
     write_prompts(inp, lines)
     size = os.path.getsize(out)
     t = time.perf_counter()
-    done = batch_io.scan_records(out)
+    done = batch_records.scan_records(out)
     scan = time.perf_counter() - t
     assert done.records == lines
     t = time.perf_counter()

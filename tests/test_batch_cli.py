@@ -99,7 +99,8 @@ def test_text_and_openai_formats(tiny, tmp_path):
     out2 = tmp_path / "out2.jsonl"
     p = batch(tiny, oa, out2, "--input-format", "openai")
     assert p.returncode == 0, p.stderr
-    assert {k: text_of(v) for k, v in by_id(out2).items()} == {k: text_of(v) for k, v in text.items()}
+    assert {k: text_of(v) for k, v in by_id(out2).items()} == \
+        {k: text_of(v) for k, v in text.items()}
 
 
 BAD = [('{"prompt": "ok"', "invalid_json"),
@@ -183,4 +184,7 @@ def test_fatal_errors_leave_files_alone(tiny, tmp_path):
     assert_clean_error(batch(tiny, inp, inp), "different files")
     assert_clean_error(batch(tiny, _write(tmp_path / "e.txt", ["", "  "]), tmp_path / "o.jsonl"),
                        "holds no requests")
+    p = run("batch", "--model", str(tmp_path / "missing.gguf"), "--input", inp, "--output",
+            str(tmp_path / "new.jsonl"))
+    assert_clean_error(p, "missing.gguf")                # no empty output left behind
     assert sorted(f.name for f in tmp_path.iterdir()) == ["e.txt", "in.jsonl", "out.jsonl"]

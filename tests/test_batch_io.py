@@ -7,6 +7,7 @@ import os
 import pytest
 
 from dllama_mpi.apps import batch_io as bio
+from dllama_mpi.apps import batch_records as rec
 from dllama_mpi.apps.batch_requests import RequestError
 from dllama_mpi.errors import DllamaError
 
@@ -104,11 +105,11 @@ def test_text_lines_and_bad_utf8(tmp_path):
 
 def _records(tmp_path, name="out.jsonl"):
     path = str(tmp_path / name)
-    w = bio.RecordWriter(path, fsync_seconds=0)
-    w.write(bio.ok_record("a", {"choices": [], "text": 'quote " and ,"error": inside'}))
-    w.write(bio.error_record("b", RequestError("invalid_json", "bad")))
-    w.write(bio.error_record("a", RequestError(bio.DUPLICATE, "dup")))
-    w.write(bio.ok_record('we"ird\\id', {"x": 1}))
+    w = rec.RecordWriter(path, fsync_seconds=0)
+    w.write(rec.ok_record("a", {"choices": [], "text": 'quote " and ,"error": inside'}))
+    w.write(rec.error_record("b", RequestError("invalid_json", "bad")))
+    w.write(rec.error_record("a", RequestError(rec.DUPLICATE, "dup")))
+    w.write(rec.ok_record('we"ird\\id', {"x": 1}))
     w.close()
     return path
 
@@ -123,7 +124,7 @@ def test_records_shape_and_scan(tmp_path):
     assert lines[1]["response"]["status_code"] == 400
     assert lines[1]["error"] == {"code": "invalid_json", "message": "bad"}
     assert lines[1]["response"]["body"]["error"]["message"] == "bad"
-    done = bio.scan_records(path)
+    done = rec.scan_records(path)
     assert done.main == {"a", "b", 'we"ird\\id'} and done.dups == {"a": 1}
     assert done.records == 4 and done.dropped == 0
     assert done.has("a", 0) and done.has("a", 1) and not done.has("a", 2)
@@ -134,11 +135,11 @@ def test_scan_drops_a_torn_last_line(tmp_path):
     path = _records(tmp_path)
     whole = open(path, "rb").read()
     with open(path, "ab") as f:
-        f.write(bio.encode_record(bio.ok_record("c", {"x": 2}))[:25])
-    done = bio.scan_records(path)
+        f.write(rec.encode_record(rec.ok_record("c", {"x": 2}))[:25])
+    done = rec.scan_records(path)
     assert "c" not in done.main and done.dropped == 25 and done.records == 4
     assert open(path, "rb").read() == whole                      # cut back to the last record
-    assert bio.scan_records(str(tmp_path / "absent")).records == 0
+    assert rec.scan_records(str(tmp_path / "absent")).records == 0
 
 
 @pytest.mark.parametrize("content", [b"previous results\n", b'{"id": 1}\n',
@@ -147,7 +148,7 @@ def test_scan_refuses_a_file_that_is_not_ours(tmp_path, content):
     path = tmp_path / "out.jsonl"
     path.write_bytes(content)
     with pytest.raises(DllamaError, match="not a batch output"):
-        bio.scan_records(str(path))
+        rec.scan_records(str(path))
     assert path.read_bytes() == content
 
 
@@ -157,19 +158,19 @@ def test_scan_refuses_a_broken_middle_line(tmp_path):
     data[1] = data[1][:20]
     open(path, "wb").write(b"\n".join(data))
     with pytest.raises(DllamaError, match="line 2"):
-        bio.scan_records(path)
+        rec.scan_records(path)
 
 
 def test_writer_fsyncs_on_a_timer(tmp_path, monkeypatch):
     synced = []
     monkeypatch.setattr(os, "fsync", lambda fd: synced.append(fd))
-    w = bio.RecordWriter(str(tmp_path / "o"), fsync_seconds=3600)
-    w.write(bio.ok_record("a", {}))
+    w = rec.RecordWriter(str(tmp_path / "o"), fsync_seconds=3600)
+    w.write(rec.ok_record("a", {}))
     assert synced == []
     w.close()
     assert len(synced) == 1
-    w = bio.RecordWriter(str(tmp_path / "o"), fsync_seconds=0)
-    w.write(bio.ok_record("b", {}))
+    w = rec.RecordWriter(str(tmp_path / "o"), fsync_seconds=0)
+    w.write(rec.ok_record("b", {}))
     assert len(synced) == 2
     w.close()
 
@@ -177,7 +178,7 @@ def test_writer_fsyncs_on_a_timer(tmp_path, monkeypatch):
 def test_reorder_in_input_order(tmp_path):
     path = _records(tmp_path)
     before = open(path).read().splitlines()
-    bio.reorder(path, [('we"ird\\id', 0), ("b", 0), ("a", 0), ("a", 1), ("zz", 0)])
+    rec.reorder(path, [('we"ird\\id', 0), ("b", 0), ("a", 0), ("a", 1), ("zz", 0)])
     after = open(path).read().splitlines()
     assert after == [before[3], before[1], before[0], before[2]]
     assert sorted(os.listdir(tmp_path)) == ["out.jsonl"]
@@ -191,10 +192,40 @@ def test_resume_scan_of_100k_lines_is_fast(tmp_path):
         "usage": {"prompt_tokens": 10, "completion_tokens": 100, "total_tokens": 110}}
     with open(path, "wb") as f:
         for i in range(100_000):
-            f.write(bio.encode_record(bio.ok_record(f"request-{i}", body)))
+            f.write(rec.encode_record(rec.ok_record(f"request-{i}", body)))
     t = time.perf_counter()
-    done = bio.scan_records(path)
+    done = rec.scan_records(path)
     seconds = time.perf_counter() - t
     assert done.records == 100_000 and len(done.main) == 100_000
     assert seconds < 5.0, seconds      # the target is < 1 s (bench/bench_batch.py); generous here
     # for a shared, loaded CI machine
+
+
+def test_one_writer_per_output(tmp_path):
+    """The writer locks its file: a second batch on the same output (another process) is
+    refused instead of appending beside the first."""
+    import subprocess
+    import sys
+    path = str(tmp_path / "out.jsonl")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\n"
+         "from dllama_mpi.apps.batch_records import RecordWriter\n"
+         f"w = RecordWriter({path!r})\nprint('locked', flush=True)\ntime.sleep(60)"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(DllamaError, match="being written by another batch"):
+            rec.RecordWriter(path)
+    finally:
+        holder.kill()
+        holder.wait()
+    rec.RecordWriter(path).close()                       # free again once it is gone
+
+
+def test_a_created_file_never_written_is_removed(tmp_path):
+    path = tmp_path / "out.jsonl"
+    rec.RecordWriter(str(path)).close()
+    assert not path.exists()
+    path.write_text("")
+    rec.RecordWriter(str(path)).close()                  # it existed before: kept
+    assert path.exists()

@@ -8,6 +8,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from dllama_mpi.apps import batch_io
+from dllama_mpi.apps import batch_records as rec
 from dllama_mpi.apps.batch_loop import BatchLoop, StopFlag
 from dllama_mpi.apps.serve import create_app
 from dllama_mpi.config import SamplingParams
@@ -81,15 +82,15 @@ class _Quiet:
         pass
 
 
-def batch_records(tmp_path, requests, max_batch=1, name="out.jsonl"):
+def run_batch_loop(tmp_path, requests, max_batch=1, name="out.jsonl"):
     inp = tmp_path / "in.jsonl"
     inp.write_text("".join(json.dumps({"custom_id": f"r{i}", "method": "POST", "url": url,
                                        "body": body}) + "\n"
                            for i, (url, body) in enumerate(requests)))
     out = str(tmp_path / name)
-    writer = batch_io.RecordWriter(out)
+    writer = rec.RecordWriter(out)
     loop = BatchLoop(FakeScheduler(max_seq_len=CTX, n_slots=max_batch), TOK, CTX,
-                     batch_io.read_items(str(inp), "openai"), batch_io.Done(), writer, None,
+                     batch_io.read_items(str(inp), "openai"), rec.Done(), writer, None,
                      DEFAULTS, None, max_batch, "fake", StopFlag(), _Quiet())
     stats = loop.run()
     writer.close()
@@ -103,7 +104,7 @@ def batch_records(tmp_path, requests, max_batch=1, name="out.jsonl"):
 def test_batch_answers_as_the_server(tmp_path):
     expected = server_answers(REQUESTS)
     assert sum(status == 200 for status, _ in expected) == 8
-    stats, records = batch_records(tmp_path, REQUESTS)
+    stats, records = run_batch_loop(tmp_path, REQUESTS)
     assert (stats.ok, stats.failed) == (8, len(REQUESTS) - 8)
     for i, (status, body) in enumerate(expected):
         r = records[f"r{i}"]
@@ -116,8 +117,8 @@ def test_batch_answers_as_the_server(tmp_path):
 
 
 def test_batch_with_several_in_flight_gives_the_same_texts(tmp_path):
-    _, one = batch_records(tmp_path, REQUESTS, max_batch=1, name="one.jsonl")
-    _, many = batch_records(tmp_path, REQUESTS, max_batch=8, name="many.jsonl")
+    _, one = run_batch_loop(tmp_path, REQUESTS, max_batch=1, name="one.jsonl")
+    _, many = run_batch_loop(tmp_path, REQUESTS, max_batch=8, name="many.jsonl")
     assert one.keys() == many.keys()
     for cid in one:
         a, b = _normal(one[cid]["response"]["body"]), _normal(many[cid]["response"]["body"])

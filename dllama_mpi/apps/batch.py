@@ -25,7 +25,7 @@ from ..config import SamplingParams
 from ..errors import DllamaError
 from ..runtime.scheduler import Scheduler
 from ..runtime.startup import run_root, start
-from . import batch_io
+from . import batch_io, batch_records
 from .batch_loop import BatchLoop, Stats
 from .batch_signals import StopFlag
 
@@ -101,22 +101,37 @@ class _Plan:
     def __init__(self, args):
         self.args = args
         self.format = self.total = self.done = None
+        self.output = self.errors = None          # RecordWriters (root), locked
+
+    def close(self) -> None:
+        for w in (self.output, self.errors):
+            if w is not None:
+                w.close()
 
     def check(self) -> None:
         a = self.args
         paths = [os.path.abspath(p) for p in (a.input, a.output, a.errors) if p]
         if len(set(paths)) != len(paths):
             raise DllamaError("--input, --output and --errors must be three different files")
-        self.format = batch_io.detect_format(a.input) if a.input_format == "auto" else a.input_format
+        self.format = (batch_io.detect_format(a.input) if a.input_format == "auto"
+                       else a.input_format)
         self.total = batch_io.count_requests(a.input)
         if self.total == 0:
             raise DllamaError(f"{a.input} holds no requests")
-        batch_io.check_writable(a.output)
+        batch_records.check_writable(a.output)
         if a.errors:
-            batch_io.check_writable(a.errors)
-        self.done = batch_io.scan_records(a.output)
-        if a.errors:
-            batch_io.scan_records(a.errors, self.done)
+            batch_records.check_writable(a.errors)
+        # the locks first (a second batch on these files stops here), then what they hold
+        try:
+            self.output = batch_records.RecordWriter(a.output, a.fsync_seconds)
+            if a.errors:
+                self.errors = batch_records.RecordWriter(a.errors, a.fsync_seconds)
+            self.done = batch_records.scan_records(a.output)
+            if a.errors:
+                batch_records.scan_records(a.errors, self.done)
+        except BaseException:
+            self.close()
+            raise
         print(f"batch: {self.total} requests in {a.input} ({self.format} format)",
               file=sys.stderr, flush=True)
         if self.done.dropped:
@@ -133,8 +148,12 @@ def run_batch(args, run, stop: StopFlag) -> int:
     comm = make_comm()
     plan = _Plan(args)
     run = replace(run, parallel=args.max_batch)
-    session = start(comm, args.model, run, kv_dir=args.kv_cache_dir,
-                    tokenizer_path=args.tokenizer, root_check=plan.check)
+    try:
+        session = start(comm, args.model, run, kv_dir=args.kv_cache_dir,
+                        tokenizer_path=args.tokenizer, root_check=plan.check)
+    except BaseException:
+        plan.close()                   # a file created for nothing is removed
+        raise
     result: list[Stats] = []
     code = run_root(session, lambda s: _body(s, args, plan, stop, result), _report(args))
     if code == 0 and result and not result[0].complete:
@@ -146,8 +165,7 @@ def _body(session, args, plan: _Plan, stop: StopFlag, result: list) -> Stats:
     run = session.run
     defaults = SamplingParams(temperature=run.temperature, top_p=run.topp, top_k=run.topk,
                               max_tokens=args.steps, ignore_eos=args.ignore_eos)
-    output = batch_io.RecordWriter(args.output, args.fsync_seconds)
-    errors = batch_io.RecordWriter(args.errors, args.fsync_seconds) if args.errors else None
+    output, errors = plan.output, plan.errors
     progress = Progress(plan.total, args.progress_seconds, args.quiet)
     try:
         tok = session.tokenizer
@@ -160,18 +178,17 @@ def _body(session, args, plan: _Plan, stop: StopFlag, result: list) -> Stats:
                          args.model_name or model_name(args.model), stop, progress,
                          stop_timeout=args.stop_timeout)
         stats = loop.run()
+        stats.total = plan.total
+        result.append(stats)
+        if stats.complete and args.output_order == "input":     # still holding the locks
+            keys = list(_input_keys(args, plan.format))
+            for w in (output, errors):
+                if w is not None:
+                    w.sync()
+                    batch_records.reorder(w.path, keys)
     finally:
         progress.close()
-        output.close()
-        if errors is not None:
-            errors.close()
-    stats.total = plan.total
-    result.append(stats)
-    if stats.complete and args.output_order == "input":
-        keys = list(_input_keys(args, plan.format))
-        batch_io.reorder(args.output, keys)
-        if args.errors:
-            batch_io.reorder(args.errors, keys)
+        plan.close()
     return stats
 
 

@@ -17,7 +17,8 @@ from typing import Iterator
 from ..config import SamplingParams
 from ..errors import DllamaError
 from . import openai_schema as oa
-from .batch_io import Done, Item, RecordWriter, duplicate_error, error_record, ok_record
+from .batch_io import Item
+from .batch_records import Done, RecordWriter, duplicate_error, error_record, ok_record
 from .batch_requests import RequestError, answer, prepare, token_texts
 from .batch_signals import StopFlag
 
@@ -136,7 +137,7 @@ class BatchLoop:
             self.progress.skip()
             return
         if occurrence > 0:
-            return self._fail(item, duplicate_error(item, self.first_line[cid]))
+            return self._fail(item, duplicate_error(item.line, cid, self.first_line[cid]))
         if item.error is not None:
             return self._fail(item, item.error)
         try:

@@ -136,7 +136,8 @@ def answer(prepared: Prepared, completions: list, events: list[list] | None, rid
     for i, c in enumerate(completions):
         lp = None
         if p.logprobs:
-            kept = [(e.token, e.logprob, e.top_logprobs) for e in events[i]][:len(c.generated_tokens)]
+            kept = [(e.token, e.logprob, e.top_logprobs)
+                    for e in events[i]][:len(c.generated_tokens)]
             lp = (oa.chat_logprobs(kept, token_text) if chat else
                   oa.completion_logprobs(kept, token_text, with_top=p.top_logprobs > 0))
         finish = _finish(c.finish_reason)

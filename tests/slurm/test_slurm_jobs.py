@@ -23,7 +23,8 @@ sys.path.insert(0, os.path.dirname(HERE))
 from test_batch_cli import by_id, text_of, write_tiny  # noqa: E402
 
 SLURM_DIR = os.environ.get("DLLAMA_SLURM_DIR", "/tmp/dllama-slurm")
-EXTRA = "--temperature 0 --max-seq-len 64 --weights-float-type f32 --ignore-eos --progress-seconds 5"
+EXTRA = ("--temperature 0 --max-seq-len 64 --weights-float-type f32 --ignore-eos "
+         "--progress-seconds 5")
 STEPS = 24
 
 
