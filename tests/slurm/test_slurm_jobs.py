@@ -10,6 +10,7 @@
 Without a SLURM these tests are skipped, with the reason (slurm_up.sh writes why it could not
 bring one up)."""
 import os
+import pathlib
 import re
 import shutil
 import subprocess
@@ -80,9 +81,23 @@ def prompts(path, n: int) -> str:
     return str(path)
 
 
+def _fresh(name: str) -> pathlib.Path:
+    """A folder for one test beside the SLURM's own (not pytest's basetemp: other pytest
+    sessions prune old ones while a job may still be running)."""
+    folder = pathlib.Path(SLURM_DIR) / "work" / name
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    return folder
+
+
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return write_tiny(tmp_path_factory.mktemp("slurm") / "tiny.gguf")
+def tiny():
+    return write_tiny(_fresh("model") / "tiny.gguf")
+
+
+@pytest.fixture
+def tmp_path(request):
+    return _fresh(request.node.name)
 
 
 def test_batch_job_with_two_tasks(tiny, tmp_path):
