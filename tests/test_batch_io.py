@@ -229,3 +229,36 @@ def test_a_created_file_never_written_is_removed(tmp_path):
     path.write_text("")
     rec.RecordWriter(str(path)).close()                  # it existed before: kept
     assert path.exists()
+
+
+def test_progress_lines_and_bar():
+    import io
+    from dllama_mpi.apps.batch import Progress
+
+    out = io.StringIO()                                   # not a terminal: plain lines
+    p = Progress(10, every=0, quiet=False, stream=out)
+    p.skip()
+    p.record(True, 40)
+    p.record(False, 0)
+    p.tick()
+    p.close()
+    line = out.getvalue()
+    assert line.startswith("batch: 3/10 requests (1 failed), ") and "tok/s" in line
+    assert "ETA" in line and line.count("\n") == 1
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    tty = Tty()
+    p = Progress(4, every=0, quiet=False, stream=tty)     # a terminal: a tqdm bar
+    assert p.bar is not None
+    p.record(True, 10)
+    p.tick()
+    p.close()
+    assert "1/4" in tty.getvalue() and "requests (" not in tty.getvalue()
+    quiet = io.StringIO()
+    p = Progress(4, every=0, quiet=True, stream=quiet)
+    p.record(True, 1)
+    p.tick()
+    assert quiet.getvalue() == ""
