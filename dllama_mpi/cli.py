@@ -120,19 +120,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true",
                    help="no start-up lines or summary on stderr (errors only)")
 
-    p = sub.add_parser("batch", help="complete a file of prompts (JSON Lines), several "
-                       "sequences decoding together")
+    p = sub.add_parser("batch", help="complete a file of requests (OpenAI Batch JSONL, simple "
+                       "JSONL or text) into a file of OpenAI Batch output records; resumable")
     _add_model_args(p)
     _add_sampling_args(p)
-    p.add_argument("--input", required=True, metavar="PROMPTS.jsonl",
-                   help='one JSON object a line: {"prompt": ...} or {"messages": [...]}, '
-                   'optional "id" and "max_tokens"')
+    p.add_argument("--input", required=True, metavar="REQUESTS",
+                   help="the requests: OpenAI Batch JSONL ({custom_id, method, url, body}), "
+                   'simple JSONL ({"prompt"} or {"messages"}, optional "id", "max_tokens") or '
+                   "text (one prompt a line)")
+    p.add_argument("--input-format", choices=("auto", "openai", "jsonl", "text"), default="auto",
+                   help="auto: from the first non-blank line ({ with custom_id/url/body: "
+                   "openai; other {: jsonl; else text)")
     p.add_argument("--output", required=True, metavar="RESULTS.jsonl",
-                   help="one JSON object a line, in input order (written when all are done)")
-    p.add_argument("--parallel", type=_positive, default=16,
-                   help="sequences decoding together (KV-cache slots; memory grows with it)")
-    _add_generation_args(p, "default max_tokens of a prompt")
-    p.add_argument("--quiet", action="store_true", help="no line per finished sequence")
+                   help="one OpenAI Batch output record a line, appended as requests finish; "
+                   "an existing output is resumed (its custom_ids are skipped)")
+    p.add_argument("--errors", default=None, metavar="ERRORS.jsonl",
+                   help="write error records here instead of into --output")
+    p.add_argument("--output-order", choices=("completion", "input"), default="completion",
+                   help="input: rewrite the output in input order at the very end (atomically)")
+    p.add_argument("--max-batch", "--parallel", dest="max_batch", type=_positive, default=16,
+                   help="sequences in flight (KV-cache slots; memory grows with it)")
+    _add_generation_args(p, "default max_tokens of a request")
+    p.add_argument("--model-name", default=None,
+                   help="the model id in the response bodies (default: the model file's name)")
+    p.add_argument("--stop-timeout", type=float, default=60.0, metavar="SECONDS",
+                   help="after SIGTERM/SIGUSR1/SIGINT: how long running requests may finish "
+                   "before they are abandoned (rerun to resume; exit code 75)")
+    p.add_argument("--fsync-seconds", type=float, default=2.0, metavar="SECONDS",
+                   help="fsync the output at least this often (and at exit)")
+    p.add_argument("--progress-seconds", type=float, default=30.0, metavar="SECONDS",
+                   help="a progress line this often when stderr is not a terminal")
+    p.add_argument("--quiet", action="store_true", help="no progress (the summary stays)")
 
     p = sub.add_parser("chat", help="an interactive conversation (stdin/stdout on rank 0)")
     _add_model_args(p)
@@ -269,8 +287,14 @@ def main(argv=None) -> int:
         from .apps.inference import run_inference
         return run_inference(args, run_config(args))
     if args.command == "batch":
-        from .apps.batch import run_batch
-        return run_batch(args, run_config(args))
+        from .apps.batch_signals import StopFlag
+        stop = StopFlag()                  # before the heavy imports: a stop signal is never lost
+        previous = stop.install(world_rank() == 0)
+        try:
+            from .apps.batch import run_batch
+            return run_batch(args, run_config(args), stop)
+        finally:
+            stop.restore(previous)
     if args.command == "chat":
         from .apps.chat import run_chat_command
         return run_chat_command(args, run_config(args))

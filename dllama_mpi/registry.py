@@ -72,3 +72,10 @@ def resolve(model: str) -> str:
     if model in KNOWN_MODELS and not os.path.exists(model):
         return pull(model)
     return model
+
+
+def served_name(model_arg: str) -> str:
+    """The model id the API and batch bodies report: a file's name without its extension,
+    a folder's or a known model's name as given."""
+    base = os.path.basename(os.path.normpath(model_arg))
+    return os.path.splitext(base)[0] if base.endswith((".gguf", ".m", ".h5")) else base

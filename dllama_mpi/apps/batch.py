@@ -1,157 +1,209 @@
-"""`batch`: a file of prompts (JSON Lines) -> a file of completions, with up to --parallel
-sequences decoding together (continuous batching, generation.generate_batch).
+"""`batch`: a file of requests -> a file of results, on the scheduler, resumable.
 
-Input, one JSON object per line (blank lines skipped):
-    {"prompt": "text"}  or  {"messages": [{"role": "user", "content": "..."}, ...]}
-    optional: "id" (any JSON value, echoed), "max_tokens" (default --steps)
-Output, one JSON object per input line, in input order:
-    {"id", "index", "text", "prompt_tokens", "generated_tokens", "finish_reason"}
-The whole input is checked before the model is loaded (a bad line: its number and what is
-wrong); the output is written to a temporary file beside it and renamed at the end, so it
-is either complete or absent.
+    mpiexec -n 2 python -m dllama_mpi batch --model M --input requests.jsonl --output out.jsonl
+
+Input: the OpenAI Batch API JSONL, the simple JSONL ({"prompt"} / {"messages"}), or plain text
+(batch_io). Output: one OpenAI Batch output record per request, appended as requests finish,
+the body being what the server answers (batch_requests). A request that cannot run gets an
+error record and the rest goes on. Rerunning the same command skips the custom_ids already in
+the output (a torn last line is dropped first) and runs only what is missing.
+
+Exit codes: 0 every request has its record (some may be error records); 1 a fatal error
+(model, unreadable input, an output that is not ours); 2 a bad command line; 75
+(EXIT_RESUMABLE) stopped by SIGTERM/SIGUSR1/SIGINT before every request had its record:
+rerun the same command to resume (jobs/batch.sbatch turns it into `scontrol requeue`).
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
-import tempfile
-from dataclasses import dataclass
+import time
+from dataclasses import replace
 
 from ..comm import make_comm
+from ..config import SamplingParams
 from ..errors import DllamaError
-from ..runtime.generation import generate_batch
-from ..runtime.startup import run_root, start
-from ..sampler import Sampler
+from ..registry import served_name
+from ..runtime.startup import run_root, scheduler_for, start
+from . import batch_io, batch_records
+from .batch_loop import BatchLoop, Stats
+from .batch_signals import StopFlag
+
+EXIT_RESUMABLE = 75          # sysexits EX_TEMPFAIL: "try again later"
 
 
-@dataclass
-class Request:
-    line: int
-    id: object
-    prompt: str | None
-    messages: list | None
-    max_tokens: int
+class Progress:
+    """Done/total on stderr (rank 0): a tqdm bar on a terminal, else one plain line every
+    `every` seconds (under mpiexec and SLURM stderr is never a terminal)."""
+
+    def __init__(self, total: int, every: float, quiet: bool, stream=sys.stderr):
+        self.total, self.every, self.quiet, self.stream = total, every, quiet, stream
+        self.done = self.failed = self.new = self.tokens = 0
+        self.t0 = self.last = time.monotonic()
+        self.bar = None
+        if not quiet and hasattr(stream, "isatty") and stream.isatty():
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, unit="req", file=stream, dynamic_ncols=True,
+                            desc="batch")
+
+    def skip(self) -> None:
+        self.done += 1
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def record(self, ok: bool, tokens: int) -> None:
+        self.done += 1
+        self.new += 1
+        self.failed += not ok
+        self.tokens += tokens
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix_str(f"{self.rate():.1f} tok/s, {self.failed} failed",
+                                     refresh=False)
+
+    def rate(self) -> float:
+        elapsed = time.monotonic() - self.t0
+        return self.tokens / elapsed if elapsed > 0 else 0.0
+
+    def tick(self) -> None:
+        if self.bar is None and not self.quiet and time.monotonic() - self.last >= self.every:
+            self.last = time.monotonic()
+            print(self.line(), file=self.stream, flush=True)
+
+    def line(self) -> str:
+        elapsed = time.monotonic() - self.t0
+        eta = "?"
+        if self.new and self.total >= self.done:
+            eta = _clock((self.total - self.done) * elapsed / self.new)
+        return (f"batch: {self.done}/{self.total} requests ({self.failed} failed), "
+                f"{self.rate():.1f} tok/s, elapsed {_clock(elapsed)}, ETA {eta}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
-def read_requests(path: str, default_max_tokens: int) -> list[Request]:
-    """Parse and check every line; DllamaError naming the first bad line."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.read().splitlines()
-    except OSError as e:
-        raise DllamaError(f"cannot read {path}: {e.strerror}") from None
-    except UnicodeDecodeError as e:
-        raise DllamaError(f"{path} is not UTF-8 text: {e.reason} at byte {e.start}") from None
-    requests = []
-    for number, text in enumerate(lines, 1):
-        if not text.strip():
-            continue
-        where = f"{path} line {number}"
+def _clock(seconds: float) -> str:
+    s = int(seconds)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+class _Plan:
+    """What the root learns before the model loads: the input's format and size, what the
+    output already holds (a torn last line is cut off here)."""
+
+    def __init__(self, args):
+        self.args = args
+        self.format = self.total = self.done = None
+        self.output = self.errors = None          # RecordWriters (root), locked
+
+    def close(self) -> None:
+        for w in (self.output, self.errors):
+            if w is not None:
+                w.close()
+
+    def check(self) -> None:
+        a = self.args
+        paths = [os.path.abspath(p) for p in (a.input, a.output, a.errors) if p]
+        if len(set(paths)) != len(paths):
+            raise DllamaError("--input, --output and --errors must be three different files")
+        self.format = (batch_io.detect_format(a.input) if a.input_format == "auto"
+                       else a.input_format)
+        self.total = batch_io.count_requests(a.input)
+        if self.total == 0:
+            raise DllamaError(f"{a.input} holds no requests")
+        batch_records.check_writable(a.output)
+        if a.errors:
+            batch_records.check_writable(a.errors)
+        # the locks first (a second batch on these files stops here), then what they hold
         try:
-            obj = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DllamaError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-        if not isinstance(obj, dict):
-            raise DllamaError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-        unknown = sorted(set(obj) - {"id", "prompt", "messages", "max_tokens"})
-        if unknown:
-            raise DllamaError(f"{where}: unknown keys {', '.join(unknown)}")
-        prompt, messages = obj.get("prompt"), obj.get("messages")
-        if (prompt is None) == (messages is None):
-            raise DllamaError(f"{where}: needs exactly one of \"prompt\" or \"messages\"")
-        if prompt is not None and (not isinstance(prompt, str) or not prompt):
-            raise DllamaError(f"{where}: \"prompt\" must be a non-empty string")
-        if messages is not None and not (
-                isinstance(messages, list) and messages and all(
-                    isinstance(m, dict) and isinstance(m.get("role"), str)
-                    and isinstance(m.get("content"), str) for m in messages)):
-            raise DllamaError(f"{where}: \"messages\" must be a non-empty list of "
-                              "{\"role\": str, \"content\": str}")
-        max_tokens = obj.get("max_tokens", default_max_tokens)
-        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
-            raise DllamaError(f"{where}: \"max_tokens\" must be a positive integer")
-        requests.append(Request(number, obj.get("id"), prompt, messages, max_tokens))
-    if not requests:
-        raise DllamaError(f"{path} holds no prompts")
-    return requests
+            self.output = batch_records.RecordWriter(a.output, a.fsync_seconds)
+            if a.errors:
+                self.errors = batch_records.RecordWriter(a.errors, a.fsync_seconds)
+            self.done = batch_records.scan_records(a.output)
+            if a.errors:
+                batch_records.scan_records(a.errors, self.done)
+        except BaseException:
+            self.close()
+            raise
+        print(f"batch: {self.total} requests in {a.input} ({self.format} format)",
+              file=sys.stderr, flush=True)
+        if self.done.dropped:
+            print(f"batch: dropped a torn last line ({self.done.dropped} bytes) from the output",
+                  file=sys.stderr)
+        if self.done.records:
+            print(f"batch: resuming: {self.done.records} of {self.total} requests already have "
+                  "a record", file=sys.stderr)
 
 
-def _check_output(path: str) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
-        raise DllamaError(f"cannot write {path}: {folder} is not a writable folder")
-
-
-def write_atomically(path: str, lines: list[str]) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".dllama-batch-", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write("".join(line + "\n" for line in lines))
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
-def run_batch(args, run) -> int:
+def run_batch(args, run, stop: StopFlag) -> int:
+    """Every rank. `stop`: the flag the stop signals set on the root (installed by the caller,
+    workers ignore them). Returns the exit code, the same on every rank."""
     comm = make_comm()
-    requests: list[Request] = []
-
-    def read_input() -> None:
-        requests.extend(read_requests(args.input, args.steps))
-        _check_output(args.output)
-
-    session = start(comm, args.model, run, kv_dir=args.kv_cache_dir,
-                    tokenizer_path=args.tokenizer, root_check=read_input)
-
-    def report(result, steps) -> None:
-        n_prompt = sum(len(g.prompt_tokens) for g in result.generations)
-        n_gen = sum(len(g.generated_tokens) for g in result.generations)
-        print(f"{len(result.generations)} sequences, {run.parallel} at a time: prompts "
-              f"{n_prompt} tokens in {result.prefill_seconds:.2f} s; decode "
-              f"{result.decode_tokens} tokens in {result.decode_steps} steps, "
-              f"{result.decode_tokens_per_s:.1f} tok/s aggregate; {n_gen} tokens generated in "
-              f"{result.seconds:.2f} s -> {args.output}", file=sys.stderr)
-
-    return run_root(session, lambda s: _complete(s, args, requests), report)
-
-
-def _complete(session, args, requests: list[Request]):
-    """Root: every request through continuous batching, then the results file."""
-    tok, run = session.tokenizer, session.run
-    prompts = []
-    for r in requests:
-        text = (tok.apply_chat_template(r.messages) if r.messages is not None else
-                tok.apply_chat_template([{"role": "user", "content": r.prompt}]) if args.chat
-                else r.prompt)
-        ids = tok.encode(text)
-        if len(ids) >= session.max_seq_len:
-            raise DllamaError(f"{args.input} line {r.line}: the prompt has {len(ids)} tokens; "
-                              f"--max-seq-len is {session.max_seq_len}")
-        prompts.append(ids)
-    samplers = [Sampler(run.temperature, run.topp, run.topk,
-                        None if run.seed is None else run.seed + i) for i in range(len(prompts))]
-    stop_ids = set() if args.ignore_eos else set(tok.eos_ids)
-    done = [0]
-
-    def progress(index, gen) -> None:
-        done[0] += 1
-        if not args.quiet:
-            print(f"[{done[0]}/{len(prompts)}] line {requests[index].line}: "
-                  f"{len(gen.generated_tokens)} tokens ({gen.finish_reason})", file=sys.stderr)
-
-    result = generate_batch(session.engine, prompts, [r.max_tokens for r in requests], samplers,
-                            stop_ids, session.max_seq_len, run.parallel, run.prefill_chunk,
-                            on_done=progress)
-    lines = [json.dumps({"id": r.id, "index": i, "text": tok.decode(g.generated_tokens),
-                         "prompt_tokens": len(g.prompt_tokens),
-                         "generated_tokens": g.generated_tokens,
-                         "finish_reason": g.finish_reason})
-             for i, (r, g) in enumerate(zip(requests, result.generations))]
+    plan = _Plan(args)
+    run = replace(run, parallel=args.max_batch)
     try:
-        write_atomically(args.output, lines)
-    except OSError as e:
-        raise DllamaError(f"cannot write {args.output}: {e.strerror}") from None
-    return result
+        session = start(comm, args.model, run, kv_dir=args.kv_cache_dir,
+                        tokenizer_path=args.tokenizer, root_check=plan.check)
+    except BaseException:
+        plan.close()                   # a file created for nothing is removed
+        raise
+    result: list[Stats] = []
+    code = run_root(session, lambda s: _body(s, args, plan, stop, result), _report(args))
+    if code == 0 and result and not result[0].complete:
+        code = EXIT_RESUMABLE
+    return comm.bcast_obj(code if comm.is_root else None)
+
+
+def _body(session, args, plan: _Plan, stop: StopFlag, result: list) -> Stats:
+    run = session.run
+    defaults = SamplingParams(temperature=run.temperature, top_p=run.topp, top_k=run.topk,
+                              max_tokens=args.steps, ignore_eos=args.ignore_eos)
+    output, errors = plan.output, plan.errors
+    progress = Progress(plan.total, args.progress_seconds, args.quiet)
+    try:
+        tok = session.tokenizer
+        scheduler = scheduler_for(session)
+        loop = BatchLoop(scheduler, tok, session.max_seq_len,
+                         batch_io.read_items(args.input, plan.format, args.chat),
+                         plan.done, output, errors, defaults, run.seed, args.max_batch,
+                         args.model_name or served_name(args.model), stop, progress,
+                         stop_timeout=args.stop_timeout)
+        stats = loop.run()
+        stats.total = plan.total
+        result.append(stats)
+        if stats.complete and args.output_order == "input":     # still holding the locks
+            keys = list(_input_keys(args, plan.format))
+            for w in (output, errors):
+                if w is not None:
+                    w.sync()
+                    batch_records.reorder(w.path, keys)
+    finally:
+        progress.close()
+        plan.close()
+    return stats
+
+
+def _input_keys(args, fmt: str):
+    """(custom_id, occurrence) of every input line, in input order."""
+    seen: dict[str, int] = {}
+    for item in batch_io.read_items(args.input, fmt, args.chat):
+        k = seen.get(item.custom_id, 0)
+        seen[item.custom_id] = k + 1
+        yield item.custom_id, k
+
+
+def _report(args):
+    def report(stats: Stats, steps) -> None:
+        s = stats
+        print(f"batch: {s.ok} ok, {s.failed} failed, {s.skipped} already done"
+              + (f", {s.abandoned} abandoned" if s.abandoned else "")
+              + f"; prompts {s.prompt_tokens} tokens, generated {s.generated_tokens} tokens in "
+              f"{s.seconds:.2f} s: {s.tokens_per_s:.1f} tok/s aggregate -> {args.output}",
+              file=sys.stderr, flush=True)
+        if not s.complete:
+            why = f"stopped by {s.stopped_by}" if s.stopped_by else "stopped"
+            print(f"batch: {why}: {s.ok + s.failed + s.skipped} of {s.total} requests have a "
+                  f"record; rerun the same command to resume (exit code {EXIT_RESUMABLE})",
+                  file=sys.stderr, flush=True)
+    return report

@@ -437,12 +437,13 @@ def run_serve(args, run) -> int:
     """`serve`: every rank starts; the root serves HTTP until SIGINT/SIGTERM, then stops the
     workers."""
     from ..comm import make_comm
+    from ..registry import served_name
     from ..runtime.startup import ignore_job_signals_on_workers, run_root, scheduler_for, start
     comm = make_comm()
     ignore_job_signals_on_workers(comm)
     session = start(comm, args.model, run, kv_dir=args.kv_cache_dir,
                     tokenizer_path=args.tokenizer)
-    name = args.model_name or _model_name(args.model)
+    name = args.model_name or served_name(args.model)
 
     def body(s) -> None:
         s.print_memory()
@@ -451,8 +452,3 @@ def run_serve(args, run) -> int:
                    cors_origins=tuple(args.cors_origin))
 
     return run_root(session, body)
-
-
-def _model_name(model_arg: str) -> str:
-    base = os.path.basename(os.path.normpath(model_arg))
-    return os.path.splitext(base)[0] if base.endswith((".gguf", ".m", ".h5")) else base
