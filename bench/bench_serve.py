@@ -154,7 +154,7 @@ class Launched:
             binary = args.llama_server
             if not os.path.exists(binary):
                 raise SystemExit(f"error: {binary} not found (build llama.cpp, see "
-                                 "docs/bench_serve.md, or pass --llama-server)")
+                                 "the README's Speed section, or pass --llama-server)")
             cmd = [binary, "-m", self.model, "--host", "127.0.0.1", "--port", str(self.port),
                    "-np", str(args.parallel), "-c", str(args.parallel * args.ctx), "-cb",
                    "-t", str(threads), "--temp", "0"]

@@ -1,4 +1,4 @@
-"""What reading K-quants into our runtime forms loses, measured per tensor (docs/models.md).
+"""What reading K-quants into our runtime forms loses, measured per tensor (README, Models).
 
     python bench/kquant_loss.py [--model SmolLM2.gguf | --model gaussian]
 

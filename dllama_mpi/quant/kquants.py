@@ -19,7 +19,7 @@ can be helped:
   significant bits: sc a power of two always; other sc when d has enough trailing zero bits);
   elsewhere the error is at most half an f16 ulp, 2^-11 relative, on D and M:
   |w' - w| <= 2^-11 (15 |D| + |M|); measured, ~1 % of Q4_K's own rounding error in RMS
-  (docs/models.md has the measurements).
+  (the README's Models section has the measurements).
 * **Q5_K, Q6_K, Q5_0, Q5_1 -> q80** (Q8_0 blocks: d*q, q int8): dequantised by the ``gguf``
   package's reference and quantised to Q8_0.  A second rounding, of at most half a Q8_0 step
   (max|w| / 254 of the 32-value block): about an eighth of a 6-bit step, a sixteenth of a 5-bit one.
