@@ -4,9 +4,13 @@ what `info` predicts, and what a planner can sum. No arrays are made here.
 - weights: every matrix in its runtime layout (f32, or the 4-bit/8-bit tile layouts of
   quant/, whose row tiles pad the row count), the stacked matrices (wq|wk|wv, w1|w3) as one,
   plus the f32 norms and biases;
-- KV cache: layers x slots x positions x this rank's KV heads x head_dim, K and V, f32;
+- KV cache: layers x slots x positions x this rank's KV heads x head_dim, K and V, f32 or
+  f16; in memory, or on disk (memory-mapped files: not counted in the total, which is the
+  memory a rank holds; the pages of the file it touches are page cache, dropped under
+  pressure);
 - buffers: the activations of one decode row and of one prefill chunk (model.Transformer
-  keeps one set per row count it has run) and the reduction buffers of comm.py.
+  keeps one set per row count it has run), the reduction buffers of comm.py, the rope
+  tables and attention's scratch rows.
 """
 from __future__ import annotations
 
@@ -53,9 +57,22 @@ def weight_bytes(config: ModelConfig, p: ShardPlan, weights_type: str, output_ty
             + matrix_bytes(p.vocab.size, c.dim, output_type))
 
 
-def kv_bytes(config: ModelConfig, p: ShardPlan, max_seq_len: int, n_slots: int = 1) -> int:
-    """K and V of this rank's KV heads, every layer, position and slot (f32)."""
-    return 2 * F32 * config.n_layers * n_slots * max_seq_len * p.kv_heads.size * config.head_dim
+KV_VALUE_BYTES = {"f32": 4, "f16": 2}
+
+
+def kv_bytes(config: ModelConfig, p: ShardPlan, max_seq_len: int, n_slots: int = 1,
+             float_type: str = "f32") -> int:
+    """K and V of this rank's KV heads, every layer, position and slot."""
+    return (2 * KV_VALUE_BYTES[float_type] * config.n_layers * n_slots * max_seq_len
+            * p.kv_heads.size * config.head_dim)
+
+
+def attention_bytes(config: ModelConfig, p: ShardPlan, max_seq_len: int, rows) -> int:
+    """The rope tables (cos and sin, f32 [S, head_dim / 2]) and attention's scratch for
+    forwards of each row count in `rows` (kernels.attention keeps min(rows x heads, 256)
+    rows of S f32 per distinct count)."""
+    counts = {max(1, min(t * p.q_heads.size, 256)) for t in rows}
+    return max_seq_len * config.head_dim * F32 + sum(counts) * max_seq_len * F32
 
 
 def activation_bytes(config: ModelConfig, p: ShardPlan, rows: int, size: int,
@@ -79,10 +96,16 @@ class RankMemory:
     weights: int
     kv_cache: int
     buffers: int
+    kv_on_disk: bool = False
 
     @property
     def total(self) -> int:
-        return self.weights + self.kv_cache + self.buffers
+        """Memory this rank holds (a KV cache on disk is not in it)."""
+        return self.weights + self.buffers + (0 if self.kv_on_disk else self.kv_cache)
+
+    @property
+    def disk(self) -> int:
+        return self.kv_cache if self.kv_on_disk else 0
 
 
 def per_rank(config: ModelConfig, run: RunConfig, size: int) -> list[RankMemory]:
@@ -92,11 +115,14 @@ def per_rank(config: ModelConfig, run: RunConfig, size: int) -> list[RankMemory]
     out = []
     for r in range(size):
         p = plan(config, r, size)
+        rows = {run.parallel, run.prefill_chunk}
         buffers = sum(activation_bytes(config, p, t, size, q80, run.buffer_float_type)
-                      for t in {run.parallel, run.prefill_chunk})
+                      for t in rows)
+        buffers += attention_bytes(config, p, seq, rows)
         out.append(RankMemory(r, weight_bytes(config, p, run.weights_float_type,
                                               run.output_float_type),
-                              kv_bytes(config, p, seq, run.parallel), buffers))
+                              kv_bytes(config, p, seq, run.parallel, run.kv_cache_float_type),
+                              buffers, run.kv_storage == "disk"))
     return out
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..quant import QK, Q40Matrix, Q41Matrix, Q80Matrix, quantize_q41
-from ._jit import choose_threading_layer, get_num_threads, set_num_threads
+from ._jit import choose_threading_layer, get_num_threads, max_threads, set_num_threads
 from .attention import attention, attention_block, attention_scratch, bind_attention_block, rope_interleaved
 from .ffn import bind_silu_mul_q80, silu_mul, silu_mul_q80
 from .matmul import bind_matmul, matmul_f32, matmul_q80_q40, matmul_q80_q41, matmul_q80_q80
@@ -35,14 +35,15 @@ from .norm import _rmsnorm_par
 __all__ = [
     "HAS_AVX2", "PREFETCH_ROWS",
     "attention", "attention_block", "attention_scratch", "bind_attention_block", "bind_matmul",
-    "bind_rmsnorm_q80", "bind_silu_mul_q80", "choose_threading_layer", "get_num_threads", "matmul_f32",
+    "bind_rmsnorm_q80", "bind_silu_mul_q80", "choose_threading_layer", "get_num_threads", "matmul_f32", "max_threads",
     "matmul_q80_q40", "matmul_q80_q41", "matmul_q80_q80", "quantize_q80_act", "rmsnorm", "rmsnorm_heads",
     "rmsnorm_q80", "rope_interleaved", "set_num_threads", "silu_mul", "silu_mul_q80", "warmup",
 ]
 
 
-def warmup() -> None:
-    """Call every kernel once on tiny inputs so compilation (or cache loading) happens up front."""
+def warmup(kv_float_type: str = "f32") -> None:
+    """Call every kernel once on tiny inputs so compilation (or cache loading) happens up front
+    (attention for an f16 KV cache too when `kv_float_type` is "f16")."""
     rng = np.random.default_rng(0)
     T, n, rows = 2, 64, 40
     x = rng.standard_normal((T, n)).astype(np.float32)
@@ -89,6 +90,14 @@ def warmup() -> None:
     oq, od = np.empty((T, n), np.int8), np.empty((T, n // QK), np.float32)
     attention_block(o, qkv, kc4, kc4.copy(), pos, slots, cos, sin, kvq, 0.25, (oq, od))
     attention_block(o, qkv, kc4, kc4.copy(), pos, None, cos, sin, kvq, 0.25)
+    if kv_float_type == "f16":
+        h4 = kc4.astype(np.float16)
+        attention_block(o, qkv, h4, h4.copy(), pos, slots, cos, sin, kvq, 0.25, (oq, od))
+        attention_block(o, qkv, h4, h4.copy(), pos, None, cos, sin, kvq, 0.25)
+        hb = h4.view(np.uint16)
+        _attention_par(o, x, hb, hb, pos, slots, kvq, np.float32(0.25), sc, T, 4, 16, 0, T * 4)
+        _rope_store(qkv, 4, 2, hb, hb.copy(), pos, slots, cos, sin, 16, T)
+        attention(o, x, kc.astype(np.float16), kc.astype(np.float16), pos, kvq, 0.25, sc)
     _rope_store(qkv, 4, 2, kc4, kc4.copy(), pos, slots, cos, sin, 16, T)
     rmsnorm_heads(x, 16, 2, np.ones(16, np.float32), 1e-6)
     gu = np.concatenate([x, x], axis=1)

@@ -67,3 +67,9 @@ def set_num_threads(n: int) -> None:
 
 def get_num_threads() -> int:
     return _NUM_THREADS
+
+
+def max_threads() -> int:
+    """The most threads set_num_threads accepts (numba's pool: NUMBA_NUM_THREADS, by default
+    the CPUs of the machine)."""
+    return int(numba.config.NUMBA_NUM_THREADS)

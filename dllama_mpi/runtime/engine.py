@@ -9,6 +9,11 @@ scheduler step mixing decode rows with a prompt chunk. With FLAG_LOGIT_ROWS the 
 position word holds a count n and the int32 array carries n row indices after the
 positions and slots: logits are computed for those rows only.
 The engine knows token ids only: text lives with the tokenizer on the root.
+
+Signals (runtime/interrupt.py): ranks of a session only record them. The root checks,
+before it broadcasts a step, for a signal of its own or a worker's notice, and raises
+Interrupted there (nothing of the step has been sent); stop(code) then sends the workers
+the exit code in the stop packet. A worker passes its signal on after its current step.
 """
 from __future__ import annotations
 
@@ -19,6 +24,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..comm import STEP_HEADER
+from . import interrupt
+from .interrupt import Interrupted
 
 if TYPE_CHECKING:
     from ..comm import Comm, SerialComm
@@ -56,6 +63,7 @@ class Engine:
         logits [T or 1, vocab]."""
         t = len(tokens)
         header = np.array([t, pos, FLAG_ALL_LOGITS if all_logits else 0, slot], np.int32)
+        self._check_signals()
         start, s0 = time.perf_counter(), self._snapshot()
         self.comm.bcast_step(header)
         x = self.embedding.decode(self.comm.bcast_array(self.embedding.rows(tokens)))
@@ -63,6 +71,14 @@ class Engine:
                                     np.full(t, slot, np.int32) if slot else None)
         self._record(t, start, s0)
         return logits
+
+    def _check_signals(self) -> None:
+        """Root, before a step is broadcast: raise Interrupted for a signal received here or
+        by a worker (its notice)."""
+        interrupt.check()
+        notice = self.comm.poll_notice()
+        if notice is not None:
+            raise Interrupted(notice[1], rank=notice[0])
 
     def forward_rows(self, tokens, positions, slots, logit_rows=None) -> np.ndarray:
         """Root: one step of rows of several sequences (token i at positions[i] of the
@@ -76,6 +92,7 @@ class Engine:
         else:
             header = [t, len(logit_rows), FLAG_ROWS | FLAG_LOGIT_ROWS, 0]
             packet = np.concatenate([positions, slots, logit_rows])
+        self._check_signals()
         start, s0 = time.perf_counter(), self._snapshot()
         self.comm.bcast_step(np.array(header, np.int32))
         rows = self.comm.bcast_array(packet.astype(np.int32))
@@ -90,19 +107,24 @@ class Engine:
             return self.model.forward(x, positions, False, slots, logit_rows=rows[2 * t:])
         return self.model.forward(x, positions, True, slots)
 
-    def stop(self) -> None:
-        """Root: tell the workers to leave their loop."""
-        self.comm.bcast_step(np.zeros(STEP_HEADER, np.int32))
+    def stop(self, exit_code: int = 0) -> None:
+        """Root: tell the workers to leave their loop (and the code to exit with)."""
+        with interrupt.deferred():
+            self.comm.bcast_step(np.array([0, exit_code, 0, 0], np.int32))
 
     # -- workers -----------------------------------------------------------------------
-    def run_worker_loop(self) -> None:
-        """Worker: run forwards until the root sends n_tokens == 0."""
+    def run_worker_loop(self) -> int:
+        """Worker: run forwards until the root sends n_tokens == 0; the exit code it sent.
+        A signal received here is passed on to the root after the step (the root decides)."""
         while True:
+            signum = interrupt.pending()
+            if signum is not None:
+                self.comm.notify_root(signum)
             start, s0 = time.perf_counter(), self._snapshot()
             header = self.comm.bcast_step(None)
             t, pos, flags, slot = (int(v) for v in header[:4])
             if t == 0:
-                return
+                return pos
             if flags & FLAG_ROWS:
                 n = pos if flags & FLAG_LOGIT_ROWS else 0
                 rows = self.comm.bcast_array(np.empty(2 * t + n, np.int32))
@@ -129,5 +151,6 @@ class Engine:
         """Every rank's step statistics, on the root (call on all ranks after stop)."""
         rows = [(s.n_tokens, s.seconds, s.sync_seconds, s.bytes_sent, s.bytes_recv)
                 for s in self.steps]
-        everyone = self.comm.allgather_obj(rows)
+        with interrupt.deferred():
+            everyone = self.comm.allgather_obj(rows)
         return [[StepStats(*r) for r in rank_rows] for rank_rows in everyone]
