@@ -132,15 +132,22 @@ class KVCache:
         check_directory(base)
         remove_stale(base)
         nbytes = int(np.prod(shape)) * dtype.itemsize
-        free = free_bytes(base)
-        if 2 * nbytes > free:
-            raise DllamaError(self._no_room(base, 2 * nbytes, free))
         self.folder = os.path.join(base, FOLDER_PREFIX + (job or job_tag()))
         try:
+            self._make_folder(base)
+            free = free_bytes(base)
+            if 2 * nbytes > free:
+                raise DllamaError(self._no_room(base, 2 * nbytes, free))
             self.k, self.v = (self._mapped(os.path.join(self.folder, f"{tag}.{n}"), shape,
                                            dtype, nbytes, base) for n in "kv")
         finally:
             self._remove_folder()
+
+    def _make_folder(self, base: str) -> None:
+        try:
+            os.makedirs(self.folder, exist_ok=True)
+        except OSError as e:
+            raise DllamaError(f"cannot create the KV cache in {base}: {e.strerror}") from None
 
     @staticmethod
     def _no_room(base: str, need: int, free: int) -> str:
@@ -152,12 +159,13 @@ class KVCache:
         """A new file of nbytes, its blocks reserved, mapped, then unlinked."""
         for attempt in range(20):
             try:
-                os.makedirs(self.folder, exist_ok=True)
+                self._make_folder(base)
                 fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
                 break
-            except FileNotFoundError:          # another rank removed the folder meanwhile
+            except FileNotFoundError as e:     # another rank removed the folder meanwhile
                 if attempt == 19:
-                    raise
+                    raise DllamaError(f"cannot create the KV cache in {base}: {e.strerror}") \
+                        from None
             except OSError as e:
                 raise DllamaError(f"cannot create the KV cache in {base}: {e.strerror}") \
                     from None

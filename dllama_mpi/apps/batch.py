@@ -68,6 +68,9 @@ def read_requests(path: str, default_max_tokens: int) -> list[Request]:
                     and isinstance(m.get("content"), str) for m in messages)):
             raise DllamaError(f"{where}: \"messages\" must be a non-empty list of "
                               "{\"role\": str, \"content\": str}")
+        texts = [prompt] if prompt is not None else [m["content"] for m in messages]
+        if any("\0" in t for t in texts):
+            raise DllamaError(f"{where}: the prompt contains a NUL character")
         max_tokens = obj.get("max_tokens", default_max_tokens)
         if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
             raise DllamaError(f"{where}: \"max_tokens\" must be a positive integer")

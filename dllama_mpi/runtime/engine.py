@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..comm import STEP_HEADER
+from ..errors import DllamaError
 from . import interrupt
 from .interrupt import Interrupted
 
@@ -35,6 +36,14 @@ if TYPE_CHECKING:
 FLAG_ALL_LOGITS = 1
 FLAG_ROWS = 2        # rows carry their own positions and KV slots
 FLAG_LOGIT_ROWS = 4  # with FLAG_ROWS: logits of chosen rows only (header[1] = their count)
+
+
+def _check_finite(logits: np.ndarray, position: int) -> None:
+    """Root, after a step (every rank has finished it): NaN or inf logits come from corrupt
+    weights (or values beyond f32); sampling them would be garbage or a numpy error."""
+    if logits is not None and not np.isfinite(logits).all():
+        raise DllamaError(f"the model produced NaN or infinite logits (step at position "
+                          f"{position}): its weights are corrupt, or its values overflow")
 
 
 @dataclass
@@ -70,6 +79,7 @@ class Engine:
         logits = self.model.forward(x, np.arange(pos, pos + t, dtype=np.int32), all_logits,
                                     np.full(t, slot, np.int32) if slot else None)
         self._record(t, start, s0)
+        _check_finite(logits, pos)
         return logits
 
     def _check_signals(self) -> None:
@@ -99,6 +109,7 @@ class Engine:
         x = self.embedding.decode(self.comm.bcast_array(self.embedding.rows(tokens)))
         logits = self._forward_rows(x, t, header[2], rows)
         self._record(t, start, s0)
+        _check_finite(logits, int(np.min(positions)) if t else 0)
         return logits
 
     def _forward_rows(self, x, t: int, flags: int, rows: np.ndarray):

@@ -93,7 +93,19 @@ def _root_open(model_arg: str, run: RunConfig, size: int, want_tokenizer: bool,
     run.validate(model.config)
     shard.check(model.config, size, run.weights_float_type)
     tokenizer = model.tokenizer() if want_tokenizer else None
+    if tokenizer is not None:
+        _check_tokenizer(tokenizer, model.config.vocab_size, tokenizer_path or path)
     return model, tokenizer, run
+
+
+def _check_tokenizer(tok, vocab_size: int, where: str) -> None:
+    """A tokenizer from another model: ids the embedding table does not have. (Fewer ids
+    than the model is normal: vocabularies are padded to round sizes.)"""
+    special = [i for i in [tok.bos_id, *tok.eos_ids] if i is not None]
+    if tok.vocab_size > vocab_size or any(i >= vocab_size for i in special):
+        raise DllamaError(f"the tokenizer of {where} has {tok.vocab_size} tokens (special ids "
+                          f"up to {max(special, default=0)}), the model {vocab_size}: they do "
+                          f"not belong together")
 
 
 def _fail(comm, message: str, code: int = 1):
