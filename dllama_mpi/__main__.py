@@ -26,9 +26,8 @@ def _abort(code: int) -> None:
 
 
 def main(argv=None) -> int:
-    from .errors import DllamaError
+    from .errors import DllamaError, StartupFailed
     from .runtime import interrupt
-    from .runtime.startup import StartupFailed
     interrupt.install()
     try:
         from .cli import main as cli_main

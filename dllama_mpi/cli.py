@@ -26,6 +26,15 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
+def _named(name: str):
+    """argparse names a type by its function's name in `invalid <name> value: 'x'`."""
+    def mark(fn):
+        fn.__name__ = name
+        return fn
+    return mark
+
+
+@_named("integer")
 def _count(text: str) -> int:
     """argparse type: an integer >= 0."""
     value = int(text)
@@ -34,6 +43,7 @@ def _count(text: str) -> int:
     return value
 
 
+@_named("integer")
 def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -41,6 +51,7 @@ def _positive(text: str) -> int:
     return value
 
 
+@_named("integer")
 def _seed(text: str) -> int:
     value = int(text)
     if not 0 <= value < SEED_LIMIT:
@@ -48,6 +59,7 @@ def _seed(text: str) -> int:
     return value
 
 
+@_named("number")
 def _temperature(text: str) -> float:
     value = float(text)
     if not (math.isfinite(value) and value >= 0):
@@ -55,6 +67,7 @@ def _temperature(text: str) -> float:
     return value
 
 
+@_named("number")
 def _probability(text: str) -> float:
     value = float(text)
     if not 0.0 < value <= 1.0:          # NaN fails too

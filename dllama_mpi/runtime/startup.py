@@ -18,7 +18,7 @@ from .. import kernels, registry, shard
 from ..comm import Comm, SerialComm
 from ..config import ModelConfig, RunConfig
 from ..embedding import Embedding
-from ..errors import DllamaError
+from ..errors import DllamaError, StartupFailed  # noqa: F401  (StartupFailed: re-exported)
 from ..formats import open_model
 from ..kvcache import KVCache, job_tag
 from ..loading import load_shard
@@ -27,15 +27,6 @@ from ..memory import per_rank as memory_per_rank
 from ..model import Transformer, pack_weights
 from . import interrupt
 from .engine import Engine, StepStats
-
-
-class StartupFailed(SystemExit):
-    """Raised on every rank when the root reported a start-up error (already printed on
-    stderr by the root). `message` is that error's text, the same on every rank."""
-
-    def __init__(self, code: int = 1, message: str = ""):
-        super().__init__(code)
-        self.message = message
 
 
 @dataclass
@@ -241,11 +232,12 @@ def _check_node_memory(predicted: list[RankMemory], ranks: list[RankInfo], rank:
         return
     kv = sum(m.kv_cache for m in mine if not m.kv_on_disk)
     weights = sum(m.weights for m in mine)
+    buffers = sum(m.buffers for m in mine)
     who = f"its {len(mine)} ranks need" if len(mine) > 1 else "this rank needs"
     raise DllamaError(f"not enough memory on {ranks[rank].host}: {who} {mib(need)} (weights "
-                      f"{mib(weights)}, KV cache {mib(kv)}), {mib(available)} available "
-                      f"(lower --max-seq-len or --parallel, --kv-cache-float-type f16, "
-                      f"--kv-cache-storage disk, or more nodes)")
+                      f"{mib(weights)}, KV cache {mib(kv)}, buffers {mib(buffers)}), "
+                      f"{mib(available)} available (lower --max-seq-len or --parallel, "
+                      f"--kv-cache-float-type f16, --kv-cache-storage disk, or more nodes)")
 
 
 def available_memory() -> int | None:
