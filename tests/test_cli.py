@@ -208,11 +208,26 @@ def test_info_for_every_format(every_format, form):
             f"ffn {pl.ffn.start}:{pl.ffn.stop}, vocab {pl.vocab.start}:{pl.vocab.stop};"), line
 
 
+def _descends_from(pid: int, ancestor: int) -> bool:
+    for _ in range(64):
+        if pid == ancestor:
+            return True
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                pid = int(f.read().rsplit(")", 1)[1].split()[1])   # ppid
+        except (OSError, ValueError, IndexError):
+            return False
+        if pid <= 1:
+            return False
+    return False
+
+
 def _rank_pids(root_pid: int, rank: int) -> list[int]:
-    """PIDs of processes under root_pid whose MPI rank (PMI_RANK) is `rank`."""
+    """PIDs of processes under root_pid whose MPI rank (PMI_RANK) is `rank` (never another
+    job's: the machine may run others)."""
     found = []
     for entry in os.listdir("/proc"):
-        if not entry.isdigit():
+        if not entry.isdigit() or not _descends_from(int(entry), root_pid):
             continue
         try:
             with open(f"/proc/{entry}/environ", "rb") as f:
