@@ -44,19 +44,27 @@ class _Base:
         return self.rank == 0
 
     def _reduce_buffers(self, shape, wire):
+        """(send, recv, out) for a reduction of `shape` [T, n]: views of the first T rows of
+        arenas kept per (n, wire) and sized for the most rows so far, so the memory is one
+        set of the largest T whatever mix of row counts runs (memory.py counts that)."""
         key = (shape, wire)
         buf = self._buffers.get(key)
-        if buf is None:
-            t, n = shape
-            if wire == "q80":
-                if n % QK:
-                    raise ValueError(f"Q80 wire needs dim % {QK} == 0, got {n}")
-                per_rank = t * n + t * (n // QK) * 2  # int8 values, then f16 scales
-            else:
-                per_rank = t * n * 4
-            buf = (np.empty(per_rank, np.uint8), np.empty((self.size, per_rank), np.uint8),
-                   np.empty(shape, np.float32))
-            self._buffers[key] = buf
+        if buf is not None:
+            return buf
+        t, n = shape
+        if wire == "q80" and n % QK:
+            raise ValueError(f"Q80 wire needs dim % {QK} == 0, got {n}")
+        per_row = n + (n // QK) * 2 if wire == "q80" else n * 4  # int8 values, f16 scales
+        arena = self._arenas.get((n, wire))
+        if arena is None or arena[0] < t:
+            arena = self._arenas[(n, wire)] = (
+                t, np.empty(t * per_row, np.uint8), np.empty(self.size * t * per_row, np.uint8),
+                np.empty((t, n), np.float32))
+            self._buffers = {k: v for k, v in self._buffers.items() if k[0][1] != n or k[1] != wire}
+        per_rank = t * per_row
+        buf = (arena[1][:per_rank], arena[2][:self.size * per_rank].reshape(self.size, per_rank),
+               arena[3][:t])
+        self._buffers[key] = buf
         return buf
 
 
@@ -67,6 +75,7 @@ class SerialComm(_Base):
         self.rank, self.size = 0, 1
         self.stats = CommStats()
         self._buffers = {}
+        self._arenas = {}
 
     def bcast_obj(self, obj):
         return obj
@@ -119,6 +128,7 @@ class Comm(_Base):
         self.rank, self.size = self.world.Get_rank(), self.world.Get_size()
         self.stats = CommStats()
         self._buffers = {}
+        self._arenas = {}
         self._notice = None            # this worker's notice send (a request), once sent
         self._notices_received = 0     # root: notices received by poll_notice
 

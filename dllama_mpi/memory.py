@@ -8,9 +8,11 @@ what `info` predicts, and what a planner can sum. No arrays are made here.
   f16; in memory, or on disk (memory-mapped files: not counted in the total, which is the
   memory a rank holds; the pages of the file it touches are page cache, dropped under
   pressure);
-- buffers: the activations of one decode row and of one prefill chunk (model.Transformer
-  keeps one set per row count it has run), the reduction buffers of comm.py, the rope
-  tables and attention's scratch rows.
+- buffers: the activations of the largest step (a prefill chunk, or one row per slot),
+  as model.Transformer keeps them (one arena, every row count a view of it), the output
+  head's for one logits row per slot, the reduction buffers of comm.py (one arena too), the
+  rope tables and attention's scratch rows. An upper bound: rows of an arena that no step
+  reaches (logits of rows nobody samples) are never touched, so never resident.
 """
 from __future__ import annotations
 
@@ -67,27 +69,33 @@ def kv_bytes(config: ModelConfig, p: ShardPlan, max_seq_len: int, n_slots: int =
             * p.kv_heads.size * config.head_dim)
 
 
-def attention_bytes(config: ModelConfig, p: ShardPlan, max_seq_len: int, rows) -> int:
+def attention_bytes(config: ModelConfig, p: ShardPlan, max_seq_len: int, rows: int) -> int:
     """The rope tables (cos and sin, f32 [S, head_dim / 2]) and attention's scratch for
-    forwards of each row count in `rows` (kernels.attention keeps min(rows x heads, 256)
-    rows of S f32 per distinct count)."""
-    counts = {max(1, min(t * p.q_heads.size, 256)) for t in rows}
-    return max_seq_len * config.head_dim * F32 + sum(counts) * max_seq_len * F32
+    forwards of up to `rows` rows (kernels.attention keeps one arena of min(rows x heads,
+    256) rows of S f32)."""
+    scratch = max(1, min(rows * p.q_heads.size, 256)) * max_seq_len * F32
+    return max_seq_len * config.head_dim * F32 + scratch
 
 
 def activation_bytes(config: ModelConfig, p: ShardPlan, rows: int, size: int,
-                     q80_inputs: bool, wire: str) -> int:
-    """The forward buffers of `rows` rows (model.Transformer._buf) and the reductions'
-    send/receive buffers (comm.py) for that many rows."""
+                     q80_inputs: bool, wire: str, head_rows: int = 1,
+                     wcls_q80: bool = False) -> int:
+    """The forward's buffers for up to `rows` rows (model.Transformer keeps one arena of the
+    most rows run, every row count a view of it), the output head's for up to `head_rows`
+    rows of logits, and the reductions' send/receive buffers (comm.py, one arena too)."""
     c = config
     widths = dict(x=c.dim, xb=c.dim, qkv=p.q_cols + 2 * p.kv_rows.size, att=p.q_cols,
-                  attn_out=c.dim, h13=2 * p.ffn_len, h=p.ffn_len, ffn_out=c.dim, final=c.dim,
-                  logits=p.vocab.size)
+                  attn_out=c.dim, h13=2 * p.ffn_len, h=p.ffn_len, ffn_out=c.dim)
     total = rows * sum(widths.values()) * F32 + 2 * rows * 4          # + positions, slots
-    quantised = ("xb", "att", "h", "final") if q80_inputs else ()
-    total += sum(rows * widths[n] + rows * (widths[n] // QK) * F32 for n in quantised)
+    if q80_inputs:
+        total += sum(rows * widths[n] + rows * (widths[n] // QK) * F32 for n in ("xb", "att", "h"))
+    head = head_rows * (2 * c.dim + p.vocab.size) * F32                # x, final, logits
+    if wcls_q80:
+        head += head_rows * (c.dim + (c.dim // QK) * F32)
+    if size == 1:                                                      # no reductions
+        return total + head
     per_rank = rows * c.dim + rows * (c.dim // QK) * 2 if wire == "q80" else rows * c.dim * F32
-    return total + (1 + size) * per_rank + rows * c.dim * F32
+    return total + head + (1 + size) * per_rank + rows * c.dim * F32
 
 
 @dataclass(frozen=True)
@@ -115,9 +123,10 @@ def per_rank(config: ModelConfig, run: RunConfig, size: int) -> list[RankMemory]
     out = []
     for r in range(size):
         p = plan(config, r, size)
-        rows = {run.parallel, run.prefill_chunk}
-        buffers = sum(activation_bytes(config, p, t, size, q80, run.buffer_float_type)
-                      for t in rows)
+        rows = max(run.parallel, run.prefill_chunk)     # the most rows a scheduler step has
+        buffers = activation_bytes(config, p, rows, size, q80, run.buffer_float_type,
+                                   head_rows=run.parallel,
+                                   wcls_q80=run.output_float_type != "f32")
         buffers += attention_bytes(config, p, seq, rows)
         out.append(RankMemory(r, weight_bytes(config, p, run.weights_float_type,
                                               run.output_float_type),

@@ -245,13 +245,18 @@ def _check_positions(positions, T: int, S: int, nkv: int, kv_of_q) -> int:
 
 
 def _scratch(scratch, T: int, nq: int, S: int, pmax: int) -> np.ndarray:
-    if scratch is None:                   # cached per (rows, S): no page faults on every call
+    if scratch is None:                   # cached: no page faults on every call
         key = (max(1, min(T * nq, 256)), S)
         scratch = _ATT_SCRATCH.get(key)
-        if scratch is None:
-            if len(_ATT_SCRATCH) > 8:
-                _ATT_SCRATCH.clear()
-            scratch = _ATT_SCRATCH[key] = np.empty(key, np.float32)
+        if scratch is None:               # rows of one arena per S, sized for the most rows
+            arena = _ATT_SCRATCH.get(S)   # asked (memory.py counts one: 256 rows at most)
+            if arena is None or arena.shape[0] < key[0]:
+                for k in [k for k in _ATT_SCRATCH if k == S or (type(k) is tuple and k[1] == S)]:
+                    del _ATT_SCRATCH[k]
+                if len(_ATT_SCRATCH) > 64:
+                    _ATT_SCRATCH.clear()
+                arena = _ATT_SCRATCH[S] = np.empty(key, np.float32)
+            scratch = _ATT_SCRATCH[key] = arena[:key[0]]
         return scratch                    # made here: right by construction
     _check("scratch", scratch, np.float32, ndim=2)
     if scratch.shape[1] < pmax + 1 or scratch.shape[0] < 1:
