@@ -16,10 +16,10 @@ position written). Kernels are compiled
 (or loaded from numba's cache) first, outside the measurement. Per rank, from
 /proc/self/status:
 
-  base       RssAnon before start (interpreter, numpy, numba, compiled kernels)
+  base       RssAnon before start (interpreter, the libraries a run imports, compiled kernels)
   held       RssAnon at the end minus base: the anonymous memory the run added -- weights,
              an in-memory KV cache (every page written at start), buffers, and Python objects
-             (the root's tokenizer above all)
+             (the root's tokenizer above all: measured alone first, and shown)
   predicted  memory.py's total for this rank (weights + buffers + KV cache in memory)
   kv file    RssFile gained: pages of the model file and of a disk KV cache this rank
              touched (page cache: shared, dropped under pressure, not in `predicted`)
@@ -55,6 +55,36 @@ def _status() -> dict[str, int]:
     return out
 
 
+def _import_everything() -> None:
+    """The libraries a run imports (part of the base, like the interpreter)."""
+    import gguf  # noqa: F401
+    import tokenizers  # noqa: F401
+
+    import dllama_mpi.apps.inference  # noqa: F401
+    import dllama_mpi.formats.gguf  # noqa: F401
+    import dllama_mpi.loading  # noqa: F401
+    import dllama_mpi.runtime.generation  # noqa: F401
+    import dllama_mpi.tokenizer  # noqa: F401
+
+
+def _tokenizer_bytes(model: str) -> int:
+    """Anonymous memory of the model's tokenizer (the root holds one; memory.py does not
+    count it): RssAnon with one built, minus without, the heap trimmed after."""
+    import gc
+
+    from dllama_mpi.registry import resolve
+    from dllama_mpi.runtime.startup import release_free_memory
+    from dllama_mpi.tokenizer import Tokenizer
+    before = _status()["RssAnon"]
+    tok = Tokenizer.from_gguf(resolve(model))
+    tok.encode("warm up the tokenizer")
+    held = _status()["RssAnon"] - before
+    del tok
+    gc.collect()
+    release_free_memory()
+    return held
+
+
 def worker(model: str, storage: str, slots: int, max_seq_len: int, kv_type: str) -> None:
     import numpy as np
 
@@ -70,6 +100,8 @@ def worker(model: str, storage: str, slots: int, max_seq_len: int, kv_type: str)
     kernels.choose_threading_layer("q40")
     kernels.set_num_threads(1)
     _warm_kernels(comm, kv_type)
+    _import_everything()
+    tokenizer = _tokenizer_bytes(model) if comm.is_root else 0
     comm.barrier()
     reset = _reset_peak()
     before = _status()
@@ -95,7 +127,7 @@ def worker(model: str, storage: str, slots: int, max_seq_len: int, kv_type: str)
             "held": after["RssAnon"] - before["RssAnon"],
             "file": after["RssFile"] - before["RssFile"],
             "peak": after["VmHWM"] - before["VmRSS"] if reset else None,
-            "predicted": predicted.total, "weights": predicted.weights,
+            "tokenizer": tokenizer, "predicted": predicted.total, "weights": predicted.weights,
             "kv": predicted.kv_cache, "kv_on_disk": predicted.kv_on_disk,
             "buffers": predicted.buffers}
     everyone = comm.allgather_obj(mine)
@@ -119,17 +151,20 @@ def measure(path: str, ranks: int, storage: str, slots: int, max_seq_len: int, k
 
 def table(rows: list[dict]) -> str:
     head = ("| model | ranks | KV | slots | rank | predicted MiB (weights + KV + buffers) "
-            "| held MiB | held / predicted | file pages MiB | peak − base MiB |")
+            "| held MiB (tokenizer) | held − tokenizer / predicted | file pages MiB "
+            "| peak − base MiB |")
     lines = [head, "|" + "---|" * 10]
     for r in rows:
         for p in r["per_rank"]:
             kv = "disk" if p["kv_on_disk"] else f"{p['kv'] / MIB:.0f}"
             peak = f"{p['peak'] / MIB:.0f}" if p["peak"] is not None else "?"
+            tok = p.get("tokenizer", 0)
+            held = f"{p['held'] / MIB:.0f}" + (f" ({tok / MIB:.0f})" if tok else "")
             lines.append(
                 f"| {r['model']} | {r['ranks']} | {r['storage']} {r['kv_type']} | {r['slots']} "
                 f"| {p['rank']} | {p['predicted'] / MIB:.0f} ({p['weights'] / MIB:.0f} + {kv} + "
-                f"{p['buffers'] / MIB:.0f}) | {p['held'] / MIB:.0f} "
-                f"| {p['held'] / p['predicted']:.2f} | {p['file'] / MIB:.0f} | {peak} |")
+                f"{p['buffers'] / MIB:.0f}) | {held} "
+                f"| {(p['held'] - tok) / p['predicted']:.2f} | {p['file'] / MIB:.0f} | {peak} |")
     return "\n".join(lines)
 
 
@@ -172,7 +207,8 @@ def main() -> None:
                         r = measure(path, n, storage, slots, args.max_seq_len, kv, args.timeout)
                         r["model"] = name
                         rows.append(r)
-                        worst = max(p["held"] / p["predicted"] for p in r["per_rank"])
+                        worst = max((p["held"] - p["tokenizer"]) / p["predicted"]
+                                    for p in r["per_rank"])
                         print(f"{name} {n} ranks {storage} {kv} {slots} slots: held/predicted "
                               f"up to {worst:.2f}, wall {r['wall_s']:.1f} s", file=sys.stderr)
     print(table(rows))
