@@ -92,10 +92,11 @@ def worker(model_arg: str, load: str) -> None:
     status = None
     if comm.is_root:
         model, _, run = _root_open(model_arg, RunConfig(load=load), comm.size, False, None)
-        status = (model.config.to_dict(), run, model.path)
-    config, run, path = comm.bcast_obj(status)
+        status = (model.config.to_dict(), run, model.path,
+                  list(getattr(model, "parts", [model.path])))
+    config, run, path, files = comm.bcast_obj(status)
     config = ModelConfig.from_dict(config)
-    direct = _direct_load(comm, run.load, path)
+    direct = _direct_load(comm, run.load, files)
     if direct and not comm.is_root:
         model = open_model(path)
     open_s = _time.perf_counter() - t0

@@ -94,12 +94,13 @@ def worker(model: str, storage: str, slots: int, max_seq_len: int, kv_type: str)
     from dllama_mpi.config import RunConfig
     from dllama_mpi.memory import per_rank
     from dllama_mpi.runtime.generation import generate_batch
-    from dllama_mpi.runtime.startup import _warm_kernels, run_root, start
+    from dllama_mpi.runtime.progress import Stages, warm_kernels
+    from dllama_mpi.runtime.startup import run_root, start
 
     comm = make_comm()
     kernels.choose_threading_layer("q40")
     kernels.set_num_threads(1)
-    _warm_kernels(comm, kv_type)
+    warm_kernels(comm, set(kernels.ALL_NEEDS) - {"tests"}, Stages(False))
     _import_everything()
     tokenizer = _tokenizer_bytes(model) if comm.is_root else 0
     comm.barrier()
@@ -108,7 +109,7 @@ def worker(model: str, storage: str, slots: int, max_seq_len: int, kv_type: str)
     run = RunConfig(max_seq_len=max_seq_len, nthreads=1, parallel=slots,
                     kv_cache_storage=storage, kv_cache_float_type=kv_type)
     t0 = time.perf_counter()
-    s = start(comm, model, run)
+    s = start(comm, model, run, progress=False)
     predicted = per_rank(s.config, s.run, comm.size)[comm.rank]
 
     def body(session):

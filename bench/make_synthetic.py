@@ -1,12 +1,15 @@
 #!/usr/bin/env python
 """Write a synthetic (random-weight) Llama GGUF for benchmarks and tests.
 
-    python bench/make_synthetic.py OUT.gguf [--preset synthetic-1.1b|tiny] [--vocab N]
-                                            [--type f32|f16|q4_0|q8_0] [--seed S]
+    python bench/make_synthetic.py OUT.gguf [--preset synthetic-1.1b|synthetic-moe|tiny]
+                                            [--vocab N] [--type f32|f16|q4_0|q8_0|q4_k_m|...]
+                                            [--seed S]
 
 synthetic-1.1b: dim 2048, hidden 8192, 16 layers, 32 heads, 8 KV heads, vocab 32000, untied
 output, weights normal(0, 0.02), context 4096, q4_0, the synthetic "bytes" tokenizer (about
-1.1 B parameters, ~0.6 GB in q4_0).  If OUT already exists with the same preset, shape, type and
+1.1 B parameters, ~0.6 GB in q4_0).  synthetic-moe: a Mixtral-like mixture of experts, dim 1024,
+16 layers of 8 experts of 2816 units, 2 used per token (~1.2 B parameters, ~0.4 B read per
+token).  If OUT already exists with the same preset, shape, type and
 seed (recorded in ``dllama_mpi.synthetic.*`` metadata), nothing is written.
 """
 
@@ -28,6 +31,11 @@ PRESETS = {
                            context_length=4096, tied=False, std=0.02, weight_type="q4_0", rope_theta=10000.0),
     "tiny": dict(dim=256, hidden_dim=640, n_layers=4, n_heads=8, n_kv_heads=4, vocab_size=2048,
                  context_length=1024, tied=False, std=0.02, weight_type="q4_0", rope_theta=10000.0),
+    # a Mixtral-like mixture of experts: 8 experts of 2816 units, 2 used per token (~1.2 B
+    # parameters, ~0.4 B of them read per token)
+    "synthetic-moe": dict(dim=1024, hidden_dim=2816, n_layers=16, n_heads=16, n_kv_heads=4,
+                          vocab_size=32000, context_length=4096, tied=False, std=0.02,
+                          weight_type="q4_0", rope_theta=10000.0, n_experts=8, n_experts_used=2),
 }
 
 _META = "dllama_mpi.synthetic."
@@ -83,7 +91,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     shape = {k: p[k] for k in ("dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size")}
-    tensors = random_llama_tensors(**shape, tied=p["tied"], std=p["std"], seed=args.seed)
+    moe = {k: p[k] for k in ("n_experts", "n_experts_used") if k in p}
+    tensors = random_llama_tensors(**shape, tied=p["tied"], std=p["std"], seed=args.seed,
+                                   n_experts=moe.get("n_experts", 0))
     n_params = sum(math.prod(s) for s in tensors.shapes.values())
     out.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -91,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
                      tensors=tensors, weight_type=p["weight_type"], tokenizer="bytes",
                      name=f"dllama-mpi {args.preset}",
                      extra_metadata={_META + "preset": args.preset, _META + "seed": args.seed,
-                                     _META + "std": float(p["std"])})
+                                     _META + "std": float(p["std"])}, **moe)
     dt = time.perf_counter() - t0
     print(f"{out}: {args.preset} {p['weight_type']} {n_params / 1e9:.3f} B params, "
           f"{os.path.getsize(out) / 1e9:.3f} GB written in {dt:.1f} s")

@@ -9,7 +9,7 @@ Workloads: decode of one sequence, a 128-token prompt, and 16 sequences decoding
 (aggregate tok/s).  --sweep adds decode at 1..4 ranks and batches of 1, 4, 16 for the plot.
 The read-bandwidth roofline is probed in the same invocation (before and after; the best
 is used). Prints a markdown table with the peers' figures measured on this machine
-(../shared/notes/targets.md), writes bench/results/bench-<time>.json and, when matplotlib is
+(measured by hand, see the README's Speed section), writes bench/results/bench-<time>.json and, when matplotlib is
 installed (pip install -e '.[bench]'), bench/results/bench-<time>.png: tok/s against ranks
 and against batch size.
 """
@@ -28,7 +28,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
 sys.path.insert(0, HERE)
 
-# Peers on this machine (../shared/notes/targets.md, 2026-11-24): decode tok/s.
+# Peers measured by hand on 2026-11-24 (an AMD Zen 3, 2 cores): (Distributed Llama, llama.cpp) tok/s.
 PEERS = {
     ("synthetic", 1, 1, "decode"): (7.26, 16.1), ("synthetic", 1, 2, "decode"): (11.56, 29.1),
     ("synthetic", 2, 1, "decode"): (14.04, 11.2), ("synthetic", 1, 1, "prompt"): (20.4, 40.0),

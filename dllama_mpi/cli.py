@@ -80,19 +80,23 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="a preset (see configs/): its keys are defaults for these options; "
                    "options on the command line win")
     p.add_argument("--model",
-                   help=f"a .gguf, .m or .h5 file, a Hugging Face folder, or a known model name ({', '.join(registry.KNOWN_MODELS)})")
+                   help=f"a .gguf (or any part of a split .gguf), .m or .h5 file, a Hugging Face folder, or a known model name ({', '.join(registry.KNOWN_MODELS)})")
     p.add_argument("--tokenizer", default=None,
                    help="a tokenizer file (.t or tokenizer.json): for .m models, or to replace "
                    "the model's own")
     p.add_argument("--weights-float-type", choices=("auto",) + WEIGHT_TYPES, default="auto",
                    help="runtime weight format; auto (default): Q4_0 files run as q40, Q4_1 "
-                   "files as q41, other quantised files are quantised to q40, float files f32")
+                   "files as q41, Q8_0 files are quantised to q40, float files f32, and files "
+                   "that mix types or hold K-quants (Q4_K_M, ...) keep each matrix in its own "
+                   "form (Q4_K as q41, Q5_K/Q6_K/Q5_0/Q5_1/Q8_0 as q80); a type named here "
+                   "converts every matrix to it (f16: float weights at half f32's memory)")
     p.add_argument("--buffer-float-type", choices=("auto",) + BUFFER_TYPES, default="auto",
                    help="activations between ranks (auto: q80 with 4-bit weights, else f32)")
     p.add_argument("--max-seq-len", type=_count, default=0,
                    help="KV cache positions (0: the model's context, at most 4096)")
     p.add_argument("--nthreads", type=_count, default=0,
-                   help="threads per rank (0: the cores this rank may use / ranks on the node)")
+                   help="threads per rank (0: the cores this rank may use / ranks on the node; "
+                   "at most numba's NUMBA_NUM_THREADS)")
     p.add_argument("--load", choices=("auto", "scatter", "direct"), default="auto",
                    help="scatter: rank 0 reads the model and sends each rank its slice; direct: "
                    "every rank reads its own slice (shared filesystem); auto: direct when every "
@@ -113,7 +117,8 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
                    help="nucleus sampling: the smallest set of tokens with this probability")
     p.add_argument("--topk", type=_count, default=0, help="sample among the k likeliest (0 = off)")
     p.add_argument("--seed", type=_seed, default=None,
-                   help="random seed of the sampler (none: a different text every run)")
+                   help="random seed of the sampler (none: a random one, so a different text "
+                   "every run; inference prints it on stderr)")
 
 
 def _add_generation_args(p: argparse.ArgumentParser, steps_help: str) -> None:
@@ -146,10 +151,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inference", help="generate a continuation of one prompt")
     _add_model_args(p)
     _add_sampling_args(p)
-    p.add_argument("--prompt", required=True, help="the text to continue")
+    p.add_argument("--prompt", required=True, help="the text to continue (with --chat: the "
+                   "user's message)")
     _add_generation_args(p, "tokens to generate at most")
-    p.add_argument("--stats", action="store_true", help="per-token timing lines on stderr")
-    p.add_argument("--json", action="store_true", help="print one JSON object at the end")
+    p.add_argument("--echo", action="store_true",
+                   help="print the prompt on stdout before the text (with --chat: the "
+                   "message, then a newline)")
+    p.add_argument("--stats", action="store_true",
+                   help="timing lines on stderr: the prompt pass, then each token")
+    p.add_argument("--json", action="store_true",
+                   help="stdout: one JSON object at the end instead of the streamed text")
+    p.add_argument("--quiet", action="store_true",
+                   help="no start-up lines or summary on stderr (errors only)")
 
     p = sub.add_parser("batch", help="complete a file of prompts (JSON Lines), several "
                        "sequences decoding together")
@@ -164,6 +177,30 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sequences decoding together (KV-cache slots; memory grows with it)")
     _add_generation_args(p, "default max_tokens of a prompt")
     p.add_argument("--quiet", action="store_true", help="no line per finished sequence")
+
+    p = sub.add_parser("chat", help="an interactive conversation (stdin/stdout on rank 0)")
+    _add_model_args(p)
+    _add_sampling_args(p)
+    p.add_argument("--system", default=None, help="a system prompt for the conversation")
+    p.add_argument("--steps", type=_count, default=1024,
+                   help="tokens an answer may have at most")
+    p.add_argument("--parallel", type=_positive, default=1,
+                   help="KV-cache slots (one conversation needs one)")
+
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server on rank 0 "
+                       "(/v1/chat/completions, /v1/completions, /v1/models, /metrics)")
+    _add_model_args(p)
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=_count, default=9990, help="port to listen on (0: any free)")
+    p.add_argument("--parallel", "--max-batch", type=_positive, default=4,
+                   help="sequences decoding together (KV-cache slots; memory grows with it)")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on /v1/* (or set DLLAMA_API_KEY)")
+    p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                   help="allow browsers on this origin (repeatable; CORS is off without it)")
+    p.add_argument("--model-name", default=None,
+                   help="the model id the API reports (default: the model file's name)")
 
     p = sub.add_parser("pull", help="download a known model into the cache")
     p.add_argument("name", choices=sorted(registry.KNOWN_MODELS), help="the model")
@@ -230,6 +267,11 @@ def parse_args(argv=None) -> argparse.Namespace:
             parser.error(f"{option} is not valid UTF-8 text")
         if isinstance(value, str) and "\0" in value:
             parser.error(f"{option} contains a NUL character")
+    if getattr(args, "nthreads", 0):
+        from .kernels import max_threads
+        if args.nthreads > max_threads():
+            parser.error(f"--nthreads {args.nthreads}: at most {max_threads()} here (numba's "
+                         f"NUMBA_NUM_THREADS; 0 picks the cores per rank)")
     return args
 
 
@@ -260,4 +302,10 @@ def main(argv=None) -> int:
     if args.command == "batch":
         from .apps.batch import run_batch
         return run_batch(args, run_config(args))
+    if args.command == "chat":
+        from .apps.chat import run_chat_command
+        return run_chat_command(args, run_config(args))
+    if args.command == "serve":
+        from .apps.serve import run_serve
+        return run_serve(args, run_config(args))
     raise DllamaError(f"unknown command {args.command}")

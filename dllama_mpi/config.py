@@ -7,7 +7,13 @@ from dataclasses import dataclass
 
 from .errors import DllamaError
 
-WEIGHT_TYPES = ("q40", "q41", "f32")  # runtime forms; "auto" picks one per file
+WEIGHT_TYPES = ("q40", "q41", "q80", "f16", "f32")  # runtime forms; "auto" picks one per file
+FLOAT_FORMS = ("f32", "f16")   # runtime forms that are not block-quantised (f32 inputs)
+MIXED = "mixed"   # what "auto" resolves to when every matrix keeps its own runtime type
+# GGML type -> the runtime form that loses least (quant/kquants.py says what each loses)
+RUNTIME_TYPE = {"F32": "f32", "F16": "f32", "BF16": "f32", "Q4_0": "q40", "Q4_1": "q41",
+                "Q4_K": "q41", "Q8_0": "q80", "Q5_0": "q80", "Q5_1": "q80", "Q5_K": "q80",
+                "Q6_K": "q80"}
 BUFFER_TYPES = ("q80", "f32")
 KV_STORAGES = ("memory", "disk")   # "auto": disk when a --kv-cache-dir is given
 KV_FLOAT_TYPES = ("f32", "f16")
@@ -34,6 +40,12 @@ class ModelConfig:
     tied_embeddings: bool = False
     attn_bias: bool = False          # q/k/v biases (Qwen2): bq, bk, bv, out-split like their rows
     qk_norm: bool = False            # per-head RMSNorm of q and k before rope (Qwen3)
+    # mixture of experts (Qwen3-MoE, Mixtral): every layer's FFN is n_experts experts of
+    # hidden_dim units each, n_experts_used chosen per token by a router [n_experts, dim]
+    # (softmax, top-k, the k weights renormalised to sum 1 with expert_norm)
+    n_experts: int = 0
+    n_experts_used: int = 0
+    expert_norm: bool = True
 
     def __post_init__(self):
         if self.head_dim == 0:
@@ -72,6 +84,9 @@ class ModelConfig:
                               f"n_kv_heads ({self.n_kv_heads})")
         if self.head_dim % 2:
             raise DllamaError(f"model config: head_dim ({self.head_dim}) must be even for rope")
+        if self.n_experts and not 0 < self.n_experts_used <= self.n_experts:
+            raise DllamaError(f"model config: {self.n_experts_used} experts used per token of "
+                              f"{self.n_experts}")
         if self.rope_freq_factors is not None and len(self.rope_freq_factors) != self.head_dim // 2:
             raise DllamaError(f"model config: {len(self.rope_freq_factors)} rope frequency "
                               f"factors for head_dim {self.head_dim}")
@@ -79,7 +94,9 @@ class ModelConfig:
 
 @dataclass
 class RunConfig:
-    weights_float_type: str = "auto"   # auto: the file's 4-bit type kept, f32 for float files
+    # auto: the file's 4-bit type kept, f32 for float files, and for files that mix types
+    # (K-quants: Q4_K_M holds Q4_K, Q6_K, Q8_0) "mixed": every matrix its own (tensor_types)
+    weights_float_type: str = "auto"
     buffer_float_type: str = "auto"    # auto: q80 with 4-bit weights, f32 with f32 weights
     # the output matrix (wcls): auto keeps it at 8 bits (q80) when the weights are 4-bit and
     # the file holds it at >= 8 bits: 4-bit logits cost SmolLM2 ~13 points of top-1 agreement
@@ -96,6 +113,8 @@ class RunConfig:
     kv_cache_storage: str = "auto"   # memory | disk | auto (disk when kv_cache_dir is set)
     kv_cache_dir: str | None = None  # disk: where the job's folder goes (None: node tmp)
     kv_cache_float_type: str = "f32"  # f32 | f16 (half the bytes; attention reads f16)
+    # weights "mixed": runtime type of every layer matrix by canonical name (layers.3.wv: q80)
+    tensor_types: dict = dataclasses.field(default_factory=dict)
 
     @property
     def kv_storage(self) -> str:
@@ -104,19 +123,45 @@ class RunConfig:
             return self.kv_cache_storage
         return "disk" if self.kv_cache_dir is not None else "memory"
 
-    def resolved(self, file_weight_type: str, file_output_type: str = "F32") -> "RunConfig":
-        """Settle the "auto" types from what the model file suggests (runtime weight type
-        for its layers; GGML type name of its output matrix)."""
+    def resolved(self, file_weight_type: str, file_output_type: str = "F32",
+                 tensor_types: dict | None = None) -> "RunConfig":
+        """Settle the "auto" types from what the model file suggests: runtime weight type
+        for its layers ("mixed" with `tensor_types`, canonical name -> runtime type, when
+        each matrix keeps its own); GGML type name of its output matrix."""
         w = file_weight_type if self.weights_float_type == "auto" else self.weights_float_type
+        types = dict(tensor_types or {}) if w == MIXED else {}
+        if w == MIXED and not types:
+            raise DllamaError("mixed weight types need the type of every matrix")
+        quantised = w not in FLOAT_FORMS and not (w == MIXED and
+                                                  set(types.values()) <= set(FLOAT_FORMS))
         b = self.buffer_float_type
         if b == "auto":
-            b = "f32" if w == "f32" else "q80"
+            b = "q80" if quantised else "f32"
         o = self.output_float_type
         if o == "auto":
-            wide = file_output_type in ("Q8_0", "F16", "BF16", "F32")
-            o = "q80" if w in ("q40", "q41") and wide else w
+            # quantised layers: the output matrix in the form that loses least (8 bits for
+            # files that hold it at more than 4: 4-bit logits cost SmolLM2 ~13 points of
+            # top-1 agreement); f32 layers: f32
+            natural = RUNTIME_TYPE.get(file_output_type, "q80")
+            o = ("q80" if natural == "f32" else natural) if quantised else \
+                ("f16" if w == "f16" else "f32")
         return dataclasses.replace(self, weights_float_type=w, buffer_float_type=b,
-                                   output_float_type=o)
+                                   output_float_type=o, tensor_types=types)
+
+    def matrix_type(self, name: str) -> str:
+        """Runtime type of a matrix (canonical name: layers.0.wq, ..., wcls) in a resolved run."""
+        if name == "wcls":
+            return self.output_float_type
+        if self.weights_float_type == MIXED:
+            return self.tensor_types[name]
+        return self.weights_float_type
+
+    @property
+    def quantised_layers(self) -> bool:
+        """Some layer matrix is block-quantised (its inputs are then made Q80 once)."""
+        if self.weights_float_type == MIXED:
+            return any(t not in FLOAT_FORMS for t in self.tensor_types.values())
+        return self.weights_float_type not in FLOAT_FORMS
 
     def resolved_max_seq_len(self, model: ModelConfig) -> int:
         if self.max_seq_len > 0:
@@ -126,7 +171,7 @@ class RunConfig:
     def validate(self, model: ModelConfig) -> None:
         """The run's own checks (the split's are shard.check), on rank 0 before any loading."""
         model.check()
-        if self.weights_float_type not in WEIGHT_TYPES + ("auto",):
+        if self.weights_float_type not in WEIGHT_TYPES + ("auto", MIXED):
             raise DllamaError(f"--weights-float-type must be one of {WEIGHT_TYPES}, "
                               f"got {self.weights_float_type!r}")
         if self.output_float_type not in WEIGHT_TYPES + ("q80", "auto"):
@@ -180,6 +225,10 @@ class SamplingParams:
     ignore_eos: bool = False         # keep going past end-of-sequence ids (benchmarks)
     logprobs: bool = False           # report the chosen token's log-probability
     top_logprobs: int = 0            # and this many alternatives
+    min_p: float = 0.0               # drop tokens below min_p x the top probability (0: off)
+    # structured output: grammar.response_format_text() of an OpenAI response_format (JSON
+    # text, hashable); None: free text. Compiled at submit (an invalid schema is a DllamaError)
+    response_format: str | None = None
 
     def check(self) -> None:
         """Raise DllamaError naming the first bad field."""
@@ -197,3 +246,8 @@ class SamplingParams:
             raise DllamaError(f"top_logprobs must be in [0, 20], got {self.top_logprobs}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise DllamaError("stop strings must be non-empty strings")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise DllamaError(f"min_p must be in [0, 1], got {self.min_p}")
+        if self.response_format is not None and not isinstance(self.response_format, str):
+            raise DllamaError("response_format must be the JSON text of grammar."
+                              "response_format_text()")

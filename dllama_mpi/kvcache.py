@@ -203,6 +203,11 @@ class KVCache:
         """K and V of one layer: [slot, S, kv, hd] views."""
         return self.k[index], self.v[index]
 
+    def copy_prefix(self, src: int, dst: int, n_positions: int) -> None:
+        """Positions 0..n_positions-1 of slot src, every layer, into slot dst."""
+        self.k[:, dst, :n_positions] = self.k[:, src, :n_positions]
+        self.v[:, dst, :n_positions] = self.v[:, src, :n_positions]
+
     def close(self) -> None:
         """Nothing is left on disk already; the folder once more, in case a rank of the node
         made its files after this one looked."""

@@ -14,7 +14,8 @@ from .errors import DllamaError
 from .model import LayerWeights, ShardWeights
 from .quant import (Q40_BLOCK_BYTES, Q41_BLOCK_BYTES, Q80_BLOCK_BYTES, QK, Q40Matrix, Q41Matrix,
                     Q80Matrix, quantize_q40, quantize_q41, quantize_q80)
-from .shard import Range, in_split, is_matrix, layer_tensors, plan, slice_shape, tensor_specs
+from .quant.kquants import dequantize, to_runtime_blocks
+from .shard import Range, is_matrix, layer_tensors, plan, slice_shape, tensor_specs
 
 
 def _file_name(config: ModelConfig, name: str) -> str:
@@ -23,31 +24,48 @@ def _file_name(config: ModelConfig, name: str) -> str:
 
 def convert_slice(tensor, kind: str, rng: Range | None, target: str) -> np.ndarray:
     """Read a rank's slice of a file tensor and convert it to f32 values or the target's
-    GGML block bytes (a Q4_0 -> q40 or Q4_1 -> q41 slice passes through bit for bit)."""
-    from gguf.quants import dequantize
+    GGML block bytes (Q4_0 -> q40, Q4_1 -> q41, Q8_0 -> q80 pass through bit for bit; Q4_K
+    -> q41 keeps its nibbles: quant/kquants.py). A band of columns is read as the file's
+    whole blocks around it (256 values for K-quants), converted, then cut."""
     if kind == "rep":
-        return np.ascontiguousarray(dequantize(tensor.read(), tensor.ggml_type), dtype=np.float32)
+        return dequantize(tensor.read(), tensor.type)
     split = kind.split(":")[0]
     if split == "vec":  # vectors stay f32 whatever the weight type
-        return np.ascontiguousarray(dequantize(tensor.read(rows=rng), tensor.ggml_type),
-                                    dtype=np.float32)
-    whole_blocks = not tensor.quantised or (rng.start % QK == 0 and rng.stop % QK == 0)
+        return dequantize(tensor.read(rows=rng), tensor.type)
     if split == "out":
-        raw = tensor.read(rows=rng)
-    elif whole_blocks:
-        raw = tensor.read(cols=rng)
-    else:  # f32 runtime with a band that is not whole blocks: dequantise rows, then cut
-        raw = None
-    if raw is not None and (target, tensor.type) in (("q40", "Q4_0"), ("q41", "Q4_1"),
-                                                     ("q80", "Q8_0")):
-        return np.ascontiguousarray(raw)
-    if raw is None:
-        values = in_split(dequantize(tensor.read(), tensor.ggml_type), rng)
-    else:
-        values = dequantize(np.ascontiguousarray(raw), tensor.ggml_type)
-    values = np.ascontiguousarray(values, dtype=np.float32)
-    quantize = {"q40": quantize_q40, "q41": quantize_q41, "q80": quantize_q80}
-    return quantize[target](values) if target in quantize else values
+        return _convert(tensor.read(rows=rng), tensor.type, target)
+    block = tensor.block[0]
+    lo, hi = rng.start // block * block, -(-rng.stop // block) * block
+    raw = tensor.read(cols=Range(lo, hi))
+    if (lo, hi) == (rng.start, rng.stop):
+        return _convert(raw, tensor.type, target)
+    a, b = rng.start - lo, rng.stop - lo
+    if target in BLOCK_FORMATS and a % QK == 0 and b % QK == 0:  # every conversion is per 32
+        nbytes = BLOCK_FORMATS[target][1]
+        return np.ascontiguousarray(_convert(raw, tensor.type, target)[:, a // QK * nbytes:
+                                                                          b // QK * nbytes])
+    values = np.ascontiguousarray(dequantize(raw, tensor.type)[:, a:b])
+    return _QUANTIZE[target](values) if target in _QUANTIZE else values
+
+
+def _to_f16(values: np.ndarray) -> np.ndarray:
+    with np.errstate(over="ignore"):
+        out = values.astype(np.float16)
+    if not np.isfinite(out).all() and np.isfinite(values).all():
+        raise ValueError("values beyond the float16 range: use --weights-float-type f32")
+    return out
+
+
+_QUANTIZE = {"q40": quantize_q40, "q41": quantize_q41, "q80": quantize_q80, "f16": _to_f16}
+
+
+def _convert(raw: np.ndarray, type_name: str, target: str) -> np.ndarray:
+    """Whole rows (or whole-block columns) of a file tensor -> the target's form."""
+    direct = to_runtime_blocks(raw, type_name, target)
+    if direct is not None:
+        return direct
+    values = dequantize(raw, type_name)
+    return _QUANTIZE[target](values) if target in _QUANTIZE else values
 
 
 # runtime weight type -> (class built from GGML block bytes, bytes per block)
@@ -64,7 +82,7 @@ def _runtime(arr: np.ndarray, kind: str, target: str):
 def _wire_shape(shape: tuple[int, ...], kind: str, target: str):
     if is_matrix(kind) and target in BLOCK_FORMATS:
         return (shape[0], shape[1] // QK * BLOCK_FORMATS[target][1]), np.uint8
-    return shape, np.float32
+    return shape, (np.float16 if is_matrix(kind) and target == "f16" else np.float32)
 
 
 def load_shard(comm, model, config: ModelConfig, run: RunConfig, progress: bool = True,
@@ -82,7 +100,7 @@ def load_shard(comm, model, config: ModelConfig, run: RunConfig, progress: bool 
     specs = tensor_specs(config)
     bar = _progress(len(specs), progress and comm.is_root)
     for name, kind in specs:
-        target = run.output_float_type if name == "wcls" else run.weights_float_type
+        target = run.matrix_type(name) if is_matrix(kind) else "f32"
         if direct or comm.is_root:
             tensor = model.tensor(_file_name(config, name))
             for r in ([comm.rank] if direct else range(comm.size)):
@@ -102,12 +120,13 @@ def load_shard(comm, model, config: ModelConfig, run: RunConfig, progress: bool 
             index = int(name.split(".")[1])
             slices = {n: arrays.pop(f"layers.{index}.{n}") for n in names}
             layers.append(LayerWeights.from_slices(
-                slices, lambda rows: _runtime(rows, "out:", run.weights_float_type)))
+                slices, lambda rows, type_: _runtime(rows, "out:", type_),
+                lambda short, index=index: run.matrix_type(f"layers.{index}.{short}")))
         if bar is not None:
             bar.update(1)
     if bar is not None:
         bar.close()
-    wcls = _runtime(arrays["wcls"], "out:vocab", run.output_float_type)
+    wcls = _runtime(arrays["wcls"], "out:vocab", run.matrix_type("wcls"))
     weights = ShardWeights(layers=layers, final_norm=arrays["final_norm"], wcls=wcls)
     return weights
 

@@ -2,25 +2,29 @@
 what `info` predicts, and what a planner can sum. No arrays are made here.
 
 - weights: every matrix in its runtime layout (f32, or the 4-bit/8-bit tile layouts of
-  quant/, whose row tiles pad the row count), the stacked matrices (wq|wk|wv, w1|w3) as one,
-  plus the f32 norms and biases;
+  quant/, whose row tiles pad the row count), each of its own type in a mixed file, the
+  stacked matrices (wq|wk|wv, w1|w3) as one where their types agree, every expert's
+  w1|w3 and w2 slices with mixtures of experts (and the f32 router), plus the f32 norms and
+  biases;
 - KV cache: layers x slots x positions x this rank's KV heads x head_dim, K and V, f32 or
   f16; in memory, or on disk (memory-mapped files: not counted in the total, which is the
   memory a rank holds; the pages of the file it touches are page cache, dropped under
   pressure);
 - buffers: the activations of the largest step (a prefill chunk, or one row per slot),
-  as model.Transformer keeps them (one arena, every row count a view of it), the output
-  head's for one logits row per slot, the reduction buffers of comm.py (one arena too), the
-  rope tables and attention's scratch rows. An upper bound: rows of an arena that no step
-  reaches (logits of rows nobody samples) are never touched, so never resident.
+  as model.Transformer keeps them (one arena, every row count a view of it; split stacks'
+  part outputs too), the output head's for one logits row per slot, the reduction buffers
+  of comm.py (one arena too), the rope tables and attention's scratch rows. An upper
+  bound: rows of an arena that no step reaches (logits of rows nobody samples) are never
+  touched, so never resident. (Mixtures of experts also make each step's expert outputs
+  afresh: transient, not counted.)
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .config import ModelConfig, RunConfig
+from .config import FLOAT_FORMS, ModelConfig, RunConfig
 from .quant import QK, ROW_TILE_MAX_COLS
-from .shard import ShardPlan, layer_tensors, plan
+from .shard import STACKS, ShardPlan, layer_stacks, layer_tensors, plan, stack_runs
 
 F32 = 4
 Q40_SLAB_BYTES = 18          # per block in the slab layout: 16 nibble bytes + an f16 scale
@@ -30,9 +34,9 @@ ROW_TILES = {"q40": (16, 16 * 16 + 2 * 16), "q41": (16, 16 * 16 + 2 * 2 * 16),
 
 
 def matrix_bytes(rows: int, cols: int, runtime_type: str) -> int:
-    """A rows x cols matrix held as `runtime_type` (f32, q40, q41, q80)."""
-    if runtime_type == "f32":
-        return rows * cols * F32
+    """A rows x cols matrix held as `runtime_type` (f32, f16, q40, q41, q80)."""
+    if runtime_type in ("f32", "f16"):
+        return rows * cols * (F32 if runtime_type == "f32" else 2)
     nb = cols // QK
     if runtime_type == "q40" and cols > ROW_TILE_MAX_COLS:
         return rows * nb * Q40_SLAB_BYTES
@@ -40,23 +44,49 @@ def matrix_bytes(rows: int, cols: int, runtime_type: str) -> int:
     return -(-rows // tile) * nb * record
 
 
-def weight_bytes(config: ModelConfig, p: ShardPlan, weights_type: str, output_type: str) -> int:
-    """This rank's weights as the loaded shard holds them (model.ShardWeights.nbytes)."""
+def _rows(c: ModelConfig, p: ShardPlan) -> dict[str, int]:
+    return {"wq": p.q_cols, "wk": p.kv_rows.size, "wv": p.kv_rows.size, "wo": c.dim,
+            "w1": p.ffn_len, "w3": p.ffn_len, "w2": c.dim}
+
+
+def weight_bytes(config: ModelConfig, p: ShardPlan, run: RunConfig) -> int:
+    """This rank's weights as the loaded shard holds them (model.ShardWeights.nbytes): every
+    matrix in its runtime type (run.matrix_type), stacks split where their types differ."""
     c = config
-    kv = p.kv_rows.size
-    matrices = (matrix_bytes(p.q_cols + 2 * kv, c.dim, weights_type)       # wq|wk|wv
-                + matrix_bytes(c.dim, p.q_cols, weights_type)               # wo
-                + matrix_bytes(2 * p.ffn_len, c.dim, weights_type)          # w1|w3
-                + matrix_bytes(c.dim, p.ffn_len, weights_type))             # w2
-    vectors = 2 * c.dim                                                     # the two norms
+    rows = _rows(c, p)
+    cols = {"wo": p.q_cols, "w2": p.ffn_len}
     names = layer_tensors(c)
+    vectors = 2 * c.dim                                                     # the two norms
     if "bq" in names:
-        vectors += p.q_cols + 2 * kv
+        vectors += p.q_cols + 2 * p.kv_rows.size
     if "q_norm" in names:
         vectors += 2 * c.head_dim
-    per_layer = matrices + vectors * F32
-    return (c.n_layers * per_layer + c.dim * F32
-            + matrix_bytes(p.vocab.size, c.dim, output_type))
+    if c.n_experts:
+        vectors += c.n_experts * c.dim                                      # the router
+    total = c.n_layers * vectors * F32 + c.dim * F32
+    for i in range(c.n_layers):
+        def type_of(short, i=i):
+            return run.matrix_type(f"layers.{i}.{short}")
+        for parts in layer_stacks(c):
+            for group in stack_runs(parts, type_of):
+                last = group[0].rsplit(".", 1)[-1]
+                total += matrix_bytes(sum(rows[n.rsplit(".", 1)[-1]] for n in group),
+                                      cols.get(last, c.dim), type_of(group[0]))
+    return total + matrix_bytes(p.vocab.size, c.dim, run.matrix_type("wcls"))
+
+
+def split_stack_rows(config: ModelConfig, p: ShardPlan, run: RunConfig) -> int:
+    """Output rows of the distinct split stacks (model.SplitMatrix: parts of different types):
+    a forward of more than one row gives each its own part buffers (model._matmul_parts)."""
+    rows, seen = _rows(config, p), set()
+    for i in range(config.n_layers):
+        for field, parts in STACKS.items():
+            if config.n_experts and field in ("w13", "w2"):
+                continue      # experts' outputs are fresh arrays, their parts' too
+            runs = stack_runs(parts, lambda short: run.matrix_type(f"layers.{i}.{short}"))
+            if len(runs) > 1:
+                seen.add((field, tuple(sum(rows[n] for n in g) for g in runs)))
+    return sum(sum(bounds) for _, bounds in seen)
 
 
 KV_VALUE_BYTES = {"f32": 4, "f16": 2}
@@ -119,17 +149,17 @@ class RankMemory:
 def per_rank(config: ModelConfig, run: RunConfig, size: int) -> list[RankMemory]:
     """Every rank's bytes for a run whose types are resolved (RunConfig.resolved)."""
     seq = run.resolved_max_seq_len(config)
-    q80 = run.weights_float_type in ("q40", "q41")
+    q80 = run.quantised_layers
     out = []
     for r in range(size):
         p = plan(config, r, size)
         rows = max(run.parallel, run.prefill_chunk)     # the most rows a scheduler step has
+        split = split_stack_rows(config, p, run)
         buffers = activation_bytes(config, p, rows, size, q80, run.buffer_float_type,
                                    head_rows=run.parallel,
-                                   wcls_q80=run.output_float_type != "f32")
-        buffers += attention_bytes(config, p, seq, rows)
-        out.append(RankMemory(r, weight_bytes(config, p, run.weights_float_type,
-                                              run.output_float_type),
+                                   wcls_q80=run.output_float_type not in FLOAT_FORMS)
+        buffers += (rows * split * F32 if rows > 1 else 0) + attention_bytes(config, p, seq, rows)
+        out.append(RankMemory(r, weight_bytes(config, p, run),
                               kv_bytes(config, p, seq, run.parallel, run.kv_cache_float_type),
                               buffers, run.kv_storage == "disk"))
     return out

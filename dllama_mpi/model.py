@@ -12,10 +12,40 @@ import numpy as np
 
 from . import kernels
 from .config import ModelConfig
-from .quant import QK, Q40Matrix, Q41Matrix
-from .shard import ShardPlan
+from .quant import QK
+from .shard import STACKS, ShardPlan, expert_names, stack_runs
 
-Matrix = "np.ndarray | Q40Matrix | Q41Matrix"  # f32 [out, in] or a 4-bit runtime form
+Matrix = "np.ndarray | Q40Matrix | Q41Matrix | Q80Matrix | SplitMatrix"  # f32/f16 [out, in], a
+# block-quantised runtime form, or a stack of parts of different forms
+
+
+class SplitMatrix:
+    """A stacked matrix (wq|wk|wv, w1|w3) whose parts differ in runtime type (a Q4_K_M
+    layer: Q4_K wq and wk, Q6_K wv): one matrix per run of parts of one type, their output
+    rows one after the other (`bounds`). Model._matmul runs each into its band of the output."""
+
+    def __init__(self, parts: list):
+        self.parts = list(parts)
+        self.bounds, r = [], 0
+        for m in self.parts:
+            n = m.shape[0] if isinstance(m, np.ndarray) else m.rows
+            self.bounds.append((r, r + n))
+            r += n
+        self.rows = r
+
+    @property
+    def nbytes(self) -> int:
+        return sum(int(m.nbytes) for m in self.parts)
+
+    def __repr__(self) -> str:
+        return f"SplitMatrix({self.parts!r})"
+
+
+def is_quantised(m) -> bool:
+    """A block-quantised runtime matrix (or a stack with such a part): takes Q80 inputs."""
+    if isinstance(m, SplitMatrix):
+        return any(is_quantised(p) for p in m.parts)
+    return not isinstance(m, np.ndarray)
 
 
 @dataclass
@@ -24,24 +54,48 @@ class LayerWeights:
     wqkv: Matrix            # out-split [q_cols + 2 * kv_cols, dim]: this rank's wq, wk, wv rows
     wo: Matrix              # in-split  [dim, q_cols]
     ffn_norm: np.ndarray    # f32 [dim]
-    w13: Matrix             # out-split [2 * ffn, dim]: this rank's w1 (gate) rows, then w3 (up)
-    w2: Matrix              # in-split  [dim, ffn]  (down)
+    w13: Matrix | None      # out-split [2 * ffn, dim]: this rank's w1 (gate) rows, then w3 (up)
+    w2: Matrix | None       # in-split  [dim, ffn]  (down); both None with experts
     bqkv: np.ndarray | None = None    # f32 [q_cols + 2 * kv_cols] q/k/v biases (Qwen2), cut like
                                       # the rows of wqkv (bq, bk in their interleaved rope order)
     q_norm: np.ndarray | None = None  # f32 [head_dim] per-head RMSNorm weights of q and k
     k_norm: np.ndarray | None = None  # f32 [head_dim] (Qwen3), replicated
+    router: np.ndarray | None = None  # f32 [n_experts, dim], replicated (mixture of experts)
+    experts: list | None = None       # per expert (w13, w2), this rank's slices as w13, w2
 
     @classmethod
-    def from_slices(cls, t: dict[str, np.ndarray], matrix) -> "LayerWeights":
+    def from_slices(cls, t: dict[str, np.ndarray], matrix, type_of=None) -> "LayerWeights":
         """A layer from this rank's slices by short name (attn_norm, wq, wk, wv, wo, ffn_norm,
         w1, w2, w3 [, bq, bk, bv] [, q_norm, k_norm]), matrices as rows of f32 values or of
-        GGML block bytes; matrix(rows) makes the runtime matrix.  The matrices that read the
-        same input are stacked: one matmul for q, k and v, one for gate and up."""
+        GGML block bytes; matrix(rows, type) makes the runtime matrix of a runtime type, and
+        type_of(short name) is each matrix's type (None: one type for all).  The matrices that
+        read the same input are stacked: one matmul for q, k and v, one for gate and up --
+        when their types agree; otherwise a SplitMatrix of the runs that agree."""
+        type_of = type_of or (lambda name: None)
+
+        def stack(names):
+            parts = [matrix(np.concatenate([t[n] for n in run]) if len(run) > 1 else t[run[0]],
+                            type_of(run[0])) for run in stack_runs(names, type_of)]
+            return parts[0] if len(parts) == 1 else SplitMatrix(parts)
+
         bias = (np.concatenate([t["bq"], t["bk"], t["bv"]]) if "bq" in t else None)
-        return cls(attn_norm=t["attn_norm"], ffn_norm=t["ffn_norm"],
-                   wqkv=matrix(np.concatenate([t["wq"], t["wk"], t["wv"]])), wo=matrix(t["wo"]),
-                   w13=matrix(np.concatenate([t["w1"], t["w3"]])), w2=matrix(t["w2"]),
-                   bqkv=bias, q_norm=t.get("q_norm"), k_norm=t.get("k_norm"))
+        moe = "router" in t
+        m = {field: stack(names) if not (moe and field in ("w13", "w2")) else None
+             for field, names in STACKS.items()}
+        experts = None
+        if moe:
+            n = len(t["router"])
+            experts = [(stack(expert_names(e)[:2]), stack(expert_names(e)[2:])) for e in range(n)]
+        return cls(attn_norm=t["attn_norm"], ffn_norm=t["ffn_norm"], **m,
+                   bqkv=bias, q_norm=t.get("q_norm"), k_norm=t.get("k_norm"),
+                   router=t.get("router"), experts=experts)
+
+    def matrices(self) -> list:
+        """Every runtime matrix of the layer, in the order a forward pass reads them."""
+        out = [self.wqkv, self.wo]
+        if self.experts is None:
+            return out + [self.w13, self.w2]
+        return out + [m for pair in self.experts for m in pair]
 
 
 @dataclass
@@ -56,7 +110,9 @@ class ShardWeights:
         total = size(self.final_norm) + size(self.wcls)
         for lw in self.layers:
             total += sum(size(getattr(lw, f)) for f in lw.__dataclass_fields__
-                         if getattr(lw, f) is not None)
+                         if getattr(lw, f) is not None and f != "experts")
+            if lw.experts is not None:
+                total += sum(size(m) for pair in lw.experts for m in pair)
         return total
 
 
@@ -65,7 +121,7 @@ def pack_weights(weights: ShardWeights) -> None:
     Decode streams the weights once per token; as one run of memory they sit on huge pages
     (numpy advises them for large buffers; 121 small matrices of SmolLM2 on 4 kB pages cost
     TLB misses) and the kernels' prefetch runs on from one matrix into the next."""
-    mats = [m for lw in weights.layers for m in (lw.wqkv, lw.wo, lw.w13, lw.w2)] + [weights.wcls]
+    mats = [m for lw in weights.layers for m in lw.matrices()] + [weights.wcls]
     parts = [a for m in mats for a in _data(m)]
     arena = np.empty(sum(_aligned(a.nbytes) for a in parts), np.uint8)
     offset = 0
@@ -81,7 +137,10 @@ def pack_weights(weights: ShardWeights) -> None:
 
     for lw in weights.layers:       # layer by layer: the old copies are freed as we go
         for name in ("wqkv", "wo", "w13", "w2"):
-            setattr(lw, name, _moved(getattr(lw, name), place))
+            if getattr(lw, name) is not None:
+                setattr(lw, name, _moved(getattr(lw, name), place))
+        if lw.experts is not None:
+            lw.experts = [(_moved(a, place), _moved(b, place)) for a, b in lw.experts]
     weights.wcls = _moved(weights.wcls, place)
 
 
@@ -92,12 +151,17 @@ def _aligned(n: int) -> int:
 def _data(m) -> list[np.ndarray]:
     if isinstance(m, np.ndarray):
         return [m]
+    if isinstance(m, SplitMatrix):
+        return [a for p in m.parts for a in _data(p)]
     return [m.buf] if hasattr(m, "buf") else [m.qs, m.d]
 
 
 def _moved(m, place):
     if isinstance(m, np.ndarray):
         return place(m)
+    if isinstance(m, SplitMatrix):
+        m.parts = [_moved(p, place) for p in m.parts]
+        return m
     m.move_data(place)
     return m
 
@@ -158,9 +222,8 @@ class Transformer:
         self.cos, self.sin = rope_tables(config, kv_cache.max_seq_len)
         self.kv_layers = [kv_cache.layer(i) for i in range(config.n_layers)]
         self.kv_of_q = plan.kv_of_q()
-        # 4-bit layers take Q80 inputs: norm and silu·mul then quantise in the same pass
-        self.fuse_q80 = bool(weights.layers) and isinstance(weights.layers[0].wqkv,
-                                                            (Q40Matrix, Q41Matrix))
+        # quantised layers take Q80 inputs: norm and silu·mul then quantise in the same pass
+        self.fuse_q80 = any(is_quantised(m) for lw in weights.layers for m in lw.matrices())
         self.scale = 1.0 / np.sqrt(config.head_dim)
         self._buffers: dict[int, dict[str, np.ndarray]] = {}   # views of _arena per row count
         self._arena: dict[str, np.ndarray] = {}
@@ -168,6 +231,7 @@ class Transformer:
         self._heads: dict[int, dict[str, np.ndarray]] = {}     # views of _head_arena
         self._head_arena: dict[str, np.ndarray] = {}
         self._head_rows = 0
+        self._parts: dict[tuple, list[np.ndarray]] = {}        # split stacks' part outputs
         self._bound = _BoundCalls()
         self.wcls_q80 = not isinstance(weights.wcls, np.ndarray)  # the final norm makes Q80 too
 
@@ -175,6 +239,7 @@ class Transformer:
         """Bytes of the forward's arenas and the rope tables (memory.py's buffers, without
         the reductions' and attention's scratch, which comm.py and the kernels keep)."""
         arenas = list(self._arena.values()) + list(self._head_arena.values())
+        arenas += [a for parts in self._parts.values() for a in parts]
         return sum(a.nbytes for a in arenas) + self.cos.nbytes + self.sin.nbytes
 
     def _body_widths(self) -> dict[str, int]:
@@ -237,12 +302,47 @@ class Transformer:
 
     def _matmul(self, out: np.ndarray, inp: _Input, w) -> None:
         """out [T, rows] = inp [T, cols] @ w[rows, cols]^T."""
-        if isinstance(w, np.ndarray):
-            kernels.matmul_f32(out, inp.x, w)
+        if isinstance(w, SplitMatrix):
+            self._matmul_parts(out, inp, w)
+        elif isinstance(w, np.ndarray):
+            (kernels.matmul_f16 if w.dtype == np.float16 else kernels.matmul_f32)(out, inp.x, w)
         elif inp.buffers:
             self._bound(kernels.bind_matmul, out, *inp.q80(), w)
         else:
             kernels.bind_matmul(out, *inp.q80(), w)()
+
+    def _matmul_parts(self, out: np.ndarray, inp: _Input, w: SplitMatrix) -> None:
+        """Each part into its band of out's columns: a view when out has one row (still
+        C-contiguous), else a buffer of its own, copied in. For the model's own buffers the
+        part outputs are kept with them (stable arrays: the kernel calls stay bound)."""
+        t = out.shape[0]
+        views = inp.buffers and t == 1
+        if inp.buffers:
+            b = self._buf(t)
+            key = ("parts", id(out), tuple(w.bounds))
+            outs = b.get(key)
+            if outs is None:
+                outs = b[key] = ([out[:, lo:hi] for lo, hi in w.bounds] if t == 1 else
+                                 [a[:t] for a in self._part_arena(w.bounds, t)])
+        else:
+            outs = [np.empty((t, hi - lo), np.float32) for lo, hi in w.bounds]
+        for (lo, hi), m, o in zip(w.bounds, w.parts, outs):
+            self._matmul(o, inp, m)
+            if not views:
+                out[:, lo:hi] = o
+
+    def _part_arena(self, bounds, t: int) -> list[np.ndarray]:
+        """The part outputs of a split stack with these bounds, for up to the most rows run
+        (one arena per distinct stack shape; views of it per row count)."""
+        key = tuple(bounds)
+        arena = self._parts.get(key)
+        if arena is None or arena[0].shape[0] < t:
+            arena = self._parts[key] = [np.zeros((t, hi - lo), np.float32) for lo, hi in bounds]
+            for b in self._buffers.values():       # views of the old arena: drop them
+                for k in [k for k in b if isinstance(k, tuple) and k[2] == key]:
+                    del b[k]
+            self._bound.clear()
+        return arena
 
     def _q80(self, b, name: str):
         """The Q80 buffers of b[name] when the weights take Q80 inputs, else None."""
@@ -279,6 +379,45 @@ class Transformer:
             kernels.silu_mul(b["h"], b["h13"])
         return _Input(b["h"], self._q80(b, "h"))
 
+    def route(self, xb: np.ndarray, router: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Each row's experts [T, k] and their weights [T, k]: softmax of the router's
+        logits, the k largest, renormalised to sum 1 with config.expert_norm (Qwen3-MoE's
+        norm_topk_prob; Mixtral always). Every rank holds the same xb and router, so every
+        rank picks the same experts."""
+        c = self.config
+        logits = xb @ router.T
+        p = np.exp(logits - logits.max(axis=1, keepdims=True))
+        p /= p.sum(axis=1, keepdims=True)
+        top = np.argsort(-p, axis=1, kind="stable")[:, :c.n_experts_used]
+        w = np.take_along_axis(p, top, axis=1)
+        if c.expert_norm:
+            w = w / w.sum(axis=1, keepdims=True)
+        return top, w.astype(np.float32)
+
+    def _moe(self, b, inp: _Input, lw: LayerWeights) -> None:
+        """b["ffn_out"] = sum over each row's chosen experts of weight * expert(xb): only the
+        chosen experts' matrices are read; this rank's slice of each gives a partial sum like
+        the dense FFN's, reduced by the caller."""
+        out = b["ffn_out"]
+        out[...] = 0
+        top, w = self.route(inp.x, lw.router)
+        t = inp.x.shape[0]
+        for e in np.unique(top):
+            rows, slot = np.nonzero(top == e)
+            if len(rows) == t:     # every row (decode): the input's own Q80 form
+                sub = _Input(inp.x, inp.q80() if self.fuse_q80 else None)
+                sub.buffers = False    # fresh outputs: kernel calls not bound (_BoundCalls)
+            else:
+                sub = _Input(np.ascontiguousarray(inp.x[rows]))
+            w13, w2 = lw.experts[int(e)]
+            h13 = np.empty((len(rows), 2 * self.plan.ffn_len), np.float32)
+            self._matmul(h13, sub, w13)
+            h = np.empty((len(rows), self.plan.ffn_len), np.float32)
+            kernels.silu_mul(h, h13)
+            o = np.empty((len(rows), self.config.dim), np.float32)
+            self._matmul(o, _Input(h), w2)
+            out[rows] += w[rows, slot][:, None] * o
+
     def forward(self, x_in: np.ndarray, positions: np.ndarray, all_logits: bool = False,
                 slots: np.ndarray | None = None, logit_rows: np.ndarray | None = None):
         """x_in [T, dim] embedded tokens at positions [T] of the sequences in KV-cache slots
@@ -301,8 +440,11 @@ class Transformer:
             self._matmul(b["attn_out"], self._attend(b, lw, index), lw.wo)
             x += self.comm.allreduce_sum(b["attn_out"], self.wire)
             # feed-forward: x += w2 · (silu(w1·xb) * w3·xb), where [w1·xb w3·xb] = w13·xb
-            self._matmul(b["h13"], self._normed(b, x, lw.ffn_norm), lw.w13)
-            self._matmul(b["ffn_out"], self._silu_mul(b), lw.w2)
+            if lw.experts is None:
+                self._matmul(b["h13"], self._normed(b, x, lw.ffn_norm), lw.w13)
+                self._matmul(b["ffn_out"], self._silu_mul(b), lw.w2)
+            else:   # the same with the experts the router picks, weighted
+                self._moe(b, self._normed(b, x, lw.ffn_norm), lw)
             x += self.comm.allreduce_sum(b["ffn_out"], self.wire)
         if logit_rows is not None:                      # logits of the chosen rows
             if len(logit_rows) == 0:

@@ -34,7 +34,7 @@ QK_NORM_TENSORS = ("q_norm", "k_norm")   # with config.qk_norm
 SPLIT = dict(attn_norm="rep", wq="out:q", wk="out:kv", wv="out:kv", wo="in:q",
              ffn_norm="rep", w1="out:ffn", w2="in:ffn", w3="out:ffn",
              bq="vec:q", bk="vec:kv", bv="vec:kv", q_norm="rep", k_norm="rep",
-             final_norm="rep", wcls="out:vocab")
+             final_norm="rep", wcls="out:vocab", router="rep")
 
 
 @dataclass(frozen=True)
@@ -120,32 +120,78 @@ def plan(config: ModelConfig, rank: int, size: int) -> ShardPlan:
                      vocab=split_blocks(config.vocab_size, size, rank), vocab_counts=counts)
 
 
-def check(config: ModelConfig, size: int, weights_float_type: str) -> None:
-    """Raise DllamaError if `size` ranks cannot split this model with these weights."""
+def check(config: ModelConfig, size: int, weights_float_type: str,
+          quantised: bool | None = None) -> None:
+    """Raise DllamaError if `size` ranks cannot split this model with these weights
+    (`quantised`: some layer matrix is block-quantised; by default weights_float_type says)."""
     if size > config.n_heads:
         raise DllamaError(f"{size} ranks cannot split a model with {config.n_heads} query "
                           f"heads: run with at most {config.n_heads} ranks")
-    if weights_float_type in ("q40", "q41"):
+    if quantised is None:
+        quantised = weights_float_type != "f32"
+    if quantised:
         for r in range(size):
             p = plan(config, r, size)
             if config.dim % BLOCK or p.q_cols % BLOCK or p.ffn_len % BLOCK:
                 raise DllamaError(
-                    f"4-bit weights need dim, each rank's attention width and FFN slice to be "
-                    f"multiples of {BLOCK} (dim {config.dim}, head_dim {config.head_dim}, "
-                    f"hidden {config.hidden_dim}, {size} ranks): use --weights-float-type f32")
+                    f"quantised weights need dim, each rank's attention width and FFN slice "
+                    f"to be multiples of {BLOCK} (dim {config.dim}, head_dim "
+                    f"{config.head_dim}, hidden {config.hidden_dim}, {size} ranks): use "
+                    f"--weights-float-type f32")
+
+
+# the matrices that read the same input, stacked into one matmul (model.LayerWeights)
+STACKS = {"wqkv": ("wq", "wk", "wv"), "wo": ("wo",), "w13": ("w1", "w3"), "w2": ("w2",)}
+
+
+def stack_runs(names: tuple[str, ...], type_of) -> list[tuple[str, ...]]:
+    """A stack's parts grouped into runs of one runtime type (type_of(short name)): the parts
+    of a run are stacked into one matrix; a stack whose parts differ in type (a Q4_K_M layer's
+    Q4_K wq, wk and Q6_K wv) is held as several matrices, one per run."""
+    runs: list[list[str]] = []
+    for n in names:
+        if runs and type_of(runs[-1][0]) == type_of(n):
+            runs[-1].append(n)
+        else:
+            runs.append([n])
+    return [tuple(r) for r in runs]
+
+
+def expert_names(e: int) -> tuple[str, str, str]:
+    """Short names of expert e's gate, up and down matrices (split like w1, w3, w2)."""
+    return f"experts.{e}.w1", f"experts.{e}.w3", f"experts.{e}.w2"
 
 
 def layer_tensors(config: ModelConfig) -> tuple[str, ...]:
-    """Short names of the tensors every layer of this model holds."""
-    return (LAYER_TENSORS + (BIAS_TENSORS if config.attn_bias else ()) +
+    """Short names of the tensors every layer of this model holds: with experts, the
+    router and every expert's w1, w3, w2 instead of the dense w1, w3, w2."""
+    names = LAYER_TENSORS
+    if config.n_experts:
+        names = tuple(n for n in names if n not in ("w1", "w2", "w3")) + ("router",) + tuple(
+            n for e in range(config.n_experts) for n in expert_names(e))
+    return (names + (BIAS_TENSORS if config.attn_bias else ()) +
             (QK_NORM_TENSORS if config.qk_norm else ()))
+
+
+def layer_stacks(config: ModelConfig) -> list[tuple[str, ...]]:
+    """The matrices of a layer in the groups that read the same input (STACKS; every
+    expert's w1|w3 and its w2 with experts)."""
+    if not config.n_experts:
+        return list(STACKS.values())
+    return [STACKS["wqkv"], STACKS["wo"]] + [
+        g for e in range(config.n_experts) for g in (expert_names(e)[:2], expert_names(e)[2:])]
+
+
+def split_of(short: str) -> str:
+    """How a layer tensor (short name, experts.3.w2 included) is split (SPLIT)."""
+    return SPLIT[short.rsplit(".", 1)[-1]]
 
 
 def tensor_specs(config: ModelConfig) -> list[tuple[str, str]]:
     """(canonical name, how it is split) in the order weights travel: layer by layer, then
     the final norm and the output matrix."""
     names = layer_tensors(config)
-    specs = [(f"layers.{i}.{n}", SPLIT[n]) for i in range(config.n_layers) for n in names]
+    specs = [(f"layers.{i}.{n}", split_of(n)) for i in range(config.n_layers) for n in names]
     return specs + [("final_norm", SPLIT["final_norm"]), ("wcls", SPLIT["wcls"])]
 
 
@@ -156,6 +202,8 @@ def is_matrix(kind: str) -> bool:
 def slice_shape(config: ModelConfig, name: str, kind: str, p: ShardPlan) -> tuple[int, ...]:
     """Shape of this rank's slice, as values [rows, cols] (or [n] for a vector)."""
     if kind == "rep":
+        if name.endswith(".router"):
+            return (config.n_experts, config.dim)
         return (config.head_dim,) if name.endswith(QK_NORM_TENSORS) else (config.dim,)
     split, axis = kind.split(":")
     size = p.range(axis).size

@@ -1,10 +1,19 @@
 #!/usr/bin/env bash
-# The whole test suite: one-process tests, then the MPI tests at 2, 3 and 4 ranks.
-# Each MPI run has a hard timeout so that a hang fails instead of blocking CI.
+# The whole test suite: one-process tests (in parallel with pytest-xdist: one worker per
+# core, at most 4; PYTEST_WORKERS=N to choose, 0 for none), then the MPI tests at 2, 3
+# and 4 ranks. Each MPI run has a hard timeout so that a hang fails instead of blocking CI.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python -m pytest -q -p no:cacheprovider tests --ignore=tests/mpi
+cores=$(python -c 'import os; print(len(os.sched_getaffinity(0)))')
+workers=${PYTEST_WORKERS:-$(( cores < 4 ? cores : 4 ))}
+xdist=()
+if [ "$workers" -gt 1 ] && python -c 'import xdist' 2>/dev/null; then
+    xdist=(-n "$workers")
+fi
+start=$SECONDS
+python -m pytest -q -p no:cacheprovider "${xdist[@]}" tests --ignore=tests/mpi
+echo "== one-process tests: $(( SECONDS - start )) s (pytest ${xdist[*]:-without xdist}) =="
 for n in 2 3 4; do
-    echo "== MPI tests on $n ranks =="
+    echo "== MPI tests on $n ranks (the suite so far: $(( SECONDS - start )) s) =="
     timeout 1200 mpiexec -n "$n" bash tests/mpi/run_rank.sh tests/mpi
 done

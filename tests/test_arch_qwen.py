@@ -130,7 +130,7 @@ def test_m_refuses_qwen2(tmp_path):
 
 @pytest.mark.parametrize("edit,message", [
     ({"attention_bias": True}, "attention_bias"),   # Qwen3 then has an o_proj bias too
-    ({"model_type": "qwen3_moe"}, "mixture of experts"),
+    ({"model_type": "qwen2_moe"}, "shared experts"),   # Qwen3-MoE and Mixtral: test_moe.py
 ])
 def test_hf_unsupported_variants(tmp_path, edit, message):
     folder = save_hf_arch(str(tmp_path / "q3"), "qwen3_gqa6")

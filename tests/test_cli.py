@@ -5,10 +5,11 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from dllama_mpi.comm import SerialComm
-from tiny import our_greedy, write_header_only_gguf, write_tiny_gguf
+from tiny import our_greedy, write_cli_gguf, write_header_only_gguf
 
 TIMEOUT = 300
 
@@ -23,12 +24,7 @@ def run(*args, ranks=None, **kw):
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A tiny random Llama with a byte-level BPE tokenizer (written by our GGUF writer)."""
-    from dllama_mpi.testing import random_llama_tensors, write_llama_gguf
-    path = str(tmp_path_factory.mktemp("cli") / "tiny.gguf")
-    shape = dict(dim=96, hidden_dim=160, n_layers=2, n_heads=3, n_kv_heads=1, vocab_size=400)
-    write_llama_gguf(path, **shape, context_length=128, weight_type="f32", tokenizer="bytes",
-                     tensors=random_llama_tensors(**shape, std=0.1, seed=3))
-    return path
+    return write_cli_gguf(str(tmp_path_factory.mktemp("cli") / "tiny.gguf"))
 
 
 def assert_clean_error(p, *words):
@@ -56,12 +52,119 @@ def test_inference_json(tiny):
     assert set(out["per_rank"][0]) >= {"rank", "compute_ms", "sync_ms", "bytes_sent", "bytes_recv"}
 
 
-def test_inference_streams_text_then_summary(tiny):
-    p = run("inference", "--model", tiny, "--prompt", "abc", "--steps", "4", "--temperature", "0",
-            "--weights-float-type", "f32", "--max-seq-len", "32", "--stats")
+GREEDY_F32 = ("--temperature", "0", "--weights-float-type", "f32", "--max-seq-len", "32")
+
+
+def test_stdout_is_the_generated_text_alone(tiny):
+    """stdout: the text, then a newline; the same text --json reports. Everything else (the
+    stages, the memory and sampling lines, the summary) is on stderr."""
+    p = run("inference", "--model", tiny, "--prompt", "abc", "--steps", "6", *GREEDY_F32)
     assert p.returncode == 0, p.stderr
-    assert p.stdout.startswith("abc")
-    assert "decode:" in p.stderr and "[token" in p.stderr
+    j = run("inference", "--model", tiny, "--prompt", "abc", "--steps", "6", *GREEDY_F32, "--json")
+    out = json.loads(j.stdout)
+    assert p.stdout == out["text"] + "\n"
+    n = len(out["prompt_tokens"])
+    for line in ("dllama_mpi: 1 rank x", "model: ", "loading ", "loaded in", f"generating: {n} "
+                 "prompt tokens, up to 6 new; greedy", f"prompt: {n} tokens", "decode: "):
+        assert line in p.stderr, (line, p.stderr)
+
+
+def test_echo_prints_the_prompt_then_the_text(tiny):
+    p = run("inference", "--model", tiny, "--prompt", "abc", "--steps", "6", *GREEDY_F32, "--echo")
+    j = run("inference", "--model", tiny, "--prompt", "abc", "--steps", "6", *GREEDY_F32, "--json")
+    assert p.returncode == 0, p.stderr
+    assert p.stdout == "abc" + json.loads(j.stdout)["text"] + "\n"
+
+
+def test_stage_lines_in_order_and_from_the_root_only(tiny):
+    """Under mpiexec stderr is a pipe: plain stage lines, in order, once (from rank 0)."""
+    p = run("inference", "--model", tiny, "--prompt", "abc", "--steps", "2", *GREEDY_F32, ranks=2)
+    assert p.returncode == 0, p.stderr
+    lines = p.stderr.splitlines()
+    order = ["dllama_mpi: 2 ranks x", "model: ", "loading ", "loaded in", "rank 0: weights",
+             "generating: ", "prompt: ", "decode: "]
+    at = [next(i for i, line in enumerate(lines) if line.startswith(o)) for o in order]
+    assert at == sorted(at), p.stderr
+    assert sum(line.startswith("dllama_mpi:") for line in lines) == 1
+    assert sum(line.startswith("loading ") for line in lines) == 1
+    assert "\r" not in p.stderr           # no terminal bar when stderr is not a terminal
+
+
+def test_quiet_prints_nothing_but_the_text(tiny):
+    p = run("inference", "--model", tiny, "--prompt", "abc", "--steps", "3", *GREEDY_F32, "--quiet")
+    assert p.returncode == 0 and p.stderr == "", p.stderr
+    assert p.stdout.endswith("\n")
+
+
+def test_stats_lines_are_whole_lines_and_name_the_prompt_pass(tiny):
+    import re
+    p = run("inference", "--model", tiny, "--prompt", "abc", "--steps", "4", *GREEDY_F32,
+            "--stats", "--ignore-eos")
+    assert p.returncode == 0, p.stderr
+    stats = [line for line in p.stderr.splitlines() if line.startswith("[")]
+    assert "" not in p.stderr.splitlines()          # no blank lines
+    tail = r"\] compute \d+\.\d\d ms, sync \d+\.\d\d ms, sent \d+\.\d kB, recv \d+\.\d kB"
+    n = re.search(r"generating: (\d+) prompt tokens", p.stderr).group(1)
+    assert re.fullmatch(r"\[prompt pass: " + n + " tokens" + tail, stats[0]), stats[0]
+    assert [re.fullmatch(r"\[token (\d+)" + tail, s).group(1) for s in stats[1:]] == ["2", "3", "4"]
+
+
+def test_steps_0_prints_no_text_and_no_decode_speed(tiny):
+    p = run("inference", "--model", tiny, "--prompt", "abc", "--steps", "0", *GREEDY_F32)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout == "\n"
+    assert "decode: no tokens" in p.stderr and "tok/s (finish" not in p.stderr.split("decode:")[1]
+    assert "per token" not in p.stderr
+
+
+@pytest.fixture(scope="module")
+def unk_model(tmp_path_factory):
+    """A tiny model whose every logit is 0: greedy decoding picks id 0, <unk>, a control
+    token, at every step (--ignore-eos or not: the EOS id 2 never wins)."""
+    from dllama_mpi.testing import random_llama_tensors, write_llama_gguf
+    path = str(tmp_path_factory.mktemp("unk") / "unk.gguf")
+    shape = dict(dim=96, hidden_dim=160, n_layers=2, n_heads=3, n_kv_heads=1, vocab_size=400)
+    tensors = dict(random_llama_tensors(**shape, std=0.1, seed=3))
+    tensors["lm_head.weight"] = np.zeros_like(tensors["lm_head.weight"])
+    write_llama_gguf(path, **shape, context_length=128, weight_type="f32", tokenizer="bytes",
+                     tensors=tensors)
+    return path
+
+
+def test_special_tokens_are_not_printed_as_text(unk_model):
+    p = run("inference", "--model", unk_model, "--prompt", "abc", "--steps", "5", *GREEDY_F32,
+            "--ignore-eos")
+    assert p.returncode == 0, p.stderr
+    assert p.stdout == "\n" and "decode: 5 tokens" in p.stderr
+    j = run("inference", "--model", unk_model, "--prompt", "abc", "--steps", "5", *GREEDY_F32,
+            "--ignore-eos", "--json")
+    out = json.loads(j.stdout)
+    assert out["generated_tokens"] == [0] * 5 and out["text"] == ""
+
+
+def test_chat_prints_the_answer_not_the_template(tiny):
+    """--chat: stdout is the answer (no template, no prompt); --echo puts the message and a
+    newline before it. The model sees the template (more prompt tokens)."""
+    p = run("inference", "--model", tiny, "--prompt", "hello", "--steps", "4", *GREEDY_F32,
+            "--chat", "--json")
+    out = json.loads(p.stdout)
+    assert len(out["prompt_tokens"]) > len("hello") + 1
+    q = run("inference", "--model", tiny, "--prompt", "hello", "--steps", "4", *GREEDY_F32, "--chat")
+    assert q.stdout == out["text"] + "\n"
+    assert "im_start" not in q.stdout and "hello" not in q.stdout[:5]
+    e = run("inference", "--model", tiny, "--prompt", "hello", "--steps", "4", *GREEDY_F32,
+            "--chat", "--echo")
+    assert e.stdout == "hello\n" + out["text"] + "\n"
+
+
+def test_random_seed_is_said_and_repeats_the_text(tiny):
+    import re
+    p = run("inference", "--model", tiny, "--prompt", "abc", "--steps", "8",
+            "--weights-float-type", "f32", "--max-seq-len", "32", "--ignore-eos")
+    seed = re.search(r"--seed (\d+) repeats this text", p.stderr).group(1)
+    q = run("inference", "--model", tiny, "--prompt", "abc", "--steps", "8",
+            "--weights-float-type", "f32", "--max-seq-len", "32", "--ignore-eos", "--seed", seed)
+    assert p.stdout == q.stdout and "(random" not in q.stderr
 
 
 def test_two_ranks_report_bytes(tiny):
@@ -98,8 +201,26 @@ def test_truncated_file(tiny, tmp_path, ranks):
 
 
 def test_prompt_longer_than_context(tiny):
-    assert_clean_error(run("inference", "--model", tiny, "--prompt", "a long prompt " * 10,
-                           "--max-seq-len", "8", "--weights-float-type", "f32"), "max-seq-len")
+    p = run("inference", "--model", tiny, "--prompt", "a long prompt " * 10,
+            "--max-seq-len", "8", "--weights-float-type", "f32")
+    assert_clean_error(p, "max-seq-len")
+    assert "loading" not in p.stderr and p.stdout == ""     # found before loading anything
+
+
+def test_chat_prompt_longer_than_context_counts_the_template(tiny):
+    # "hi" is 3 tokens; with the chat template around it, more than 8
+    p = run("inference", "--model", tiny, "--prompt", "hi", "--max-seq-len", "8", "--chat",
+            "--weights-float-type", "f32")
+    assert_clean_error(p, "max-seq-len")
+    assert "loading" not in p.stderr
+
+
+@pytest.mark.parametrize("env,value", [({}, "999"), ({"NUMBA_NUM_THREADS": "1"}, "2")])
+def test_nthreads_beyond_numba_is_one_error(env, value):
+    p = run("inference", "--model", "x.gguf", "--prompt", "x", "--nthreads", value,
+            env={**os.environ, **env})
+    assert_clean_error(p, f"--nthreads {value}", "NUMBA_NUM_THREADS")
+    assert p.returncode == 2
 
 
 def test_prompt_too_long_on_two_ranks_exits_everywhere(tiny):
@@ -208,36 +329,40 @@ def test_info_for_every_format(every_format, form):
             f"ffn {pl.ffn.start}:{pl.ffn.stop}, vocab {pl.vocab.start}:{pl.vocab.stop};"), line
 
 
-def _descends_from(pid: int, ancestor: int) -> bool:
-    for _ in range(64):
-        if pid == ancestor:
-            return True
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                pid = int(f.read().rsplit(")", 1)[1].split()[1])   # ppid
-        except (OSError, ValueError, IndexError):
-            return False
-        if pid <= 1:
-            return False
-    return False
+def _descendants(root_pid: int) -> set[int]:
+    """root_pid's children, their children, and so on (from /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    found, todo = set(), [root_pid]
+    while todo:
+        for child in children.get(todo.pop(), ()):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
 
 
 def _rank_pids(root_pid: int, rank: int) -> list[int]:
-    """PIDs of processes under root_pid whose MPI rank (PMI_RANK) is `rank` (never another
-    job's: the machine may run others)."""
+    """PIDs of processes under root_pid (and only those: other runs on the machine are not
+    ours to kill) whose MPI rank (PMI_RANK) is `rank`."""
     found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or not _descends_from(int(entry), root_pid):
-            continue
+    for pid in sorted(_descendants(root_pid)):
         try:
-            with open(f"/proc/{entry}/environ", "rb") as f:
+            with open(f"/proc/{pid}/environ", "rb") as f:
                 env = dict(kv.split(b"=", 1) for kv in f.read().split(b"\0") if b"=" in kv)
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
                 cmd = f.read()
         except OSError:
             continue
         if env.get(b"PMI_RANK") == str(rank).encode() and b"dllama_mpi" in cmd:
-            found.append(int(entry))
+            found.append(pid)
     return found
 
 
@@ -282,5 +407,36 @@ def test_unsupported_architecture(tmp_path, ranks):
 
 @pytest.mark.parametrize("ranks", [None, 2, 3])  # one process, and under mpiexec
 def test_unsupported_tensor_type(tmp_path, ranks):
-    path = write_header_only_gguf(tmp_path / "q.gguf", "llama", tensor_type="Q5_0")
-    assert_clean_error(run("inference", "--model", path, "--prompt", "x", ranks=ranks), "Q5_0")
+    path = write_header_only_gguf(tmp_path / "q.gguf", "llama", tensor_type="IQ4_NL")
+    assert_clean_error(run("inference", "--model", path, "--prompt", "x", ranks=ranks), "IQ4_NL")
+
+
+# ------------------------------------------------------------------ SmolLM2: the quick start
+
+@pytest.mark.slow
+def test_quick_start_on_two_ranks_answers_paris():
+    """README command 1 (greedy, fewer steps): the text alone on stdout."""
+    from tiny import smollm2_path
+    smollm2_path()                  # in the cache (the suite's other SmolLM2 tests need it too)
+    p = run("inference", "--model", "smollm2-135m", "--prompt", "The capital of France is",
+            "--steps", "4", "--temperature", "0", ranks=2)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.startswith(" Paris") and "The capital" not in p.stdout
+    assert p.stderr.startswith("dllama_mpi: 2 ranks x ")
+
+
+@pytest.mark.slow
+def test_chat_past_the_end_of_turn_prints_no_special_tokens():
+    """--chat --ignore-eos used to print `<|im_end|>` and `<|im_start|>` as text."""
+    from tiny import smollm2_path
+    p = run("inference", "--model", smollm2_path(), "--prompt", "Say hi", "--chat",
+            "--ignore-eos", "--steps", "40", "--temperature", "0", "--json")
+    out = json.loads(p.stdout)
+    from dllama_mpi.tokenizer import Tokenizer
+    tok = Tokenizer.from_gguf(smollm2_path())
+    ends = {tok.token_to_id("<|im_end|>"), tok.token_to_id("<|im_start|>")}
+    assert ends & set(out["generated_tokens"]), "the model did not pass an end of turn"
+    assert "<|im_" not in out["text"]
+    q = run("inference", "--model", smollm2_path(), "--prompt", "Say hi", "--chat",
+            "--ignore-eos", "--steps", "40", "--temperature", "0")
+    assert q.stdout == out["text"] + "\n" and "<|im_" not in q.stdout

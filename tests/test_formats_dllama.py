@@ -1,5 +1,5 @@
 """Distributed Llama .m / .t files (formats/dllama.py): against files built by hand from the
-spec (/work/shared/notes/dllama-formats.md), round trips, and every malformation."""
+spec (Distributed Llama's src/llm.cpp and src/tokenizer.cpp), round trips, and every malformation."""
 import os
 import struct
 

@@ -81,3 +81,47 @@ def test_bf16_column_band_is_cut_in_values_not_bytes():
         got = dequantize(np.ascontiguousarray(t.read(rows=Range(1, 3), cols=band)),
                          GGMLQuantizationType.BF16)
         np.testing.assert_array_equal(got, want[1:3, band.start:band.stop])
+
+
+def _split(tmp_path, weight_type="q4_0", max_tensors=6):  # 21 tensors: 4 parts
+    from dllama_mpi.testing import split_gguf
+    whole = _write(tmp_path / "whole.gguf", weight_type)
+    return whole, [str(p) for p in split_gguf(whole, tmp_path / "m", max_tensors)]
+
+
+def test_split_gguf_opens_from_any_part(tmp_path):
+    """llama.cpp's split GGUF (split.no / split.count / split.tensors.count; the metadata in
+    the first part only): any part opens the whole model, tensors from whichever part holds
+    them, the same bytes as the unsplit file."""
+    whole, parts = _split(tmp_path)
+    assert [p.rsplit("/", 1)[1] for p in parts] == [f"m-0000{i}-of-00004.gguf" for i in (1, 2, 3, 4)]
+    ref = GGUFModel(whole)
+    for part in parts:
+        m = open_model(part)
+        assert m.parts == parts and m.path == parts[0]
+        assert m.config == ref.config and set(m.tensors) == set(ref.tensors)
+        for name, t in ref.tensors.items():
+            np.testing.assert_array_equal(np.asarray(m.tensors[name].data), np.asarray(t.data))
+        assert m.tokenizer().encode("hello world") == ref.tokenizer().encode("hello world")
+
+
+def test_split_gguf_missing_or_renamed_part_is_a_clear_error(tmp_path):
+    import os
+    _, parts = _split(tmp_path)
+    os.rename(parts[2], parts[2] + ".away")
+    for part in (parts[0], parts[3]):
+        with pytest.raises(DllamaError, match=f"part 3 of 4 is missing: {parts[2]}"):
+            open_model(part)
+    renamed = str(tmp_path / "renamed.gguf")
+    os.rename(parts[1], renamed)
+    with pytest.raises(DllamaError, match="part 2 of a 4-part split GGUF, but its name"):
+        open_model(renamed)
+
+
+def test_split_gguf_runs_like_the_whole_file(tmp_path):
+    from dllama_mpi.comm import SerialComm
+    from tiny import our_logits
+    whole, parts = _split(tmp_path)
+    ids = [1, 17, 42, 99, 3]
+    np.testing.assert_array_equal(our_logits(SerialComm(), parts[1], ids, weights="auto"),
+                                  our_logits(SerialComm(), whole, ids, weights="auto"))

@@ -158,3 +158,88 @@ def test_malformed_stores(tmp_path, good_h5, how, message):
         _damage(path, how)
     with pytest.raises(DllamaError, match=message):
         open_model(path)
+
+
+# ------------------------------------------------------------------ convert keeps the file's types
+
+def _same_tensors(a, b):
+    """Every tensor of model b has model a's type and bytes."""
+    from dllama_mpi.formats import expected_shapes
+    for name in expected_shapes(a.config):
+        ta, tb = a.tensor(name), b.tensor(name)
+        assert tb.type == ta.type, name
+        assert ta.read().tobytes() == tb.read().tobytes(), name
+
+
+def test_q41_gguf_converts_to_a_q41_store_byte_for_byte(tmp_path):
+    """The default (auto) keeps Q4_1 as Q4_1: every tensor's bytes equal the GGUF's, and the
+    store runs as q41 with the same logits (the issue: it was re-quantised to Q4_0)."""
+    g = write_tiny_gguf(str(tmp_path / "q.gguf"), "q40_9h", weight_type="q4_1")
+    h5 = convert(g, str(tmp_path / "q.h5"), progress=False)[0]
+    a, b = open_model(g), open_model(h5)
+    assert a.tensor("layers.0.wq").type == "Q4_1"
+    _same_tensors(a, b)
+    assert b.preferred_weight_type() == "q41"
+    np.testing.assert_array_equal(our_logits(SerialComm(), h5, IDS, weights="q41", wire="q80"),
+                                  our_logits(SerialComm(), g, IDS, weights="q41", wire="q80"))
+
+
+@pytest.mark.parametrize("weight_type", ["q4_0", "q8_0", "f16", "f32"])
+def test_auto_keeps_every_store_type(tmp_path, weight_type):
+    g = write_tiny_gguf(str(tmp_path / "m.gguf"), "q40_9h", weight_type=weight_type)
+    _same_tensors(open_model(g), open_model(convert(g, str(tmp_path / "m.h5"), progress=False)[0]))
+
+
+def test_explicit_q41_store_from_f32(tmp_path):
+    hf = save_hf(tmp_path / "hf", "q40_9h")
+    h5 = convert(hf, str(tmp_path / "m.h5"), "q41", progress=False)[0]
+    m = open_model(h5)
+    assert m.tensor("layers.0.w2").type == "Q4_1" and m.tensor("embedding").type == "Q8_0"
+    from dllama_mpi.quant import quantize_q41
+    w2 = np.asarray(open_model(hf).tensor("layers.0.w2").read(), np.float32)
+    assert m.tensor("layers.0.w2").read().tobytes() == quantize_q41(w2).tobytes()
+    assert np.isfinite(our_logits(SerialComm(), h5, IDS, weights="q41", wire="q80")).all()
+
+
+def test_convert_says_what_it_keeps_and_what_it_loses(tmp_path, capsys):
+    g = write_tiny_gguf(str(tmp_path / "q.gguf"), "q40_9h", weight_type="q4_1")
+    assert main([g, "-o", str(tmp_path / "a.h5"), "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "kept as in the file: F32 x" in err and "Q4_1 x" in err and "lossy" not in err
+    assert main([g, "-o", str(tmp_path / "b.h5"), "--weights-float-type", "q40",
+                 "--no-progress"]) == 0
+    out, err = capsys.readouterr()
+    assert "lossy: Q4_1 -> Q4_0 x" in err and "wrote " in out
+    assert open_model(str(tmp_path / "b.h5")).tensor("layers.0.wq").type == "Q4_0"
+    # an .m file has no Q4_1: auto picks Q8_0 and says it is lossy
+    assert main([g, "--to", "dllama", "-o", str(tmp_path / "c.m"), "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "weights: q80" in err and "lossy: Q4_1 -> Q8_0" in err
+    # q41 cannot go to an .m file: one error
+    assert main([g, "--to", "dllama", "-o", str(tmp_path / "d.m"), "--weights-float-type", "q41",
+                 "--no-progress"]) == 1
+    assert capsys.readouterr().err.count("error:") == 1
+
+
+def test_q40_gguf_to_dllama_auto_is_q40_and_lossless(tmp_path, capsys):
+    g = write_tiny_gguf(str(tmp_path / "q.gguf"), "q40_9h", weight_type="q4_0")
+    assert main([g, "--to", "dllama", "-o", str(tmp_path / "c.m"), "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "weights: q40" in err and "lossy" not in err
+    assert open_model(str(tmp_path / "c.m")).tensor("layers.0.wq").type == "Q4_0"
+
+
+def test_convert_takes_a_known_model_name(tmp_path, monkeypatch, capsys):
+    """`convert smollm2-135m` finds the model in the cache as every other command does (a
+    tiny Q4_1 stands in for it in a cache of its own: nothing is downloaded)."""
+    from dllama_mpi import registry
+    g = write_tiny_gguf(str(tmp_path / "q.gguf"), "q40_9h", weight_type="q4_1")
+    monkeypatch.setenv("DLLAMA_MPI_CACHE", str(tmp_path / "cache"))
+    os.makedirs(os.path.dirname(registry.cached_path("smollm2-135m")))
+    shutil.copy(g, registry.cached_path("smollm2-135m"))
+    monkeypatch.chdir(tmp_path)
+    assert main(["smollm2-135m", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    written = os.path.join(tmp_path, "SmolLM2-135M-Instruct.Q4_1.h5")
+    assert f"wrote {os.path.basename(written)}" in out
+    _same_tensors(open_model(g), open_model(written))

@@ -275,7 +275,7 @@ def test_rejects_bad_input(tmp_path):
     cfg = dict(dim=64, hidden_dim=96, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=300)
     ts = dict(random_llama_tensors(**cfg))
     with pytest.raises(ValueError, match="weight_type"):
-        write_llama_gguf(tmp_path / "x.gguf", context_length=8, tensors=ts, weight_type="q5_k", **cfg)
+        write_llama_gguf(tmp_path / "x.gguf", context_length=8, tensors=ts, weight_type="q3_k", **cfg)
     bad = dict(ts)
     del bad["model.layers.0.mlp.up_proj.weight"]
     with pytest.raises(ValueError, match="missing"):

@@ -1,6 +1,6 @@
 """memory.py predicts what a loaded shard holds: the runtime matrices' bytes (every layout),
-and whole shards (weights and KV cache) for Q40, Q41 with the 8-bit output matrix, and F32,
-with 1 and 4 KV slots. The same figures are what `info` prints."""
+and whole shards (weights and KV cache) for Q40, Q41 with the 8-bit output matrix, Q80, F32
+and a Q4_K_M file's mixed types, with 1 and 4 KV slots. The same figures are what `info` prints."""
 import numpy as np
 import pytest
 
@@ -21,15 +21,21 @@ def test_matrix_bytes_match_the_runtime_layouts(rows, cols):
     assert memory.matrix_bytes(rows, cols, "q80") == Q80Matrix.from_f32(w).nbytes
 
 
-CASES = [("q4_0", "auto", "q40", "q40"),      # Q4_0 file: Q40 layers and output
-         ("f32", "q41", "q41", "q80"),        # 4-bit layers, the output matrix kept at 8 bits
-         ("f32", "auto", "f32", "f32")]
+CASES = [("q40_9h", "q4_0", "auto", "q40", "q40"),   # Q4_0 file: Q40 layers and output
+         ("q40_9h", "f32", "q41", "q41", "q80"),     # 4-bit layers, the output kept at 8 bits
+         ("q40_9h", "f32", "auto", "f32", "f32"),
+         ("q40_9h", "q8_0", "q80", "q80", "q80"),    # 8-bit layers
+         # Q4_K_M: every matrix its own type (q41, q80), layer 1's q|k|v stack split in two
+         ("k8h", "q4_k_m", "auto", "mixed", "q80"),
+         ("k8h_fallback", "q4_k_m", "auto", "mixed", "q41"),   # tied: the Q4_K embedding
+         ("k8h", "q4_k_m", "q40", "q40", "q80")]      # one type asked for: all requantised
 
 
-@pytest.mark.parametrize("gguf_type,requested,layers,output", CASES)
+@pytest.mark.parametrize("shape,gguf_type,requested,layers,output", CASES)
 @pytest.mark.parametrize("slots", [1, 4])
-def test_prediction_equals_a_loaded_shard(tmp_path, gguf_type, requested, layers, output, slots):
-    path = write_tiny_gguf(str(tmp_path / f"m-{gguf_type}.gguf"), "q40_9h", gguf_type)
+def test_prediction_equals_a_loaded_shard(tmp_path, shape, gguf_type, requested, layers, output,
+                                          slots):
+    path = write_tiny_gguf(str(tmp_path / f"m-{gguf_type}.gguf"), shape, gguf_type)
     s = start(SerialComm(), path, RunConfig(weights_float_type=requested, max_seq_len=24,
                                             nthreads=1, parallel=slots), want_tokenizer=False)
     assert (s.run.weights_float_type, s.run.output_float_type) == (layers, output)

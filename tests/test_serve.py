@@ -247,8 +247,9 @@ def test_openai_client_errors(live):
     assert e.value.code == "context_length_exceeded"
     with pytest.raises(openai.BadRequestError) as e:
         c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}],
-                                  response_format={"type": "json_object"})
-    assert "not supported" in e.value.message
+                                  response_format={"type": "json_schema",
+                                                   "json_schema": {"schema": {}}})
+    assert e.value.param == "response_format.json_schema.name"
     with pytest.raises(openai.NotFoundError):
         c.models.retrieve("other-model")
     assert c.models.retrieve(MODEL).id == MODEL
@@ -342,7 +343,17 @@ BAD_BODIES = [
                               "frequency_penalty": 1}, "frequency_penalty"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
                               "response_format": {"type": "json_schema", "json_schema": {}}},
-     "response_format.type"),
+     "response_format.json_schema.name"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
+                              "response_format": {"type": "json_schema"}}, "response_format"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
+                              "response_format": {"type": "xml"}}, "response_format.type"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
+                              "response_format": {"type": "json_schema", "json_schema": {
+                                  "name": "x", "schema": "{}"}}},
+     "response_format.json_schema.schema"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "min_p": 1.5},
+     "min_p"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
                               "top_logprobs": 30, "logprobs": True}, "top_logprobs"),
     ("/v1/chat/completions", {"messages": [{"role": "tool", "content": "x"}]}, "messages"),
@@ -377,8 +388,11 @@ def test_malformed_requests(client):
     r = client.post("/v1/completions", json={"prompt": "x" * CTX})
     assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
     r = client.post("/v1/completions", json={"prompt": "x" * (CTX - 1), "max_tokens": 100})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+    assert r.json()["error"]["param"] == "max_tokens"
+    r = client.post("/v1/completions", json={"prompt": "x" * (CTX - 1)})
     assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] == "length"
-    assert r.json()["usage"]["completion_tokens"] == 1    # capped at the room left
+    assert r.json()["usage"]["completion_tokens"] == 1    # no max_tokens: the room left
     r = client.post("/v1/nothing", json={})
     assert r.status_code == 404 and r.json()["error"]["message"] == "Invalid URL (POST /v1/nothing)"
     r = client.get("/v1/chat/completions")
@@ -454,6 +468,23 @@ def test_defaults_and_sampling_fields(sched):
         p = sched.submitted[-1][2]
         assert (p.temperature, p.top_p, p.top_k, p.seed, p.max_tokens) == (0.0, 1.0, 0, 2**63 - 1, 9)
         assert p.stop == ("q",) and p.ignore_eos
+        assert p.min_p == 0.0 and p.response_format is None
+        schema = {"type": "object", "properties": {"b": {"type": "integer"},
+                                                   "a": {"type": "string"}}}
+        c.post("/v1/chat/completions", json={
+            "messages": [{"role": "user", "content": "x"}], "min_p": 0.05,
+            "response_format": {"type": "json_schema", "json_schema": {
+                "name": "s", "description": "ignored", "schema": schema, "strict": True}}})
+        p = sched.submitted[-1][2]
+        assert p.min_p == 0.05
+        assert json.loads(p.response_format) == {"type": "json_schema", "json_schema": {
+            "name": "s", "schema": schema, "strict": True}}
+        assert list(json.loads(p.response_format)["json_schema"]["schema"]["properties"]) == \
+            ["b", "a"]                    # the schema's order: properties are generated in it
+        c.post("/v1/completions", json={"prompt": "x", "response_format": {"type": "json_object"}})
+        assert json.loads(sched.submitted[-1][2].response_format) == {"type": "json_object"}
+        c.post("/v1/completions", json={"prompt": "x", "response_format": {"type": "text"}})
+        assert sched.submitted[-1][2].response_format is None
 
 
 def test_metrics(client):

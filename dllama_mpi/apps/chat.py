@@ -19,6 +19,7 @@ import threading
 
 from ..config import SamplingParams
 from ..errors import DllamaError
+from ..runtime import interrupt
 
 __all__ = ["run_chat", "ChatSession"]
 
@@ -83,6 +84,10 @@ class ChatSession:
                 output.write(event.text)
                 output.flush()
 
+        context = getattr(self.scheduler, "max_seq_len", None)
+        if context and len(prompt) >= context:
+            raise DllamaError(f"the conversation has {len(prompt)} tokens, the context holds "
+                              f"{context}: /reset starts a new one")
         with _sigint_sets_flag() as interrupted:
             handle = self.scheduler.submit(prompt, self.params, on_token=on_token)
             cancelled = False
@@ -98,6 +103,11 @@ class ChatSession:
         output.write(rest + "\n")
         if c.finish_reason == "cancelled":
             output.write("[answer cancelled]\n")
+        context = getattr(self.scheduler, "max_seq_len", None)
+        if c.finish_reason == "length" and context and \
+                len(prompt) + len(c.generated_tokens) >= context:
+            output.write(f"[the conversation reached the end of the context ({context} tokens):"
+                         " /reset starts a new one]\n")
         output.flush()
         if c.finish_reason == "error":
             raise DllamaError(c.error or "generation failed")
@@ -123,7 +133,8 @@ def run_chat(scheduler, tokenizer, params: SamplingParams, system: str | None = 
         output.write("> ")
         output.flush()
         try:
-            line = input.readline()
+            with interrupt.interruptible():    # waiting for the user: Ctrl-C ends the chat
+                line = input.readline()
         except KeyboardInterrupt:
             output.write("\n")
             break
@@ -155,3 +166,22 @@ def run_chat(scheduler, tokenizer, params: SamplingParams, system: str | None = 
                       file=sys.stderr, flush=True)
     output.flush()
     return 0
+
+
+def run_chat_command(args, run) -> int:
+    """`chat`: every rank starts; the root talks with the user on stdin/stdout until /exit
+    or end of input, then stops the workers."""
+    from ..comm import make_comm
+    from ..runtime.startup import ignore_job_signals_on_workers, run_root, scheduler_for, start
+    comm = make_comm()
+    ignore_job_signals_on_workers(comm)
+    session = start(comm, args.model, run, kv_dir=args.kv_cache_dir,
+                    tokenizer_path=args.tokenizer)
+    params = SamplingParams(temperature=run.temperature, top_p=run.topp, top_k=run.topk,
+                            seed=run.seed, max_tokens=args.steps, ignore_eos=False)
+
+    def body(s) -> int:
+        s.print_memory()
+        return run_chat(scheduler_for(s), s.tokenizer, params, system=args.system)
+
+    return run_root(session, body)

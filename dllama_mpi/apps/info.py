@@ -6,27 +6,39 @@ import collections
 import math
 
 from .. import registry
-from ..config import RunConfig
+from ..config import MIXED, RunConfig
 from ..formats import expected_shapes, open_model
 from ..memory import mib, per_rank
 from ..shard import plan
 
 
 def print_info(model_arg: str, ranks: int, run: RunConfig | None = None) -> int:
+    from ..runtime.startup import resolve_run
     model = open_model(registry.resolve(model_arg))
     c = model.config
-    run = (run or RunConfig()).resolved(model.preferred_weight_type(), model.output_type())
-    print(f"file: {model.path} (runs as {run.weights_float_type}, output matrix "
+    run = resolve_run(run or RunConfig(), model)
+    weights = run.weights_float_type
+    if weights == MIXED:
+        counts = collections.Counter(run.tensor_types.values())
+        weights += " (" + ", ".join(f"{t} x{n}" for t, n in sorted(counts.items())) + ")"
+    print(f"file: {model.path} (runs as {weights}, output matrix "
           f"{run.output_float_type}, wire {run.buffer_float_type})")
     for k, v in c.to_dict().items():
         if k == "rope_freq_factors" and v is not None:
             v = f"{len(v)} factors"
+        elif isinstance(v, float):
+            v = f"{v:.7g}"      # norm_eps 1e-05, not the f32 value 9.999999747378752e-06
         print(f"  {k}: {v}")
     # the model's own tensors, by canonical name (not a file's extras such as rope_freqs)
     tensors = [model.tensor(name) for name in expected_shapes(c)]
     types = collections.Counter(t.type for t in tensors)
+    nbytes = collections.Counter()
+    for t in tensors:
+        values, size = t.block
+        nbytes[t.type] += math.prod(t.shape) // values * size
     params = sum(math.prod(t.shape) for t in tensors)
-    print(f"tensors: {dict(sorted(types.items()))}; parameters: {params:,} ({_human(params)})")
+    print("tensors: " + ", ".join(f"{t} x{types[t]} ({mib(nbytes[t])})" for t in sorted(types))
+          + f"; parameters: {params:,} ({_human(params)})")
     if ranks > c.n_heads:
         print(f"{ranks} ranks: impossible, at most {c.n_heads} (query heads)")
         return 1

@@ -9,9 +9,14 @@ Requests (/v1/chat/completions, /v1/completions):
     64-bit integer, taken modulo 2**63), stop (a string or up to 4), max_tokens /
     max_completion_tokens (>= 1), n (1..MAX_N sequences), ignore_eos (extension);
   * logprobs: chat `logprobs: bool` + `top_logprobs: 0..20`, completions `logprobs: 0..20`;
+  * min_p [0, 1] (extension: drop tokens below min_p x the top probability);
+  * response_format: {"type": "text"}, {"type": "json_object"} (any JSON object) or
+    {"type": "json_schema", "json_schema": {"name", "schema", "strict"}}: the output is
+    constrained to the schema by a grammar (dllama_mpi/grammar.py); an invalid schema is a
+    400 when the scheduler compiles it;
   * accepted only at their neutral value: presence_penalty / frequency_penalty 0, logit_bias
-    empty, response_format {"type": "text"}, no tools, completions echo false / no suffix /
-    best_of == n; anything else is a 400 naming the field;
+    empty, no tools, completions echo false / no suffix / best_of == n; anything else is a
+    400 naming the field;
   * `model` and `user` are accepted and ignored (the server answers with its one model);
     unknown fields are ignored, as the OpenAI API does for forward compatibility.
 Types are strict (no "1" for 1, no 1 for true); an int is accepted where a float is expected.
@@ -27,10 +32,11 @@ from typing import Any, Callable, Iterable, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..config import SamplingParams
+from ..grammar import response_format_text
 
 __all__ = [
     "MAX_N", "MAX_STOP", "ChatMessage", "ChatCompletionRequest", "CompletionRequest",
-    "StreamOptions", "ResponseFormat", "to_sampling_params", "validation_error_message",
+    "StreamOptions", "ResponseFormat", "JsonSchemaFormat", "to_sampling_params", "validation_error_message",
     "error_body", "new_id", "usage", "chat_logprobs", "completion_logprobs", "chat_response",
     "completion_response", "chat_chunk", "completion_chunk", "usage_chunk", "sse", "SSE_DONE",
     "ValidationError",
@@ -51,18 +57,34 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class ResponseFormat(BaseModel):
-    model_config = ConfigDict(strict=True, extra="allow")
-    type: str
+class JsonSchemaFormat(BaseModel):
+    """response_format.json_schema: OpenAI's {"name", "description", "schema", "strict"}."""
+    model_config = ConfigDict(strict=True, extra="ignore", populate_by_name=True)
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: str | None = None
+    schema_: dict[str, Any] = Field(alias="schema")
+    strict: bool | None = None
 
-    @field_validator("type")
-    @classmethod
-    def _text_only(cls, v: str) -> str:
-        if v in ("json_object", "json_schema"):
-            raise ValueError(f"response_format {v!r} is not supported (yet): only 'text'")
-        if v != "text":
-            raise ValueError(f"response_format type must be 'text', got {v!r}")
-        return v
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self):
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("type 'json_schema' needs a 'json_schema' object "
+                             "({'name', 'schema', 'strict'})")
+        return self
+
+    def frozen(self) -> str | None:
+        """SamplingParams.response_format: None for text, else canonical JSON text."""
+        if self.type == "json_schema":
+            js = self.json_schema
+            return response_format_text({"type": "json_schema", "json_schema": {
+                "name": js.name, "schema": js.schema_, "strict": js.strict}})
+        return response_format_text({"type": self.type})
 
 
 class ContentPart(BaseModel):
@@ -119,6 +141,7 @@ class _Common(BaseModel):
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     top_k: int | None = Field(None, ge=-1)
+    min_p: float | None = Field(None, ge=0.0, le=1.0)
     seed: int | None = Field(None, ge=-(2**63), lt=2**64)
     stop: str | list[str] | None = None
     stream: bool = False
@@ -265,7 +288,10 @@ def to_sampling_params(body: _Common, defaults: SamplingParams | None = None) ->
         top_k=top_k, seed=seed, max_tokens=max_tokens,
         stop=body.stop_tuple() if body.stop is not None else d.stop,
         ignore_eos=body.ignore_eos or d.ignore_eos,
-        logprobs=logprobs, top_logprobs=top_logprobs)
+        logprobs=logprobs, top_logprobs=top_logprobs,
+        min_p=d.min_p if body.min_p is None else float(body.min_p),
+        response_format=(d.response_format if body.response_format is None
+                         else body.response_format.frozen()))
     params.check()
     return params
 
@@ -390,28 +416,29 @@ def completion_response(id: str, created: int, model: str, choices: list[dict],
             "system_fingerprint": None, "choices": choices, "usage": usage_}
 
 
-def chat_chunk(id: str, created: int, model: str, index: int, delta: dict,
-               finish_reason: str | None = None, logprobs: dict | None = None,
-               include_usage: bool = False) -> dict:
-    c = {"id": id, "object": "chat.completion.chunk", "created": created, "model": model,
-         "system_fingerprint": None,
-         "choices": [{"index": index, "delta": delta, "logprobs": logprobs,
-                      "finish_reason": finish_reason}]}
+def _chunk(obj: str, id: str, created: int, model: str, choice: dict,
+           include_usage: bool) -> dict:
+    c = {"id": id, "object": obj, "created": created, "model": model,
+         "system_fingerprint": None, "choices": [choice]}
     if include_usage:
         c["usage"] = None
     return c
+
+
+def chat_chunk(id: str, created: int, model: str, index: int, delta: dict,
+               finish_reason: str | None = None, logprobs: dict | None = None,
+               include_usage: bool = False) -> dict:
+    return _chunk("chat.completion.chunk", id, created, model,
+                  {"index": index, "delta": delta, "logprobs": logprobs,
+                   "finish_reason": finish_reason}, include_usage)
 
 
 def completion_chunk(id: str, created: int, model: str, index: int, text: str,
                      finish_reason: str | None = None, logprobs: dict | None = None,
                      include_usage: bool = False) -> dict:
-    c = {"id": id, "object": "text_completion", "created": created, "model": model,
-         "system_fingerprint": None,
-         "choices": [{"index": index, "text": text, "logprobs": logprobs,
-                      "finish_reason": finish_reason}]}
-    if include_usage:
-        c["usage"] = None
-    return c
+    return _chunk("text_completion", id, created, model,
+                  {"index": index, "text": text, "logprobs": logprobs,
+                   "finish_reason": finish_reason}, include_usage)
 
 
 def usage_chunk(id: str, created: int, model: str, obj: str, usage_: dict) -> dict:

@@ -4,7 +4,9 @@ A model file object has:
   path, format            where it came from
   config                  ModelConfig (q/k rows in interleaved-pair rope order, as GGUF)
   tensor(name) -> Tensor  canonical names: "embedding", "final_norm", "wcls",
-                          "layers.{i}.{attn_norm,wq,wk,wv,wo,ffn_norm,w1,w2,w3}", and with
+                          "layers.{i}.{attn_norm,wq,wk,wv,wo,ffn_norm,w1,w2,w3}" (with experts
+                          "layers.{i}.router" [n_experts, dim] and
+                          "layers.{i}.experts.{e}.{w1,w2,w3}" instead of w1, w2, w3), and with
                           config.attn_bias "layers.{i}.{bq,bk,bv}" (Qwen2), with
                           config.qk_norm "layers.{i}.{q_norm,k_norm}" [head_dim] (Qwen3);
                           bq, bk and the q/k norms permuted like the wq/wk rows
@@ -62,6 +64,10 @@ class Tensor:
         """(values, bytes) per block."""
         return GGML_QUANT_SIZES[self.ggml_type]
 
+    def expert(self, e: int) -> "Tensor":
+        """Expert e of a 3-D tensor [experts, out, in] (GGUF's ffn_*_exps) as a 2-D Tensor."""
+        return Tensor(f"{self.name}[{e}]", self.type, self.shape[1:], self.data[e])
+
     def read(self, rows=None, cols=None) -> np.ndarray:
         """Raw rows [rows, cols] (Range or None for all): block bytes for quantised types
         (cols must then be whole blocks), values otherwise."""
@@ -100,9 +106,13 @@ def expected_shapes(c) -> dict[str, tuple[int, ...]]:
         p = f"layers.{i}."
         out.update({p + "attn_norm": (c.dim,), p + "ffn_norm": (c.dim,),
                     p + "wq": (c.q_dim, c.dim), p + "wk": (c.kv_dim, c.dim),
-                    p + "wv": (c.kv_dim, c.dim), p + "wo": (c.dim, c.q_dim),
-                    p + "w1": (c.hidden_dim, c.dim), p + "w3": (c.hidden_dim, c.dim),
-                    p + "w2": (c.dim, c.hidden_dim)})
+                    p + "wv": (c.kv_dim, c.dim), p + "wo": (c.dim, c.q_dim)})
+        ffn = [""] if not c.n_experts else [f"experts.{e}." for e in range(c.n_experts)]
+        if c.n_experts:
+            out[p + "router"] = (c.n_experts, c.dim)
+        for f in ffn:
+            out.update({p + f + "w1": (c.hidden_dim, c.dim), p + f + "w3": (c.hidden_dim, c.dim),
+                        p + f + "w2": (c.dim, c.hidden_dim)})
         if c.attn_bias:
             out.update({p + "bq": (c.q_dim,), p + "bk": (c.kv_dim,), p + "bv": (c.kv_dim,)})
         if c.qk_norm:

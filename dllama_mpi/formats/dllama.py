@@ -1,6 +1,6 @@
 """Distributed Llama model (.m) files: read and write; the tokenizer (.t) file next to it.
 
-Layouts (all little-endian; /work/shared/notes/dllama-formats.md):
+Layouts (all little-endian; as Distributed Llama writes them, src/llm.cpp and src/tokenizer.cpp):
   .m  int32 magic 0x0A00ABCD, int32 header size (8 + 8 * keys), (int32 key, int32 value)
       pairs, then tensors back to back: embedding F32; per layer wq wk wv wo w1 w2 w3 (the
       weight type), [qwen3: q_norm k_norm F32 [head_dim]], attn_norm ffn_norm F32; final
@@ -314,6 +314,9 @@ def write_dllama_m(model, out_path: str, weights_float_type: str = "q40", progre
         raise DllamaError(f".m weight type must be one of {', '.join(WRITE_TYPES)}, "
                           f"got {weights_float_type!r}")
     c = model.config
+    if c.n_experts:
+        raise DllamaError("mixture-of-experts models cannot be written as a .m file yet "
+                          "(convert to .h5, or run the GGUF / Hugging Face folder itself)")
     code = WRITE_TYPES[weights_float_type]
     wtype = FLOAT_TYPES[code]
     if wtype not in ("F32", "F16") and (c.dim % 32 or c.hidden_dim % 32 or c.q_dim % 32):

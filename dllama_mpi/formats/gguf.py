@@ -12,14 +12,16 @@ import os
 
 import numpy as np
 
-from ..config import ModelConfig
+from ..config import MIXED, RUNTIME_TYPE, ModelConfig
 from ..errors import DllamaError
-from .base import LazyRows, Tensor, expected_shapes, rope_permutation
+from .base import FLOAT_TYPES, LazyRows, Tensor, expected_shapes, rope_permutation
 from .gguf_header import GGUFHeader
 
-SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3")
-ROTATE_HALF_ARCHS = ("qwen2", "qwen3")  # llama.cpp runs them with NEOX rope: q/k unpermuted
-SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")
+SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3", "qwen3moe")  # llama with expert_count: Mixtral
+ROTATE_HALF_ARCHS = ("qwen2", "qwen3", "qwen3moe")  # llama.cpp runs them with NEOX rope: q/k
+                                                    # unpermuted
+SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K", "Q5_0",
+                   "Q5_1")  # K-quants and the 5-bit types: see quant/kquants.py
 
 _LAYER_NAMES = {
     "attn_norm": "attn_norm", "wq": "attn_q", "wk": "attn_k", "wv": "attn_v",
@@ -29,10 +31,19 @@ _LAYER_NAMES = {
 _BIAS_NAMES = {"bq": "attn_q", "bk": "attn_k", "bv": "attn_v"}
 
 
+_EXPERT_NAMES = {"w1": "ffn_gate_exps", "w3": "ffn_up_exps", "w2": "ffn_down_exps"}
+
+
 def gguf_name(name: str) -> str:
-    """Canonical name ('layers.3.wq', 'embedding', 'final_norm', 'wcls') -> GGUF name."""
+    """Canonical name ('layers.3.wq', 'embedding', 'final_norm', 'wcls') -> GGUF name; an
+    expert's matrix ('layers.3.experts.5.w1') -> the 3-D tensor of all experts."""
+    if name.startswith("layers.") and ".experts." in name:
+        _, index, _, _, short = name.split(".")
+        return f"blk.{index}.{_EXPERT_NAMES[short]}.weight"
     if name.startswith("layers."):
         _, index, short = name.split(".")
+        if short == "router":
+            return f"blk.{index}.ffn_gate_inp.weight"
         if short in _BIAS_NAMES:
             return f"blk.{index}.{_BIAS_NAMES[short]}.bias"
         return f"blk.{index}.{_LAYER_NAMES[short]}.weight"
@@ -67,26 +78,76 @@ def _tensors(header: GGUFHeader, path: str, file_size: int) -> dict[str, Tensor]
     return out
 
 
+SPLIT_NAME = "{prefix}-{no:05d}-of-{count:05d}.gguf"   # llama.cpp's gguf-split (no from 1)
+
+
+def split_parts(path: str, header: GGUFHeader) -> list[str]:
+    """The files of the split GGUF `path` is a part of (`split.count`, `split.no` from 0),
+    in order, named as llama.cpp names them; [path] for a file that is not split."""
+    count = int(header.value("split.count", 1) or 1)
+    if count <= 1:
+        return [path]
+    no = int(header.value("split.no", 0))
+    suffix = SPLIT_NAME.format(prefix="", no=no + 1, count=count)
+    if not path.endswith(suffix) or not 0 <= no < count:
+        raise DllamaError(f"{path} is part {no + 1} of a {count}-part split GGUF, but its name "
+                          f"does not end in {suffix!r}: cannot find the other parts")
+    prefix = path[:-len(suffix)]
+    return [SPLIT_NAME.format(prefix=prefix, no=i + 1, count=count) for i in range(count)]
+
+
+def _open_header(path: str) -> GGUFHeader:
+    if not os.path.isfile(path):
+        raise DllamaError(f"model file not found: {path}")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise DllamaError(f"{path} is not a GGUF file (magic {magic!r}, expected b'GGUF')")
+    try:
+        return GGUFHeader(path)
+    except ValueError as e:
+        raise DllamaError(f"cannot read GGUF file {path}: {e} (truncated or corrupt?)") from None
+
+
 class GGUFModel:
-    """An open GGUF file, checked up front so that errors come before any loading."""
+    """An open GGUF file -- or every part of a split GGUF, from any one of them: the metadata
+    of the first part, the tensors of all -- checked up front so that errors come before any
+    loading."""
 
     format = "gguf"
 
     def __init__(self, path: str):
-        if not os.path.isfile(path):
-            raise DllamaError(f"model file not found: {path}")
-        with open(path, "rb") as f:
-            magic = f.read(4)
-        if magic != b"GGUF":
-            raise DllamaError(f"{path} is not a GGUF file (magic {magic!r}, expected b'GGUF')")
-        try:
-            self.header = GGUFHeader(path)
-        except ValueError as e:
-            raise DllamaError(f"cannot read GGUF file {path}: {e} (truncated or corrupt?)") \
-                from None
-        self.path = path
-        self.file_size = os.path.getsize(path)
-        self.tensors = _tensors(self.header, path, self.file_size)
+        path = os.fspath(path)
+        header = _open_header(path)
+        self.parts = split_parts(path, header)
+        self.path = self.parts[0]
+        self.tensors: dict[str, Tensor] = {}
+        for no, part in enumerate(self.parts):
+            if len(self.parts) > 1 and part != path:
+                if not os.path.isfile(part):
+                    raise DllamaError(f"split GGUF part {no + 1} of {len(self.parts)} is "
+                                      f"missing: {part}")
+                h = _open_header(part)
+            else:
+                h = header
+            if len(self.parts) > 1 and (int(h.value("split.no", -1)) != no or
+                                        int(h.value("split.count", 0)) != len(self.parts)):
+                raise DllamaError(f"{part}: not part {no + 1} of {len(self.parts)} (its split.no "
+                                  f"is {h.value('split.no')}, split.count "
+                                  f"{h.value('split.count')})")
+            if no == 0:
+                self.header = h
+            tensors = _tensors(h, part, os.path.getsize(part))
+            twice = sorted(set(tensors) & set(self.tensors))
+            if twice:
+                raise DllamaError(f"{part}: tensor {twice[0]} is in two parts of the split GGUF")
+            self.tensors.update(tensors)
+        expected = self.header.value("split.tensors.count")
+        if len(self.parts) > 1 and expected is not None and int(expected) != len(self.tensors):
+            raise DllamaError(f"{self.path}: the split GGUF's {len(self.parts)} parts hold "
+                              f"{len(self.tensors)} tensors, its split.tensors.count says "
+                              f"{expected}")
+        self.file_size = sum(os.path.getsize(p) for p in self.parts)
         self.config = self._read_config()
         self._check_tensors()
         if self.config.arch in ROTATE_HALF_ARCHS:
@@ -129,8 +190,15 @@ class GGUFModel:
                 freq_factors = (float(factor),) * (head_dim // 2)
             elif stype not in (None, "none") and factor and float(factor) != 1.0:
                 raise DllamaError(f"{self.path}: unsupported rope scaling {stype!r}")
+        n_experts = int(self.field(f"{a}.expert_count", 0) or 0)
+        hidden = int(self.field(f"{a}.expert_feed_forward_length", 0) or 0) if n_experts else 0
+        if n_experts and not hidden and arch == "qwen3moe":
+            need("expert_feed_forward_length")
         return ModelConfig(
-            arch=arch, dim=dim, hidden_dim=int(need("feed_forward_length")),
+            arch=arch, dim=dim, hidden_dim=hidden or int(need("feed_forward_length")),
+            n_experts=n_experts,
+            n_experts_used=int(self.field(f"{a}.expert_used_count", 0) or 0) if n_experts else 0,
+            expert_norm=bool(self.field(f"{a}.expert_weights_norm", True)),
             n_layers=int(need("block_count")), n_heads=n_heads,
             n_kv_heads=int(self.field(f"{a}.attention.head_count_kv", n_heads)),
             vocab_size=int(vocab), context_length=int(self.field(f"{a}.context_length", 0)),
@@ -154,6 +222,11 @@ class GGUFModel:
             t = self.tensors.get(gguf_name(name))
             if t is None:
                 raise DllamaError(f"{self.path}: missing tensor {gguf_name(name)}")
+            if ".experts." in name:   # [n_experts, out, in]: checked as one expert's matrix
+                if len(t.shape) != 3 or t.shape[0] != c.n_experts:
+                    raise DllamaError(f"{self.path}: tensor {t.name} has shape {t.shape}, "
+                                      f"expected ({c.n_experts}, {shape[0]}, {shape[1]})")
+                t = t.expert(int(name.split(".")[3]))
             if t.type not in SUPPORTED_TYPES:
                 raise DllamaError(f"{self.path}: tensor {t.name} has type {t.type}; supported: "
                                   f"{', '.join(SUPPORTED_TYPES)}")
@@ -176,15 +249,30 @@ class GGUFModel:
                               lambda a, b, cols, arr=arr: arr[a:b] if cols is None else arr[a:b, cols],
                               perm=perm)
 
+    def _layer_types(self) -> dict[str, str]:
+        """Canonical name -> GGML type of every layer matrix."""
+        return {n: self.tensor(n).type for n, shape in expected_shapes(self.config).items()
+                if n.startswith("layers.") and len(shape) == 2 and not n.endswith(".router")}
+
     def preferred_weight_type(self) -> str:
-        """Runtime type that loses nothing more than the file: Q4_1 files stay q41, other
-        quantised files become q40 (Q4_0 bit for bit), float files stay f32."""
-        types = [t.type for n, t in self.tensors.items() if n.startswith("blk.") and
-                 len(t.shape) == 2]
-        common = max(set(types), key=types.count) if types else "F32"
+        """Runtime type that loses nothing more than the file: Q4_1 files stay q41, Q4_0
+        files q40, float files f32, other files of one type (Q8_0) become q40; a file whose
+        layers mix types or hold K-quants or 5-bit types (Q4_K_M: Q4_K, Q6_K) is "mixed":
+        every matrix keeps its own form (runtime_types)."""
+        types = set(self._layer_types().values())
+        if len(types) > 1 and types <= set(FLOAT_TYPES):
+            return "f32"
+        if len(types) > 1 or types & {"Q4_K", "Q5_K", "Q6_K", "Q5_0", "Q5_1"}:
+            return MIXED
+        common = types.pop() if types else "F32"
         if common == "Q4_1":
             return "q41"
-        return "f32" if common in ("F32", "F16", "BF16") else "q40"
+        return "f32" if common in FLOAT_TYPES else "q40"
+
+    def runtime_types(self) -> dict[str, str]:
+        """Canonical layer matrix name -> the runtime form that loses least (config.RUNTIME_TYPE:
+        Q4_K -> q41 with its nibbles kept, Q5_K / Q6_K / Q5_x -> q80, Q8_0 -> q80, ...)."""
+        return {n: RUNTIME_TYPE[t] for n, t in self._layer_types().items()}
 
     def output_type(self) -> str:
         """GGML type of the output matrix (the embedding when tied)."""
@@ -193,7 +281,8 @@ class GGUFModel:
 
     # -- tensors ---------------------------------------------------------------------
     def tensor(self, name: str) -> Tensor:
-        return self.tensors[gguf_name(name)]
+        t = self.tensors[gguf_name(name)]
+        return t.expert(int(name.split(".")[3])) if ".experts." in name else t
 
     def tokenizer(self):
         from ..tokenizer import Tokenizer

@@ -26,7 +26,12 @@ from ..errors import DllamaError
 from .base import HDF5_SIGNATURE, LazyRows, Tensor, expected_shapes
 
 FORMAT, FORMAT_VERSION = "dllama_mpi", 1
-TARGETS = {"q40": ("Q4_0", "Q8_0"), "f16": ("F16", "F16"), "f32": ("F32", "F32")}
+# GGML types a store holds (quantised ones as their block bytes)
+STORE_TYPES = ("F32", "F16", "Q4_0", "Q4_1", "Q8_0")
+# --weights-float-type -> (layer matrices, embedding and output matrix); "auto" keeps every
+# tensor's type from the file (types a store cannot hold become F32: exact)
+TARGETS = {"auto": (None, None), "q40": ("Q4_0", "Q8_0"), "q41": ("Q4_1", "Q8_0"),
+           "q80": ("Q8_0", "Q8_0"), "f16": ("F16", "F16"), "f32": ("F32", "F32")}
 IN_SPLIT = (".wo", ".w2")
 CHUNK_BYTES = 1 << 20
 
@@ -57,26 +62,45 @@ def _chunks(name: str, type_name: str, stored: tuple[int, ...], itemsize: int):
 def _target_type(name: str, shape, src_type: str, weights: str) -> str:
     if len(shape) == 1:
         return "F32"
+    if weights == "auto":
+        return src_type if src_type in STORE_TYPES else "F32"
     layer_t, outer_t = TARGETS[weights]
     t = outer_t if name in ("embedding", "wcls") else layer_t
     if t not in ("F32", "F16") and shape[1] % 32:
         return "F16" if weights != "f32" else "F32"  # rows not whole blocks (tiny models)
-    if weights == "q40" and src_type == "Q4_0":
-        return "Q4_0"  # already 4-bit: kept bit for bit (embedding and output included)
+    if (weights, src_type) in (("q40", "Q4_0"), ("q41", "Q4_1")):
+        return src_type  # already that 4-bit type: kept bit for bit (embedding and output too)
     return t
 
 
-def write_h5(model, out_path: str, weights_float_type: str = "q40", progress: bool = True,
-             source: str = "") -> str:
-    """Write any open model (base.py interface) to our HDF5 store; atomically."""
-    import h5py
+def lossless(src_type: str, dst_type: str) -> bool:
+    """Whether storing a src_type tensor as dst_type keeps its values exactly (the same type,
+    or f32, which holds every value of the other types)."""
+    return dst_type == src_type or dst_type == "F32"
 
-    from .dllama import convert_rows
+
+def plan_types(model, weights_float_type: str = "auto") -> dict[str, tuple[str, str]]:
+    """Canonical tensor name -> (its type in the file, its type in the store)."""
     if weights_float_type not in TARGETS:
         raise DllamaError(f"HDF5 weight type must be one of {', '.join(TARGETS)}, "
                           f"got {weights_float_type!r}")
+    out = {}
+    for name, shape in expected_shapes(model.config).items():
+        src = model.tensor(name).type
+        out[name] = (src, _target_type(name, shape, src, weights_float_type))
+    return out
+
+
+def write_h5(model, out_path: str, weights_float_type: str = "auto", progress: bool = True,
+             source: str = "") -> str:
+    """Write any open model (base.py interface) to our HDF5 store; atomically. auto keeps
+    every tensor's type (plan_types says what becomes what)."""
+    import h5py
+
+    from .dllama import convert_rows
     c = model.config
     shapes = expected_shapes(c)
+    types = plan_types(model, weights_float_type)
     tok = None
     try:
         tok = model.tokenizer()
@@ -93,7 +117,7 @@ def write_h5(model, out_path: str, weights_float_type: str = "q40", progress: bo
             g = f.create_group("tensors")
             for name, shape in shapes.items():
                 src = model.tensor(name)
-                t = _target_type(name, shape, src.type, weights_float_type)
+                t = types[name][1]
                 stored, dtype = _storage(t, shape)
                 ds = g.create_dataset(name, shape=stored, dtype=dtype,
                                       chunks=_chunks(name, t, stored, dtype.itemsize))
@@ -124,7 +148,8 @@ def _bar(total: int, enabled: bool):
     if not enabled:
         return None
     from tqdm import tqdm
-    return tqdm(total=total, desc="converting", unit="tensor", file=sys.stderr, leave=False)
+    return tqdm(total=total, desc="converting", unit="tensor", file=sys.stderr, leave=False,
+                disable=not sys.stderr.isatty())
 
 
 def _write_attrs(f, c: ModelConfig, rope_scaling, source: str) -> None:

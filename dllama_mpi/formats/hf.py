@@ -18,9 +18,13 @@ from ..config import ModelConfig
 from ..errors import DllamaError
 from .base import LazyRows, Tensor, expected_shapes, llama3_rope_factors, rope_permutation
 
-SUPPORTED_ARCHS = ("llama", "mistral", "qwen2", "qwen3")
-NOT_YET = {"qwen3_moe": "mixture of experts", "mixtral": "mixture of experts",
-           "qwen2_moe": "mixture of experts"}
+SUPPORTED_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral")
+NOT_YET = {"qwen2_moe": "shared experts"}
+# mixture-of-experts FFNs: (router, expert prefix, {canonical: HF name of an expert's matrix})
+_MOE = {"qwen3_moe": ("mlp.gate", "mlp.experts", {"w1": "gate_proj", "w3": "up_proj",
+                                                   "w2": "down_proj"}),
+        "mixtral": ("block_sparse_moe.gate", "block_sparse_moe.experts",
+                    {"w1": "w1", "w3": "w3", "w2": "w2"})}
 
 _LAYER = {"attn_norm": "input_layernorm", "wq": "self_attn.q_proj", "wk": "self_attn.k_proj",
           "wv": "self_attn.v_proj", "wo": "self_attn.o_proj",
@@ -30,8 +34,14 @@ _BIAS = {"bq": "self_attn.q_proj", "bk": "self_attn.k_proj", "bv": "self_attn.v_
 _DTYPES = {"F32": (np.float32, "F32"), "F16": (np.float16, "F16"), "BF16": (np.uint16, "F32")}
 
 
-def hf_name(name: str) -> str:
-    """Canonical name -> Hugging Face state-dict name."""
+def hf_name(name: str, model_type: str = "llama") -> str:
+    """Canonical name -> Hugging Face state-dict name (experts as `model_type` names them)."""
+    if name.startswith("layers.") and (".experts." in name or name.endswith(".router")):
+        router, experts, names = _MOE[model_type]
+        parts = name.split(".")
+        if parts[2] == "router":
+            return f"model.layers.{parts[1]}.{router}.weight"
+        return f"model.layers.{parts[1]}.{experts}.{parts[3]}.{names[parts[4]]}.weight"
     if name.startswith("layers."):
         _, i, short = name.split(".")
         if short in _BIAS:
@@ -100,14 +110,29 @@ def config_from_hf(cfg: dict, where: str, tied: bool) -> ModelConfig:
         if window and cfg.get("use_sliding_window", True) and 0 < int(window) < ctx:
             ctx = int(window)  # no sliding-window attention here: exact within the window
         theta, factors = rope_from_hf(cfg, head_dim, where)
+        moe = {}
+        if arch in _MOE:
+            sparse = (cfg.get("decoder_sparse_step") or 1, cfg.get("mlp_only_layers") or [])
+            if sparse != (1, []):
+                raise DllamaError(f"{where}: dense layers among the expert ones "
+                                  f"(decoder_sparse_step, mlp_only_layers) are not supported")
+            n_experts = cfg.get("num_experts") or cfg.get("num_local_experts")
+            if not n_experts:
+                raise DllamaError(f"{where}: config.json lacks num_experts (num_local_experts)")
+            moe = dict(n_experts=int(n_experts),
+                       n_experts_used=int(cfg["num_experts_per_tok"]),
+                       expert_norm=arch == "mixtral" or bool(cfg.get("norm_topk_prob")))
+        hidden = cfg["moe_intermediate_size"] if arch == "qwen3_moe" else cfg["intermediate_size"]
         return ModelConfig(
-            arch=arch if arch.startswith("qwen") else "llama", dim=dim, hidden_dim=int(cfg["intermediate_size"]),
+            arch={"qwen3_moe": "qwen3moe", "mixtral": "llama"}.get(
+                arch, arch if arch.startswith("qwen") else "llama"), dim=dim,
+            hidden_dim=int(hidden), **moe,
             n_layers=int(cfg["num_hidden_layers"]), n_heads=n_heads,
             n_kv_heads=int(cfg.get("num_key_value_heads") or n_heads),
             vocab_size=int(cfg["vocab_size"]), context_length=ctx, head_dim=head_dim,
             rope_theta=theta, rope_freq_factors=factors,
             norm_eps=float(cfg.get("rms_norm_eps", 1e-5)), tied_embeddings=tied,
-            attn_bias=arch == "qwen2", qk_norm=arch == "qwen3")
+            attn_bias=arch == "qwen2", qk_norm=arch in ("qwen3", "qwen3_moe"))
     except KeyError as e:
         raise DllamaError(f"{where}: config.json lacks {e.args[0]}") from None
 
@@ -181,7 +206,8 @@ class HFModel:
     def _build_tensors(self) -> dict[str, Tensor]:
         c = self.config
         expected = expected_shapes(c)
-        wanted = {hf_name(n): n for n in expected}
+        model_type = str(self.hf_config.get("model_type", "")).lower()
+        wanted = {hf_name(n, model_type): n for n in expected}
         ignorable = ("rotary_emb.inv_freq",)
         unknown = sorted(n for n in self._owner if n not in wanted and
                          not n.endswith(ignorable) and not (n == "lm_head.weight" and

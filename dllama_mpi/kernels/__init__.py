@@ -9,100 +9,270 @@ Conventions: activations are ``float32 [T, n]`` (T tokens), weights ``[rows, col
 Modules, bottom up: ``_jit`` (numba flags, threads), ``simd`` (llvmlite intrinsics), ``q80``
 (activation quantisation), ``matmul_slab`` / ``matmul_rows`` (Q80 x Q4/Q41/Q80 kernels) and
 ``matmul`` (their dispatch), ``norm``, ``attention`` (rope, attention), ``ffn`` (SwiGLU).
-This package re-exports the public names and adds ``warmup``.
+This package re-exports the public names and adds ``warmup`` (compile, or load from numba's
+cache, the kernels a run needs, up front: ``needed`` says which).
 """
 from __future__ import annotations
 
 import numpy as np
 
-from ..quant import QK, Q40Matrix, Q41Matrix, Q80Matrix, quantize_q41
+from ..quant import QK, ROW_TILE_MAX_COLS, Q40Matrix, Q41Matrix, Q80Matrix, quantize_q40, quantize_q41
 from ._jit import choose_threading_layer, get_num_threads, max_threads, set_num_threads
 from .attention import attention, attention_block, attention_scratch, bind_attention_block, rope_interleaved
 from .ffn import bind_silu_mul_q80, silu_mul, silu_mul_q80
-from .matmul import bind_matmul, matmul_f32, matmul_q80_q40, matmul_q80_q41, matmul_q80_q80
+from .matmul import bind_matmul, matmul_f16, matmul_f32, matmul_q80_q40, matmul_q80_q41, matmul_q80_q80
 from .matmul_slab import PREFETCH_ROWS
 from .norm import bind_rmsnorm_q80, rmsnorm, rmsnorm_heads, rmsnorm_q80
 from .q80 import quantize_q80_act
 from .simd import HAS_AVX2
 
 # the private kernels warmup() compiles as well (parallel twins, the other ISA path)
-from .attention import _attention_par, _rope_par, _rope_store
-from .ffn import _silu_mul_par, _silu_mul_q80_split
-from .matmul_rows import _ACC, _rbuffers, _rows_q4_par, _rows_q8_par
+from .attention import _attention_block_ser, _attention_par, _attention_ser, _rope_par, _rope_rows, _rope_store
+from .ffn import _SPLIT_MIN, _silu_mul_par, _silu_mul_q80_ser, _silu_mul_q80_split, _silu_mul_rows
+from .matmul_rows import (_ACC, _rbuffers, _rows_q4_generic, _rows_q4_par, _rows_q4_serial, _rows_q8_generic,
+                          _rows_q8_par, _rows_q8_serial)
+from .matmul_f16 import _f16_rows_par, _f16_rows_serial
 from .matmul_slab import _S16, _q40_par_avx2, _q40_par_generic, _q40_serial_avx2, _q40_serial_generic, _xbuffers
-from .norm import _rmsnorm_par
+from .norm import _rmsnorm_heads, _rmsnorm_par, _rmsnorm_q80_ser, _rmsnorm_rows
+from .q80 import _quantize_q80_act, _quantize_q80_act_f16c
 
 __all__ = [
     "HAS_AVX2", "PREFETCH_ROWS",
     "attention", "attention_block", "attention_scratch", "bind_attention_block", "bind_matmul",
-    "bind_rmsnorm_q80", "bind_silu_mul_q80", "choose_threading_layer", "get_num_threads", "matmul_f32", "max_threads",
+    "bind_rmsnorm_q80", "bind_silu_mul_q80", "choose_threading_layer", "get_num_threads", "matmul_f16", "matmul_f32",
+    "max_threads", "needed", "warmup_is_cached",
     "matmul_q80_q40", "matmul_q80_q41", "matmul_q80_q80", "quantize_q80_act", "rmsnorm", "rmsnorm_heads",
     "rmsnorm_q80", "rope_interleaved", "set_num_threads", "silu_mul", "silu_mul_q80", "warmup",
 ]
 
 
-def warmup(kv_float_type: str = "f32") -> None:
-    """Call every kernel once on tiny inputs so compilation (or cache loading) happens up front
-    (attention for an f16 KV cache too when `kv_float_type` is "f16")."""
+# ---------------------------------------------------------------- warmup: compile what a run needs
+
+# What a run can need, by name (see `needed`):
+#   q80act     activations quantised to Q80 (matmul inputs, the Q80 wire)      every run
+#   attention  rope + KV-cache store + attention (+ its Q80), long prompts      every run
+#   kv_f16     the same on an f16 KV cache                                      --kv-cache-float-type f16
+#   fused      rmsnorm and silu·mul with their Q80 in one pass                  4-bit weights
+#   silu_split one-row silu·mul·Q80 split over the threads                      wide FFN, > 1 thread
+#   f32        rmsnorm and silu·mul on f32 activations                          f32 weights or output
+#   f16        F16 weights widened as read (f32 activations)                    f16 weights
+#   qk_norm    per-head RMSNorm of q and k                                      Qwen3
+#   q4rows     Q80 x Q4_0/Q4_1 on the row-tile layout                           q41, narrow q40
+#   q40slab    Q80 x Q4_0 on the slab layout                                    q40 with > 2047 columns
+#   q8rows     Q80 x Q8_0 (the 8-bit output matrix)                             q80 output
+#   tests      the stand-alone rope and attention (tests and benchmarks only)
+ALL_NEEDS = ("q80act", "attention", "kv_f16", "fused", "silu_split", "f32", "f16", "qk_norm", "q4rows",
+             "q40slab", "q8rows", "tests")
+
+
+def needed(matrices, ffn_width: int, nthreads: int, qk_norm: bool = False) -> set[str]:
+    """The kernels (ALL_NEEDS names) a run uses. matrices: (runtime type, columns) of every
+    weight matrix of this rank ("q40", "q41", "q80" or "f32"); ffn_width: its FFN hidden
+    units; nthreads: its threads."""
+    needs = {"q80act", "attention"}
+    types = {t for t, _ in matrices}
+    if types & {"q40", "q41"}:
+        needs.add("fused")
+        if ffn_width >= _SPLIT_MIN and nthreads > 1:
+            needs.add("silu_split")
+    if types & {"f32", "f16"}:
+        needs.add("f32")
+    if "f16" in types:
+        needs.add("f16")
+    if qk_norm:
+        needs.add("qk_norm")
+    if "q41" in types or any(t == "q40" and cols <= ROW_TILE_MAX_COLS for t, cols in matrices):
+        needs.add("q4rows")
+    if any(t == "q40" and cols > ROW_TILE_MAX_COLS for t, cols in matrices):
+        needs.add("q40slab")
+    if "q80" in types:
+        needs.add("q8rows")
+    return needs
+
+
+def _steps(needs) -> list[tuple[str, float, list, object]]:
+    """(name, rough seconds to compile on one core, the numba dispatchers it compiles, the
+    call) for each step of the warmup of `needs`, in order. The seconds were measured on a
+    shared 2-core Zen 3 (numba 0.68): only for the estimate printed before a first run."""
     rng = np.random.default_rng(0)
     T, n, rows = 2, 64, 40
     x = rng.standard_normal((T, n)).astype(np.float32)
     xq = np.empty((T, n), np.int8)
     xd = np.empty((T, n // QK), np.float32)
-    quantize_q80_act(xq, xd, x)
-    w = Q40Matrix.from_f32(rng.standard_normal((rows, n)).astype(np.float32))
-    out = np.empty((T, rows), np.float32)
-    matmul_q80_q40(out, xq, xd, w)
-    matmul_q80_q40(out[:1].copy(), xq[:1].copy(), xd[:1].copy(), w)
-    for fn in ((_q40_serial_avx2, _q40_par_avx2) if HAS_AVX2 else (_q40_serial_generic, _q40_par_generic)):
-        xl, xh, xi = _xbuffers(T, w.nslab)
-        fn(out, xq, xd, w.qs, w.d.view(np.uint16), w.rows, w.nb, w.nslab, xl, xh, xi, _S16)
-    wr = Q40Matrix.from_f32(rng.standard_normal((rows, n)).astype(np.float32))        # row-tile layout
-    w41 = Q41Matrix.from_blocks(quantize_q41(rng.standard_normal((rows, n)).astype(np.float32)))
-    w80 = Q80Matrix.from_f32(rng.standard_normal((rows, n)).astype(np.float32))
-    for T_ in (1, 5):
-        o = np.empty((T_, rows), np.float32)
-        xq_, xd_ = np.zeros((T_, n), np.int8), np.ones((T_, n // QK), np.float32)
-        matmul_q80_q40(o, xq_, xd_, wr)
-        matmul_q80_q41(o, xq_, xd_, w41)
-        matmul_q80_q80(o, xq_, xd_, w80)
-        if HAS_AVX2:
-            xi, xf = _rbuffers(T_, n // QK)
-            _rows_q4_par(o, xq_, xd_, xi, xf, w41.buf, rows, n // QK, w41.stride, 1, _ACC)
-            _rows_q8_par(o, xq_, xd_, xi, xf, w80.buf, rows, n // QK, w80.stride, _ACC)
-    y = np.empty_like(x)
-    rmsnorm(y, x, np.ones(n, np.float32), 1e-5)
-    _rmsnorm_par(y, x, np.ones(n, np.float32), 1e-5, T, n)
-    pos = np.arange(T, dtype=np.int32)
-    cos = np.ones((4, 8), np.float32)
-    sin = np.zeros((4, 8), np.float32)
-    rope_interleaved(x, pos, cos, sin, 16)
-    _rope_par(x, pos, cos, sin, 16, n // 16, T)
-    kc = rng.standard_normal((4, 2, 16)).astype(np.float32)
-    kvq = np.array([0, 0, 1, 1], np.int32)
-    o = np.empty_like(x)
-    sc = attention_scratch(T, 4, 4)
-    attention(o, x, kc, kc, pos, kvq, 0.25, sc)
-    kc4 = np.stack([kc, kc])
-    slots = np.array([1, 0], np.int32)
-    _attention_par(o, x, kc4, kc4, pos, slots, kvq, np.float32(0.25), sc, T, 4, 16, 0, T * 4)
-    qkv = np.concatenate([x, x[:, :64]], axis=1)
-    oq, od = np.empty((T, n), np.int8), np.empty((T, n // QK), np.float32)
-    attention_block(o, qkv, kc4, kc4.copy(), pos, slots, cos, sin, kvq, 0.25, (oq, od))
-    attention_block(o, qkv, kc4, kc4.copy(), pos, None, cos, sin, kvq, 0.25)
-    if kv_float_type == "f16":
-        h4 = kc4.astype(np.float16)
-        attention_block(o, qkv, h4, h4.copy(), pos, slots, cos, sin, kvq, 0.25, (oq, od))
-        attention_block(o, qkv, h4, h4.copy(), pos, None, cos, sin, kvq, 0.25)
-        hb = h4.view(np.uint16)
-        _attention_par(o, x, hb, hb, pos, slots, kvq, np.float32(0.25), sc, T, 4, 16, 0, T * 4)
-        _rope_store(qkv, 4, 2, hb, hb.copy(), pos, slots, cos, sin, 16, T)
-        attention(o, x, kc.astype(np.float16), kc.astype(np.float16), pos, kvq, 0.25, sc)
-    _rope_store(qkv, 4, 2, kc4, kc4.copy(), pos, slots, cos, sin, 16, T)
-    rmsnorm_heads(x, 16, 2, np.ones(16, np.float32), 1e-6)
-    gu = np.concatenate([x, x], axis=1)
-    silu_mul(y, gu)
-    _silu_mul_par(y, gu, T, n)
-    rmsnorm_q80(y, xq, xd, x, np.ones(n, np.float32), 1e-5)
-    silu_mul_q80(y, xq, xd, gu)
-    _silu_mul_q80_split(y[:1].copy(), xq[:1].copy(), xd[:1].copy(), gu[:1].copy(), n, HAS_AVX2, 2)
+    f32 = lambda *shape: rng.standard_normal(shape).astype(np.float32)  # noqa: E731
+    ones = np.ones(n, np.float32)
+    ones_ro = np.ones(n, np.float32)
+    ones_ro.flags.writeable = False     # the model's norm weights are read-only views: numba
+    steps = []                          # compiles those separately
+
+    def step(need, name, seconds, dispatchers):
+        def add(fn):
+            if need in needs:
+                steps.append((name, seconds, dispatchers, fn))
+            return fn
+        return add
+
+    @step("q80act", "q80 activations", 1.0, [_quantize_q80_act_f16c, _quantize_q80_act])
+    def _():
+        quantize_q80_act(xq, xd, x)
+
+    @step("q4rows", "q4 matmul (row tiles)", 6.0, [_rows_q4_serial, _rows_q4_par, _rows_q4_generic])
+    def _():
+        w41 = Q41Matrix.from_blocks(quantize_q41(f32(rows, n)))
+        wr = Q40Matrix.from_blocks(quantize_q40(f32(rows, n)), layout="rows")
+        for T_ in (1, 5):
+            o = np.empty((T_, rows), np.float32)
+            xq_, xd_ = np.zeros((T_, n), np.int8), np.ones((T_, n // QK), np.float32)
+            matmul_q80_q41(o, xq_, xd_, w41)
+            matmul_q80_q40(o, xq_, xd_, wr)
+            if HAS_AVX2:
+                xi, xf = _rbuffers(T_, n // QK)
+                _rows_q4_par(o, xq_, xd_, xi, xf, w41.buf, rows, n // QK, w41.stride, 1, _ACC)
+
+    @step("q40slab", "q40 matmul (slabs)", 29.0, [_q40_serial_avx2, _q40_par_avx2,
+                                                  _q40_serial_generic, _q40_par_generic])
+    def _():
+        w = Q40Matrix.from_blocks(quantize_q40(f32(rows, n)), layout="slab")
+        out = np.empty((T, rows), np.float32)
+        matmul_q80_q40(out, xq, xd, w)
+        matmul_q80_q40(out[:1].copy(), xq[:1].copy(), xd[:1].copy(), w)
+        for fn in ((_q40_serial_avx2, _q40_par_avx2) if HAS_AVX2 else (_q40_serial_generic, _q40_par_generic)):
+            xl, xh, xi = _xbuffers(T, w.nslab)
+            fn(out, xq, xd, w.qs, w.d.view(np.uint16), w.rows, w.nb, w.nslab, xl, xh, xi, _S16)
+
+    @step("q8rows", "q8 matmul (output matrix)", 4.0, [_rows_q8_serial, _rows_q8_par, _rows_q8_generic])
+    def _():
+        w80 = Q80Matrix.from_f32(f32(rows, n))
+        for T_ in (1, 5):
+            o = np.empty((T_, rows), np.float32)
+            xq_, xd_ = np.zeros((T_, n), np.int8), np.ones((T_, n // QK), np.float32)
+            matmul_q80_q80(o, xq_, xd_, w80)
+            if HAS_AVX2:
+                xi, xf = _rbuffers(T_, n // QK)
+                _rows_q8_par(o, xq_, xd_, xi, xf, w80.buf, rows, n // QK, w80.stride, _ACC)
+
+    @step("fused", "rmsnorm + q80", 2.0, [_rmsnorm_q80_ser, _rmsnorm_par])
+    def _():
+        y = np.empty_like(x)
+        for w in (ones, ones_ro):
+            rmsnorm_q80(y, xq, xd, x, w, 1e-5)
+            _rmsnorm_par(y, x, w, 1e-5, T, n)
+
+    @step("fused", "silu·mul + q80", 2.0, [_silu_mul_q80_ser, _silu_mul_par])
+    def _():
+        y, gu = np.empty_like(x), np.concatenate([x, x], axis=1)
+        silu_mul_q80(y, xq, xd, gu)
+        _silu_mul_par(y, gu, T, n)
+
+    @step("silu_split", "silu·mul + q80 (split)", 3.5, [_silu_mul_q80_split])
+    def _():
+        y, gu = np.empty((1, n), np.float32), np.concatenate([x[:1], x[:1]], axis=1)
+        _silu_mul_q80_split(y, xq[:1].copy(), xd[:1].copy(), gu, n, HAS_AVX2, 2)
+
+    @step("f32", "rmsnorm", 1.6, [_rmsnorm_rows, _rmsnorm_par])
+    def _():
+        y = np.empty_like(x)
+        for w in (ones, ones_ro):
+            rmsnorm(y, x, w, 1e-5)
+            _rmsnorm_par(y, x, w, 1e-5, T, n)
+
+    @step("f32", "silu·mul", 1.6, [_silu_mul_rows, _silu_mul_par])
+    def _():
+        y, gu = np.empty_like(x), np.concatenate([x, x], axis=1)
+        silu_mul(y, gu)
+        _silu_mul_par(y, gu, T, n)
+
+    @step("f16", "f16 matmul", 2.0, [_f16_rows_serial, _f16_rows_par])
+    def _():
+        w16 = f32(rows, n).astype(np.float16)
+        for T_ in (1, 5):
+            o = np.empty((T_, rows), np.float32)
+            for fn in (_f16_rows_serial, _f16_rows_par):
+                fn(o, x[:1].repeat(T_, 0), w16.view(np.uint16), rows, n, T_)
+
+    @step("qk_norm", "per-head rmsnorm", 0.5, [_rmsnorm_heads])
+    def _():
+        for w in (ones, ones_ro):
+            rmsnorm_heads(x.copy(), 16, 2, w[:16], 1e-6)
+
+    @step("attention", "attention block", 6.0, [_attention_block_ser, _rope_store, _attention_par])
+    def _():
+        kc4 = np.stack([f32(4, 2, 16)] * 2)
+        pos, slots = np.arange(T, dtype=np.int32), np.array([1, 0], np.int32)
+        cos, sin = np.ones((4, 8), np.float32), np.zeros((4, 8), np.float32)
+        kvq = np.array([0, 0, 1, 1], np.int32)
+        o, sc = np.empty_like(x), attention_scratch(T, 4, 4)
+        qkv = np.concatenate([x, x[:, :64]], axis=1)
+        oq, od = np.empty((T, n), np.int8), np.empty((T, n // QK), np.float32)
+        attention_block(o, qkv, kc4, kc4.copy(), pos, slots, cos, sin, kvq, 0.25, (oq, od))
+        attention_block(o, qkv, kc4, kc4.copy(), pos, None, cos, sin, kvq, 0.25)
+        _attention_par(o, x, kc4, kc4, pos, slots, kvq, np.float32(0.25), sc, T, 4, 16, 0, T * 4)
+        _rope_store(qkv, 4, 2, kc4, kc4.copy(), pos, slots, cos, sin, 16, T)
+
+    @step("kv_f16", "attention block (f16 KV cache)", 6.0, [_attention_block_ser, _rope_store,
+                                                            _attention_par, _attention_ser])
+    def _():
+        kc4 = np.stack([f32(4, 2, 16)] * 2).astype(np.float16)
+        pos, slots = np.arange(T, dtype=np.int32), np.array([1, 0], np.int32)
+        cos, sin = np.ones((4, 8), np.float32), np.zeros((4, 8), np.float32)
+        kvq = np.array([0, 0, 1, 1], np.int32)
+        o, sc = np.empty_like(x), attention_scratch(T, 4, 4)
+        qkv = np.concatenate([x, x[:, :64]], axis=1)
+        oq, od = np.empty((T, n), np.int8), np.empty((T, n // QK), np.float32)
+        attention_block(o, qkv, kc4, kc4.copy(), pos, slots, cos, sin, kvq, 0.25, (oq, od))
+        attention_block(o, qkv, kc4, kc4.copy(), pos, None, cos, sin, kvq, 0.25)
+        kb = kc4.view(np.uint16)
+        _attention_par(o, x, kb, kb, pos, slots, kvq, np.float32(0.25), sc, T, 4, 16, 0, T * 4)
+        _rope_store(qkv, 4, 2, kb, kb.copy(), pos, slots, cos, sin, 16, T)
+        attention(o, x, kc4[0], kc4[0], pos, kvq, 0.25, sc)
+
+    @step("tests", "rope and attention (tests)", 4.0, [_rope_rows, _rope_par, _attention_ser])
+    def _():
+        pos = np.arange(T, dtype=np.int32)
+        cos, sin = np.ones((4, 8), np.float32), np.zeros((4, 8), np.float32)
+        y = x.copy()
+        rope_interleaved(y, pos, cos, sin, 16)
+        _rope_par(y, pos, cos, sin, 16, n // 16, T)
+        kc = f32(4, 2, 16)
+        attention(np.empty_like(x), x, kc, kc, pos, np.array([0, 0, 1, 1], np.int32), 0.25,
+                  attention_scratch(T, 4, 4))
+    return steps
+
+
+def _cached(dispatcher) -> bool:
+    """Whether numba's cache holds code of this kernel for this machine (a hint for the
+    message before compiling: private numba API, so any surprise counts as cached)."""
+    try:
+        index = dispatcher._cache._cache_file._load_index()
+        magic = dispatcher.targetctx.codegen().magic_tuple()
+        return any(key[1] == magic for key in index)
+    except Exception:
+        return True
+
+
+def warmup_is_cached(needs=None) -> tuple[bool, float]:
+    """(every kernel of `needs` is in numba's cache, rough seconds to compile the others)."""
+    missing = [s for s in _steps(ALL_NEEDS if needs is None else needs)
+               if not all(_cached(d) for d in s[2] if _wanted(d))]
+    return not missing, sum(s[1] for s in missing)
+
+
+def _wanted(dispatcher) -> bool:
+    """The AVX2 kernels and their portable twins: only one kind runs on a machine."""
+    generic = dispatcher in (_rows_q4_generic, _rows_q8_generic, _q40_serial_generic, _q40_par_generic)
+    avx2 = dispatcher in (_rows_q4_serial, _rows_q4_par, _rows_q8_serial, _rows_q8_par, _q40_serial_avx2,
+                          _q40_par_avx2)
+    return not (generic and HAS_AVX2 or avx2 and not HAS_AVX2)
+
+
+def warmup(needs=None, progress=None) -> None:
+    """Call the kernels of `needs` (names of ALL_NEEDS; None: all of them) once on tiny inputs,
+    so that compilation (or loading from numba's cache) happens up front. progress(done,
+    total, name) is called before each step and once at the end."""
+    steps = _steps(ALL_NEEDS if needs is None else needs)
+    for i, (name, _, _, fn) in enumerate(steps):
+        if progress is not None:
+            progress(i, len(steps), name)
+        fn()
+    if progress is not None:
+        progress(len(steps), len(steps), "")

@@ -11,9 +11,12 @@ The thread count and the thresholds that depend on it are module state: other mo
 them as ``_jit._NUM_THREADS`` / ``_jit._PAR_MIN_BLOCKS`` at call time, never import them by
 name (``set_num_threads`` rebinds them).
 
-Caching (``cache=True``): numba checks only the file that defines a kernel, not the modules
-it calls into, so after editing ``simd``, ``q80`` or any other module whose kernels are called
-from another file, clear the cache (the ``__pycache__/*.nbi``/``*.nbc`` files of this package).
+Caching (``cache=True``): compiled kernels go to ``$NUMBA_CACHE_DIR``, which dllama_mpi sets
+(before numba is imported) to ``numba/`` in the user cache (``~/.cache/dllama_mpi/``, see
+``dllama_mpi/__init__.py``) unless it is set already: interactive runs, tests and batch jobs
+share it. numba checks only the file that defines a kernel, not the modules it calls into, so
+after editing ``simd``, ``q80`` or any other module whose kernels are called from another file,
+clear the cache (``rm -r ~/.cache/dllama_mpi/numba``).
 """
 from __future__ import annotations
 
@@ -57,6 +60,12 @@ def choose_threading_layer(weights_float_type: str) -> None:
         os.environ["GOMP_SPINCOUNT"] = "1000"    # read by libgomp when numba first loads it
 
 
+def max_threads() -> int:
+    """The most threads a run may ask for: numba's NUMBA_NUM_THREADS (by default the machine's
+    CPUs; the environment variable lowers or raises it), fixed when numba is imported."""
+    return int(numba.config.NUMBA_NUM_THREADS)
+
+
 def set_num_threads(n: int) -> None:
     """Set the number of numba threads used by the parallel kernels (1..NUMBA_NUM_THREADS)."""
     global _PAR_MIN_BLOCKS, _NUM_THREADS
@@ -67,9 +76,3 @@ def set_num_threads(n: int) -> None:
 
 def get_num_threads() -> int:
     return _NUM_THREADS
-
-
-def max_threads() -> int:
-    """The most threads set_num_threads accepts (numba's pool: NUMBA_NUM_THREADS, by default
-    the CPUs of the machine)."""
-    return int(numba.config.NUMBA_NUM_THREADS)

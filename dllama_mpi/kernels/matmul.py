@@ -2,7 +2,7 @@
 
 ``matmul_q80_q40`` / ``_q41`` / ``_q80`` check their arguments and run; ``bind_matmul`` checks
 once and returns the bound kernel call (what the model uses at decode).  ``matmul_f32`` is
-numpy's sgemm.
+numpy's sgemm; ``matmul_f16`` widens float16 weights as it reads them (matmul_f16.py).
 """
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import numpy as np
 from ..quant import QK, Q40Matrix, Q41Matrix, Q80Matrix
 from . import _jit
 from ._checks import _F32, _I8, _check, _check_out, _noop
+from .matmul_f16 import _f16_rows_par, _f16_rows_serial
 from .matmul_rows import (_ACC, _RT4, _RT8, _rbuffers, _rows_q4_generic, _rows_q4_par, _rows_q4_serial,
                           _rows_q8_generic, _rows_q8_par, _rows_q8_serial)
 from .matmul_slab import (_S16, _q40_par_avx2, _q40_par_generic, _q40_serial_avx2, _q40_serial_generic,
@@ -118,6 +119,23 @@ def _bound_rows_q4(out, xq, xd, buf, rows, nb, sb, hasm, use_avx2: bool):
         return partial(_rows_q4_generic, *args)
     serial = rows * nb * T < _jit._PAR_MIN_BLOCKS or rows <= 2 * _RT4 or _jit._NUM_THREADS == 1
     return partial(_rows_q4_serial if serial else _rows_q4_par, *args)
+
+
+# ---------------------------------------------------------------- f16 weights
+
+def matmul_f16(out: np.ndarray, x: np.ndarray, w: np.ndarray) -> None:
+    """out[T, rows] = x[T, cols] @ f32(w[rows, cols]).T for float16 weights (f32 products and
+    sums; matmul_f16's module docstring)."""
+    _check("x", x, np.float32, ndim=2)
+    _check("w", w, np.float16, ndim=2)
+    if x.shape[1] != w.shape[1]:
+        raise ValueError(f"x: has {x.shape[1]} columns but w is {w.shape[0]}x{w.shape[1]}")
+    _check_out("out", out, np.float32, (x.shape[0], w.shape[0]))
+    (rows, cols), T = w.shape, x.shape[0]
+    if T == 0 or rows == 0:
+        return
+    serial = rows * cols * T < 1 << 18 or _jit._NUM_THREADS == 1
+    (_f16_rows_serial if serial else _f16_rows_par)(out, x, w.view(np.uint16), rows, cols, T)
 
 
 # ---------------------------------------------------------------- f32 matmul

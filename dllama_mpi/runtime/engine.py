@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 FLAG_ALL_LOGITS = 1
 FLAG_ROWS = 2        # rows carry their own positions and KV slots
 FLAG_LOGIT_ROWS = 4  # with FLAG_ROWS: logits of chosen rows only (header[1] = their count)
+FLAG_COPY_KV = 8     # no forward: copy positions 0..n_tokens-1 of KV slot header[1] to header[3]
 
 
 def _check_finite(logits: np.ndarray, position: int) -> None:
@@ -118,6 +119,13 @@ class Engine:
             return self.model.forward(x, positions, False, slots, logit_rows=rows[2 * t:])
         return self.model.forward(x, positions, True, slots)
 
+    def copy_kv(self, src: int, dst: int, n_positions: int) -> None:
+        """Root: on every rank, positions 0..n_positions-1 of KV slot src are copied to slot
+        dst (a prompt prefix another sequence already computed)."""
+        self._check_signals()
+        self.comm.bcast_step(np.array([n_positions, src, FLAG_COPY_KV, dst], np.int32))
+        self.model.kv.copy_prefix(src, dst, n_positions)
+
     def stop(self, exit_code: int = 0) -> None:
         """Root: tell the workers to leave their loop (and the code to exit with)."""
         with interrupt.deferred():
@@ -136,6 +144,9 @@ class Engine:
             t, pos, flags, slot = (int(v) for v in header[:4])
             if t == 0:
                 return pos
+            if flags & FLAG_COPY_KV:
+                self.model.kv.copy_prefix(pos, slot, t)
+                continue
             if flags & FLAG_ROWS:
                 n = pos if flags & FLAG_LOGIT_ROWS else 0
                 rows = self.comm.bcast_array(np.empty(2 * t + n, np.int32))

@@ -8,7 +8,10 @@ never stalls the running streams: continuous batching with chunked prefill, in o
 
 A sequence ends on a stop id (not emitted), a stop string (never emitted: text that could
 still become one is held back), max_tokens, the context end, cancellation (any thread, any
-time: its slot is freed at the next step boundary) or an error. A finished sequence's KV
+time: its slot is freed at the next step boundary) or an error. A request with a
+response_format gets a grammar matcher (compiled at submit): its logits are masked to the
+tokens the grammar allows before sampling (stop ids only where the grammar accepts), and the
+sequence ends with "stop" once the grammar is complete. A finished sequence's KV
 slot keeps its tokens: a later prompt that starts with them takes that slot and starts
 prefill where they differ (the prefix cache).
 """
@@ -21,20 +24,26 @@ import time
 from collections import deque
 
 from ..errors import DllamaError
-from ..sampler import Sampler, logprobs_of
+from ..sampler import Sampler, logprobs_of, masked
 from .sequence import (Completion, RequestHandle, Sequence, Slot, TokenEvent,  # noqa: F401
                        check_prompt)
 from .stops import TextStream
+
+# a prefix held by another slot is copied when it saves at least this many positions of
+# prefill (a copy is a broadcast step of its own)
+MIN_COPY_POSITIONS = 16
 
 
 class Scheduler:
     def __init__(self, engine, *, n_slots: int, max_seq_len: int, eos_ids,
                  decoder_factory=None, token_budget: int = 256, prefix_cache: bool = True,
-                 prefill_alone: bool = False):
+                 prefill_alone: bool = False, grammar=None):
         """engine: forward(tokens, pos, slot=) and forward_rows(tokens, positions, slots,
         logit_rows=) on the root. decoder_factory: () -> a streaming decoder (push(token) ->
         str, flush() -> str), needed for text and stop strings. prefill_alone: steps with a
-        prompt chunk carry no decode rows (the behaviour before chunked prefill; benchmarks)."""
+        prompt chunk carry no decode rows (the behaviour before chunked prefill; benchmarks).
+        grammar: a grammar.GrammarCompiler (matcher(response_format) -> Matcher), needed for
+        requests with a response_format."""
         if n_slots < 1:
             raise DllamaError(f"the scheduler needs at least one KV slot, got {n_slots}")
         if token_budget < 1:
@@ -43,6 +52,7 @@ class Scheduler:
         self.eos_ids = frozenset(int(i) for i in eos_ids)
         self.decoder_factory, self.token_budget = decoder_factory, token_budget
         self.prefix_cache, self.prefill_alone = prefix_cache, prefill_alone
+        self.grammar = grammar
         self.slots = [Slot() for _ in range(n_slots)]
         self._cond = threading.Condition(threading.Lock())
         self._waiting: deque[Sequence] = deque()     # submitted, no slot yet (FIFO)
@@ -56,26 +66,35 @@ class Scheduler:
         self.steps_total = self.decode_steps_total = 0
         self.decode_rows_total = self.prefill_rows_total = 0
         self.decode_seconds_total = self.prefill_seconds_total = 0.0
+        self.kv_copies_total = 0
 
     # -- any thread --------------------------------------------------------------------
     def submit(self, prompt_tokens, params, on_token=None, on_done=None,
                request_id: str | None = None, sampler=None) -> RequestHandle:
         """Queue a request; DllamaError at once for an empty prompt, one that leaves no room
-        in max_seq_len, or bad params. sampler: a callable(logits) -> token id used instead
-        of the seeded Sampler of params (generate_batch's callers bring their own)."""
+        in max_seq_len, bad params or an invalid response_format. sampler: a callable(logits)
+        -> token id used instead of the seeded Sampler of params (generate_batch's callers
+        bring their own; with a response_format it sees the disallowed logits as -inf)."""
         params.check()
         prompt = [int(t) for t in prompt_tokens]
         check_prompt(prompt, self.max_seq_len)
         if params.stop and self.decoder_factory is None:
             raise DllamaError("stop strings need the text: this scheduler has no decoder")
+        matcher = None
+        if params.response_format is not None:
+            if self.grammar is None:
+                raise DllamaError("response_format needs a grammar: this scheduler has none")
+            matcher = self.grammar.matcher(params.response_format)   # compiles; may raise
+        sample = Sampler.from_params(params) if sampler is None else (
+            lambda logits, allowed, f=sampler: masked(f, logits, allowed))
         decoder = self.decoder_factory() if self.decoder_factory is not None else None
         with self._cond:
             if self._closed:
                 raise DllamaError("the scheduler is closed")
             handle = RequestHandle(request_id or f"req-{next(self._ids)}", self)
             self._waiting.append(Sequence(
-                handle, prompt, params, sampler or Sampler.from_params(params),
-                TextStream(decoder, params.stop), on_token, on_done))
+                handle, prompt, params, sample, TextStream(decoder, params.stop), on_token,
+                on_done, grammar=matcher))
             self.requests_total += 1
             self._cond.notify_all()
         return handle
@@ -108,7 +127,7 @@ class Scheduler:
         names = ("requests_running", "requests_waiting", "requests_total",
                  "tokens_generated_total", "prompt_tokens_total", "cached_tokens_total",
                  "steps_total", "decode_steps_total", "decode_rows_total", "prefill_rows_total",
-                 "decode_seconds_total", "prefill_seconds_total")
+                 "decode_seconds_total", "prefill_seconds_total", "kv_copies_total")
         return {n: getattr(self, n) for n in names}
 
     # -- the scheduler thread ----------------------------------------------------------
@@ -187,11 +206,29 @@ class Scheduler:
                 continue
             slot = self._choose_slot(seq.prompt, free)
             cached = self.slots[slot].shared_prefix(seq.prompt) if self.prefix_cache else 0
+            if self.prefix_cache:
+                cached = self._copy_longer_prefix(seq.prompt, slot, cached)
             self.slots[slot].seq = seq
             del self.slots[slot].tokens[cached:]
             seq.slot, seq.pos, seq.cached_tokens = slot, cached, cached
             self.prompt_tokens_total += len(seq.prompt)
             self.cached_tokens_total += cached
+
+    def _copy_longer_prefix(self, prompt, slot: int, cached: int) -> int:
+        """When another slot (a running sequence's too: the n choices of one prompt, a shared
+        system prompt) holds a longer prefix of prompt than `slot`, copy its K/V over: a
+        memory copy instead of a prefill. Returns the positions `slot` now holds."""
+        best, src = cached, -1
+        for i, other in enumerate(self.slots):
+            n = other.shared_prefix(prompt)
+            if i != slot and n > best:
+                best, src = n, i
+        if best - cached < MIN_COPY_POSITIONS:
+            return cached
+        self.engine.copy_kv(src, slot, best)
+        self.slots[slot].tokens[:] = self.slots[src].tokens[:best]
+        self.kv_copies_total += 1
+        return best
 
     def _choose_slot(self, prompt, free: list[int]) -> int:
         """The free slot sharing the longest prefix with prompt; among equals (and when the
@@ -248,16 +285,24 @@ class Scheduler:
         """Sample s's next token from its logits row; emit it, or end the sequence."""
         if s.handle.done():
             return
-        p = s.params
-        token = int(s.sample(row))
+        p, g = s.params, s.grammar
+        try:
+            token = int(s.sample(row, None if g is None else g.allowed(len(row))))
+        except DllamaError as e:            # the grammar allows nothing (its error state)
+            self._finish(s, "error", f"{e}: {g.error}" if g is not None else str(e))
+            return
         if s.t_first is None:
             s.t_first = time.perf_counter()
+        if g is not None and not g.accept(token):
+            self._finish(s, "error", f"the grammar rejected token {token}: {g.error}")
+            return
         if token in self.eos_ids and not p.ignore_eos:
             self._finish(s, "stop")
             return
         s.generated.append(token)
         self.tokens_generated_total += 1
-        last = len(s.generated) >= p.max_tokens or s.pos >= self.max_seq_len
+        complete = g is not None and g.done     # the grammar allows nothing more
+        last = complete or len(s.generated) >= p.max_tokens or s.pos >= self.max_seq_len
         text = s.stream.push(token, last)
         lp = top = None
         if p.logprobs or p.top_logprobs:
@@ -265,7 +310,7 @@ class Scheduler:
             lp = lp if p.logprobs else None
         if not self._emit(s, TokenEvent(token, text, lp, top)):
             return
-        if s.stream.stopped:
+        if s.stream.stopped or complete:
             self._finish(s, "stop")
         elif last:
             self._finish(s, "length")

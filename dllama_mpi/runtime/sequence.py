@@ -76,10 +76,11 @@ class Sequence:
     handle: RequestHandle
     prompt: list[int]
     params: object                          # SamplingParams
-    sample: Callable[[np.ndarray], int]
+    sample: Callable[..., int]              # (logits, allowed mask or None) -> token id
     stream: TextStream
     on_token: Callable | None = None
     on_done: Callable | None = None
+    grammar: object | None = None           # grammar.Matcher of params.response_format
     slot: int = -1                          # KV slot while admitted
     pos: int = 0                            # next position to write
     next_token: int = -1                    # decoding: the token to feed at pos

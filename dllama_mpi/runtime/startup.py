@@ -21,12 +21,13 @@ from ..embedding import Embedding
 from ..errors import DllamaError, StartupFailed  # noqa: F401  (StartupFailed: re-exported)
 from ..formats import open_model
 from ..kvcache import KVCache, job_tag
-from ..loading import load_shard
 from ..memory import RankMemory, mib
 from ..memory import per_rank as memory_per_rank
 from ..model import Transformer, pack_weights
 from . import interrupt
 from .engine import Engine, StepStats
+from .scheduler import Scheduler
+from .progress import Stages, cores, first_line, kernels_needed, load_with_progress, model_line, warm_kernels
 
 
 @dataclass
@@ -68,21 +69,19 @@ class Session:
                   f"{self.nthreads} threads", file=sys.stderr)
 
 
-def default_threads(comm) -> int:
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cores = os.cpu_count() or 1
-    return max(1, cores // comm.node_local_size())
+def default_threads(comm, local_ranks: int | None = None) -> int:
+    """The cores this rank may use / the ranks on its node, at most numba's thread limit."""
+    local = comm.node_local_size() if local_ranks is None else local_ranks
+    return max(1, min(cores() // local, kernels.max_threads()))
 
 
 def _root_open(model_arg: str, run: RunConfig, size: int, want_tokenizer: bool,
                tokenizer_path: str | None):
     path = registry.resolve(model_arg)
     model = open_model(path, tokenizer_path)
-    run = run.resolved(model.preferred_weight_type(), model.output_type())
+    run = resolve_run(run, model)
     run.validate(model.config)
-    shard.check(model.config, size, run.weights_float_type)
+    shard.check(model.config, size, run.weights_float_type, run.quantised_layers)
     tokenizer = model.tokenizer() if want_tokenizer else None
     if tokenizer is not None:
         _check_tokenizer(tokenizer, model.config.vocab_size, tokenizer_path or path)
@@ -129,31 +128,52 @@ def _agree_signals(comm, signals, cleanup=None) -> None:
             _fail(comm, str(e), e.exit_code)
 
 
+def resolve_run(run: RunConfig, model) -> RunConfig:
+    """The run's "auto" types settled for this model file (RunConfig.resolved), with each
+    matrix's own runtime type when the file mixes types (formats' runtime_types)."""
+    types = getattr(model, "runtime_types", None)
+    return run.resolved(model.preferred_weight_type(), model.output_type(),
+                        types() if types is not None else None)
+
+
 def start(comm, model_arg: str, run: RunConfig, want_tokenizer: bool = True,
           kv_dir: str | None = None, tokenizer_path: str | None = None,
-          root_check=None) -> Session:
-    """root_check: called first on the root (e.g. to read an input file); its DllamaError
-    is reported like a bad model, before anything is loaded. kv_dir: as run.kv_cache_dir.
+          root_check=None, after_open=None, progress: bool = True) -> Session:
+    """root_check: called first on the root (e.g. to read an input file); after_open(tokenizer,
+    max_seq_len): called on the root once the model is open, before anything is loaded (e.g.
+    to check the prompt's length); their DllamaError is reported like a bad model.
+    progress: the root prints a line per stage on stderr (progress.py). kv_dir: as
+    run.kv_cache_dir.
 
     Every rank checks what only it can (threads, its KV cache files and their disk space,
     the memory of its node) before anything is loaded; a signal during start-up is acted on
-    at its end, by every rank together."""
+    at its end, by every rank together (runtime/interrupt.py)."""
     if kv_dir is not None and run.kv_cache_dir is None:
         run = dataclasses.replace(run, kv_cache_dir=kv_dir)
     interrupt.enter_session()              # signals from now on: the root decides
-    return _start(comm, model_arg, run, want_tokenizer, tokenizer_path, root_check)
+    return _start(comm, model_arg, run, want_tokenizer, tokenizer_path, root_check,
+                  after_open, progress)
 
 
-def _start(comm, model_arg, run, want_tokenizer, tokenizer_path, root_check) -> Session:
+def _start(comm, model_arg, run, want_tokenizer, tokenizer_path, root_check, after_open,
+           progress) -> Session:
     model = tokenizer = None
     status = None
+    stages = Stages(comm.is_root and progress)
+    local_ranks = comm.node_local_size()
+    nthreads = run.nthreads or default_threads(comm, local_ranks)
+    stages.line(first_line(comm.size, local_ranks, nthreads, run.nthreads))
     if comm.is_root:
         try:
             if root_check is not None:
                 root_check()
             model, tokenizer, run = _root_open(model_arg, run, comm.size, want_tokenizer,
                                                 tokenizer_path)
-            status = ("ok", model.config.to_dict(), run, model.path, job_tag())
+            if after_open is not None:
+                after_open(tokenizer, run.resolved_max_seq_len(model.config))
+            status = ("ok", model.config.to_dict(), run, model.path,
+                      list(getattr(model, "parts", [model.path])), job_tag())
+            stages.line(model_line(model, run))
         except DllamaError as e:
             status = ("error", str(e))
         if interrupt.pending() is not None:
@@ -163,10 +183,10 @@ def _start(comm, model_arg, run, want_tokenizer, tokenizer_path, root_check) -> 
         _fail(comm, status[1])
     if status[0] == "signal":
         _agree_signals(comm, [status[1]])
-    config, run, path, job = ModelConfig.from_dict(status[1]), status[2], status[3], status[4]
+    config, run, path, files, job = (ModelConfig.from_dict(status[1]), status[2], status[3],
+                                     status[4], status[5])
     me = shard.plan(config, comm.rank, comm.size)
     max_seq_len = run.resolved_max_seq_len(config)
-    nthreads = run.nthreads or default_threads(comm)
     predicted = memory_per_rank(config, run, comm.size)
     node = comm.allgather_obj((socket.gethostname(), os.getpid()))
     ranks = [RankInfo(r, pid, host) for r, (host, pid) in enumerate(node)]
@@ -181,13 +201,17 @@ def _start(comm, model_arg, run, want_tokenizer, tokenizer_path, root_check) -> 
         error = str(e)
     _agree(comm, error)
 
-    direct = _direct_load(comm, run.load, path)
+    direct = _direct_load(comm, run.load, files)
     if direct and not comm.is_root:
         model = open_model(path)
     kernels.choose_threading_layer(run.weights_float_type)
     kernels.set_num_threads(nthreads)
-    _warm_kernels(comm, run.kv_cache_float_type)
-    weights = load_shard(comm, model, config, run, direct=direct)
+    needs = kernels_needed(config, me, run, nthreads)
+    if run.kv_cache_float_type == "f16":
+        needs.add("kv_f16")
+    warm_kernels(comm, needs, stages,
+                 f"{run.weights_float_type} weights, {run.output_float_type} output")
+    weights = load_with_progress(comm, model, config, run, direct, stages)
     pack_weights(weights)
     if direct and not comm.is_root:
         model.close()
@@ -274,31 +298,20 @@ def release_free_memory() -> None:
         pass
 
 
-def _direct_load(comm, mode: str, path: str) -> bool:
+def _direct_load(comm, mode: str, files: list[str]) -> bool:
     """direct: every rank reads its own slices (shared filesystem); scatter: the root reads
-    and sends; auto: direct when every rank can read the file."""
+    and sends; auto: direct when every rank can read the model's files (every part of a
+    split GGUF)."""
     if mode == "scatter" or comm.size == 1:
         return False
-    readable = comm.allgather_obj(os.access(path, os.R_OK))
+    readable = comm.allgather_obj(all(os.access(f, os.R_OK) for f in files))
     if all(readable):
         return True
     if mode == "direct":
         missing = [r for r, ok in enumerate(readable) if not ok]
-        message = f"--load direct, but ranks {missing} cannot read {path}"
-        if comm.is_root:
-            print(f"error: {message}", file=sys.stderr)
-        raise StartupFailed(1, message)
+        what = files[0] if len(files) == 1 else f"all {len(files)} parts of {files[0]}"
+        _fail(comm, f"--load direct, but ranks {missing} cannot read {what}")
     return False
-
-
-def _warm_kernels(comm, kv_float_type: str = "f32") -> None:
-    """Compile (or load from numba's cache) on the root first, so ranks never race to
-    write the same cache files; then everyone else loads them."""
-    if comm.is_root:
-        kernels.warmup(kv_float_type)
-    comm.barrier()
-    if not comm.is_root:
-        kernels.warmup(kv_float_type)
 
 
 def run_root(session: Session, body: Callable[[Session], object],
@@ -337,3 +350,22 @@ def run_root(session: Session, body: Callable[[Session], object],
     if report is not None:
         report(value, steps)
     return 0
+
+
+def scheduler_for(session: Session, **options) -> Scheduler:
+    """The root's scheduler over this session's engine: one sequence per KV slot
+    (--parallel), the tokenizer's end ids and streaming decoder, and a grammar compiler for
+    response_format (built lazily: nothing is compiled until a request asks)."""
+    from ..grammar import GrammarCompiler
+    tok = session.tokenizer
+    options.setdefault("grammar", GrammarCompiler(tok, eos_ids=tok.eos_ids))
+    return Scheduler(session.engine, n_slots=session.run.parallel,
+                     max_seq_len=session.max_seq_len, eos_ids=tok.eos_ids,
+                     decoder_factory=tok.decoder, **options)
+
+
+def ignore_job_signals_on_workers(comm) -> None:
+    """Nothing to do any more (kept for its callers): from start() on, every rank of a
+    session only records SIGINT/SIGTERM, a worker passes its signal on to the root after its
+    current step, and the root stops the job at a step boundary (runtime/interrupt.py). A
+    worker that ignored them could not tell the root that it was asked to stop."""

@@ -44,11 +44,14 @@ from gguf.quants import quantize as _gguf_quantize
 
 from ..formats.base import llama3_rope_factors
 from .bpe_vocab import CHATML_TEMPLATE, byte_bpe_vocab
+from .kquants import QUANTIZERS as K_QUANTIZERS
 from .llama_tensors import ARCHS, TensorSpec, llama_tensor_specs, permute_qk
 
-#: weight_type name -> GGML type of the 2-D matrices
+#: weight_type name -> GGML type of the 2-D matrices ("q4_k_m": the mix of its own below)
 WEIGHT_TYPES: dict[str, QT] = {"f32": QT.F32, "f16": QT.F16, "q4_0": QT.Q4_0, "q4_1": QT.Q4_1,
-                               "q8_0": QT.Q8_0}
+                               "q8_0": QT.Q8_0, "q5_0": QT.Q5_0, "q5_1": QT.Q5_1,
+                               "q4_k": QT.Q4_K, "q5_k": QT.Q5_K, "q6_k": QT.Q6_K,
+                               "q4_k_m": QT.Q4_K}
 #: weight_type name -> ``general.file_type`` (llama.cpp's LlamaFileType)
 FILE_TYPES: dict[str, int] = {
     "f32": int(gguf.LlamaFileType.ALL_F32),
@@ -56,7 +59,15 @@ FILE_TYPES: dict[str, int] = {
     "q4_0": int(gguf.LlamaFileType.MOSTLY_Q4_0),
     "q4_1": int(gguf.LlamaFileType.MOSTLY_Q4_1),
     "q8_0": int(gguf.LlamaFileType.MOSTLY_Q8_0),
+    "q5_0": int(gguf.LlamaFileType.MOSTLY_Q5_0),
+    "q5_1": int(gguf.LlamaFileType.MOSTLY_Q5_1),
+    "q4_k": int(gguf.LlamaFileType.MOSTLY_Q4_K_S),
+    "q5_k": int(gguf.LlamaFileType.MOSTLY_Q5_K_S),
+    "q6_k": int(gguf.LlamaFileType.MOSTLY_Q6_K),
+    "q4_k_m": int(gguf.LlamaFileType.MOSTLY_Q4_K_M),
 }
+# llama.cpp's fallbacks for K-quants when a row is not a multiple of 256 values
+_K_FALLBACK = {QT.Q4_K: QT.Q5_0, QT.Q5_K: QT.Q5_1, QT.Q6_K: QT.Q8_0}
 
 _CHUNK_ELEMS = 1 << 22  # rows are converted in chunks of about this many values
 
@@ -102,12 +113,28 @@ def _copy_tokenizer(w: gguf.GGUFWriter, src: str | os.PathLike, vocab_size: int)
 
 # --------------------------------------------------------------------------- writer
 
-def _conv_type(spec: TensorSpec, qtype: QT) -> QT:
+def _more_bits(layer: int, n_layers: int) -> bool:
+    """llama.cpp's use_more_bits: the layers whose attn_v / ffn_down Q4_K_M keeps at Q6_K."""
+    return (layer < n_layers // 8 or layer >= 7 * n_layers // 8
+            or (layer - n_layers // 8) % 3 == 2)
+
+
+def _conv_type(spec: TensorSpec, qtype: QT, weight_type: str = "", n_layers: int = 0) -> QT:
     if not spec.is_matrix:
         return QT.F32
     if qtype in (QT.F32, QT.F16):
         return qtype
+    if weight_type == "q4_k_m":   # as llama.cpp's llama_tensor_get_type mixes Q4_K_M
+        name = spec.gguf_name
+        if name == "output.weight":
+            qtype = QT.Q6_K
+        elif name.endswith(("attn_v.weight", "ffn_down.weight")) and \
+                _more_bits(int(name.split(".")[1]), n_layers):
+            qtype = QT.Q6_K
     block, _ = gguf.GGML_QUANT_SIZES[qtype]
+    if spec.shape[-1] % block and qtype in _K_FALLBACK:
+        qtype = _K_FALLBACK[qtype]
+        block, _ = gguf.GGML_QUANT_SIZES[qtype]
     if spec.shape[-1] % block:
         # convert_hf_to_gguf.py falls back to F16 when a row does not fit the blocks
         return QT.F16
@@ -129,18 +156,24 @@ def _fetch(tensors: Mapping[str, Any], name: str) -> np.ndarray:
     return np.asarray(v)
 
 
+def _quantize(a: np.ndarray, qtype: QT) -> np.ndarray:
+    if qtype.name in K_QUANTIZERS:       # the gguf package only dequantises K-quants
+        return K_QUANTIZERS[qtype.name](a)
+    return _gguf_quantize(a, qtype)
+
+
 def _write_tensor(fout, a: np.ndarray, qtype: QT) -> int:
     """Convert ``a`` (f32, C order) to ``qtype`` in row chunks and write it; returns bytes written."""
     written = 0
     if a.ndim == 1:
-        b = _gguf_quantize(np.ascontiguousarray(a, dtype=np.float32), qtype)
+        b = _quantize(np.ascontiguousarray(a, dtype=np.float32), qtype)
         b.tofile(fout)
         return b.nbytes
     rows = a.shape[0]
     step = max(1, _CHUNK_ELEMS // max(1, a.shape[1]))
     for r0 in range(0, rows, step):
         chunk = np.ascontiguousarray(a[r0:r0 + step], dtype=np.float32)
-        b = _gguf_quantize(chunk, qtype)
+        b = _quantize(chunk, qtype)
         b.tofile(fout)
         written += b.nbytes
     return written
@@ -152,7 +185,8 @@ def write_llama_gguf(path: str | os.PathLike, *, dim: int, hidden_dim: int, n_la
                      rope_scaling: Mapping[str, Any] | None = None, tensors: Mapping[str, Any],
                      weight_type: str = "f32", tokenizer: str | os.PathLike | None = "bytes",
                      name: str = "dllama-mpi synthetic",
-                     extra_metadata: Mapping[str, Any] | None = None, arch: str = "llama") -> Path:
+                     extra_metadata: Mapping[str, Any] | None = None, arch: str = "llama",
+                     n_experts: int = 0, n_experts_used: int = 0) -> Path:
     """Write a llama-architecture GGUF from HF-named float32 tensors (see the module docstring).
 
     ``tensors``: Mapping of HF names to float32 arrays (or zero-argument callables returning
@@ -162,7 +196,9 @@ def write_llama_gguf(path: str | os.PathLike, *, dim: int, hidden_dim: int, n_la
     BPE), None, or the path of a GGUF whose ``tokenizer.*`` fields are copied.
     ``extra_metadata``: additional key -> value pairs (str; bool; int as UINT32, or INT64 when
     negative or large; float as FLOAT32).  ``arch``: "llama", or "qwen2" / "qwen3" (see
-    :func:`llama_tensor_specs`).  Returns the path written.
+    :func:`llama_tensor_specs`).  ``n_experts`` / ``n_experts_used``: a mixture of experts
+    (Mixtral as "llama", Qwen3-MoE as "qwen3moe"), its tensors named as llama_tensor_specs
+    says, ``hidden_dim`` an expert's.  Returns the path written.
     """
     if weight_type not in WEIGHT_TYPES:
         raise ValueError(f"weight_type must be one of {sorted(WEIGHT_TYPES)}, got {weight_type!r}")
@@ -183,7 +219,7 @@ def write_llama_gguf(path: str | os.PathLike, *, dim: int, hidden_dim: int, n_la
     tied = "lm_head.weight" not in tensors
     specs = llama_tensor_specs(dim=dim, hidden_dim=hidden_dim, n_layers=n_layers, n_heads=n_heads,
                                n_kv_heads=n_kv_heads, vocab_size=vocab_size, head_dim=hd, tied=tied,
-                               arch=arch)
+                               arch=arch, n_experts=n_experts)
     expected = {s.hf_name for s in specs}
     missing = sorted(expected - set(tensors.keys()))
     if missing:
@@ -222,6 +258,11 @@ def write_llama_gguf(path: str | os.PathLike, *, dim: int, hidden_dim: int, n_la
     w.add_file_type(FILE_TYPES[weight_type])
     w.add_vocab_size(vocab_size)
     w.add_rope_dimension_count(hd)
+    if n_experts:
+        w.add_expert_count(n_experts)
+        w.add_expert_used_count(n_experts_used)
+        if arch == "qwen3moe":
+            w.add_expert_feed_forward_length(hidden_dim)
     for stype, factor in scaling_kv:
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR if stype == "linear" else stype)
         w.add_rope_scaling_factor(factor)
@@ -245,7 +286,7 @@ def write_llama_gguf(path: str | os.PathLike, *, dim: int, hidden_dim: int, n_la
 
     plan: list[tuple[TensorSpec, QT, int]] = []
     for s in specs:
-        t = _conv_type(s, qtype)
+        t = _conv_type(s, qtype, weight_type, n_layers)
         nb = _nbytes(s.shape, t)
         plan.append((s, t, nb))
         w.add_tensor_info(s.gguf_name, s.shape, np.dtype(np.float32), nb, raw_dtype=t)
@@ -285,3 +326,32 @@ def write_llama_gguf(path: str | os.PathLike, *, dim: int, hidden_dim: int, n_la
             pass
         raise
     return path
+
+
+def split_gguf(path: str | os.PathLike, out_prefix: str | os.PathLike,
+               max_tensors: int) -> list[Path]:
+    """Rewrite the GGUF ``path`` as a split GGUF of at most ``max_tensors`` tensors a part,
+    as llama.cpp's converter does with ``--split-max-tensors``: parts
+    ``<out_prefix>-0000i-of-0000n.gguf``, every key/value in the first part, ``split.no``,
+    ``split.count`` and ``split.tensors.count`` in each, tensor bytes unchanged. Returns the
+    parts' paths in order."""
+    reader = gguf.GGUFReader(path)
+    arch = reader.fields["general.architecture"].contents()
+    w = gguf.GGUFWriter(Path(f"{out_prefix}.gguf"), arch, split_max_tensors=max_tensors)
+    for key, field in reader.fields.items():
+        if key.startswith(("GGUF.", "split.")) or key == "general.architecture":
+            continue
+        vtype = field.types[0]
+        if vtype == VT.ARRAY:
+            values = field.contents()
+            if len(values):
+                w.add_key_value(key, values, VT.ARRAY, sub_type=field.types[1])
+        else:
+            w.add_key_value(key, field.contents(), vtype)
+    for t in reader.tensors:
+        w.add_tensor(t.name, np.asarray(t.data), raw_dtype=t.tensor_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return w.format_shard_names(Path(f"{out_prefix}.gguf"))

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-ARCHS = ("llama", "qwen2", "qwen3")
+ARCHS = ("llama", "qwen2", "qwen3", "qwen3moe")
 
 
 @dataclass(frozen=True)
@@ -23,15 +23,21 @@ class TensorSpec:
 
     @property
     def is_matrix(self) -> bool:
-        return len(self.shape) == 2
+        """Quantised with the weights: matrices and stacks of experts' matrices, not the
+        norms nor a mixture of experts' router (llama.cpp keeps ffn_gate_inp F32)."""
+        return len(self.shape) >= 2 and not self.gguf_name.endswith("ffn_gate_inp.weight")
 
 
 def llama_tensor_specs(*, dim: int, hidden_dim: int, n_layers: int, n_heads: int, n_kv_heads: int,
                        vocab_size: int, head_dim: int | None = None, tied: bool = False,
-                       arch: str = "llama") -> list[TensorSpec]:
+                       arch: str = "llama", n_experts: int = 0) -> list[TensorSpec]:
     """The tensors of a Llama model in file order, with HF names, GGUF names and HF shapes.
-    ``arch`` "qwen2" adds the q/k/v biases, "qwen3" the per-head q/k norms; both keep
-    Hugging Face's rotate-half q/k order (llama.cpp runs them with NEOX rope: no permutation)."""
+    ``arch`` "qwen2" adds the q/k/v biases, "qwen3" (and "qwen3moe") the per-head q/k norms;
+    they keep Hugging Face's rotate-half q/k order (llama.cpp runs them with NEOX rope: no
+    permutation). ``n_experts``: a mixture of experts (Mixtral as "llama", Qwen3-MoE as
+    "qwen3moe") whose FFN is the router ``mlp.gate.weight`` [n_experts, dim] and the experts'
+    matrices stacked as GGUF holds them, ``mlp.experts.{gate,up,down}_proj`` [n_experts, ...]
+    (``hidden_dim`` is then an expert's)."""
     hd = head_dim if head_dim is not None else dim // n_heads
     q_dim, kv_dim = n_heads * hd, n_kv_heads * hd
     qh, kvh = (n_heads, n_kv_heads) if arch == "llama" else (0, 0)
@@ -45,14 +51,25 @@ def llama_tensor_specs(*, dim: int, hidden_dim: int, n_layers: int, n_heads: int
             TensorSpec(p + "self_attn.v_proj.weight", b + "attn_v.weight", (kv_dim, dim)),
             TensorSpec(p + "self_attn.o_proj.weight", b + "attn_output.weight", (dim, q_dim)),
             TensorSpec(p + "post_attention_layernorm.weight", b + "ffn_norm.weight", (dim,)),
-            TensorSpec(p + "mlp.gate_proj.weight", b + "ffn_gate.weight", (hidden_dim, dim)),
-            TensorSpec(p + "mlp.up_proj.weight", b + "ffn_up.weight", (hidden_dim, dim)),
-            TensorSpec(p + "mlp.down_proj.weight", b + "ffn_down.weight", (dim, hidden_dim)),
         ]
+        if n_experts:
+            e = n_experts
+            specs += [
+                TensorSpec(p + "mlp.gate.weight", b + "ffn_gate_inp.weight", (e, dim)),
+                TensorSpec(p + "mlp.experts.gate_proj", b + "ffn_gate_exps.weight", (e, hidden_dim, dim)),
+                TensorSpec(p + "mlp.experts.up_proj", b + "ffn_up_exps.weight", (e, hidden_dim, dim)),
+                TensorSpec(p + "mlp.experts.down_proj", b + "ffn_down_exps.weight", (e, dim, hidden_dim)),
+            ]
+        else:
+            specs += [
+                TensorSpec(p + "mlp.gate_proj.weight", b + "ffn_gate.weight", (hidden_dim, dim)),
+                TensorSpec(p + "mlp.up_proj.weight", b + "ffn_up.weight", (hidden_dim, dim)),
+                TensorSpec(p + "mlp.down_proj.weight", b + "ffn_down.weight", (dim, hidden_dim)),
+            ]
         if arch == "qwen2":
             specs += [TensorSpec(p + f"self_attn.{x}_proj.bias", b + f"attn_{x}.bias", (n,))
                       for x, n in (("q", q_dim), ("k", kv_dim), ("v", kv_dim))]
-        if arch == "qwen3":
+        if arch in ("qwen3", "qwen3moe"):
             specs += [TensorSpec(p + f"self_attn.{x}_norm.weight", b + f"attn_{x}_norm.weight", (hd,))
                       for x in ("q", "k")]
     specs.append(TensorSpec("model.norm.weight", "output_norm.weight", (dim,)))
@@ -115,15 +132,16 @@ def _tensor_rng(seed: int, name: str) -> np.random.Generator:
 
 def random_llama_tensors(*, dim: int, hidden_dim: int, n_layers: int, n_heads: int, n_kv_heads: int,
                          vocab_size: int, head_dim: int | None = None, tied: bool = False,
-                         std: float = 0.02, seed: int = 0) -> LazyTensors:
+                         std: float = 0.02, seed: int = 0, n_experts: int = 0) -> LazyTensors:
     """Random Llama weights in HF naming/orientation, as a lazy mapping (see :class:`LazyTensors`).
 
     Matrices ~ normal(0, std); norm weights ~ 1 + normal(0, 0.1).  Each tensor depends only on
     ``seed`` and its name, so any access order gives the same values.  ``tied=True`` omits
-    ``lm_head.weight``.
+    ``lm_head.weight``; ``n_experts``: a mixture of experts (llama_tensor_specs).
     """
     specs = llama_tensor_specs(dim=dim, hidden_dim=hidden_dim, n_layers=n_layers, n_heads=n_heads,
-                               n_kv_heads=n_kv_heads, vocab_size=vocab_size, head_dim=head_dim, tied=tied)
+                               n_kv_heads=n_kv_heads, vocab_size=vocab_size, head_dim=head_dim, tied=tied,
+                               n_experts=n_experts)
 
     def make(name: str, shape: tuple[int, ...]) -> np.ndarray:
         rng = _tensor_rng(seed, name)

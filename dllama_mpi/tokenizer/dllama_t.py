@@ -1,6 +1,6 @@
 """Distributed Llama's tokenizer file (``.t``): read, pack, and turn into Tokenizer arguments.
 
-Layout (little-endian; /work/shared/notes/dllama-formats.md): int32 magic 0x567124, int32 header
+Layout (little-endian; as Distributed Llama writes it, src/tokenizer.cpp): int32 magic 0x567124, int32 header
 size, (int32 key, int32 value) pairs; [chat_stop bytes]; chat template; eos ids (int32); per
 token: float32 score, uint32 length, raw bytes.
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-if TYPE_CHECKING:
-    from .core import Tokenizer
+
+class _Decodes(Protocol):
+    """What the decoder needs of a tokenizer (core.Tokenizer has it)."""
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str: ...
 
 
 class IncrementalDecoder:
@@ -21,7 +24,7 @@ class IncrementalDecoder:
     growth of the text, so every decoder (byte-level, byte-fallback, Metaspace) is handled alike.
     """
 
-    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = False):
+    def __init__(self, tokenizer: _Decodes, skip_special_tokens: bool = False):
         self._tok = tokenizer
         self._skip = skip_special_tokens
         self._ids: list[int] = []
@@ -29,7 +32,7 @@ class IncrementalDecoder:
         self._read = 0  # ids[:read] have been emitted
 
     def _decode(self, ids) -> str:
-        return self._tok._hf.decode(ids, skip_special_tokens=self._skip)
+        return self._tok.decode(ids, skip_special_tokens=self._skip)
 
     def push(self, token_id: int) -> str:
         self._ids.append(int(token_id))

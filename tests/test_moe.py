@@ -1,0 +1,103 @@
+"""Mixture of experts (Qwen3-MoE, Mixtral) in one process: random tiny models of
+transformers' classes, as GGUF (llama.cpp's ffn_*_exps / ffn_gate_inp) and as HF folders,
+against transformers; the quantised experts against their numpy twin; memory and info count
+every expert. tests/mpi/test_moe_parity.py runs them on N ranks."""
+import numpy as np
+import pytest
+
+from dllama_mpi.comm import SerialComm
+from tiny import (MOE_SHAPES, hf_moe_greedy, hf_moe_logits, hf_moe_model, our_greedy, our_logits,
+                  save_hf_moe, tolerance, write_moe_gguf)
+
+IDS = [1, 17, 42, 99, 3, 150, 7, 64, 5, 180, 2, 33]
+
+
+def _file(tmp_path, shape, form, weight_type="f32"):
+    if form == "hf":
+        return save_hf_moe(str(tmp_path / shape), shape)
+    return write_moe_gguf(str(tmp_path / f"{shape}-{weight_type}.gguf"), shape, weight_type)
+
+
+@pytest.mark.parametrize("form", ["gguf", "hf"])
+@pytest.mark.parametrize("shape", sorted(MOE_SHAPES))
+def test_logits_match_transformers(tmp_path, shape, form):
+    ref = hf_moe_logits(shape, IDS)
+    ours = our_logits(SerialComm(), _file(tmp_path, shape, form), IDS)
+    np.testing.assert_allclose(ours, ref, rtol=0, atol=tolerance(ref))
+
+
+@pytest.mark.parametrize("shape", sorted(MOE_SHAPES))
+def test_greedy_decode_matches_transformers(tmp_path, shape):
+    """Decode routes one token at a time (the T=1 path) through the KV cache."""
+    path = _file(tmp_path, shape, "gguf")
+    assert our_greedy(SerialComm(), path, IDS[:4], 16) == hf_moe_greedy(shape, IDS[:4], 16)
+
+
+def test_unnormalised_top_k_weights(tmp_path):
+    """Qwen3-MoE with norm_topk_prob false: the chosen experts' softmax weights as they are."""
+    ref = hf_moe_logits("qwen3moe", IDS, norm_topk_prob=False)
+    path = save_hf_moe(str(tmp_path / "m"), "qwen3moe", norm_topk_prob=False)
+    from dllama_mpi.formats import open_model
+    assert open_model(path).config.expert_norm is False
+    ours = our_logits(SerialComm(), path, IDS)
+    np.testing.assert_allclose(ours, ref, rtol=0, atol=tolerance(ref))
+    assert np.abs(ours - hf_moe_logits("qwen3moe", IDS)).max() > 10 * tolerance(ref)
+
+
+@pytest.mark.parametrize("weight_type,runtime", [("q4_0", "q40"), ("q8_0", "q80")])
+def test_quantised_experts_match_their_numpy_twin(tmp_path, monkeypatch, weight_type, runtime):
+    from dllama_mpi import model as model_module
+    from dllama_mpi.quant import dequantize_q80_parts, quantize_q80_parts
+    path = _file(tmp_path, "qwen3moe", "gguf", weight_type)
+    q = our_logits(SerialComm(), path, IDS, weights=runtime, wire="q80")
+    f32_matmul = model_module.Transformer._matmul
+
+    def q80_rounded_matmul(self, out, inp, w):
+        inp.x = dequantize_q80_parts(*quantize_q80_parts(inp.x))
+        return f32_matmul(self, out, inp, w)
+
+    monkeypatch.setattr(model_module.Transformer, "_matmul", q80_rounded_matmul)
+    twin = our_logits(SerialComm(), path, IDS, weights="f32")
+    diff = np.linalg.norm(q - twin) / np.linalg.norm(twin)
+    assert diff < 5e-3, diff
+    assert (q.argmax(-1) == twin.argmax(-1)).mean() >= 0.9
+
+
+@pytest.mark.parametrize("weights", ["f32", "q40"])
+def test_memory_counts_every_expert(tmp_path, weights):
+    from dllama_mpi import memory
+    from dllama_mpi.config import RunConfig
+    from dllama_mpi.runtime.startup import start
+    path = _file(tmp_path, "mixtral", "gguf", "q4_0" if weights == "q40" else "f32")
+    s = start(SerialComm(), path, RunConfig(weights_float_type=weights, max_seq_len=16,
+                                            nthreads=1), want_tokenizer=False)
+    held = s.engine.model.w.nbytes()
+    assert memory.per_rank(s.config, s.run, 1)[0].weights == held
+    c = s.config
+    if weights == "f32":
+        per_layer = (c.q_dim + 2 * c.kv_dim) * c.dim + c.dim * c.q_dim \
+            + c.n_experts * 3 * c.hidden_dim * c.dim + c.n_experts * c.dim + 2 * c.dim
+        assert held == 4 * (c.n_layers * per_layer + c.dim + c.vocab_size * c.dim)
+
+
+@pytest.mark.parametrize("form", ["gguf", "hf"])
+def test_info_counts_the_experts_parameters(tmp_path, capsys, form):
+    from dllama_mpi.apps.info import print_info
+    path = _file(tmp_path, "qwen3moe", form)
+    assert print_info(path, 3) == 0
+    out = capsys.readouterr().out
+    params = int(out.split("parameters: ")[1].split()[0].replace(",", ""))
+    assert params == sum(p.numel() for p in hf_moe_model("qwen3moe").parameters())
+    assert "n_experts: 4" in out and "n_experts_used: 2" in out
+
+
+def test_conversions(tmp_path):
+    """To our .h5 store: the same logits; to a Distributed Llama .m: a clear refusal."""
+    from dllama_mpi.apps.convert import convert
+    from dllama_mpi.errors import DllamaError
+    path = _file(tmp_path, "qwen3moe", "gguf")
+    h5 = convert(path, str(tmp_path / "m.h5"), "f32", progress=False)[0]
+    np.testing.assert_array_equal(our_logits(SerialComm(), h5, IDS),
+                                  our_logits(SerialComm(), path, IDS))
+    with pytest.raises(DllamaError, match="mixture-of-experts"):
+        convert(path, str(tmp_path / "m.m"), "f32", to="dllama", progress=False)
