@@ -72,14 +72,16 @@ def test_the_root_stops_at_the_next_step_and_exits_128_plus_signal(model, capsys
 
 def test_a_signal_during_start_up_ends_it_together(model, capsys, monkeypatch):
     from dllama_mpi.errors import StartupFailed
-    real_load = __import__("dllama_mpi.runtime.startup", fromlist=["load_shard"]).load_shard
+    import importlib
+    startup = importlib.import_module("dllama_mpi.runtime.startup")
+    real_load = startup.load_with_progress
 
     def load_and_signal(*a, **k):
         interrupt._handler(signal.SIGINT, None)     # recorded: loading is not interrupted
         return real_load(*a, **k)
-    monkeypatch.setattr("dllama_mpi.runtime.startup.load_shard", load_and_signal)
+    monkeypatch.setattr(startup, "load_with_progress", load_and_signal)
     with pytest.raises(StartupFailed) as e:
         start(SerialComm(), model, RunConfig(weights_float_type="f32", max_seq_len=64,
-                                            nthreads=1), want_tokenizer=False)
+                                            nthreads=1), want_tokenizer=False, progress=False)
     assert e.value.code == 130 and e.value.message == "interrupted by SIGINT"
     assert capsys.readouterr().err.strip() == "error: interrupted by SIGINT"
