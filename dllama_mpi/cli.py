@@ -59,6 +59,14 @@ def _seed(text: str) -> int:
     return value
 
 
+@_named("port number")
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be in [0, 65535], got {value}")
+    return value
+
+
 @_named("number")
 def _temperature(text: str) -> float:
     value = float(text)
@@ -192,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (0.0.0.0: every interface)")
-    p.add_argument("--port", type=_count, default=9990, help="port to listen on (0: any free)")
+    p.add_argument("--port", type=_port, default=9990, help="port to listen on (0: any free)")
     p.add_argument("--parallel", "--max-batch", type=_positive, default=4,
                    help="sequences decoding together (KV-cache slots; memory grows with it)")
     p.add_argument("--api-key", default=None,

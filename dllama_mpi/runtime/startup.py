@@ -62,11 +62,11 @@ class Session:
             who = ""
             if self.ranks is not None and self.comm.size > 1:
                 info = self.ranks[m.rank]
-                who = f" (pid {info.pid} on {info.host})"
-            print(f"rank {m.rank}{who}: weights {mib(m.weights)}, KV cache {mib(m.kv_cache)} "
+                who = f"; pid {info.pid} on {info.host}"
+            print(f"rank {m.rank}: weights {mib(m.weights)}, KV cache {mib(m.kv_cache)} "
                   f"{where} ({self.max_seq_len} positions x {self.run.parallel} slots, "
                   f"{kv.float_type}), buffers {mib(m.buffers)}, total {mib(m.total)}; "
-                  f"{self.nthreads} threads", file=sys.stderr)
+                  f"{self.nthreads} threads{who}", file=sys.stderr)
 
 
 def default_threads(comm, local_ranks: int | None = None) -> int:

@@ -162,9 +162,10 @@ class Ctx:
     logs: str          # stdout / stderr files
     proc: subprocess.Popen | None = None
     notes: dict = field(default_factory=dict)
+    vars: dict = field(default_factory=dict)      # more {names} for the case's text (setup)
 
     def fmt(self, text: str) -> str:
-        return text.format(**self.fx, work=self.work, tmp=self.tmp)
+        return text.format(**self.fx, work=self.work, tmp=self.tmp, **self.vars)
 
     def stderr(self) -> str:
         with open(os.path.join(self.logs, "stderr"), errors="replace") as f:
@@ -231,7 +232,7 @@ def _wait_for(ctx: Ctx, pattern: str, seconds: float = 60) -> re.Match | None:
 
 
 def _rank_pid(ctx: Ctx, rank: int) -> int | None:
-    m = _wait_for(ctx, rf"rank {rank} \(pid (\d+) on ")
+    m = _wait_for(ctx, rf"rank {rank}: .*; pid (\d+) on ")
     return int(m.group(1)) if m else None
 
 
@@ -277,9 +278,9 @@ def _killed_rank_named(ctx: Ctx, r: Result) -> list[str]:
     if pid is not None:
         if f"PID {pid}" not in r.stdout:          # MPICH's hydra names the process by pid
             problems.append("the launcher did not name the dead process")
-        if f"rank 1 (pid {pid} on " not in r.stderr:
+        if not re.search(rf"^rank 1: .*; pid {pid} on ", r.stderr, re.M):
             problems.append("the start-up report does not map the pid to rank 1")
-        ctx.notes["summary"] += f"; mpiexec: 'PID {pid}', start-up report: 'rank 1 (pid {pid} ...)'"
+        ctx.notes["summary"] += f"; mpiexec: 'PID {pid}', start-up report: 'rank 1: …; pid {pid} on …'"
     return problems
 
 
@@ -365,8 +366,79 @@ def _converted(ctx: Ctx, r: Result) -> list[str]:
         return [] if "tensors" in f else ["not an HDF5 store"]
 
 
+def _busy_port(ctx: Ctx) -> None:
+    """A port this process holds while the case runs."""
+    import socket
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    ctx.notes["socket"] = sock
+    ctx.vars["port"] = str(sock.getsockname()[1])
+
+
+def _serving(ctx: Ctx) -> str | None:
+    m = _wait_for(ctx, r"serving \S+ on (http://\S+/v1)")
+    if m is None:
+        ctx.notes["problem"] = "the server never started"
+    return m.group(1) if m else None
+
+
+def _serve_then(sig: int, request: bool = False, rank: int | None = None):
+    """Once serving (and, with `request`, once a client's long stream is running), send
+    `sig` to the job, or to one rank."""
+    def during(ctx: Ctx) -> None:
+        import threading
+        import urllib.request
+        url = _serving(ctx)
+        if url is None:
+            return
+        if request:
+            got = ctx.notes["stream"] = []
+
+            def client():
+                body = json.dumps({"model": "x", "prompt": "abc", "max_tokens": 10000,
+                                   "stream": True, "ignore_eos": True}).encode()
+                req = urllib.request.Request(url + "/completions", body,
+                                             {"Content-Type": "application/json"})
+                try:
+                    with urllib.request.urlopen(req, timeout=60) as r:
+                        for line in r:
+                            got.append(line)
+                except Exception as e:      # noqa: BLE001 - the connection closed
+                    got.append(repr(e).encode())
+                got.append(b"<end>")
+            ctx.notes["client"] = threading.Thread(target=client, daemon=True)
+            ctx.notes["client"].start()
+            deadline = time.monotonic() + 30
+            while len(got) < 20 and time.monotonic() < deadline:
+                time.sleep(0.05)
+        target = ctx.proc.pid
+        if rank is not None:
+            target = _rank_pid(ctx, rank)
+        ctx.notes["sent"] = time.monotonic()
+        if rank is None:
+            ctx.proc.send_signal(sig)
+        else:
+            ctx.notes["pid"] = target
+            os.kill(target, sig)
+    return during
+
+
+def _stream_ended(ctx: Ctx, r: Result) -> list[str]:
+    problems = _ended_within(10)(ctx, r)
+    thread = ctx.notes.get("client")
+    if thread is not None:
+        thread.join(10)
+        got = ctx.notes["stream"]
+        if not got or got[-1] != b"<end>":
+            problems.append("the client's stream did not end")
+        ctx.notes["summary"] += f"; the client's stream ended after {len(got) - 1} lines"
+    return problems
+
+
 TERM, INT, KILL = signal.SIGTERM, signal.SIGINT, signal.SIGKILL
-NUMBA_MAX = "re:error: --nthreads 1000: at most \\d+ threads per rank here \\(the CPUs numba sees; NUMBA_NUM_THREADS sets it\\)"
+NUMBA_MAX = ("re:error: --nthreads 1000: at most \\d+ here \\(numba's NUMBA_NUM_THREADS; 0 picks "
+             "the cores per rank\\) \\(see dllama_mpi inference --help\\)")
 
 
 def cases() -> list[Case]:
@@ -502,9 +574,9 @@ def cases() -> list[Case]:
           code=2, error="error: argument --nthreads: must be >= 0, got -1 (see dllama_mpi "
           "inference --help)"),
         C("nthreads-huge", "option", "--nthreads 1000", infer("{tiny}", "--nthreads", "1000"),
-          error=NUMBA_MAX),
+          code=2, error=NUMBA_MAX),
         C("nthreads-huge-2r", "option", "--nthreads 1000, 2 ranks",
-          infer("{tiny}", "--nthreads", "1000"), ranks=2, error=NUMBA_MAX),
+          infer("{tiny}", "--nthreads", "1000"), ranks=2, code=2, error=NUMBA_MAX),
         C("steps-negative", "option", "--steps -5", infer("{tiny}", "--steps", "-5"), code=2,
           error="error: argument --steps: must be >= 0, got -5 (see dllama_mpi inference "
           "--help)"),
@@ -681,6 +753,27 @@ def cases() -> list[Case]:
           setup=_batch_input(2, text="a long prompt " * 5), outputs=("in.jsonl",),
           verify=lambda ctx, r: _no_output("out.jsonl")(ctx, r),
           error="error: in.jsonl line 1: the prompt has 39 tokens; --max-seq-len is 8"),
+        # ---------------------------------------------------------------- serve
+        C("serve-port-out-of-range", "serve", "--port 70000",
+          ["serve", "--model", "{tiny}", "--port", "70000", "--nthreads", "1"], code=2,
+          error="error: argument --port: must be in [0, 65535], got 70000 (see dllama_mpi "
+          "serve --help)"),
+        C("serve-port-in-use", "serve", "a port another process listens on",
+          ["serve", "--model", "{tiny}", "--port", "{port}", "--nthreads", "1"],
+          setup=_busy_port,
+          error="error: cannot serve on 127.0.0.1:{port} (see the message above)"),
+        C("serve-sigterm-idle-2r", "serve", "SIGTERM to a serving job, idle (disk KV): a clean "
+          "stop", ["serve", "--model", "{tiny}", "--port", "0", "--nthreads", "1",
+                   "--kv-cache-storage", "disk"], ranks=2, code=0,
+          during=_serve_then(TERM), verify=_ended_within(10)),
+        C("serve-sigterm-streaming-2r", "serve", "SIGTERM while a client streams: its stream "
+          "ends, the job stops", ["serve", "--model", "{long}", "--port", "0", "--nthreads",
+                                  "1", "--max-seq-len", "16384"], ranks=2, code=0,
+          during=_serve_then(TERM, request=True), verify=_stream_ended),
+        C("serve-sigkill-worker-2r", "serve", "SIGKILL of rank 1 while a client streams",
+          ["serve", "--model", "{long}", "--port", "0", "--nthreads", "1", "--max-seq-len",
+           "16384"], ranks=2, code=9, during=_serve_then(KILL, request=True, rank=1),
+          verify=_stream_ended),
         # ---------------------------------------------------------------- convert
         C("convert-sigterm", "convert", "SIGTERM mid-convert: no temporary or partial file",
           ["convert", "{big}", "-o", "out.h5", "--no-progress"], code=143,
@@ -782,6 +875,8 @@ def run_case(case: Case, fx: dict[str, str], root: str) -> Result:
             os.killpg(ctx.proc.pid, signal.SIGKILL)
             ctx.proc.wait()
         ctx.notes["ended"] = time.monotonic()
+        if "socket" in ctx.notes:
+            ctx.notes["socket"].close()
     seconds = time.monotonic() - t0
     with open(os.path.join(base, "stdout"), errors="replace") as f:
         stdout = f.read()
@@ -827,7 +922,7 @@ def _format_pattern(case: Case, ctx: Ctx) -> str:
 
     def sub(m):
         key = m.group(1)
-        if key in ctx.fx or key in ("work", "tmp"):
+        if key in ctx.fx or key in ctx.vars or key in ("work", "tmp"):
             return re.escape(ctx.fmt("{" + key + "}"))
         return m.group(0)
     return re.sub(r"\{(\w+)\}", sub, text)
