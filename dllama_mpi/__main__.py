@@ -31,8 +31,11 @@ def main(argv=None) -> int:
     interrupt.install()
     try:
         from .cli import main as cli_main
-        return cli_main(argv)
+        code = cli_main(argv)
+        interrupt.finish()            # done: a late signal must not break the exit
+        return code
     except StartupFailed as e:        # the root already said why; every rank leaves
+        interrupt.finish()
         return int(e.code or 1)
     except KeyboardInterrupt as e:    # outside an engine session (convert, info, ...)
         e = e if isinstance(e, interrupt.Interrupted) else interrupt.Interrupted(2)

@@ -92,6 +92,13 @@ def enter_session() -> None:
     _defer += 1
 
 
+def finish() -> None:
+    """The program's work is done (its exit code decided): a signal from now on is only
+    recorded, never raised in the middle of the interpreter's shutdown."""
+    global _defer
+    _defer += 1
+
+
 @contextlib.contextmanager
 def deferred():
     """Record signals inside this block instead of raising (collectives, teardown)."""
