@@ -1,4 +1,5 @@
-"""`python -m dllama_mpi`: an error on any rank ends the whole job, never a hang."""
+"""`python -m dllama_mpi`: an error on any rank ends the whole job, never a hang; SIGINT and
+SIGTERM end it cleanly (runtime/interrupt.py)."""
 from __future__ import annotations
 
 import os
@@ -10,11 +11,14 @@ from .launch import world_rank, world_size
 
 def _abort(code: int) -> None:
     """Take every rank down: a rank left waiting in a collective would hang the job."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:
+            pass
     if world_size() > 1:
         try:
             from .comm import abort_world
-            sys.stdout.flush()
-            sys.stderr.flush()
             abort_world(code)
         except Exception:
             pass
@@ -22,16 +26,22 @@ def _abort(code: int) -> None:
 
 
 def main(argv=None) -> int:
-    from .errors import DllamaError
-    from .runtime.startup import StartupFailed
+    from .errors import DllamaError, StartupFailed
+    from .runtime import interrupt
+    interrupt.install()
     try:
         from .cli import main as cli_main
-        return cli_main(argv)
+        code = cli_main(argv)
+        interrupt.finish()            # done: a late signal must not break the exit
+        return code
     except StartupFailed as e:        # the root already said why; every rank leaves
+        interrupt.finish()
         return int(e.code or 1)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        _abort(130)
+    except KeyboardInterrupt as e:    # outside an engine session (convert, info, ...)
+        e = e if isinstance(e, interrupt.Interrupted) else interrupt.Interrupted(2)
+        if world_rank() == 0:
+            print(f"error: {e}", file=sys.stderr)
+        _abort(e.exit_code)
     except DllamaError as e:
         print(f"error: {e}", file=sys.stderr)
         _abort(1)

@@ -3,10 +3,11 @@ apps/. No math here."""
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 from . import registry
-from .config import BUFFER_TYPES, WEIGHT_TYPES, RunConfig
+from .config import BUFFER_TYPES, KV_FLOAT_TYPES, KV_STORAGES, SEED_LIMIT, WEIGHT_TYPES, RunConfig
 from .errors import DllamaError
 from .launch import world_rank
 
@@ -25,6 +26,15 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
+def _named(name: str):
+    """argparse names a type by its function's name in `invalid <name> value: 'x'`."""
+    def mark(fn):
+        fn.__name__ = name
+        return fn
+    return mark
+
+
+@_named("integer")
 def _count(text: str) -> int:
     """argparse type: an integer >= 0."""
     value = int(text)
@@ -33,10 +43,43 @@ def _count(text: str) -> int:
     return value
 
 
+@_named("integer")
 def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+@_named("integer")
+def _seed(text: str) -> int:
+    value = int(text)
+    if not 0 <= value < SEED_LIMIT:
+        raise argparse.ArgumentTypeError(f"must be in [0, 2**63), got {value}")
+    return value
+
+
+@_named("port number")
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be in [0, 65535], got {value}")
+    return value
+
+
+@_named("number")
+def _temperature(text: str) -> float:
+    value = float(text)
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+@_named("number")
+def _probability(text: str) -> float:
+    value = float(text)
+    if not 0.0 < value <= 1.0:          # NaN fails too
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
     return value
 
 
@@ -66,16 +109,22 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="scatter: rank 0 reads the model and sends each rank its slice; direct: "
                    "every rank reads its own slice (shared filesystem); auto: direct when every "
                    "rank can read the file")
-    p.add_argument("--kv-cache-dir", default=None,
-                   help="keep the KV cache in memory-mapped files in this directory")
+    p.add_argument("--kv-cache-storage", choices=KV_STORAGES, default=None,
+                   help="where the KV cache lives: memory, or disk (memory-mapped files, "
+                   "removed at exit); default: memory, disk when --kv-cache-dir is given")
+    p.add_argument("--kv-cache-dir", default=None, metavar="DIR",
+                   help="an existing directory for the disk KV cache (a folder per job is "
+                   "made in it); default for disk: $SLURM_TMPDIR, $TMPDIR or /tmp")
+    p.add_argument("--kv-cache-float-type", choices=KV_FLOAT_TYPES, default="f32",
+                   help="KV cache values: f32, or f16 (half the memory)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    p.add_argument("--topp", type=float, default=0.9,
+    p.add_argument("--temperature", type=_temperature, default=0.8, help="0 = greedy")
+    p.add_argument("--topp", type=_probability, default=0.9,
                    help="nucleus sampling: the smallest set of tokens with this probability")
     p.add_argument("--topk", type=_count, default=0, help="sample among the k likeliest (0 = off)")
-    p.add_argument("--seed", type=_count, default=None,
+    p.add_argument("--seed", type=_seed, default=None,
                    help="random seed of the sampler (none: a random one, so a different text "
                    "every run; inference prints it on stderr)")
 
@@ -95,7 +144,10 @@ def run_config(args) -> RunConfig:
                      load=getattr(args, "load", "auto"),
                      temperature=getattr(args, "temperature", 0.0),
                      topp=getattr(args, "topp", 1.0), topk=getattr(args, "topk", 0),
-                     seed=getattr(args, "seed", None), parallel=getattr(args, "parallel", 1))
+                     seed=getattr(args, "seed", None), parallel=getattr(args, "parallel", 1),
+                     kv_cache_storage=getattr(args, "kv_cache_storage", None) or "auto",
+                     kv_cache_dir=getattr(args, "kv_cache_dir", None),
+                     kv_cache_float_type=getattr(args, "kv_cache_float_type", "f32"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -166,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (0.0.0.0: every interface)")
-    p.add_argument("--port", type=_count, default=9990, help="port to listen on (0: any free)")
+    p.add_argument("--port", type=_port, default=9990, help="port to listen on (0: any free)")
     p.add_argument("--parallel", "--max-batch", type=_positive, default=4,
                    help="sequences decoding together (KV-cache slots; memory grows with it)")
     p.add_argument("--api-key", default=None,
@@ -191,6 +243,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="KV cache positions (0: the model's context, at most 4096)")
     p.add_argument("--parallel", type=_positive, default=1,
                    help="KV-cache slots (sequences decoding together)")
+    p.add_argument("--kv-cache-storage", choices=KV_STORAGES, default=None,
+                   help="as for inference (disk: the KV cache is not counted in memory)")
+    p.add_argument("--kv-cache-float-type", choices=KV_FLOAT_TYPES, default="f32",
+                   help="as for inference")
     p = sub.add_parser("convert", help="convert a model (GGUF, .m, HF folder, .h5) to our "
                        "HDF5 store or to Distributed Llama's .m + .t")
     from .apps.convert import add_arguments as add_convert_arguments
@@ -244,10 +300,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         args = parser.parse_args(argv)
     if getattr(args, "model", "") is None and not getattr(args, "preset", None):
         parser.error("--model is required (on the command line or in --config)")
-    for name in ("prompt", "model", "input", "output", "text"):
+    for name in ("prompt", "model", "input", "output", "text", "tokenizer", "config",
+                 "kv_cache_dir", "src"):
         value = getattr(args, name, None)
+        option = name if name == "src" else "--" + name.replace("_", "-")
         if isinstance(value, str) and not _utf8(value):
-            parser.error(f"--{name} is not valid UTF-8 text")
+            parser.error(f"{option} is not valid UTF-8 text")
+        if isinstance(value, str) and "\0" in value:
+            parser.error(f"{option} contains a NUL character")
     if getattr(args, "nthreads", 0):
         from .kernels import max_threads
         if args.nthreads > max_threads():

@@ -20,6 +20,7 @@ import numpy as np
 from .quant import QK
 
 STEP_HEADER = 4  # int32 words: n_tokens, first position, flags, KV slot (engine.py)
+NOTICE_TAG = 29  # a worker's "I got SIGINT/SIGTERM" to the root (runtime/interrupt.py)
 
 
 class CommStats:
@@ -43,19 +44,27 @@ class _Base:
         return self.rank == 0
 
     def _reduce_buffers(self, shape, wire):
+        """(send, recv, out) for a reduction of `shape` [T, n]: views of the first T rows of
+        arenas kept per (n, wire) and sized for the most rows so far, so the memory is one
+        set of the largest T whatever mix of row counts runs (memory.py counts that)."""
         key = (shape, wire)
         buf = self._buffers.get(key)
-        if buf is None:
-            t, n = shape
-            if wire == "q80":
-                if n % QK:
-                    raise ValueError(f"Q80 wire needs dim % {QK} == 0, got {n}")
-                per_rank = t * n + t * (n // QK) * 2  # int8 values, then f16 scales
-            else:
-                per_rank = t * n * 4
-            buf = (np.empty(per_rank, np.uint8), np.empty((self.size, per_rank), np.uint8),
-                   np.empty(shape, np.float32))
-            self._buffers[key] = buf
+        if buf is not None:
+            return buf
+        t, n = shape
+        if wire == "q80" and n % QK:
+            raise ValueError(f"Q80 wire needs dim % {QK} == 0, got {n}")
+        per_row = n + (n // QK) * 2 if wire == "q80" else n * 4  # int8 values, f16 scales
+        arena = self._arenas.get((n, wire))
+        if arena is None or arena[0] < t:
+            arena = self._arenas[(n, wire)] = (
+                t, np.empty(t * per_row, np.uint8), np.empty(self.size * t * per_row, np.uint8),
+                np.empty((t, n), np.float32))
+            self._buffers = {k: v for k, v in self._buffers.items() if k[0][1] != n or k[1] != wire}
+        per_rank = t * per_row
+        buf = (arena[1][:per_rank], arena[2][:self.size * per_rank].reshape(self.size, per_rank),
+               arena[3][:t])
+        self._buffers[key] = buf
         return buf
 
 
@@ -66,6 +75,7 @@ class SerialComm(_Base):
         self.rank, self.size = 0, 1
         self.stats = CommStats()
         self._buffers = {}
+        self._arenas = {}
 
     def bcast_obj(self, obj):
         return obj
@@ -100,6 +110,15 @@ class SerialComm(_Base):
     def abort(self, code: int = 1):
         raise SystemExit(code)
 
+    def notify_root(self, signum: int) -> None:
+        pass
+
+    def poll_notice(self):
+        return None
+
+    def settle_notices(self) -> None:
+        pass
+
 
 class Comm(_Base):
     def __init__(self, mpi_comm=None):
@@ -109,6 +128,9 @@ class Comm(_Base):
         self.rank, self.size = self.world.Get_rank(), self.world.Get_size()
         self.stats = CommStats()
         self._buffers = {}
+        self._arenas = {}
+        self._notice = None            # this worker's notice send (a request), once sent
+        self._notices_received = 0     # root: notices received by poll_notice
 
     # -- control ----------------------------------------------------------------------
     def bcast_obj(self, obj):
@@ -130,6 +152,36 @@ class Comm(_Base):
 
     def abort(self, code: int = 1):
         self.world.Abort(code)
+
+    # -- signals (runtime/interrupt.py) -------------------------------------------------
+    def notify_root(self, signum: int) -> None:
+        """Worker: tell the root this rank got `signum` (once; completed by settle_notices)."""
+        if self._notice is None:
+            self._notice_buf = np.array([signum], np.int32)
+            self._notice = self.world.Isend(self._notice_buf, dest=0, tag=NOTICE_TAG)
+
+    def poll_notice(self) -> tuple[int, int] | None:
+        """Root: (rank, signal) of a worker's notice waiting, else None (no wait)."""
+        status = self.MPI.Status()
+        if not self.world.Iprobe(source=self.MPI.ANY_SOURCE, tag=NOTICE_TAG, status=status):
+            return None
+        buf = np.empty(1, np.int32)
+        self.world.Recv(buf, source=status.Get_source(), tag=NOTICE_TAG)
+        self._notices_received += 1
+        return status.Get_source(), int(buf[0])
+
+    def settle_notices(self) -> None:
+        """Every rank, at the end: the root receives the notices it has not polled yet, the
+        workers complete their sends, so nothing is left in flight at MPI_Finalize."""
+        sent = self.world.allgather(self._notice is not None)
+        if self.is_root:
+            for _ in range(sum(sent) - self._notices_received):
+                self.world.Recv(np.empty(1, np.int32), source=self.MPI.ANY_SOURCE,
+                                tag=NOTICE_TAG)
+            self._notices_received = 0
+        elif self._notice is not None:
+            self._notice.Wait()
+            self._notice = None
 
     def _count_bcast(self, nbytes: int):
         if self.is_root:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 from .errors import DllamaError
@@ -14,6 +15,9 @@ RUNTIME_TYPE = {"F32": "f32", "F16": "f32", "BF16": "f32", "Q4_0": "q40", "Q4_1"
                 "Q4_K": "q41", "Q8_0": "q80", "Q5_0": "q80", "Q5_1": "q80", "Q5_K": "q80",
                 "Q6_K": "q80"}
 BUFFER_TYPES = ("q80", "f32")
+KV_STORAGES = ("memory", "disk")   # "auto": disk when a --kv-cache-dir is given
+KV_FLOAT_TYPES = ("f32", "f16")
+SEED_LIMIT = 2 ** 63               # seeds are in [0, 2**63), as the server's
 DEFAULT_MAX_SEQ_LEN = 4096  # cap on the model's context unless --max-seq-len says otherwise
 
 
@@ -106,8 +110,18 @@ class RunConfig:
     prefill_chunk: int = 128         # prompt tokens per forward (a matrix through the weights)
     load: str = "auto"               # scatter | direct | auto (see session._direct_load)
     parallel: int = 1                # sequences decoded together (KV-cache slots)
+    kv_cache_storage: str = "auto"   # memory | disk | auto (disk when kv_cache_dir is set)
+    kv_cache_dir: str | None = None  # disk: where the job's folder goes (None: node tmp)
+    kv_cache_float_type: str = "f32"  # f32 | f16 (half the bytes; attention reads f16)
     # weights "mixed": runtime type of every layer matrix by canonical name (layers.3.wv: q80)
     tensor_types: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def kv_storage(self) -> str:
+        """memory or disk: "auto" settled by whether a directory was given."""
+        if self.kv_cache_storage != "auto":
+            return self.kv_cache_storage
+        return "disk" if self.kv_cache_dir is not None else "memory"
 
     def resolved(self, file_weight_type: str, file_output_type: str = "F32",
                  tensor_types: dict | None = None) -> "RunConfig":
@@ -172,12 +186,24 @@ class RunConfig:
         if model.context_length and ctx > model.context_length:
             raise DllamaError(f"--max-seq-len {ctx} exceeds the model's context "
                               f"length {model.context_length}")
-        if self.temperature < 0:
-            raise DllamaError("--temperature must be >= 0")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise DllamaError(f"--temperature must be a finite number >= 0, got {self.temperature}")
         if not 0.0 < self.topp <= 1.0:
-            raise DllamaError("--topp must be in (0, 1]")
+            raise DllamaError(f"--topp must be in (0, 1], got {self.topp}")
         if self.topk < 0:
-            raise DllamaError("--topk must be >= 0")
+            raise DllamaError(f"--topk must be >= 0, got {self.topk}")
+        if self.seed is not None and not 0 <= self.seed < SEED_LIMIT:
+            raise DllamaError(f"--seed must be in [0, 2**63), got {self.seed}")
+        if self.nthreads < 0:
+            raise DllamaError(f"--nthreads must be >= 0, got {self.nthreads}")
+        if self.kv_cache_storage not in KV_STORAGES + ("auto",):
+            raise DllamaError(f"--kv-cache-storage must be one of {', '.join(KV_STORAGES)}, "
+                              f"got {self.kv_cache_storage!r}")
+        if self.kv_cache_storage == "memory" and self.kv_cache_dir is not None:
+            raise DllamaError("--kv-cache-dir is for --kv-cache-storage disk, not memory")
+        if self.kv_cache_float_type not in KV_FLOAT_TYPES:
+            raise DllamaError(f"--kv-cache-float-type must be one of "
+                              f"{', '.join(KV_FLOAT_TYPES)}, got {self.kv_cache_float_type!r}")
         if self.load not in ("scatter", "direct", "auto"):
             raise DllamaError(f"--load must be scatter, direct or auto, got {self.load!r}")
         if self.prefill_chunk <= 0:

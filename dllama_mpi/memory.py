@@ -6,15 +6,23 @@ what `info` predicts, and what a planner can sum. No arrays are made here.
   stacked matrices (wq|wk|wv, w1|w3) as one where their types agree, every expert's
   w1|w3 and w2 slices with mixtures of experts (and the f32 router), plus the f32 norms and
   biases;
-- KV cache: layers x slots x positions x this rank's KV heads x head_dim, K and V, f32;
-- buffers: the activations of one decode row and of one prefill chunk (model.Transformer
-  keeps one set per row count it has run) and the reduction buffers of comm.py.
+- KV cache: layers x slots x positions x this rank's KV heads x head_dim, K and V, f32 or
+  f16; in memory, or on disk (memory-mapped files: not counted in the total, which is the
+  memory a rank holds; the pages of the file it touches are page cache, dropped under
+  pressure);
+- buffers: the activations of the largest step (a prefill chunk, or one row per slot),
+  as model.Transformer keeps them (one arena, every row count a view of it; split stacks'
+  part outputs too), the output head's for one logits row per slot, the reduction buffers
+  of comm.py (one arena too), the rope tables and attention's scratch rows. An upper
+  bound: rows of an arena that no step reaches (logits of rows nobody samples) are never
+  touched, so never resident. (Mixtures of experts also make each step's expert outputs
+  afresh: transient, not counted.)
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .config import ModelConfig, RunConfig
+from .config import FLOAT_FORMS, ModelConfig, RunConfig
 from .quant import QK, ROW_TILE_MAX_COLS
 from .shard import STACKS, ShardPlan, layer_stacks, layer_tensors, plan, stack_runs
 
@@ -81,24 +89,43 @@ def split_stack_rows(config: ModelConfig, p: ShardPlan, run: RunConfig) -> int:
     return sum(sum(bounds) for _, bounds in seen)
 
 
-def kv_bytes(config: ModelConfig, p: ShardPlan, max_seq_len: int, n_slots: int = 1) -> int:
-    """K and V of this rank's KV heads, every layer, position and slot (f32)."""
-    return 2 * F32 * config.n_layers * n_slots * max_seq_len * p.kv_heads.size * config.head_dim
+KV_VALUE_BYTES = {"f32": 4, "f16": 2}
+
+
+def kv_bytes(config: ModelConfig, p: ShardPlan, max_seq_len: int, n_slots: int = 1,
+             float_type: str = "f32") -> int:
+    """K and V of this rank's KV heads, every layer, position and slot."""
+    return (2 * KV_VALUE_BYTES[float_type] * config.n_layers * n_slots * max_seq_len
+            * p.kv_heads.size * config.head_dim)
+
+
+def attention_bytes(config: ModelConfig, p: ShardPlan, max_seq_len: int, rows: int) -> int:
+    """The rope tables (cos and sin, f32 [S, head_dim / 2]) and attention's scratch for
+    forwards of up to `rows` rows (kernels.attention keeps one arena of min(rows x heads,
+    256) rows of S f32)."""
+    scratch = max(1, min(rows * p.q_heads.size, 256)) * max_seq_len * F32
+    return max_seq_len * config.head_dim * F32 + scratch
 
 
 def activation_bytes(config: ModelConfig, p: ShardPlan, rows: int, size: int,
-                     q80_inputs: bool, wire: str) -> int:
-    """The forward buffers of `rows` rows (model.Transformer._buf) and the reductions'
-    send/receive buffers (comm.py) for that many rows."""
+                     q80_inputs: bool, wire: str, head_rows: int = 1,
+                     wcls_q80: bool = False) -> int:
+    """The forward's buffers for up to `rows` rows (model.Transformer keeps one arena of the
+    most rows run, every row count a view of it), the output head's for up to `head_rows`
+    rows of logits, and the reductions' send/receive buffers (comm.py, one arena too)."""
     c = config
     widths = dict(x=c.dim, xb=c.dim, qkv=p.q_cols + 2 * p.kv_rows.size, att=p.q_cols,
-                  attn_out=c.dim, h13=2 * p.ffn_len, h=p.ffn_len, ffn_out=c.dim, final=c.dim,
-                  logits=p.vocab.size)
+                  attn_out=c.dim, h13=2 * p.ffn_len, h=p.ffn_len, ffn_out=c.dim)
     total = rows * sum(widths.values()) * F32 + 2 * rows * 4          # + positions, slots
-    quantised = ("xb", "att", "h", "final") if q80_inputs else ()
-    total += sum(rows * widths[n] + rows * (widths[n] // QK) * F32 for n in quantised)
+    if q80_inputs:
+        total += sum(rows * widths[n] + rows * (widths[n] // QK) * F32 for n in ("xb", "att", "h"))
+    head = head_rows * (2 * c.dim + p.vocab.size) * F32                # x, final, logits
+    if wcls_q80:
+        head += head_rows * (c.dim + (c.dim // QK) * F32)
+    if size == 1:                                                      # no reductions
+        return total + head
     per_rank = rows * c.dim + rows * (c.dim // QK) * 2 if wire == "q80" else rows * c.dim * F32
-    return total + (1 + size) * per_rank + rows * c.dim * F32
+    return total + head + (1 + size) * per_rank + rows * c.dim * F32
 
 
 @dataclass(frozen=True)
@@ -107,10 +134,16 @@ class RankMemory:
     weights: int
     kv_cache: int
     buffers: int
+    kv_on_disk: bool = False
 
     @property
     def total(self) -> int:
-        return self.weights + self.kv_cache + self.buffers
+        """Memory this rank holds (a KV cache on disk is not in it)."""
+        return self.weights + self.buffers + (0 if self.kv_on_disk else self.kv_cache)
+
+    @property
+    def disk(self) -> int:
+        return self.kv_cache if self.kv_on_disk else 0
 
 
 def per_rank(config: ModelConfig, run: RunConfig, size: int) -> list[RankMemory]:
@@ -120,12 +153,15 @@ def per_rank(config: ModelConfig, run: RunConfig, size: int) -> list[RankMemory]
     out = []
     for r in range(size):
         p = plan(config, r, size)
+        rows = max(run.parallel, run.prefill_chunk)     # the most rows a scheduler step has
         split = split_stack_rows(config, p, run)
-        buffers = sum(activation_bytes(config, p, t, size, q80, run.buffer_float_type)
-                      + (t * split * F32 if t > 1 else 0)
-                      for t in {run.parallel, run.prefill_chunk})
+        buffers = activation_bytes(config, p, rows, size, q80, run.buffer_float_type,
+                                   head_rows=run.parallel,
+                                   wcls_q80=run.output_float_type not in FLOAT_FORMS)
+        buffers += (rows * split * F32 if rows > 1 else 0) + attention_bytes(config, p, seq, rows)
         out.append(RankMemory(r, weight_bytes(config, p, run),
-                              kv_bytes(config, p, seq, run.parallel), buffers))
+                              kv_bytes(config, p, seq, run.parallel, run.kv_cache_float_type),
+                              buffers, run.kv_storage == "disk"))
     return out
 
 

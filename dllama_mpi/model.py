@@ -239,51 +239,80 @@ class Transformer:
         # quantised layers take Q80 inputs: norm and silu·mul then quantise in the same pass
         self.fuse_q80 = any(is_quantised(m) for lw in weights.layers for m in lw.matrices())
         self.scale = 1.0 / np.sqrt(config.head_dim)
-        self._buffers: dict[int, dict[str, np.ndarray]] = {}
+        self._buffers: dict[int, dict[str, np.ndarray]] = {}   # views of _arena per row count
+        self._arena: dict[str, np.ndarray] = {}
+        self._rows = 0
+        self._heads: dict[int, dict[str, np.ndarray]] = {}     # views of _head_arena
+        self._head_arena: dict[str, np.ndarray] = {}
+        self._head_rows = 0
+        self._parts: dict[tuple, list[np.ndarray]] = {}        # split stacks' part outputs
         self._bound = _BoundCalls()
         self.wcls_q80 = not isinstance(weights.wcls, np.ndarray)  # the final norm makes Q80 too
 
+    def buffer_nbytes(self) -> int:
+        """Bytes of the forward's arenas and the rope tables (memory.py's buffers, without
+        the reductions' and attention's scratch, which comm.py and the kernels keep)."""
+        arenas = list(self._arena.values()) + list(self._head_arena.values())
+        arenas += [a for parts in self._parts.values() for a in parts]
+        return sum(a.nbytes for a in arenas) + self.cos.nbytes + self.sin.nbytes
+
+    def _body_widths(self) -> dict[str, int]:
+        c, p = self.config, self.plan
+        return dict(x=c.dim, xb=c.dim, qkv=p.q_cols + 2 * p.kv_rows.size, att=p.q_cols,
+                    attn_out=c.dim, h13=2 * p.ffn_len, h=p.ffn_len, ffn_out=c.dim)
+
     def _buf(self, t: int) -> dict[str, np.ndarray]:
-        """The activations of a forward of t rows (kept per t: decode reuses them)."""
+        """The activations of a forward of t rows: views of the first t rows of one arena
+        per name, sized for the most rows run so far (memory.py predicts one arena of
+        max(prefill chunk, slots) rows, whatever mix of row counts the scheduler runs).
+        The views are kept per t, so the kernel calls bound to them are too."""
         b = self._buffers.get(t)
-        if b is None:
-            if len(self._buffers) >= 16:    # prompts of many lengths: start again
-                self._buffers.clear()
-                self._bound.clear()
-            c, p = self.config, self.plan
-            qkv = p.q_cols + 2 * p.kv_rows.size
-            shapes = dict(x=c.dim, xb=c.dim, qkv=qkv, att=p.q_cols, attn_out=c.dim,
-                          h13=2 * p.ffn_len, h=p.ffn_len, ffn_out=c.dim, final=c.dim,
-                          logits=p.vocab.size)
-            b = {name: np.zeros((t, n), np.float32) for name, n in shapes.items()}
-            b["positions"], b["slots"] = np.zeros(t, np.int32), np.zeros(t, np.int32)
-            quantised = (("xb", "att", "h") if self.fuse_q80 else ()) + (
-                ("final",) if self.wcls_q80 else ())
-            for name in quantised:
-                n = shapes[name]
-                b[name + "_q"] = np.zeros((t, n), np.int8)
-                b[name + "_d"] = np.zeros((t, n // QK), np.float32)
-                b[name + "_q80"] = (b[name + "_q"], b[name + "_d"])
-            for name in [n for n in ("x", "final", "final_q", "final_d", "logits") if n in b]:
-                b["last_" + name] = b[name][t - 1:]     # the last row (logits of the last token)
-            self._buffers[t] = b
+        if b is not None:
+            return b
+        if t > self._rows:                  # a bigger forward: new arenas, old views dropped
+            widths = self._body_widths()
+            self._arena = {name: np.zeros((t, n), np.float32) for name, n in widths.items()}
+            for name in (("xb", "att", "h") if self.fuse_q80 else ()):
+                self._arena[name + "_q"] = np.zeros((t, widths[name]), np.int8)
+                self._arena[name + "_d"] = np.zeros((t, widths[name] // QK), np.float32)
+            self._arena["positions"], self._arena["slots"] = (np.zeros(t, np.int32)
+                                                              for _ in range(2))
+            self._rows = t
+            self._buffers.clear()
+            self._bound.clear()
+        if len(self._buffers) >= 64:
+            self._buffers.clear()
+            self._bound.clear()
+        b = {name: arr[:t] for name, arr in self._arena.items()}
+        for name in (("xb", "att", "h") if self.fuse_q80 else ()):
+            b[name + "_q80"] = (b[name + "_q"], b[name + "_d"])
+        b["last_x"] = b["x"][t - 1:]        # the last row (logits of the last token)
+        self._buffers[t] = b
         return b
 
-    def _chosen_rows(self, b, logit_rows) -> str:
-        """Copy the rows of b["x"] named by logit_rows into head buffers of that many rows
-        (kept in b per count); the prefix of their names in b."""
-        n = len(logit_rows)
-        prefix = f"rows{n}_"
-        if prefix + "x" not in b:
+    def _head(self, n: int) -> dict[str, np.ndarray]:
+        """The output head's buffers for n rows (x, final [, final_q, final_d], logits):
+        views of one arena sized for the most rows asked so far (one row at prefill, one
+        per sequence at a decode step; every row for all_logits)."""
+        h = self._heads.get(n)
+        if h is not None:
+            return h
+        if n > self._head_rows:
             c, vocab = self.config, self.plan.vocab.size
-            b[prefix + "x"], b[prefix + "final"] = (np.zeros((n, c.dim), np.float32)
-                                                    for _ in range(2))
-            b[prefix + "logits"] = np.zeros((n, vocab), np.float32)
+            self._head_arena = dict(x=np.zeros((n, c.dim), np.float32),
+                                    final=np.zeros((n, c.dim), np.float32),
+                                    logits=np.zeros((n, vocab), np.float32))
             if self.wcls_q80:
-                b[prefix + "final_q"] = np.zeros((n, c.dim), np.int8)
-                b[prefix + "final_d"] = np.zeros((n, c.dim // QK), np.float32)
-        np.take(b["x"], np.asarray(logit_rows, np.intp), axis=0, out=b[prefix + "x"])
-        return prefix
+                self._head_arena["final_q"] = np.zeros((n, c.dim), np.int8)
+                self._head_arena["final_d"] = np.zeros((n, c.dim // QK), np.float32)
+            self._head_rows = n
+            self._heads.clear()
+            self._bound.clear()
+        if len(self._heads) >= 64:
+            self._heads.clear()
+            self._bound.clear()
+        h = self._heads[n] = {name: arr[:n] for name, arr in self._head_arena.items()}
+        return h
 
     def _matmul(self, out: np.ndarray, inp: _Input, w) -> None:
         """out [T, rows] = inp [T, cols] @ w[rows, cols]^T."""
@@ -307,14 +336,27 @@ class Transformer:
             key = ("parts", id(out), tuple(w.bounds))
             outs = b.get(key)
             if outs is None:
-                outs = b[key] = [out[:, lo:hi] if t == 1 else np.zeros((t, hi - lo), np.float32)
-                                 for lo, hi in w.bounds]
+                outs = b[key] = ([out[:, lo:hi] for lo, hi in w.bounds] if t == 1 else
+                                 [a[:t] for a in self._part_arena(w.bounds, t)])
         else:
             outs = [np.empty((t, hi - lo), np.float32) for lo, hi in w.bounds]
         for (lo, hi), m, o in zip(w.bounds, w.parts, outs):
             self._matmul(o, inp, m)
             if not views:
                 out[:, lo:hi] = o
+
+    def _part_arena(self, bounds, t: int) -> list[np.ndarray]:
+        """The part outputs of a split stack with these bounds, for up to the most rows run
+        (one arena per distinct stack shape; views of it per row count)."""
+        key = tuple(bounds)
+        arena = self._parts.get(key)
+        if arena is None or arena[0].shape[0] < t:
+            arena = self._parts[key] = [np.zeros((t, hi - lo), np.float32) for lo, hi in bounds]
+            for b in self._buffers.values():       # views of the old arena: drop them
+                for k in [k for k in b if isinstance(k, tuple) and k[2] == key]:
+                    del b[k]
+            self._bound.clear()
+        return arena
 
     def _q80(self, b, name: str):
         """The Q80 buffers of b[name] when the weights take Q80 inputs, else None."""
@@ -421,16 +463,20 @@ class Transformer:
         if logit_rows is not None:                      # logits of the chosen rows
             if len(logit_rows) == 0:
                 return np.zeros((0, c.vocab_size), np.float32) if self.comm.is_root else None
-            rows = self._chosen_rows(b, logit_rows)
-        else:
-            rows = "" if all_logits else "last_"        # logits of every row, or of the last
-        final, logits = b[rows + "final"], b[rows + "logits"]
+            h = self._head(len(logit_rows))
+            np.take(b["x"], np.asarray(logit_rows, np.intp), axis=0, out=h["x"])
+            rows_x = h["x"]
+        elif all_logits:                                # logits of every row
+            h, rows_x = self._head(t), b["x"]
+        else:                                           # of the last row
+            h, rows_x = self._head(1), b["last_x"]
+        final, logits = h["final"], h["logits"]
         if self.wcls_q80:
-            q80 = (b[rows + "final_q"], b[rows + "final_d"])
-            self._bound(kernels.bind_rmsnorm_q80, final, *q80, b[rows + "x"], self.w.final_norm,
+            q80 = (h["final_q"], h["final_d"])
+            self._bound(kernels.bind_rmsnorm_q80, final, *q80, rows_x, self.w.final_norm,
                         c.norm_eps)
         else:
-            kernels.rmsnorm(final, b[rows + "x"], self.w.final_norm, c.norm_eps)
+            kernels.rmsnorm(final, rows_x, self.w.final_norm, c.norm_eps)
             q80 = None
         self._matmul(logits, _Input(final, q80), self.w.wcls)
         return self.comm.gather_rows(logits, self.plan.vocab_counts)

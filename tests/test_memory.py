@@ -44,3 +44,24 @@ def test_prediction_equals_a_loaded_shard(tmp_path, shape, gguf_type, requested,
     assert held.weights == s.engine.model.w.nbytes()
     assert held.kv_cache == s.engine.model.kv.nbytes
     assert (predicted.weights, predicted.kv_cache) == (held.weights, held.kv_cache)
+
+
+def test_buffers_after_a_batch_are_the_predicted_ones(tmp_path):
+    """Steps of many row counts (prefill chunks shared with decode rows, decode rows alone)
+    hold one arena of the most rows: what memory.py predicts, to the byte."""
+    import importlib
+    att = importlib.import_module("dllama_mpi.kernels.attention")
+    from dllama_mpi.runtime.generation import generate_batch
+    path = write_tiny_gguf(str(tmp_path / "m.gguf"), "q40_9h", "q4_0")
+    run = RunConfig(max_seq_len=64, nthreads=1, parallel=5, prefill_chunk=16)
+    s = start(SerialComm(), path, run, want_tokenizer=False)
+    att._ATT_SCRATCH.clear()
+    prompts = [list(range(3 + 7 * i, 10 + 9 * i)) for i in range(7)]
+    generate_batch(s.engine, prompts, [20] * 7,
+                   [lambda l: int(np.argmax(l))] * 7, set(), 64, 5, 16)
+    model = s.engine.model
+    assert len(model._buffers) > 3                       # several row counts ran
+    scratch = sum(a.nbytes for k, a in att._ATT_SCRATCH.items() if type(k) is int)
+    predicted = memory.per_rank(s.config, s.run, 1)[0].buffers
+    assert model.buffer_nbytes() + scratch == predicted
+    s.close()

@@ -66,3 +66,32 @@ def test_default_4bit_path_agrees_with_f32_on_real_text(path, tokenizer):
     agreement = float((q.argmax(-1) == ref.argmax(-1)).mean())
     print(f"top-1 agreement of the default path with F32 over {len(ids)} tokens: {agreement:.3f}")
     assert agreement >= 0.95
+
+
+def test_f16_kv_cache_costs_nothing_measurable(path, tokenizer):
+    """--kv-cache-float-type f16, teacher-forced over the same text: with F32 weights, the
+    same top-1 token as the f32 cache everywhere (measured 2026-11-30: 100%, largest logit
+    change 0.03 on a scale of 47); on the default 4-bit path, agreement with the F32 path
+    as good as with the f32 cache (measured: 97.2% with f16, 96.9% with f32)."""
+    from dllama_mpi.config import RunConfig
+    from dllama_mpi.runtime.startup import start
+    ids = tokenizer.encode(TEXT)
+
+    def logits(weights, kv):
+        s = start(SerialComm(), path, RunConfig(weights_float_type=weights, buffer_float_type=
+                                                "f32" if weights == "f32" else "auto",
+                                                max_seq_len=512, kv_cache_float_type=kv),
+                  want_tokenizer=False)
+        try:
+            return s.engine.forward(ids, 0, all_logits=True)
+        finally:
+            s.close()
+
+    ref, ref16 = logits("f32", "f32"), logits("f32", "f16")
+    default16 = logits("auto", "f16")
+    same = float((ref16.argmax(-1) == ref.argmax(-1)).mean())
+    default = float((default16.argmax(-1) == ref.argmax(-1)).mean())
+    print(f"f16 KV: F32 weights {same:.3f} top-1 agreement with the f32 KV; default path "
+          f"{default:.3f} with F32")
+    assert same >= 0.99
+    assert default >= 0.95

@@ -19,6 +19,7 @@ import threading
 
 from ..config import SamplingParams
 from ..errors import DllamaError
+from ..runtime import interrupt
 
 __all__ = ["run_chat", "ChatSession"]
 
@@ -132,7 +133,8 @@ def run_chat(scheduler, tokenizer, params: SamplingParams, system: str | None = 
         output.write("> ")
         output.flush()
         try:
-            line = input.readline()
+            with interrupt.interruptible():    # waiting for the user: Ctrl-C ends the chat
+                line = input.readline()
         except KeyboardInterrupt:
             output.write("\n")
             break

@@ -48,8 +48,9 @@ def print_info(model_arg: str, ranks: int, run: RunConfig | None = None) -> int:
         print(f"rank {m.rank}/{ranks}: heads {p.q_heads.start}-{p.q_heads.stop - 1}, "
               f"kv heads {p.kv_heads.start}-{p.kv_heads.stop - 1}, ffn {p.ffn.start}:{p.ffn.stop}, "
               f"vocab {p.vocab.start}:{p.vocab.stop}; weights {mib(m.weights)}, KV cache "
-              f"{mib(m.kv_cache)} ({seq} positions x {run.parallel} slots), buffers "
-              f"{mib(m.buffers)}; total {mib(m.total)}")
+              f"{mib(m.kv_cache)} {'on disk' if m.kv_on_disk else 'in memory'} ({seq} "
+              f"positions x {run.parallel} slots, {run.kv_cache_float_type}), buffers "
+              f"{mib(m.buffers)}; total in memory {mib(m.total)}")
     return 0
 
 

@@ -7,6 +7,8 @@ depending on the model readers.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 # value type -> struct format of the scalar types (GGUF v2/v3, little-endian)
@@ -135,7 +137,13 @@ class GGUFHeader:
             except ValueError:
                 raise ValueError(f"tensor {name} has unknown type {ttype}") from None
             values, nbytes = GGML_QUANT_SIZES[qtype]
-            n = int(np.prod(dims, dtype=np.int64)) if dims else 1
+            n = math.prod(dims)             # Python ints: corrupt dimensions cannot wrap
+            if n % values or (dims and dims[0] % values):
+                raise ValueError(f"tensor {name} has dimensions {list(dims)}, not whole "
+                                 f"blocks of {values} for type {qtype.name}")
+            if n // values * nbytes > size:
+                raise ValueError(f"tensor {name} has dimensions {list(dims)}: "
+                                 f"{n // values * nbytes} bytes, more than the whole file")
             self.tensors.append((name, qtype.name, tuple(int(d) for d in dims),
                                  self.data_offset + offset, n // values * nbytes))
 

@@ -51,6 +51,7 @@ __all__ = [
 # What a run can need, by name (see `needed`):
 #   q80act     activations quantised to Q80 (matmul inputs, the Q80 wire)      every run
 #   attention  rope + KV-cache store + attention (+ its Q80), long prompts      every run
+#   kv_f16     the same on an f16 KV cache                                      --kv-cache-float-type f16
 #   fused      rmsnorm and silu·mul with their Q80 in one pass                  4-bit weights
 #   silu_split one-row silu·mul·Q80 split over the threads                      wide FFN, > 1 thread
 #   f32        rmsnorm and silu·mul on f32 activations                          f32 weights or output
@@ -60,7 +61,7 @@ __all__ = [
 #   q40slab    Q80 x Q4_0 on the slab layout                                    q40 with > 2047 columns
 #   q8rows     Q80 x Q8_0 (the 8-bit output matrix)                             q80 output
 #   tests      the stand-alone rope and attention (tests and benchmarks only)
-ALL_NEEDS = ("q80act", "attention", "fused", "silu_split", "f32", "f16", "qk_norm", "q4rows",
+ALL_NEEDS = ("q80act", "attention", "kv_f16", "fused", "silu_split", "f32", "f16", "qk_norm", "q4rows",
              "q40slab", "q8rows", "tests")
 
 
@@ -207,6 +208,23 @@ def _steps(needs) -> list[tuple[str, float, list, object]]:
         attention_block(o, qkv, kc4, kc4.copy(), pos, None, cos, sin, kvq, 0.25)
         _attention_par(o, x, kc4, kc4, pos, slots, kvq, np.float32(0.25), sc, T, 4, 16, 0, T * 4)
         _rope_store(qkv, 4, 2, kc4, kc4.copy(), pos, slots, cos, sin, 16, T)
+
+    @step("kv_f16", "attention block (f16 KV cache)", 6.0, [_attention_block_ser, _rope_store,
+                                                            _attention_par, _attention_ser])
+    def _():
+        kc4 = np.stack([f32(4, 2, 16)] * 2).astype(np.float16)
+        pos, slots = np.arange(T, dtype=np.int32), np.array([1, 0], np.int32)
+        cos, sin = np.ones((4, 8), np.float32), np.zeros((4, 8), np.float32)
+        kvq = np.array([0, 0, 1, 1], np.int32)
+        o, sc = np.empty_like(x), attention_scratch(T, 4, 4)
+        qkv = np.concatenate([x, x[:, :64]], axis=1)
+        oq, od = np.empty((T, n), np.int8), np.empty((T, n // QK), np.float32)
+        attention_block(o, qkv, kc4, kc4.copy(), pos, slots, cos, sin, kvq, 0.25, (oq, od))
+        attention_block(o, qkv, kc4, kc4.copy(), pos, None, cos, sin, kvq, 0.25)
+        kb = kc4.view(np.uint16)
+        _attention_par(o, x, kb, kb, pos, slots, kvq, np.float32(0.25), sc, T, 4, 16, 0, T * 4)
+        _rope_store(qkv, 4, 2, kb, kb.copy(), pos, slots, cos, sin, 16, T)
+        attention(o, x, kc4[0], kc4[0], pos, kvq, 0.25, sc)
 
     @step("tests", "rope and attention (tests)", 4.0, [_rope_rows, _rope_par, _attention_ser])
     def _():

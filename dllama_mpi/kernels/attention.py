@@ -1,5 +1,10 @@
 """Rope and causal GQA attention over a KV cache; ``attention_block`` fuses a layer's rope, KV
-store, attention and (optionally) the Q80 quantisation of the result."""
+store, attention and (optionally) the Q80 quantisation of the result.
+
+The KV cache is float32 or float16 (``--kv-cache-float-type f16``): the wrappers pass an f16
+cache to the kernels as its uint16 bit patterns, and the kernel bodies read and write cache
+elements through ``_kv_load`` / ``_kv_value`` (simd.py), so one body serves both types (f32:
+the same code as before; f16: values rounded to nearest-even when stored, widened when read)."""
 from __future__ import annotations
 
 import numpy as np
@@ -10,7 +15,10 @@ from . import _jit
 from ._checks import _F32, _I32, _check, _check_out, _noop
 from ._jit import _PAR_MIN_WORK, _inline, _parallel, _serial
 from .q80 import _q80_outputs_ok, _quantize_q80_act, _quantize_q80_act_f16c, quantize_q80_act
-from .simd import HAS_AVX2, _exp_neg
+from .simd import HAS_AVX2, _exp_neg, _kv_load, _kv_value
+
+_F16 = np.dtype(np.float16)
+_KV_DTYPES = (_F32, _F16)
 
 # ---------------------------------------------------------------- rope (interleaved pairs)
 
@@ -22,8 +30,8 @@ def _rotate(src, so, dst, do, cos, sin, p, half):
         s = sin[p, i]
         a = src[so + 2 * i]
         b = src[so + 2 * i + 1]
-        dst[do + 2 * i] = a * c - b * s
-        dst[do + 2 * i + 1] = a * s + b * c
+        dst[do + 2 * i] = _kv_value(a * c - b * s, dst)
+        dst[do + 2 * i + 1] = _kv_value(a * s + b * c, dst)
 
 
 @_serial
@@ -78,17 +86,17 @@ def _attend_one(out, q, k_cache, v_cache, t, h, kvh, hd, npos, scale, sc):
         k0, k1, k2, k3 = k_cache[j, kvh], k_cache[j + 1, kvh], k_cache[j + 2, kvh], k_cache[j + 3, kvh]
         s0 = s1 = s2 = s3 = np.float32(0.0)
         for i in range(hd):
-            s0 += qv[i] * k0[i]
-            s1 += qv[i] * k1[i]
-            s2 += qv[i] * k2[i]
-            s3 += qv[i] * k3[i]
+            s0 += qv[i] * _kv_load(k0[i])
+            s1 += qv[i] * _kv_load(k1[i])
+            s2 += qv[i] * _kv_load(k2[i])
+            s3 += qv[i] * _kv_load(k3[i])
         sc[j], sc[j + 1], sc[j + 2], sc[j + 3] = s0 * scale, s1 * scale, s2 * scale, s3 * scale
         m = max(m, max(max(sc[j], sc[j + 1]), max(sc[j + 2], sc[j + 3])))
     for j in range(j4, npos):
         kr = k_cache[j, kvh]
         s = np.float32(0.0)
         for i in range(hd):
-            s += qv[i] * kr[i]
+            s += qv[i] * _kv_load(kr[i])
         s *= scale
         sc[j] = s
         m = max(m, s)
@@ -106,12 +114,13 @@ def _attend_one(out, q, k_cache, v_cache, t, h, kvh, hd, npos, scale, sc):
         p0, p1, p2, p3 = sc[j] * inv, sc[j + 1] * inv, sc[j + 2] * inv, sc[j + 3] * inv
         v0, v1, v2, v3 = v_cache[j, kvh], v_cache[j + 1, kvh], v_cache[j + 2, kvh], v_cache[j + 3, kvh]
         for i in range(hd):
-            acc[i] += (p0 * v0[i] + p1 * v1[i]) + (p2 * v2[i] + p3 * v3[i])
+            acc[i] += ((p0 * _kv_load(v0[i]) + p1 * _kv_load(v1[i]))
+                       + (p2 * _kv_load(v2[i]) + p3 * _kv_load(v3[i])))
     for j in range(j4, npos):
         p = sc[j] * inv
         vr = v_cache[j, kvh]
         for i in range(hd):
-            acc[i] += p * vr[i]
+            acc[i] += p * _kv_load(vr[i])
 
 
 @_parallel
@@ -154,14 +163,16 @@ def attention(out: np.ndarray, q: np.ndarray, k_cache: np.ndarray, v_cache: np.n
               scratch: np.ndarray | None = None) -> None:
     """Causal GQA attention over a KV cache; token t attends to cache rows 0..positions[t].
 
-    q: [T, nq*hd]; k_cache, v_cache: [S, nkv, hd]; kv_of_q: [nq] KV head of each local query head.
+    q: [T, nq*hd]; k_cache, v_cache: [S, nkv, hd], float32 or float16 (both alike); kv_of_q:
+    [nq] KV head of each local query head.
     scratch (optional): float32 [R, >= max(positions)+1], R >= 1 rows; R pairs run concurrently.
     """
     try:                                   # fast path when everything is right
         S, nkv, hd = k_cache.shape
         T, width = q.shape
         nq = width // hd
-        ok = (type(q) is np.ndarray and k_cache.dtype == _F32 and v_cache.dtype == _F32 and q.dtype == _F32
+        ok = (type(q) is np.ndarray and k_cache.dtype in _KV_DTYPES
+              and v_cache.dtype == k_cache.dtype and q.dtype == _F32
               and out.dtype == _F32 and positions.dtype == _I32 and kv_of_q.dtype == _I32
               and v_cache.shape == k_cache.shape and width % hd == 0 and out.shape == q.shape
               and positions.shape == (T,) and kv_of_q.shape == (nq,)
@@ -171,9 +182,9 @@ def attention(out: np.ndarray, q: np.ndarray, k_cache: np.ndarray, v_cache: np.n
     except (AttributeError, ValueError, TypeError, ZeroDivisionError):
         ok = False
     if not ok:
-        _check("k_cache", k_cache, np.float32, ndim=3)
+        _check("k_cache", k_cache, _kv_dtype(k_cache), ndim=3)
         S, nkv, hd = k_cache.shape
-        _check("v_cache", v_cache, np.float32, (S, nkv, hd))
+        _check("v_cache", v_cache, k_cache.dtype, (S, nkv, hd))
         _check("q", q, np.float32, ndim=2)
         T, width = q.shape
         if width % hd:
@@ -186,8 +197,19 @@ def attention(out: np.ndarray, q: np.ndarray, k_cache: np.ndarray, v_cache: np.n
         return
     pmax = _check_positions(positions, T, S, nkv, kv_of_q)
     scratch = _scratch(scratch, T, nq, S, pmax)
-    _attention_run(out, q, k_cache[np.newaxis], v_cache[np.newaxis], positions, _slots0(T), kv_of_q,
-                   np.float32(scale), scratch, T, nq, hd, pmax)
+    _attention_run(out, q, _kv_bits(k_cache)[np.newaxis], _kv_bits(v_cache)[np.newaxis], positions,
+                   _slots0(T), kv_of_q, np.float32(scale), scratch, T, nq, hd, pmax)
+
+
+def _kv_dtype(cache) -> np.dtype:
+    """The dtype a KV cache is checked against: its own when f32 or f16, else f32 (the error)."""
+    dt = getattr(cache, "dtype", None)
+    return dt if dt in _KV_DTYPES else _F32
+
+
+def _kv_bits(cache: np.ndarray) -> np.ndarray:
+    """What the kernels take: an f32 cache as it is, an f16 one as its uint16 bit patterns."""
+    return cache.view(np.uint16) if cache.dtype == _F16 else cache
 
 
 _SLOTS0: dict = {}
@@ -223,13 +245,18 @@ def _check_positions(positions, T: int, S: int, nkv: int, kv_of_q) -> int:
 
 
 def _scratch(scratch, T: int, nq: int, S: int, pmax: int) -> np.ndarray:
-    if scratch is None:                   # cached per (rows, S): no page faults on every call
+    if scratch is None:                   # cached: no page faults on every call
         key = (max(1, min(T * nq, 256)), S)
         scratch = _ATT_SCRATCH.get(key)
-        if scratch is None:
-            if len(_ATT_SCRATCH) > 8:
-                _ATT_SCRATCH.clear()
-            scratch = _ATT_SCRATCH[key] = np.empty(key, np.float32)
+        if scratch is None:               # rows of one arena per S, sized for the most rows
+            arena = _ATT_SCRATCH.get(S)   # asked (memory.py counts one: 256 rows at most)
+            if arena is None or arena.shape[0] < key[0]:
+                for k in [k for k in _ATT_SCRATCH if k == S or (type(k) is tuple and k[1] == S)]:
+                    del _ATT_SCRATCH[k]
+                if len(_ATT_SCRATCH) > 64:
+                    _ATT_SCRATCH.clear()
+                arena = _ATT_SCRATCH[S] = np.empty(key, np.float32)
+            scratch = _ATT_SCRATCH[key] = arena[:key[0]]
         return scratch                    # made here: right by construction
     _check("scratch", scratch, np.float32, ndim=2)
     if scratch.shape[1] < pmax + 1 or scratch.shape[0] < 1:
@@ -271,7 +298,7 @@ def _rope_store(qkv, nq, nkv, k_cache, v_cache, positions, slots, cos, sin, hd, 
             vr = v_cache[slots[t], p, h]
             o = vc0 + h * hd
             for i in range(hd):
-                vr[i] = row[o + i]
+                vr[i] = _kv_value(row[o + i], vr)
 
 
 @_serial
@@ -295,7 +322,8 @@ def attention_block(out: np.ndarray, qkv: np.ndarray, k_cache: np.ndarray, v_cac
     """A layer's attention on this rank's heads, from its fused projection qkv = [q | k | v]
     ([T, (nq + 2*nkv) * hd]).  Row t belongs to the sequence in cache slot slots[t] (None: all
     in slot 0) at position positions[t]: rotate its q (in place) and k by rope_interleaved's
-    arithmetic, store k and v in the caches ([n_slots, S, nkv, hd]) at [slot, position], then
+    arithmetic, store k and v in the caches ([n_slots, S, nkv, hd], float32 or float16; f16:
+    rounded to nearest) at [slot, position], then
     ``attention`` over rows 0..positions[t] of its slot, into out [T, nq*hd].  Rows of one
     sequence come in position order.  q80 = (qs, d): also quantise out to Q80
     (quantize_q80_act), at decode in the same call."""
@@ -309,8 +337,8 @@ def bind_attention_block(out, qkv, k_cache, v_cache, positions, slots, cos, sin,
     try:                                   # fast path when everything is right
         n_slots, S, nkv, hd = k_cache.shape
         T, nq = out.shape[0], out.shape[1] // hd
-        ok = (type(qkv) is np.ndarray and k_cache.dtype == _F32 and v_cache.dtype == _F32
-              and qkv.dtype == _F32 and out.dtype == _F32 and positions.dtype == _I32
+        ok = (type(qkv) is np.ndarray and k_cache.dtype in _KV_DTYPES
+              and v_cache.dtype == k_cache.dtype and qkv.dtype == _F32 and out.dtype == _F32 and positions.dtype == _I32
               and kv_of_q.dtype == _I32 and cos.dtype == _F32 and sin.dtype == _F32
               and v_cache.shape == k_cache.shape and out.shape[1] == nq * hd
               and qkv.shape == (T, (nq + 2 * nkv) * hd) and positions.shape == (T,)
@@ -323,12 +351,12 @@ def bind_attention_block(out, qkv, k_cache, v_cache, positions, slots, cos, sin,
     except (AttributeError, ValueError, TypeError, ZeroDivisionError, IndexError):
         ok = False
     if not ok:
-        _check("k_cache", k_cache, np.float32, ndim=4)
+        _check("k_cache", k_cache, _kv_dtype(k_cache), ndim=4)
         n_slots, S, nkv, hd = k_cache.shape
-        _check_out("k_cache", k_cache, np.float32, (n_slots, S, nkv, hd))
+        _check_out("k_cache", k_cache, k_cache.dtype, (n_slots, S, nkv, hd))
         if hd % 2:
             raise ValueError(f"k_cache: head_dim {hd} must be even")
-        _check_out("v_cache", v_cache, np.float32, (n_slots, S, nkv, hd))
+        _check_out("v_cache", v_cache, k_cache.dtype, (n_slots, S, nkv, hd))
         _check("out", out, np.float32, ndim=2)
         T, width = out.shape
         if width % hd:
@@ -358,6 +386,7 @@ def bind_attention_block(out, qkv, k_cache, v_cache, positions, slots, cos, sin,
     scale = np.float32(scale)
     qs, d = q80 if q80 is not None else _NO_Q80
     quant = 0 if q80 is None else (2 if HAS_AVX2 else 1)
+    k_cache, v_cache = _kv_bits(k_cache), _kv_bits(v_cache)
 
     def call() -> None:
         pmax = _max_position(positions, T, S)

@@ -1,6 +1,7 @@
 """Low-level building blocks of the kernels: llvmlite intrinsics and vectorisable float math.
 
-* fp16 <-> f32 conversions (``_h2f``, ``_f32_f16_f32``) and bit casts (``_i2f``);
+* fp16 <-> f32 conversions (``_h2f``, ``_f32_f16_f32``) and bit casts (``_i2f``); KV cache
+  elements of either type (``_kv_load``, ``_kv_value``: f32, or f16 held as uint16);
 * software prefetch (``_prefetch``, and ``_prefetch_fn`` for hand-written IR);
 * AVX2 detection (``HAS_AVX2``: the kernels take their AVX2 path only on a host build);
 * the IR types and helpers of the hand-written vector loops (``_splat``, ``_ldv``, ``_as64``);
@@ -50,6 +51,38 @@ def _f32_f16_f32(typingctx, v):
     def codegen(context, builder, signature, args):
         return builder.fpext(builder.fptrunc(args[0], ir.HalfType()), ir.FloatType())
     return sig, codegen
+
+
+@intrinsic
+def _kv_load(typingctx, x):
+    """An element of a KV cache as float32: a float32 as it is, a uint16 as the f16 it holds
+    (one kernel body serves both cache types; the f32 one compiles to what it was)."""
+    if x == types.float32:
+        def codegen(context, builder, signature, args):
+            return args[0]
+        return types.float32(x), codegen
+    if x == types.uint16:
+        def codegen(context, builder, signature, args):
+            return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+        return types.float32(x), codegen
+    return None
+
+
+@intrinsic
+def _kv_value(typingctx, v, ary):
+    """float32 v as an element of array `ary`: v for a float32 array, its nearest f16 (ties
+    to even, as numpy's astype) as a uint16 bit pattern for a uint16 (f16 KV cache) array."""
+    if not isinstance(ary, types.Array) or v != types.float32:
+        return None
+    if ary.dtype == types.float32:
+        def codegen(context, builder, signature, args):
+            return args[0]
+        return types.float32(v, ary), codegen
+    if ary.dtype == types.uint16:
+        def codegen(context, builder, signature, args):
+            return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
+        return types.uint16(v, ary), codegen
+    return None
 
 
 # ---------------------------------------------------------------- AVX2 detection

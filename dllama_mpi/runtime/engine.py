@@ -9,6 +9,11 @@ scheduler step mixing decode rows with a prompt chunk. With FLAG_LOGIT_ROWS the 
 position word holds a count n and the int32 array carries n row indices after the
 positions and slots: logits are computed for those rows only.
 The engine knows token ids only: text lives with the tokenizer on the root.
+
+Signals (runtime/interrupt.py): ranks of a session only record them. The root checks,
+before it broadcasts a step, for a signal of its own or a worker's notice, and raises
+Interrupted there (nothing of the step has been sent); stop(code) then sends the workers
+the exit code in the stop packet. A worker passes its signal on after its current step.
 """
 from __future__ import annotations
 
@@ -18,7 +23,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..comm import STEP_HEADER
+from ..errors import DllamaError
+from . import interrupt
+from .interrupt import Interrupted
 
 if TYPE_CHECKING:
     from ..comm import Comm, SerialComm
@@ -29,6 +36,14 @@ FLAG_ALL_LOGITS = 1
 FLAG_ROWS = 2        # rows carry their own positions and KV slots
 FLAG_LOGIT_ROWS = 4  # with FLAG_ROWS: logits of chosen rows only (header[1] = their count)
 FLAG_COPY_KV = 8     # no forward: copy positions 0..n_tokens-1 of KV slot header[1] to header[3]
+
+
+def _check_finite(logits: np.ndarray, position: int) -> None:
+    """Root, after a step (every rank has finished it): NaN or inf logits come from corrupt
+    weights (or values beyond f32); sampling them would be garbage or a numpy error."""
+    if logits is not None and not np.isfinite(logits).all():
+        raise DllamaError(f"the model produced NaN or infinite logits (step at position "
+                          f"{position}): its weights are corrupt, or its values overflow")
 
 
 @dataclass
@@ -57,13 +72,23 @@ class Engine:
         logits [T or 1, vocab]."""
         t = len(tokens)
         header = np.array([t, pos, FLAG_ALL_LOGITS if all_logits else 0, slot], np.int32)
+        self._check_signals()
         start, s0 = time.perf_counter(), self._snapshot()
         self.comm.bcast_step(header)
         x = self.embedding.decode(self.comm.bcast_array(self.embedding.rows(tokens)))
         logits = self.model.forward(x, np.arange(pos, pos + t, dtype=np.int32), all_logits,
                                     np.full(t, slot, np.int32) if slot else None)
         self._record(t, start, s0)
+        _check_finite(logits, pos)
         return logits
+
+    def _check_signals(self) -> None:
+        """Root, before a step is broadcast: raise Interrupted for a signal received here or
+        by a worker (its notice)."""
+        interrupt.check()
+        notice = self.comm.poll_notice()
+        if notice is not None:
+            raise Interrupted(notice[1], rank=notice[0])
 
     def forward_rows(self, tokens, positions, slots, logit_rows=None) -> np.ndarray:
         """Root: one step of rows of several sequences (token i at positions[i] of the
@@ -77,12 +102,14 @@ class Engine:
         else:
             header = [t, len(logit_rows), FLAG_ROWS | FLAG_LOGIT_ROWS, 0]
             packet = np.concatenate([positions, slots, logit_rows])
+        self._check_signals()
         start, s0 = time.perf_counter(), self._snapshot()
         self.comm.bcast_step(np.array(header, np.int32))
         rows = self.comm.bcast_array(packet.astype(np.int32))
         x = self.embedding.decode(self.comm.bcast_array(self.embedding.rows(tokens)))
         logits = self._forward_rows(x, t, header[2], rows)
         self._record(t, start, s0)
+        _check_finite(logits, int(np.min(positions)) if t else 0)
         return logits
 
     def _forward_rows(self, x, t: int, flags: int, rows: np.ndarray):
@@ -94,22 +121,28 @@ class Engine:
     def copy_kv(self, src: int, dst: int, n_positions: int) -> None:
         """Root: on every rank, positions 0..n_positions-1 of KV slot src are copied to slot
         dst (a prompt prefix another sequence already computed)."""
+        self._check_signals()
         self.comm.bcast_step(np.array([n_positions, src, FLAG_COPY_KV, dst], np.int32))
         self.model.kv.copy_prefix(src, dst, n_positions)
 
-    def stop(self) -> None:
-        """Root: tell the workers to leave their loop."""
-        self.comm.bcast_step(np.zeros(STEP_HEADER, np.int32))
+    def stop(self, exit_code: int = 0) -> None:
+        """Root: tell the workers to leave their loop (and the code to exit with)."""
+        with interrupt.deferred():
+            self.comm.bcast_step(np.array([0, exit_code, 0, 0], np.int32))
 
     # -- workers -----------------------------------------------------------------------
-    def run_worker_loop(self) -> None:
-        """Worker: run forwards until the root sends n_tokens == 0."""
+    def run_worker_loop(self) -> int:
+        """Worker: run forwards until the root sends n_tokens == 0; the exit code it sent.
+        A signal received here is passed on to the root after the step (the root decides)."""
         while True:
+            signum = interrupt.pending()
+            if signum is not None:
+                self.comm.notify_root(signum)
             start, s0 = time.perf_counter(), self._snapshot()
             header = self.comm.bcast_step(None)
             t, pos, flags, slot = (int(v) for v in header[:4])
             if t == 0:
-                return
+                return pos
             if flags & FLAG_COPY_KV:
                 self.model.kv.copy_prefix(pos, slot, t)
                 continue
@@ -139,5 +172,6 @@ class Engine:
         """Every rank's step statistics, on the root (call on all ranks after stop)."""
         rows = [(s.n_tokens, s.seconds, s.sync_seconds, s.bytes_sent, s.bytes_recv)
                 for s in self.steps]
-        everyone = self.comm.allgather_obj(rows)
+        with interrupt.deferred():
+            everyone = self.comm.allgather_obj(rows)
         return [[StepStats(*r) for r in rank_rows] for rank_rows in everyone]
