@@ -1,6 +1,6 @@
 """The Reliability table: run the fault suite and print one Markdown row per case.
 
-    python tests/faults/table.py [CASE_ID ...] > docs/reliability.md
+    python tests/faults/table.py [CASE_ID ...]    # prints the README's Reliability section
 
 Every row is what the real program did on this machine in this run (suite.py runs it), not
 text written by hand: the case, how it ran, the outcome (exit code and the `error:` line),
