@@ -99,11 +99,13 @@ def test_cli_json_and_text(model, tmp_path):
 
 
 def assert_one_error(p, *words):
+    """Non-zero exit, one `error:` line (after, at most, start-up's stage lines), no
+    traceback."""
     assert p.returncode != 0
-    lines = [line for line in p.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), p.stderr
+    errors = [line for line in p.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in p.stderr, p.stderr
     for w in words:
-        assert w in lines[0], lines[0]
+        assert w in errors[0], errors[0]
 
 
 def test_cli_errors(model, tmp_path):

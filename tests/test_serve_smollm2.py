@@ -178,6 +178,8 @@ def test_chat_in_a_terminal():
             tail += _read_until(main, b"\0", 1)
         os.kill(proc.pid, signal.SIGINT)                 # what Ctrl-C sends
         assert b"[answer cancelled]" in _read_until(main, b"[answer cancelled]", 60)
+        os.write(main, b"/reset\n")                       # the cancelled turn stays otherwise
+        _read_until(main, b"> ", 30)
         os.write(main, b"What is the capital of France?\n")
         again = _read_until(main, b"\n> ", 120)     # a fresh conversation: the same answer
         assert first.split(b"\n", 1)[1] in again, (first, again)

@@ -88,6 +88,10 @@ def prepare(url: str, obj, tokenizer, max_seq_len: int, defaults: SamplingParams
     if len(prompts) * body.n > MAX_SEQUENCES:
         raise _invalid(f"at most {MAX_SEQUENCES} sequences per request (prompts x n), got "
                        f"{len(prompts) * body.n}", "n")
+    overflow = oa.completion_overflow(body, prompts, max_seq_len)
+    if overflow is not None:
+        raise RequestError("context_length_exceeded", overflow, "max_tokens",
+                           body_code="context_length_exceeded")
     per_prompt = [replace(params, max_tokens=min(params.max_tokens, max_seq_len - len(p)))
                   for p in prompts]
     return Prepared(chat, params, prompts, body.n, per_prompt)

@@ -455,3 +455,16 @@ SSE_DONE = "data: [DONE]\n\n"
 
 # re-exported for callers that validate by hand (batch)
 ValidationError = ValidationError
+
+
+def completion_overflow(body, prompts: list[list[int]], max_seq_len: int) -> str | None:
+    """The 400 message (context_length_exceeded, param max_tokens) when the request asks
+    for more tokens than its longest prompt leaves room for, as OpenAI answers; None when it
+    fits or leaves max_tokens to the room."""
+    asked = getattr(body, "max_completion_tokens", None) or body.max_tokens
+    longest = max(len(p) for p in prompts)
+    if asked is None or longest + asked <= max_seq_len:
+        return None
+    return (f"This model's maximum context length is {max_seq_len} tokens. However, you "
+            f"requested {longest + asked} tokens ({longest} in the prompt, {asked} in the "
+            f"completion). Please reduce the length of the prompt or of the completion.")

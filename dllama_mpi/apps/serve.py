@@ -216,14 +216,9 @@ def create_app(scheduler, tokenizer, model_name: str, max_seq_len: int, *,
         if len(prompts) * n > MAX_SEQUENCES:
             raise ApiError(400, f"at most {MAX_SEQUENCES} sequences per request (prompts x n), "
                                 f"got {len(prompts) * n}", param="n")
-        asked = getattr(body, "max_completion_tokens", None) or body.max_tokens
-        longest = max(len(p) for p in prompts)
-        if asked is not None and longest + asked > max_seq_len:
-            raise ApiError(400, f"This model's maximum context length is {max_seq_len} tokens. "
-                                f"However, you requested {longest + asked} tokens ({longest} in "
-                                f"the prompt, {asked} in the completion). Please reduce the "
-                                f"length of the prompt or of the completion.",
-                           param="max_tokens", code="context_length_exceeded")
+        overflow = oa.completion_overflow(body, prompts, max_seq_len)
+        if overflow is not None:
+            raise ApiError(400, overflow, param="max_tokens", code="context_length_exceeded")
         run = RequestRun(asyncio.get_running_loop(), metrics)
         rid = oa.new_id("chatcmpl" if chat else "cmpl")
         try:
