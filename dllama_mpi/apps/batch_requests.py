@@ -79,10 +79,10 @@ def prepare(url: str, obj, tokenizer, max_seq_len: int, defaults: SamplingParams
                                                  add_generation_prompt=True)
         except ValueError as e:
             raise _invalid(str(e), "messages") from None
-        prompts = [_check_prompt(tokenizer.encode(text), "messages", max_seq_len)]
+        prompts = [_check_prompt(_encode(tokenizer, text, "messages"), "messages", max_seq_len)]
     else:
         vocab = getattr(tokenizer, "vocab_size", None)
-        prompts = [_check_prompt(tokenizer.encode(p) if isinstance(p, str) else
+        prompts = [_check_prompt(_encode(tokenizer, p, "prompt") if isinstance(p, str) else
                                  _check_ids(p, vocab), "prompt", max_seq_len)
                    for p in body.prompts()]
     if len(prompts) * body.n > MAX_SEQUENCES:
@@ -95,6 +95,13 @@ def prepare(url: str, obj, tokenizer, max_seq_len: int, defaults: SamplingParams
     per_prompt = [replace(params, max_tokens=min(params.max_tokens, max_seq_len - len(p)))
                   for p in prompts]
     return Prepared(chat, params, prompts, body.n, per_prompt)
+
+
+def _encode(tokenizer, text: str, param: str) -> list[int]:
+    message = oa.nul_message(text, param)
+    if message is not None:
+        raise _invalid(message, param)
+    return tokenizer.encode(text)
 
 
 def _check_prompt(ids: list[int], param: str, max_seq_len: int) -> list[int]:

@@ -468,3 +468,9 @@ def completion_overflow(body, prompts: list[list[int]], max_seq_len: int) -> str
     return (f"This model's maximum context length is {max_seq_len} tokens. However, you "
             f"requested {longest + asked} tokens ({longest} in the prompt, {asked} in the "
             f"completion). Please reduce the length of the prompt or of the completion.")
+
+
+def nul_message(text: str, param: str) -> str | None:
+    """The 400 message when a prompt text holds a NUL character (no tokenizer means it;
+    binary data pasted by mistake), else None."""
+    return f"the {param} contain a NUL character" if "\0" in text else None

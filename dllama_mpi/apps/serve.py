@@ -151,6 +151,12 @@ def create_app(scheduler, tokenizer, model_name: str, max_seq_len: int, *,
             raise ApiError(400, str(e)) from None
         return body, params
 
+    def encode(text: str, param: str) -> list[int]:
+        message = oa.nul_message(text, param)
+        if message is not None:
+            raise ApiError(400, message, param=param)
+        return tokenizer.encode(text)
+
     def check_prompt(ids: list[int], param: str) -> list[int]:
         if not ids:
             raise ApiError(400, "the prompt is empty", param=param)
@@ -199,13 +205,13 @@ def create_app(scheduler, tokenizer, model_name: str, max_seq_len: int, *,
                                                  add_generation_prompt=True)
         except ValueError as e:
             raise ApiError(400, str(e), param="messages") from None
-        prompt = check_prompt(tokenizer.encode(text), "messages")
+        prompt = check_prompt(encode(text, "messages"), "messages")
         return await generate(request, True, body, params, [prompt])
 
     @app.post("/v1/completions")
     async def completions(request: Request):
         body, params = await parse(request, oa.CompletionRequest)
-        prompts = [check_prompt(tokenizer.encode(p) if isinstance(p, str) else check_ids(p),
+        prompts = [check_prompt(encode(p, "prompt") if isinstance(p, str) else check_ids(p),
                                 "prompt") for p in body.prompts()]
         return await generate(request, False, body, params, prompts)
 

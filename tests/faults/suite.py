@@ -326,14 +326,29 @@ def _raw_input(data: bytes) -> Callable[[Ctx], None]:
     return lambda ctx: _write(os.path.join(ctx.work, "in.jsonl"), data)
 
 
-def _batch_output_complete(n: int):
+def _batch_records(ok: int, failed: int, partial: bool = False):
+    """out.jsonl holds whole OpenAI Batch records, one per custom_id: `ok` answered (status
+    200), `failed` error records (status 400 with an error object); with partial, at most
+    those (a stopped job that a rerun completes)."""
     def verify(ctx: Ctx, r: Result) -> list[str]:
         path = os.path.join(ctx.work, "out.jsonl")
         if not os.path.exists(path):
-            return ["no results file"]
-        rows = [json.loads(line) for line in open(path)]
-        ctx.notes["summary"] = f"{len(rows)} results, in order"
-        return [] if [x["index"] for x in rows] == list(range(n)) else ["results lost or out of order"]
+            return [] if partial else ["no results file"]
+        try:
+            rows = [json.loads(line) for line in open(path, encoding="utf-8")]
+        except ValueError as e:
+            return [f"a torn or invalid record: {e}"]
+        ids = [x["custom_id"] for x in rows]
+        good = sum(x["response"]["status_code"] == 200 for x in rows)
+        bad = [x for x in rows if x["response"]["status_code"] != 200]
+        ctx.notes["summary"] = f"{good} answered, {len(bad)} error records"
+        found = [] if len(ids) == len(set(ids)) else ["a custom_id twice"]
+        if any(x["response"]["status_code"] != 400 or not x["error"] for x in bad):
+            found.append("an error record without status 400 and an error object")
+        if partial:
+            return found + ([] if good <= ok and len(bad) <= failed else ["too many records"])
+        return found + ([] if (good, len(bad)) == (ok, failed) else
+                        [f"{good} answered and {len(bad)} errors, expected {ok} and {failed}"])
     return verify
 
 
@@ -651,20 +666,21 @@ def cases() -> list[Case]:
                                    b'model = "tiny\\u0000.gguf"\n'),
           outputs=("preset.toml",), code=2,
           error="error: --model contains a NUL character (see dllama_mpi --help)"),
-        C("batch-invalid-utf8", "prompt", "a prompts file with invalid UTF-8",
-          ["batch", "--model", "{tiny}", "--input", "in.jsonl", "--output", "out.jsonl"] + GEN,
-          setup=_raw_input(b'{"prompt": "caf\xff"}\n'), outputs=("in.jsonl",),
-          error="error: in.jsonl is not UTF-8 text: invalid start byte at byte 15"),
-        C("batch-nul-raw", "prompt", "a prompts file with a raw NUL byte",
-          ["batch", "--model", "{tiny}", "--input", "in.jsonl", "--output", "out.jsonl"] + GEN,
-          setup=_raw_input(b'{"prompt": "a\x00b"}\n'), outputs=("in.jsonl",),
-          error="error: in.jsonl line 1: not valid JSON (Invalid control character at at "
-          "column 14)"),
-        C("batch-nul-escaped", "prompt", "a prompts file with \\u0000 in a prompt",
-          ["batch", "--model", "{tiny}", "--input", "in.jsonl", "--output", "out.jsonl"] + GEN,
+        C("batch-invalid-utf8", "prompt", "a prompts line with invalid UTF-8: its error "
+          "record, the rest runs", ["batch", "--model", "{tiny}", "--input", "in.jsonl",
+                                    "--output", "out.jsonl", "--quiet"] + GEN,
+          setup=_raw_input(b'{"prompt": "caf\xff"}\n{"prompt": "ok"}\n'),
+          outputs=("in.jsonl", "out.jsonl"), code=0, verify=_batch_records(1, 1)),
+        C("batch-nul-raw", "prompt", "a prompts line with a raw NUL byte: its error record",
+          ["batch", "--model", "{tiny}", "--input", "in.jsonl", "--output", "out.jsonl",
+           "--quiet"] + GEN,
+          setup=_raw_input(b'{"prompt": "a\x00b"}\n{"prompt": "ok"}\n'),
+          outputs=("in.jsonl", "out.jsonl"), code=0, verify=_batch_records(1, 1)),
+        C("batch-nul-escaped", "prompt", "a prompt with \\u0000: its error record",
+          ["batch", "--model", "{tiny}", "--input", "in.jsonl", "--output", "out.jsonl",
+           "--quiet"] + GEN,
           setup=_raw_input(b'{"prompt": "ok"}\n{"prompt": "a\\u0000b"}\n'),
-          outputs=("in.jsonl",),
-          error="error: in.jsonl line 2: the prompt contains a NUL character"),
+          outputs=("in.jsonl", "out.jsonl"), code=0, verify=_batch_records(1, 1)),
         # ---------------------------------------------------------------- KV cache
         C("kv-dir-missing", "KV cache", "--kv-cache-dir that does not exist",
           infer("{tiny}", "--kv-cache-dir", "{work}/nope"),
@@ -732,37 +748,41 @@ def cases() -> list[Case]:
         C("sigkill-rank-2r", "signal", "SIGKILL of rank 1 mid-generation (disk KV)",
           ["inference", "--model", "{long}", "--kv-cache-storage", "disk"] + RUN_LONG,
           ranks=2, code=9, during=_signal_rank(1, KILL), verify=_killed_rank_named),
-        C("sigterm-batch-2r", "signal", "SIGTERM to a batch job: no results file, no "
-          "temporary file", ["batch", "--model", "{long}", "--input", "in.jsonl", "--output",
-                             "out.jsonl", "--parallel", "2", "--steps", "3000", "--ignore-eos",
-                             "--max-seq-len", "4096", "--temperature", "0", "--nthreads", "1"],
-          ranks=2, code=143, setup=_batch_input(8), outputs=("in.jsonl",),
+        C("sigterm-batch-2r", "signal", "SIGTERM to a batch job: whole records only, exit "
+          "75 (resumable), no temporary file", ["batch", "--model", "{long}", "--input",
+                                                "in.jsonl", "--output", "out.jsonl",
+                                                "--max-batch", "2", "--steps", "3000",
+                                                "--ignore-eos", "--max-seq-len", "4096",
+                                                "--temperature", "0", "--nthreads", "1",
+                                                "--quiet", "--stop-timeout", "2"],
+          ranks=2, code=75, setup=_batch_input(8), outputs=("in.jsonl", "out.jsonl"),
           during=lambda ctx: (time.sleep(4), ctx.notes.setdefault("sent", time.monotonic()),
                               ctx.proc.send_signal(TERM)),
-          verify=lambda ctx, r: _no_output("out.jsonl")(ctx, r) + _ended_within(10)(ctx, r),
-          error="error: interrupted by SIGTERM"),
+          verify=lambda ctx, r: _batch_records(8, 0, partial=True)(ctx, r)
+          + _ended_within(15)(ctx, r)),
         # ---------------------------------------------------------------- batch
         C("batch-2r", "batch", "6 prompts, 2 at a time, 2 ranks: every result, in order",
           ["batch", "--model", "{tiny}", "--input", "in.jsonl", "--output", "out.jsonl",
            "--parallel", "2", "--quiet"] + GEN, ranks=2, code=0, setup=_batch_input(6),
-          outputs=("in.jsonl", "out.jsonl"), verify=_batch_output_complete(6)),
+          outputs=("in.jsonl", "out.jsonl"), verify=_batch_records(6, 0)),
         C("batch-input-missing", "batch", "a prompts file that does not exist",
           ["batch", "--model", "{tiny}", "--input", "in.jsonl", "--output", "out.jsonl"] + GEN,
           error="error: cannot read in.jsonl: No such file or directory"),
-        C("batch-bad-line", "batch", "a prompts file with a line that is not JSON",
-          ["batch", "--model", "{tiny}", "--input", "in.jsonl", "--output", "out.jsonl"] + GEN,
-          setup=_raw_input(b'{"prompt": "ok"}\n{"prompt": \n'), outputs=("in.jsonl",),
-          error="error: in.jsonl line 2: not valid JSON (Expecting value at column 12)"),
+        C("batch-bad-line", "batch", "a prompts line that is not JSON: its error record",
+          ["batch", "--model", "{tiny}", "--input", "in.jsonl", "--output", "out.jsonl",
+           "--quiet"] + GEN,
+          setup=_raw_input(b'{"prompt": "ok"}\n{"prompt": \n'),
+          outputs=("in.jsonl", "out.jsonl"), code=0, verify=_batch_records(1, 1)),
         C("batch-output-dir-missing", "batch", "a results file in a folder that does not "
           "exist", ["batch", "--model", "{tiny}", "--input", "in.jsonl", "--output",
                     "nope/out.jsonl"] + GEN, setup=_batch_input(1), outputs=("in.jsonl",),
           error="error: cannot write nope/out.jsonl: {work}/nope is not a writable folder"),
-        C("batch-prompt-too-long", "batch", "a prompt longer than the context: no results "
-          "file", ["batch", "--model", "{tiny}", "--input", "in.jsonl", "--output",
-                   "out.jsonl", "--max-seq-len", "8"] + GEN,
-          setup=_batch_input(2, text="a long prompt " * 5), outputs=("in.jsonl",),
-          verify=lambda ctx, r: _no_output("out.jsonl")(ctx, r),
-          error="error: in.jsonl line 1: the prompt has 39 tokens; --max-seq-len is 8"),
+        C("batch-prompt-too-long", "batch", "prompts longer than the context: an error "
+          "record each (context_length_exceeded)", ["batch", "--model", "{tiny}", "--input",
+                                                    "in.jsonl", "--output", "out.jsonl",
+                                                    "--max-seq-len", "8", "--quiet"] + GEN,
+          setup=_batch_input(2, text="a long prompt " * 5), outputs=("in.jsonl", "out.jsonl"),
+          code=0, verify=_batch_records(0, 2)),
         # ---------------------------------------------------------------- serve
         C("serve-port-out-of-range", "serve", "--port 70000",
           ["serve", "--model", "{tiny}", "--port", "70000", "--nthreads", "1"], code=2,
