@@ -48,11 +48,14 @@ def convert(src_path: str, out_path: str | None = None, weights_float_type: str 
                           f"{', '.join(allowed)})")
     src_path = registry.resolve(src_path)
     out_path = out_path or default_output(src_path, to, weights_float_type)
+    if os.path.abspath(out_path) == os.path.abspath(src_path):
+        raise DllamaError("the output would overwrite the source")
+    check_output(out_path)
+    if to == "dllama":
+        check_output(os.path.splitext(out_path)[0] + ".t")
     if report is not None:
         report(f"converting {src_path} to {out_path} ({'HDF5 store' if to == 'hdf5' else '.m + .t'}, "
                f"weights {weights_float_type})")
-    if os.path.abspath(out_path) == os.path.abspath(src_path):
-        raise DllamaError("the output would overwrite the source")
     model = open_model(src_path, tokenizer_path)
     try:
         if to == "hdf5":
@@ -73,6 +76,25 @@ def convert(src_path: str, out_path: str | None = None, weights_float_type: str 
         return _to_dllama(model, out_path, weights, progress)
     finally:
         model.close()
+
+
+def check_output(path: str) -> None:
+    """A clear error, before anything is read, when path cannot be written."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise DllamaError(f"cannot write {path}: it is a directory (give a file name)")
+    if not os.path.isdir(folder):
+        raise DllamaError(f"cannot write {path}: the folder {os.path.dirname(path) or folder} "
+                          "does not exist")
+    probe = os.path.join(folder, f".dllama-write-check-{os.getpid()}")
+    try:                                    # access() is not enough: root, sysfs, read-only
+        with open(probe, "wb"):             # mounts and ACLs only show when one tries
+            pass
+    except OSError as e:
+        raise DllamaError(f"cannot write {path}: {e.strerror or e}") from None
+    finally:
+        if os.path.exists(probe):
+            os.unlink(probe)
 
 
 def m_weight_type(model) -> str:
@@ -159,8 +181,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    paths = convert(args.src, args.output, args.weights_float_type, args.tokenizer, args.to,
-                    progress=not args.no_progress, report=lambda line: print(line, file=sys.stderr))
+    try:
+        paths = convert(args.src, args.output, args.weights_float_type, args.tokenizer, args.to,
+                        progress=not args.no_progress,
+                        report=lambda line: print(line, file=sys.stderr))
+    except OSError as e:                    # a disk that fills up or goes away while writing
+        raise DllamaError(f"cannot write {e.filename or args.output}: {e.strerror or e}") from None
     for p in paths:
         print(f"wrote {p} ({os.path.getsize(p) / 2**20:.1f} MiB)")
     return 0
