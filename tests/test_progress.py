@@ -60,6 +60,7 @@ def test_compile_stage_says_first_run_with_an_estimate_and_counts(monkeypatch):
     """A cold cache: one line with the estimate and the cache's place, a line per step done
     (stderr is not a terminal here), then the time it took."""
     out = io.StringIO()
+    monkeypatch.setattr(kernels, "_WARMED", set())          # as in a new process
     monkeypatch.setattr(kernels, "warmup_is_cached", lambda needs: (False, 21.0))
     monkeypatch.setenv("NUMBA_CACHE_DIR", "/somewhere/numba")
     monkeypatch.setattr(progress.os, "getloadavg", lambda: (0.5, 0.5, 0.5))
