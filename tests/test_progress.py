@@ -23,16 +23,21 @@ def test_needed_kernels_follow_the_run():
     assert f32 == {"q80act", "attention", "f32", "qk_norm"}
 
 
-def test_warmup_runs_only_the_steps_asked_and_reports_them():
+def test_warmup_runs_only_the_steps_asked_and_reports_them(monkeypatch):
+    monkeypatch.setattr(kernels, "_WARMED", set())
     calls = []
     kernels.warmup({"q80act", "attention"}, progress=lambda *a: calls.append(a))
     assert [c[2] for c in calls] == ["q80 activations", "attention block", ""]
     assert [c[:2] for c in calls] == [(0, 2), (1, 2), (2, 2)]
     assert kernels.warmup_is_cached({"q80act", "attention"}) == (True, 0)
+    # once warmed in a process, a second start-up runs nothing again
+    again = []
+    kernels.warmup({"q80act", "attention"}, progress=lambda *a: again.append(a))
+    assert again == [(0, 0, "")]
 
 
 def test_every_step_has_a_name_an_estimate_and_kernels():
-    steps = kernels._steps(kernels.ALL_NEEDS)
+    steps = kernels._steps(kernels.ALL_NEEDS, skip_warmed=False)
     assert len({s[0] for s in steps}) == len(steps)
     assert all(s[1] > 0 and s[2] for s in steps)
 
@@ -55,6 +60,7 @@ def test_compile_stage_says_first_run_with_an_estimate_and_counts(monkeypatch):
     """A cold cache: one line with the estimate and the cache's place, a line per step done
     (stderr is not a terminal here), then the time it took."""
     out = io.StringIO()
+    monkeypatch.setattr(kernels, "_WARMED", set())          # as in a new process
     monkeypatch.setattr(kernels, "warmup_is_cached", lambda needs: (False, 21.0))
     monkeypatch.setenv("NUMBA_CACHE_DIR", "/somewhere/numba")
     monkeypatch.setattr(progress.os, "getloadavg", lambda: (0.5, 0.5, 0.5))

@@ -90,9 +90,12 @@ def needed(matrices, ffn_width: int, nthreads: int, qk_norm: bool = False) -> se
     return needs
 
 
-def _steps(needs) -> list[tuple[str, float, list, object]]:
+_WARMED: set[str] = set()      # needs this process has run the warmup steps of
+
+
+def _steps(needs, skip_warmed: bool = True) -> list[tuple[str, float, list, object]]:
     """(name, rough seconds to compile on one core, the numba dispatchers it compiles, the
-    call) for each step of the warmup of `needs`, in order. The seconds were measured on a
+    call) for each step of the warmup of `needs` not run yet in this process, in order. The seconds were measured on a
     shared 2-core Zen 3 (numba 0.68): only for the estimate printed before a first run."""
     rng = np.random.default_rng(0)
     T, n, rows = 2, 64, 40
@@ -107,8 +110,8 @@ def _steps(needs) -> list[tuple[str, float, list, object]]:
 
     def step(need, name, seconds, dispatchers):
         def add(fn):
-            if need in needs:
-                steps.append((name, seconds, dispatchers, fn))
+            if need in needs and not (skip_warmed and need in _WARMED):
+                steps.append((name, seconds, dispatchers, _marking(need, fn)))
             return fn
         return add
 
@@ -237,6 +240,13 @@ def _steps(needs) -> list[tuple[str, float, list, object]]:
         attention(np.empty_like(x), x, kc, kc, pos, np.array([0, 0, 1, 1], np.int32), 0.25,
                   attention_scratch(T, 4, 4))
     return steps
+
+
+def _marking(need: str, fn):
+    def run():
+        fn()
+        _WARMED.add(need)
+    return run
 
 
 def _cached(dispatcher) -> bool:
