@@ -10,15 +10,17 @@ I/O, no MPI, no arrays.
   per value), the gather of the logit slices on the root;
 - **time per token**: compute + network, serial (a step does not overlap them).
   Compute: the bytes of a rank's weights and of the K/V it attends, streamed at a fraction
-  of its share of the node's read bandwidth, plus fixed costs per layer (kernel calls from
-  Python), per reduction (packing and summing) and per token on the root (sampling).
-  Prompt: operations at the node's int8 throughput plus costs per layer and row.
+  of its share of the node's read bandwidth or of what its threads' kernels consume,
+  whichever is less, plus fixed costs per layer (kernel calls from Python), per reduction
+  (packing and summing) and per token on the root (sampling). Prompt: operations at the
+  int8 throughput of the rank's cores plus costs per layer and row.
   Network: each collective timed by the algorithm MPICH picks for its size and rank count
   (MPIR_Allgather_intra_auto, MPIR_Bcast_intra_auto, the linear Gatherv), each message
   latency + bytes / bandwidth of a node's link (full duplex, a non-blocking switch).
 
 The machine constants (Machine) are this project's 2-core test machine's, calibrated by
-bench/bench_plan.py; give another machine's figures (`plan --read-bw`, `--prefill-gops`).
+bench/bench_plan.py; give another machine's figures (`plan --read-bw`, `--cores`,
+`--kernel-gb-s`, `--prefill-gops`).
 """
 from __future__ import annotations
 
@@ -190,19 +192,41 @@ def parse_link(text: str) -> Link:
 
 @dataclass(frozen=True)
 class Machine:
-    """One node. Defaults: this project's 2-core AMD EPYC VM (bench/bench_plan.py)."""
-    read_bw: float = 20e9           # bytes/s the node's cores read from memory (numba probe)
-    ranks_per_node: int = 1         # ranks sharing its memory, bandwidth and link
-    stream_fraction: float = 0.85   # of the probe, what the 4-bit matmuls stream at
+    """One node. Defaults: this project's 2-core AMD EPYC VM (Zen 4, 23 GiB), measured on
+    2026-11-30 (bench/bench_plan.py and a matmul probe)."""
+    read_bw: float = 40e9           # bytes/s the node's cores read from memory (numba probe)
+    cores: int = 2                  # cores of the node; a rank runs cores // ranks_per_node threads
+    ranks_per_node: int = 1         # ranks sharing its cores, memory, bandwidth and link
+    # the 4-bit matmuls (Q80 x Q40/Q41) per core, from cache: decode streams at
+    # stream_fraction x min(its share of read_bw, kernel_bw x threads) (17.9 GB/s measured
+    # from DRAM on one core here, 29.8 on two)
+    kernel_bw: float = 27.6e9
+    stream_fraction: float = 0.65
     layer_s: float = 45e-6          # per layer per decode step: ~8 kernel calls from Python
     token_s: float = 350e-6         # per step on the root: packet, embedding row, sampling
     # per reduction on > 1 rank, CPU: packing and summing in rank order (comm.py), fixed +
     # per value and rank: Q80 (quantise, dequantise) and F32 (copies)
     reduce_s: tuple = (("q80", 13e-6, 1.2e-9), ("f32", 4e-6, 0.2e-9))
     skew_s: float = 20e-6           # per collective on > 1 rank: the ranks never arrive together
-    prefill_ops: float = 130e9      # multiply-adds x 2 per second of prompt matmuls (1 node)
-    prefill_row_s: float = 50e-6    # per layer per prompt row: norms, rope, attention, Q80
+    prefill_ops: float = 157e9      # 2 x multiply-adds per second of prompt matmuls, per core
+    prefill_row_s: float = 25e-6    # per layer per prompt row: norms, rope, attention, Q80
     memory: int = 0                 # bytes per node (0: not checked)
+
+    @property
+    def threads(self) -> int:
+        """Threads of one rank."""
+        return max(1, self.cores // self.ranks_per_node)
+
+    @property
+    def stream_bw(self) -> float:
+        """Bytes/s one rank streams its weights at in decode."""
+        return self.stream_fraction * min(self.read_bw / self.ranks_per_node,
+                                          self.kernel_bw * self.threads)
+
+    @property
+    def rank_ops(self) -> float:
+        """Ops/s of one rank on prompt matrices."""
+        return self.prefill_ops * self.threads
 
 
 # -- traffic -----------------------------------------------------------------------------
@@ -340,8 +364,7 @@ def decode_speed(c: ModelConfig, run: RunConfig, size: int, link: Link, machine:
                  memory: list[RankMemory], row_bytes: int, context: int = 0,
                  rows: int = 1) -> Speed:
     """One decode step of `rows` sequences (aggregate tok/s when rows > 1)."""
-    bw = machine.stream_fraction * machine.read_bw / machine.ranks_per_node
-    ops = machine.prefill_ops / machine.ranks_per_node
+    bw, ops = machine.stream_bw, machine.rank_ops
     overhead = (c.n_layers * (machine.layer_s + 2 * reduce_seconds(c, size, run, machine, rows))
                 + machine.token_s)
     worst = 0.0
@@ -360,7 +383,7 @@ def decode_speed(c: ModelConfig, run: RunConfig, size: int, link: Link, machine:
 def prefill_speed(c: ModelConfig, run: RunConfig, size: int, link: Link, machine: Machine,
                   row_bytes: int, prompt: int = 128) -> Speed:
     """A prompt of `prompt` tokens in forwards of run.prefill_chunk rows (last row's logits)."""
-    ops = machine.prefill_ops / machine.ranks_per_node
+    ops = machine.rank_ops
     chunk = max(1, min(run.prefill_chunk, prompt))
     compute = net = lat = overhead = wait = 0.0
     done = 0

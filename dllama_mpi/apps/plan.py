@@ -84,16 +84,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="memory of one node (e.g. 64GiB): warns when a node does not fit and "
                    "names the smallest rank count that does")
     p.add_argument("--ranks-per-node", type=_arg(_positive), default=1,
-                   help="ranks sharing one node's memory, read bandwidth and link")
+                   help="ranks sharing one node's cores, memory, read bandwidth and link")
+    p.add_argument("--cores", type=_arg(_positive), default=Machine.cores,
+                   help="cores of a node (a rank runs cores / ranks-per-node threads)")
     bw = p.add_mutually_exclusive_group()
     bw.add_argument("--read-bw", type=_arg(_gb_s), default=Machine.read_bw / 1e9, metavar="GB/s",
                     help="a node's memory read bandwidth, all its cores (the default: this "
                     "project's 2-core test machine)")
     bw.add_argument("--probe", action="store_true",
                     help="measure this machine's read bandwidth (all its cores; ~2 s)")
+    p.add_argument("--kernel-gb-s", type=_arg(_gb_s), default=Machine.kernel_bw / 1e9,
+                   metavar="GB/s", help="what the 4-bit matmuls consume per core from cache "
+                   "(the default: this project's test machine)")
     p.add_argument("--prefill-gops", type=_arg(_gb_s), default=Machine.prefill_ops / 1e9,
-                   metavar="GOP/s", help="a node's int8 throughput on prompt matrices (the "
-                   "default: this project's 2-core test machine)")
+                   metavar="GOP/s", help="int8 throughput per core on prompt matrices (the "
+                   "default: this project's test machine)")
     p.add_argument("--context", type=_arg(_count), default=256,
                    help="positions in the KV cache while decoding (attention reads them)")
     p.add_argument("--prompt", type=_arg(_positive), default=128,
@@ -139,7 +144,8 @@ def resolve_inputs(args):
 
 def machine_of(args) -> tuple[Machine, str]:
     m = Machine(ranks_per_node=args.ranks_per_node, memory=args.node_memory or 0,
-                read_bw=args.read_bw * 1e9, prefill_ops=args.prefill_gops * 1e9)
+                read_bw=args.read_bw * 1e9, prefill_ops=args.prefill_gops * 1e9,
+                cores=args.cores, kernel_bw=args.kernel_gb_s * 1e9)
     source = ("default: this project's test machine" if m.read_bw == Machine.read_bw
               else "given")
     if args.probe:
@@ -184,8 +190,10 @@ def print_plan(p: Plan, what: str, machine_source: str, smallest: int | None, ou
       f"{run.weights_float_type}, output matrix {run.output_float_type}, wire "
       f"{run.buffer_float_type}, KV cache f32 {seq} positions x {run.parallel} slots\n")
     w(f"link: {p.link.describe()}\n")
-    w(f"node: read {p.machine.read_bw / 1e9:.1f} GB/s ({machine_source}), prompt "
-      f"{p.machine.prefill_ops / 1e9:.0f} G ops/s\n")
+    m = p.machine
+    w(f"node: {m.cores} cores, read {m.read_bw / 1e9:.1f} GB/s ({machine_source}); a rank "
+      f"runs {m.threads} thread(s), streams {m.stream_bw / 1e9:.1f} GB/s in decode, "
+      f"{m.rank_ops / 1e9:.0f} G ops/s on prompts\n")
     w("per rank (weights + KV cache + buffers + process = total):\n")
     for first, last, m, t, _ in _rank_groups(p):
         who = f"rank {first}" if first == last else f"ranks {first}-{last}"
@@ -227,7 +235,9 @@ def plan_json(p: Plan, what: str, machine_source: str, smallest) -> dict:
         "link": dict(name=p.link.name, bandwidth_bytes_s=p.link.bandwidth,
                      latency_s=p.link.latency),
         "read_bw_bytes_s": p.machine.read_bw, "read_bw_source": machine_source,
-        "prefill_ops_s": p.machine.prefill_ops, "context": p.context,
+        "cores": p.machine.cores, "threads_per_rank": p.machine.threads,
+        "stream_bytes_s": p.machine.stream_bw, "prefill_ops_s": p.machine.rank_ops,
+        "context": p.context,
         "per_rank": [dict(rank=m.rank, weights=m.weights, kv_cache=m.kv_cache,
                           buffers=m.buffers, runtime=RUNTIME_BYTES,
                           total=m.total + RUNTIME_BYTES, bytes_sent=t.sent, bytes_recv=t.recv)
