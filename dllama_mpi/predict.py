@@ -192,24 +192,25 @@ def parse_link(text: str) -> Link:
 
 @dataclass(frozen=True)
 class Machine:
-    """One node. Defaults: this project's 2-core AMD EPYC VM (Zen 4, 23 GiB), measured on
-    2026-11-30 (bench/bench_plan.py and a matmul probe)."""
-    read_bw: float = 40e9           # bytes/s the node's cores read from memory (numba probe)
+    """One node. Defaults: this project's 2-core AMD EPYC VM (23 GiB), measured on
+    2026-11-30: the kernel and reduction rates by probes, layer_s / token_s / prefill_ops /
+    prefill_row_s fitted to the 1-rank runs of bench/bench_plan.py (SmolLM2, synthetic)."""
+    read_bw: float = 36e9           # bytes/s the node's cores read from memory (numba probe)
     cores: int = 2                  # cores of the node; a rank runs cores // ranks_per_node threads
     ranks_per_node: int = 1         # ranks sharing its cores, memory, bandwidth and link
-    # the 4-bit matmuls (Q80 x Q40/Q41) per core, from cache: decode streams at
-    # stream_fraction x min(its share of read_bw, kernel_bw x threads) (17.9 GB/s measured
-    # from DRAM on one core here, 29.8 on two)
-    kernel_bw: float = 27.6e9
-    stream_fraction: float = 0.65
-    layer_s: float = 45e-6          # per layer per decode step: ~8 kernel calls from Python
-    token_s: float = 350e-6         # per step on the root: packet, embedding row, sampling
+    # decode streams a rank's weights at min(mem_fraction x its share of read_bw,
+    # kernel_bw x its threads): the 4-bit matmuls (Q80 x Q40/Q41) consume 17.9-20.2 GB/s
+    # per core from memory here (a matmul probe), the probe's bandwidth is shared
+    kernel_bw: float = 18.5e9
+    mem_fraction: float = 0.9
+    layer_s: float = 15e-6          # per layer per decode step: ~8 kernel calls from Python
+    token_s: float = 250e-6         # per step on the root: packet, embedding row, sampling
     # per reduction on > 1 rank, CPU: packing and summing in rank order (comm.py), fixed +
     # per value and rank: Q80 (quantise, dequantise) and F32 (copies)
     reduce_s: tuple = (("q80", 13e-6, 1.2e-9), ("f32", 4e-6, 0.2e-9))
     skew_s: float = 20e-6           # per collective on > 1 rank: the ranks never arrive together
-    prefill_ops: float = 157e9      # 2 x multiply-adds per second of prompt matmuls, per core
-    prefill_row_s: float = 25e-6    # per layer per prompt row: norms, rope, attention, Q80
+    prefill_ops: float = 148e9      # 2 x multiply-adds per second of prompt matmuls, per core
+    prefill_row_s: float = 3.5e-6   # per layer per prompt row: norms, rope, attention, Q80
     memory: int = 0                 # bytes per node (0: not checked)
 
     @property
@@ -220,8 +221,8 @@ class Machine:
     @property
     def stream_bw(self) -> float:
         """Bytes/s one rank streams its weights at in decode."""
-        return self.stream_fraction * min(self.read_bw / self.ranks_per_node,
-                                          self.kernel_bw * self.threads)
+        return min(self.mem_fraction * self.read_bw / self.ranks_per_node,
+                   self.kernel_bw * self.threads)
 
     @property
     def rank_ops(self) -> float:
