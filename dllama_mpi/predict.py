@@ -208,7 +208,8 @@ class Machine:
     # per reduction on > 1 rank, CPU: packing and summing in rank order (comm.py), fixed +
     # per value and rank: Q80 (quantise, dequantise) and F32 (copies)
     reduce_s: tuple = (("q80", 13e-6, 1.2e-9), ("f32", 4e-6, 0.2e-9))
-    skew_s: float = 20e-6           # per collective on > 1 rank: the ranks never arrive together
+    skew_s: float = 12e-6           # per collective on > 1 rank: the ranks never arrive together
+                                    # (quiet 2-rank runs here: 9-30 µs of sync per collective)
     prefill_ops: float = 148e9      # 2 x multiply-adds per second of prompt matmuls, per core
     prefill_row_s: float = 3.5e-6   # per layer per prompt row: norms, rope, attention, Q80
     memory: int = 0                 # bytes per node (0: not checked)
