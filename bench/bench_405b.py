@@ -140,7 +140,7 @@ def main() -> None:
                                          "--prefill", str(args.prefill), "--buffer-float-type",
                                          wire], timeout=7200)
             r["wall_s"] = time.perf_counter() - t0
-            p = predicted(r, bw2 if ranks > 1 else bw1)
+            p = predicted(r, bw2 if ranks > 1 else bw1, cores=min(ranks, 2))
             results.append((wire, r, p))
             print(f"{wire} x {ranks} ranks: {r['wall_s']:.0f} s, tokens {r['generated_tokens']}",
                   flush=True)
@@ -152,12 +152,15 @@ def main() -> None:
         peak = max(m["after"]["VmHWM"] for m in r["memory_measured"])
         pmem = max(p["rank_bytes"])
         roof = (bw2 / r["ranks"] if r["ranks"] > 1 else bw1) / max(p["weights"])
-        note = " (oversubscribed)" if r["ranks"] > 2 else ""
+        over = r["ranks"] > 2          # more ranks than cores: no speed is a measurement
+        note = " (oversubscribed)" if over else ""
+        plan_speed = "—" if over else f"{p['decode_tok_s']:.2f}"
+        roof_s = "—" if over else f"{roof:.2f}"
         lines.append(
             f"| {wire} | {r['ranks']} | {max(p['weights']) / MiB:.0f} MiB | {pmem / MiB:.0f} MiB | "
             f"{held / MiB:.0f} MiB | {err(pmem, held)} | {peak / MiB:.0f} MiB | "
-            f"{r['finite']} | {r['generated_tokens']} | {r['decode_tok_s']:.2f}{note} | "
-            f"{p['decode_tok_s']:.2f} | {roof:.2f} |")
+            f"{r['finite']} | {r['generated_tokens'][:3]}… | {r['decode_tok_s']:.2f}{note} | "
+            f"{plan_speed} | {roof_s} |")
     same = {wire: len({(tuple(r["generated_tokens"]), tuple(r["top10"]))
                        for w, r, _ in results if w == wire}) == 1
             for wire in args.wires.split(",")}

@@ -149,7 +149,8 @@ def run_worker(model: str, ranks: int, extra=(), launcher=None, timeout=3600) ->
 
 # -- prediction ---------------------------------------------------------------------------
 
-def predicted(r: dict, read_bw: float, link=None, ranks_per_node: int | None = None) -> dict:
+def predicted(r: dict, read_bw: float, link=None, ranks_per_node: int | None = None,
+              cores: int | None = None) -> dict:
     """plan's figures for the run r (a worker's JSON) on this machine."""
     from dllama_mpi import predict
     from dllama_mpi.config import RunConfig
@@ -161,7 +162,8 @@ def predicted(r: dict, read_bw: float, link=None, ranks_per_node: int | None = N
                     buffer_float_type=r["wire"], max_seq_len=r["max_seq_len"],
                     prefill_chunk=r["prefill_tokens"])
     rpn = r["ranks"] if ranks_per_node is None else ranks_per_node
-    machine = predict.Machine(read_bw=read_bw, ranks_per_node=rpn)
+    machine = predict.Machine(read_bw=read_bw, ranks_per_node=rpn,
+                              cores=cores or rpn * r["nthreads"])
     p = predict.make_plan(config, run, r["ranks"], link or predict.LINKS["shm"], machine,
                           r["row_bytes"], context=r["prompt_tokens"] + r["steps"] // 2,
                           prompt=r["prefill_tokens"])

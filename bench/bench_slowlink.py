@@ -197,11 +197,15 @@ def main() -> int:
                             for _ in range(args.repeats)]
                     r = sorted(runs, key=lambda x: x["decode_tok_s"])[len(runs) // 2]
                     p = predicted(r, bw2_node(), link, ranks_per_node=1)
-                    # the token bucket: latencies, plus what the bytes need beyond the time
-                    # the link has while the ranks compute
+                    # the token bucket: latencies, plus what each message needs beyond the
+                    # bucket, or what all the bytes need beyond the time the link has while
+                    # the ranks compute, whichever is more
+                    bucket = predict.parse_size(burst_bytes(rate, args.burst))
                     wire_ms = 1e3 * max(p["sent"]) / link.bandwidth
+                    over_ms = 1e3 * sum(n * max(0, size - bucket) for size, n in
+                                        messages(r)) / link.bandwidth
                     p["tbf_sync_ms"] = p["decode_latency_ms"] + max(
-                        0.0, wire_ms - p["decode_compute_ms"])
+                        over_ms, wire_ms - p["decode_compute_ms"])
                     p["tbf_tok_s"] = 1e3 / (p["decode_compute_ms"] + p["tbf_sync_ms"])
                     rows.append((rate, name, wire, r, p))
                     print(f"  {name} {wire}: {r['decode_tok_s']:.1f} tok/s (plan "
@@ -225,6 +229,21 @@ def main() -> int:
         json.dump({"allgather": probes, "rows": rows}, f, indent=1)
     print(f"written {out}")
     return 0
+
+
+def messages(r: dict) -> list[tuple[int, int]]:
+    """(bytes, count) of the messages one rank puts on its link per decode token (2 ranks:
+    each collective is one message each way)."""
+    from dllama_mpi import predict
+    from dllama_mpi.formats import open_model
+    model = open_model(r["model"])
+    c = model.config
+    model.close()
+    out = []
+    for x in predict.decode_collectives(c, 2, r["wire"], r["row_bytes"]):
+        size = x.nbytes // 2 if x.kind == "gatherv" else x.nbytes
+        out.append((size, x.count))
+    return out
 
 
 _BW2 = []

@@ -45,6 +45,12 @@ def main(argv=None) -> int:
     except DllamaError as e:
         print(f"error: {e}", file=sys.stderr)
         _abort(1)
+    except BrokenPipeError:           # the reader of stdout left (`| head`): as a killed pipe
+        try:                          # writer would, quietly; no flush to the closed pipe
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except OSError:
+            pass
+        _abort(128 + 13)
     except Exception:
         print(f"rank {world_rank()}: internal error, aborting the job:", file=sys.stderr)
         traceback.print_exc()

@@ -10,15 +10,17 @@ I/O, no MPI, no arrays.
   per value), the gather of the logit slices on the root;
 - **time per token**: compute + network, serial (a step does not overlap them).
   Compute: the bytes of a rank's weights and of the K/V it attends, streamed at a fraction
-  of its share of the node's read bandwidth, plus fixed costs per layer (kernel calls from
-  Python), per reduction (packing and summing) and per token on the root (sampling).
-  Prompt: operations at the node's int8 throughput plus costs per layer and row.
+  of its share of the node's read bandwidth or of what its threads' kernels consume,
+  whichever is less, plus fixed costs per layer (kernel calls from Python), per reduction
+  (packing and summing) and per token on the root (sampling). Prompt: operations at the
+  int8 throughput of the rank's cores plus costs per layer and row.
   Network: each collective timed by the algorithm MPICH picks for its size and rank count
   (MPIR_Allgather_intra_auto, MPIR_Bcast_intra_auto, the linear Gatherv), each message
   latency + bytes / bandwidth of a node's link (full duplex, a non-blocking switch).
 
 The machine constants (Machine) are this project's 2-core test machine's, calibrated by
-bench/bench_plan.py; give another machine's figures (`plan --read-bw`, `--prefill-gops`).
+bench/bench_plan.py; give another machine's figures (`plan --read-bw`, `--cores`,
+`--kernel-gb-s`, `--prefill-gops`).
 """
 from __future__ import annotations
 
@@ -190,19 +192,43 @@ def parse_link(text: str) -> Link:
 
 @dataclass(frozen=True)
 class Machine:
-    """One node. Defaults: this project's 2-core AMD EPYC VM (bench/bench_plan.py)."""
-    read_bw: float = 20e9           # bytes/s the node's cores read from memory (numba probe)
-    ranks_per_node: int = 1         # ranks sharing its memory, bandwidth and link
-    stream_fraction: float = 0.85   # of the probe, what the 4-bit matmuls stream at
-    layer_s: float = 45e-6          # per layer per decode step: ~8 kernel calls from Python
-    token_s: float = 350e-6         # per step on the root: packet, embedding row, sampling
+    """One node. Defaults: this project's 2-core AMD EPYC VM (23 GiB), measured on
+    2026-11-30: the kernel and reduction rates by probes, layer_s / token_s / prefill_ops /
+    prefill_row_s fitted to the 1-rank runs of bench/bench_plan.py (SmolLM2, synthetic)."""
+    read_bw: float = 36e9           # bytes/s the node's cores read from memory (numba probe)
+    cores: int = 2                  # cores of the node; a rank runs cores // ranks_per_node threads
+    ranks_per_node: int = 1         # ranks sharing its cores, memory, bandwidth and link
+    # decode streams a rank's weights at min(mem_fraction x its share of read_bw,
+    # kernel_bw x its threads): the 4-bit matmuls (Q80 x Q40/Q41) consume 17.9-20.2 GB/s
+    # per core from memory here (a matmul probe), the probe's bandwidth is shared
+    kernel_bw: float = 18.5e9
+    mem_fraction: float = 0.9
+    layer_s: float = 15e-6          # per layer per decode step: ~8 kernel calls from Python
+    token_s: float = 250e-6         # per step on the root: packet, embedding row, sampling
     # per reduction on > 1 rank, CPU: packing and summing in rank order (comm.py), fixed +
     # per value and rank: Q80 (quantise, dequantise) and F32 (copies)
     reduce_s: tuple = (("q80", 13e-6, 1.2e-9), ("f32", 4e-6, 0.2e-9))
-    skew_s: float = 20e-6           # per collective on > 1 rank: the ranks never arrive together
-    prefill_ops: float = 130e9      # multiply-adds x 2 per second of prompt matmuls (1 node)
-    prefill_row_s: float = 50e-6    # per layer per prompt row: norms, rope, attention, Q80
+    skew_s: float = 12e-6           # per collective on > 1 rank: the ranks never arrive together
+                                    # (quiet 2-rank runs here: 9-30 µs of sync per collective)
+    prefill_ops: float = 148e9      # 2 x multiply-adds per second of prompt matmuls, per core
+    prefill_row_s: float = 3.5e-6   # per layer per prompt row: norms, rope, attention, Q80
     memory: int = 0                 # bytes per node (0: not checked)
+
+    @property
+    def threads(self) -> int:
+        """Threads of one rank."""
+        return max(1, self.cores // self.ranks_per_node)
+
+    @property
+    def stream_bw(self) -> float:
+        """Bytes/s one rank streams its weights at in decode."""
+        return min(self.mem_fraction * self.read_bw / self.ranks_per_node,
+                   self.kernel_bw * self.threads)
+
+    @property
+    def rank_ops(self) -> float:
+        """Ops/s of one rank on prompt matrices."""
+        return self.prefill_ops * self.threads
 
 
 # -- traffic -----------------------------------------------------------------------------
@@ -299,9 +325,11 @@ def network_seconds(collectives: list[Collective], size: int, link: Link, share:
 
 # -- time --------------------------------------------------------------------------------
 
-def kv_read_bytes(c: ModelConfig, rank: int, size: int, context: int) -> int:
-    """K and V a decode token attends to on this rank at `context` cached positions (f32)."""
-    return 2 * F32 * c.n_layers * context * plan(c, rank, size).kv_heads.size * c.head_dim
+def kv_read_bytes(c: ModelConfig, rank: int, size: int, context: int,
+                  kv_float_type: str = "f32") -> int:
+    """K and V a decode token attends to on this rank at `context` cached positions."""
+    width = F32 if kv_float_type == "f32" else 2
+    return 2 * width * c.n_layers * context * plan(c, rank, size).kv_heads.size * c.head_dim
 
 
 def reduce_seconds(c: ModelConfig, size: int, run: RunConfig, machine: Machine,
@@ -340,13 +368,13 @@ def decode_speed(c: ModelConfig, run: RunConfig, size: int, link: Link, machine:
                  memory: list[RankMemory], row_bytes: int, context: int = 0,
                  rows: int = 1) -> Speed:
     """One decode step of `rows` sequences (aggregate tok/s when rows > 1)."""
-    bw = machine.stream_fraction * machine.read_bw / machine.ranks_per_node
-    ops = machine.prefill_ops / machine.ranks_per_node
+    bw, ops = machine.stream_bw, machine.rank_ops
     overhead = (c.n_layers * (machine.layer_s + 2 * reduce_seconds(c, size, run, machine, rows))
                 + machine.token_s)
     worst = 0.0
     for m in memory:
-        stream = (m.weights + rows * kv_read_bytes(c, m.rank, size, context)) / bw
+        stream = (m.weights + rows * kv_read_bytes(c, m.rank, size, context,
+                                                  run.kv_cache_float_type)) / bw
         arith = 2 * rows * matmul_params(c, m.rank, size) / ops if rows > 1 else 0.0
         worst = max(worst, max(stream, arith))
     coll = decode_collectives(c, size, run.buffer_float_type, row_bytes, rows)
@@ -360,7 +388,7 @@ def decode_speed(c: ModelConfig, run: RunConfig, size: int, link: Link, machine:
 def prefill_speed(c: ModelConfig, run: RunConfig, size: int, link: Link, machine: Machine,
                   row_bytes: int, prompt: int = 128) -> Speed:
     """A prompt of `prompt` tokens in forwards of run.prefill_chunk rows (last row's logits)."""
-    ops = machine.prefill_ops / machine.ranks_per_node
+    ops = machine.rank_ops
     chunk = max(1, min(run.prefill_chunk, prompt))
     compute = net = lat = overhead = wait = 0.0
     done = 0

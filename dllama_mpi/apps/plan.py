@@ -16,7 +16,7 @@ import sys
 from dataclasses import replace
 
 from .. import registry, shard
-from ..config import BUFFER_TYPES, WEIGHT_TYPES, RunConfig
+from ..config import BUFFER_TYPES, KV_FLOAT_TYPES, WEIGHT_TYPES, RunConfig
 from ..errors import DllamaError
 from ..memory import mib
 from ..predict import (LINKS, PRESET_FILE_TYPE, PRESETS, RUNTIME_BYTES, Machine, Plan,
@@ -70,8 +70,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="as for inference (auto: the file's; q40 for a preset)")
     p.add_argument("--buffer-float-type", choices=("auto",) + BUFFER_TYPES, default="auto",
                    help="the wire, as for inference")
-    p.add_argument("--kv-cache-float-type", choices=("f32",), default="f32",
-                   help="the KV cache's values (f32 is the one this build has)")
+    p.add_argument("--kv-cache-float-type", choices=KV_FLOAT_TYPES, default="f32",
+                   help="the KV cache's values, as for inference (f16: half the bytes)")
     p.add_argument("--max-seq-len", type=_arg(_count), default=0,
                    help="KV cache positions (0: the model's context, at most 4096)")
     p.add_argument("--max-batch", type=_arg(_positive), default=1,
@@ -84,16 +84,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="memory of one node (e.g. 64GiB): warns when a node does not fit and "
                    "names the smallest rank count that does")
     p.add_argument("--ranks-per-node", type=_arg(_positive), default=1,
-                   help="ranks sharing one node's memory, read bandwidth and link")
+                   help="ranks sharing one node's cores, memory, read bandwidth and link")
+    p.add_argument("--cores", type=_arg(_positive), default=Machine.cores,
+                   help="cores of a node (a rank runs cores / ranks-per-node threads)")
     bw = p.add_mutually_exclusive_group()
     bw.add_argument("--read-bw", type=_arg(_gb_s), default=Machine.read_bw / 1e9, metavar="GB/s",
                     help="a node's memory read bandwidth, all its cores (the default: this "
                     "project's 2-core test machine)")
     bw.add_argument("--probe", action="store_true",
                     help="measure this machine's read bandwidth (all its cores; ~2 s)")
+    p.add_argument("--kernel-gb-s", type=_arg(_gb_s), default=Machine.kernel_bw / 1e9,
+                   metavar="GB/s", help="what the 4-bit matmuls consume per core from cache "
+                   "(the default: this project's test machine)")
     p.add_argument("--prefill-gops", type=_arg(_gb_s), default=Machine.prefill_ops / 1e9,
-                   metavar="GOP/s", help="a node's int8 throughput on prompt matrices (the "
-                   "default: this project's 2-core test machine)")
+                   metavar="GOP/s", help="int8 throughput per core on prompt matrices (the "
+                   "default: this project's test machine)")
     p.add_argument("--context", type=_arg(_count), default=256,
                    help="positions in the KV cache while decoding (attention reads them)")
     p.add_argument("--prompt", type=_arg(_positive), default=128,
@@ -112,7 +117,7 @@ def resolve_inputs(args):
     """(config, resolved run, stored embedding row bytes, description) of --model/--preset."""
     run = RunConfig(weights_float_type=args.weights_float_type,
                     buffer_float_type=args.buffer_float_type, max_seq_len=args.max_seq_len,
-                    parallel=args.max_batch)
+                    parallel=args.max_batch, kv_cache_float_type=args.kv_cache_float_type)
     if args.preset:
         preset = PRESETS[args.preset]
         w = "q40" if args.weights_float_type == "auto" else args.weights_float_type
@@ -139,7 +144,8 @@ def resolve_inputs(args):
 
 def machine_of(args) -> tuple[Machine, str]:
     m = Machine(ranks_per_node=args.ranks_per_node, memory=args.node_memory or 0,
-                read_bw=args.read_bw * 1e9, prefill_ops=args.prefill_gops * 1e9)
+                read_bw=args.read_bw * 1e9, prefill_ops=args.prefill_gops * 1e9,
+                cores=args.cores, kernel_bw=args.kernel_gb_s * 1e9)
     source = ("default: this project's test machine" if m.read_bw == Machine.read_bw
               else "given")
     if args.probe:
@@ -182,10 +188,12 @@ def print_plan(p: Plan, what: str, machine_source: str, smallest: int | None, ou
       f"{c.dim}, FFN {c.hidden_dim}, {c.n_heads}/{c.n_kv_heads} heads, vocab {c.vocab_size}\n")
     w(f"run: {p.size} ranks ({p.machine.ranks_per_node} per node), weights "
       f"{run.weights_float_type}, output matrix {run.output_float_type}, wire "
-      f"{run.buffer_float_type}, KV cache f32 {seq} positions x {run.parallel} slots\n")
+      f"{run.buffer_float_type}, KV cache {run.kv_cache_float_type} {seq} positions x {run.parallel} slots\n")
     w(f"link: {p.link.describe()}\n")
-    w(f"node: read {p.machine.read_bw / 1e9:.1f} GB/s ({machine_source}), prompt "
-      f"{p.machine.prefill_ops / 1e9:.0f} G ops/s\n")
+    m = p.machine
+    w(f"node: {m.cores} cores, read {m.read_bw / 1e9:.1f} GB/s ({machine_source}); a rank "
+      f"runs {m.threads} thread(s), streams {m.stream_bw / 1e9:.1f} GB/s in decode, "
+      f"{m.rank_ops / 1e9:.0f} G ops/s on prompts\n")
     w("per rank (weights + KV cache + buffers + process = total):\n")
     for first, last, m, t, _ in _rank_groups(p):
         who = f"rank {first}" if first == last else f"ranks {first}-{last}"
@@ -222,12 +230,14 @@ def plan_json(p: Plan, what: str, machine_source: str, smallest) -> dict:
         "model": what, "parameters": n_params(p.config), "config": p.config.to_dict(),
         "ranks": p.size, "ranks_per_node": p.machine.ranks_per_node,
         "weights_float_type": run.weights_float_type, "output_float_type": run.output_float_type,
-        "buffer_float_type": run.buffer_float_type, "kv_cache_float_type": "f32",
+        "buffer_float_type": run.buffer_float_type, "kv_cache_float_type": run.kv_cache_float_type,
         "max_seq_len": run.resolved_max_seq_len(p.config), "max_batch": run.parallel,
         "link": dict(name=p.link.name, bandwidth_bytes_s=p.link.bandwidth,
                      latency_s=p.link.latency),
         "read_bw_bytes_s": p.machine.read_bw, "read_bw_source": machine_source,
-        "prefill_ops_s": p.machine.prefill_ops, "context": p.context,
+        "cores": p.machine.cores, "threads_per_rank": p.machine.threads,
+        "stream_bytes_s": p.machine.stream_bw, "prefill_ops_s": p.machine.rank_ops,
+        "context": p.context,
         "per_rank": [dict(rank=m.rank, weights=m.weights, kv_cache=m.kv_cache,
                           buffers=m.buffers, runtime=RUNTIME_BYTES,
                           total=m.total + RUNTIME_BYTES, bytes_sent=t.sent, bytes_recv=t.recv)

@@ -14,9 +14,10 @@ def _sum_u64(a, nchunks):
     part = np.zeros(nchunks, np.uint64)
     step = (n + nchunks - 1) // nchunks
     for c in prange(nchunks):
+        seg = a[min(n, c * step):min(n, (c + 1) * step)]   # a slice: the loop vectorises
         s = np.uint64(0)
-        for i in range(min(n, c * step), min(n, (c + 1) * step)):
-            s += a[i]
+        for i in range(seg.size):
+            s += seg[i]
         part[c] = s
     return part.sum()
 
