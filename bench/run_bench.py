@@ -8,8 +8,9 @@ each workload runs bench/bench_decode.py under mpiexec several times and takes m
 Workloads: decode of one sequence, a 128-token prompt, and 16 sequences decoding together
 (aggregate tok/s).  --sweep adds decode at 1..4 ranks and batches of 1, 4, 16 for the plot.
 The read-bandwidth roofline is probed in the same invocation (before and after; the best
-is used). Prints a markdown table with the peers' figures measured on this machine
-(measured by hand, see the README's Speed section), writes bench/results/bench-<time>.json and, when matplotlib is
+is used). Prints a markdown table of our figures (peers are compared in the same sitting by
+bench/side_by_side.py, never from a figure of another day), writes
+bench/results/bench-<time>.json and, when matplotlib is
 installed (pip install -e '.[bench]'), bench/results/bench-<time>.png: tok/s against ranks
 and against batch size.
 """
@@ -27,16 +28,6 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
 sys.path.insert(0, HERE)
-
-# Peers measured by hand on 2026-11-24 (an AMD Zen 3, 2 cores): (Distributed Llama, llama.cpp) tok/s.
-PEERS = {
-    ("synthetic", 1, 1, "decode"): (7.26, 16.1), ("synthetic", 1, 2, "decode"): (11.56, 29.1),
-    ("synthetic", 2, 1, "decode"): (14.04, 11.2), ("synthetic", 1, 1, "prompt"): (20.4, 40.0),
-    ("smollm2", 1, 1, "decode"): (57.6, 91.2), ("smollm2", 1, 2, "decode"): (81.1, 131.5),
-    ("smollm2", 1, 1, "prompt"): (169.0, 304.0),
-    ("synthetic", 1, 1, "batch16"): ("—", 31.7), ("synthetic", 1, 2, "batch16"): ("—", 59.0),
-}
-
 
 def bandwidth() -> tuple[float, float]:
     """(1-thread, 2-thread) read GB/s: a vectorised numba sum over 1 GB of uint64."""
@@ -124,8 +115,8 @@ def make_table(rows, bw1: float, bw2: float, note: str = "") -> str:
     """The markdown table; rows: (model, ranks, threads, kind, bench_decode result)."""
     lines = [f"read bandwidth (numba probe): {bw1:.1f} GB/s on 1 core, {bw2:.1f} GB/s on 2{note}",
              "", "| model | ranks × threads | workload | tok/s | roofline tok/s | fraction | "
-             "sync ms/token | kB sent/token (rank 0) | Distributed Llama | llama.cpp |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "sync ms/token | kB sent/token (rank 0) |",
+             "|---|---|---|---|---|---|---|---|"]
     for name, ranks, threads, kind, r in rows:
         bw = bw1 if ranks * threads == 1 else bw2
         roof = bw * 1e9 / r["weight_bytes_per_token"]
@@ -133,11 +124,10 @@ def make_table(rows, bw1: float, bw2: float, note: str = "") -> str:
         frac = f"{tok / roof:.0%}" if kind == "decode" else "compute-bound"
         roof_s = f"{roof:.1f}" if kind == "decode" else "—"
         pr = r["per_rank"][0]
-        dl, lc = PEERS.get((name, ranks, threads, kind), ("—", "—"))
         label = {"decode": "decode", "batch16": "16 sequences, aggregate"}.get(
             kind, f"prompt ({r['prompt_tokens']} tokens)")
         lines.append(f"| {name} | {ranks} × {threads} | {label} | {tok:.1f} | {roof_s} | {frac} | "
-                     f"{pr['sync_ms']:.2f} | {pr['bytes_sent'] / 1e3:.1f} | {dl} | {lc} |")
+                     f"{pr['sync_ms']:.2f} | {pr['bytes_sent'] / 1e3:.1f} |")
     return "\n".join(lines)
 
 

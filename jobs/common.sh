@@ -20,10 +20,11 @@ NTASKS=${SLURM_NTASKS:-${NTASKS:-2}}             # ranks (outside SLURM: NTASKS,
 export SRUN_CPUS_PER_TASK=${SLURM_CPUS_PER_TASK:-${CPUS_PER_TASK:-1}}
 export NUMBA_NUM_THREADS=$SRUN_CPUS_PER_TASK
 NTHREADS=$SRUN_CPUS_PER_TASK                      # threads per rank
-# One numba cache per node, shared by every job of this user on it: kernels compile once per
-# node (not in $TMPDIR, which SLURM may empty after each job; not on a shared filesystem,
-# where several nodes writing one cache race).
-export NUMBA_CACHE_DIR=${NUMBA_CACHE_DIR:-/tmp/dllama-numba-$(id -u)}
+# Kernels: the same numba cache as interactive runs (~/.cache/dllama_mpi/numba, or
+# $NUMBA_CACHE_DIR when exported), so a job after an interactive run compiles nothing. Rank 0
+# compiles first and the others load after it; numba writes each cache file under a temporary
+# name and renames it, so nodes sharing the home directory never read half a file, and a node
+# with another CPU model keeps its own entries beside them.
 # Compute nodes often have no internet: run `python -m dllama_mpi pull smollm2-135m` on a login
 # node beforehand (the cache, ~/.cache/dllama_mpi or $DLLAMA_MPI_CACHE, must be shared).
 

@@ -52,13 +52,12 @@ pytestmark = [pytest.mark.skipif(_reason is not None, reason=_reason or ""),
 def _env(**extra) -> dict:
     env = dict(os.environ)
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
-    env["NUMBA_CACHE_DIR"] = f"/tmp/dllama-numba-{os.getuid()}"      # what jobs/common.sh uses
     env.update(extra)
     return env
 
 
 def local_batch(tiny, inp, out) -> subprocess.CompletedProcess:
-    """The same batch under a plain mpiexec -n 2 (also warms the per-node numba cache)."""
+    """The same batch under a plain mpiexec -n 2 (also warms the numba cache the jobs use)."""
     cmd = [shutil.which("mpiexec") or "mpiexec", "-n", "2", sys.executable, "-m", "dllama_mpi",
            "batch", "--model", tiny, "--input", str(inp), "--output", str(out),
            "--steps", str(STEPS), "--max-batch", "8", *EXTRA.split()]
