@@ -2,7 +2,7 @@
 
     python bench/side_by_side.py --llama-cpp /tmp/peers/llama.cpp/build/bin \\
         [--models smollm2 synthetic] [--threads 1 2] [--rounds 3] \\
-        [--workloads prompt batch16 decode] [--no-check]
+        [--workloads prompt batch16 decode] [--no-check] [--dllama PATH/dllama]
 
 llama.cpp is built by hand from its public source in a folder outside this repository (the
 README's Speed section says how); this script only runs its binaries. For every (model,
@@ -18,6 +18,13 @@ Workloads (the same token counts on both sides):
   decode   one sequence, 64 tokens       ours: bench_decode.py --prompt-tokens 20 --steps 64
                                          theirs: llama-bench -p 0 -n 64 (tg64)
 Ours runs as one rank (`mpiexec -n 1`) with --nthreads T; theirs with -t T.
+
+--dllama adds Distributed Llama (its `dllama inference`, one process, --nthreads T, the Q80
+wire) to the prompt and decode rows, third in each round: its prompt tok/s is its
+"Evaluation" figure for a prompt of ~130 tokens, its decode tok/s its "Prediction" figure of
+64 tokens after a 20-token prompt. It reads only its own .m files: the GGUF is converted with
+`python -m dllama_mpi convert --to dllama --weights-float-type q40` (a Q4_0 file exactly;
+SmolLM2's Q4_1 is requantised to Q4_0, the only 4-bit type it has) into bench/results/.
 
 A peer's speed counts only when its answers check out: unless --no-check, the same sitting
 first computes SmolLM2's perplexity on the same text with llama.cpp's `llama-perplexity`
@@ -117,6 +124,29 @@ def theirs(bin_dir: str, model: str, workload: str, threads: int) -> float:
     return float(json.loads(_run(cmd))[0]["avg_ts"])
 
 
+def dllama_files(model: str) -> tuple[str, str]:
+    """Distributed Llama's .m and .t of a GGUF (converted once into bench/results/)."""
+    stem = os.path.splitext(os.path.basename(model))[0]
+    m = os.path.join(HERE, "results", f"{stem}-q40.m")
+    if not os.path.exists(m):
+        _run([sys.executable, "-m", "dllama_mpi", "convert", model, "--to", "dllama", "-o", m,
+              "--weights-float-type", "q40", "--no-progress"])
+    return m, m[:-2] + ".t"
+
+
+def dllama(binary: str, model: str, workload: str, threads: int) -> float:
+    m, t = dllama_files(model)
+    # its tokenizer splits these prompts into about one token per character: 22 "hello"s
+    # are ~130 tokens, the second prompt ~20
+    prompt, steps = (("hello " * 22).strip(), 140) if workload == "prompt" else \
+        ("Tell me a good story.", 84)
+    out = _run([binary, "inference", "--model", m, "--tokenizer", t, "--buffer-float-type",
+                "q80", "--prompt", prompt, "--steps", str(steps), "--nthreads", str(threads),
+                "--max-seq-len", "256", "--temperature", "0"])
+    part = out.split("Evaluation" if workload == "prompt" else "Prediction", 1)[1]
+    return float(re.search(r"tokens/s: ([0-9.]+)", part).group(1))
+
+
 def check_peer(bin_dir: str, model: str, threads: int) -> tuple[float, float]:
     """(llama.cpp's perplexity, ours) of SmolLM2 over TEXT (see the module docstring)."""
     out = subprocess.run([os.path.join(bin_dir, "llama-perplexity"), "-m", model, "-f", TEXT,
@@ -142,6 +172,8 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--workloads", nargs="+", choices=WORKLOADS, default=list(WORKLOADS))
     ap.add_argument("--no-check", action="store_true", help="skip the perplexity check")
+    ap.add_argument("--dllama", metavar="PATH", default=None,
+                    help="Distributed Llama's dllama binary: a third column (prompt, decode)")
     args = ap.parse_args()
     for tool in ("llama-bench", "llama-batched-bench"):
         if not os.access(os.path.join(args.llama_cpp, tool), os.X_OK):
@@ -155,14 +187,21 @@ def main() -> int:
         print(f"perplexity check (SmolLM2): llama.cpp "
               f"{check[0]:.3f}, ours {check[1]:.3f}", file=sys.stderr)
     cases = [(m, w, t) for m in models for w in args.workloads for t in args.threads]
-    runs: dict[tuple, dict[str, list[float]]] = {c: {"ours": [], "llama.cpp": []} for c in cases}
+    runs: dict[tuple, dict[str, list[float]]] = {
+        c: {"ours": [], "llama.cpp": [], "Distributed Llama": []} for c in cases}
     for rnd in range(args.rounds):
         for case in cases:
             name, workload, threads = case
             order = ("ours", "llama.cpp") if rnd % 2 == 0 else ("llama.cpp", "ours")
+            if args.dllama and workload != "batch16":
+                order += ("Distributed Llama",)
             for who in order:
-                tok = (ours(models[name], workload, threads) if who == "ours"
-                       else theirs(args.llama_cpp, models[name], workload, threads))
+                if who == "ours":
+                    tok = ours(models[name], workload, threads)
+                elif who == "llama.cpp":
+                    tok = theirs(args.llama_cpp, models[name], workload, threads)
+                else:
+                    tok = dllama(args.dllama, models[name], workload, threads)
                 runs[case][who].append(tok)
                 print(f"round {rnd + 1}: {name} {workload} {threads}t {who}: {tok:.1f} tok/s",
                       file=sys.stderr, flush=True)
@@ -175,15 +214,19 @@ def main() -> int:
               f"peer check: SmolLM2 perplexity llama.cpp {check[0]:.2f}, ours {check[1]:.2f}"
               + (" — llama.cpp BROKEN on this CPU: its rows are not a bar" if broken else
                  " (agree within 25%)")),
-             "", "| model | workload | threads | dllama_mpi | llama.cpp | ratio | runs (ours; theirs) |",
-             "|---|---|---|---|---|---|---|"]
+             "", "| model | workload | threads | dllama_mpi | llama.cpp | ratio | "
+             "Distributed Llama | ratio | runs (ours; llama.cpp) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     rows = []
     for (name, workload, threads), r in runs.items():
         a, b = statistics.median(r["ours"]), statistics.median(r["llama.cpp"])
+        c = statistics.median(r["Distributed Llama"]) if r["Distributed Llama"] else None
         rows.append(dict(model=name, workload=workload, threads=threads, ours=r["ours"],
-                         llama_cpp=r["llama.cpp"], ours_median=a, llama_cpp_median=b))
+                         llama_cpp=r["llama.cpp"], dllama=r["Distributed Llama"],
+                         ours_median=a, llama_cpp_median=b, dllama_median=c))
+        dl = f"{c:.1f} | {a / c:.2f}" if c else "— | —"
         lines.append(f"| {name} | {LABELS[workload]} | {threads} | {a:.1f} | {b:.1f} | "
-                     f"{a / b:.2f} | {', '.join(f'{x:.1f}' for x in r['ours'])}; "
+                     f"{a / b:.2f} | {dl} | {', '.join(f'{x:.1f}' for x in r['ours'])}; "
                      f"{', '.join(f'{x:.1f}' for x in r['llama.cpp'])} |")
     for name in models:
         for workload in args.workloads:
