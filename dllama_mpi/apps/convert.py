@@ -4,6 +4,10 @@ or Distributed Llama's .m + .t.
     python -m dllama_mpi convert SRC -o model.h5 [--weights-float-type auto|q40|q41|q80|f16|f32]
     python -m dllama_mpi convert SRC --to dllama -o model.m [--weights-float-type auto|q40|q80|f16|f32]
 
+A signal (SIGINT, SIGTERM) is acted on between pieces of the writing, never inside h5py or
+a half-written tensor: the temporary file is removed and nothing is left under the output's
+name.
+
 auto (the default) keeps what the file has: every tensor of an .h5 store keeps its type
 (Q4_1 stays Q4_1, bit for bit). An .m file holds one weight type: auto picks the file's when
 it can (Q4_0, Q8_0, F16, F32), else the one that loses least (Q8_0), and says so. Any other
@@ -19,6 +23,7 @@ import sys
 from .. import registry
 from ..errors import DllamaError
 from ..formats import expected_shapes, open_model
+from ..runtime import interrupt
 
 TARGETS = ("hdf5", "dllama")
 H5_TYPES = ("auto", "q40", "q41", "q80", "f16", "f32")
@@ -63,8 +68,9 @@ def convert(src_path: str, out_path: str | None = None, weights_float_type: str 
             if report is not None:
                 for line in describe(plan_types(model, weights_float_type)):
                     report(line)
-            return [write_h5(model, out_path, weights_float_type, progress=progress,
-                             source=os.path.abspath(src_path))]
+            with interrupt.deferred():
+                return [write_h5(model, out_path, weights_float_type, progress=progress,
+                                 source=os.path.abspath(src_path), checkpoint=interrupt.check)]
         weights = m_weight_type(model) if weights_float_type == "auto" else weights_float_type
         if report is not None:
             auto = weights_float_type == "auto"
@@ -73,7 +79,8 @@ def convert(src_path: str, out_path: str | None = None, weights_float_type: str 
                                  "an .m file cannot hold the file's types; an .h5 store keeps "
                                  "them" if auto else "--weights-float-type auto loses least"):
                 report(line)
-        return _to_dllama(model, out_path, weights, progress)
+        with interrupt.deferred():
+            return _to_dllama(model, out_path, weights, progress)
     finally:
         model.close()
 
@@ -152,7 +159,8 @@ def _to_dllama(model, out_path: str, weights: str, progress: bool) -> list[str]:
                    unit="tensor", file=sys.stderr, leave=False, disable=not sys.stderr.isatty())
     try:
         written = [write_dllama_m(model, out_path, weights,
-                                  progress=bar.update if bar is not None else None)]
+                                  progress=bar.update if bar is not None else None,
+                                  checkpoint=interrupt.check)]
     finally:
         if bar is not None:
             bar.close()
@@ -161,6 +169,7 @@ def _to_dllama(model, out_path: str, weights: str, progress: bool) -> list[str]:
     except DllamaError as e:
         print(f"warning: no tokenizer written ({e})", file=sys.stderr)
         return written
+    interrupt.check()
     written.append(write_dllama_t(tok, os.path.splitext(out_path)[0] + ".t"))
     return written
 

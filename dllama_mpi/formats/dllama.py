@@ -308,8 +308,10 @@ def convert_rows(tensor: Tensor, target: str, chunk_values: int = 1 << 22):
             yield quantize(values, QT[target])
 
 
-def write_dllama_m(model, out_path: str, weights_float_type: str = "q40", progress=None) -> str:
-    """Write any open model (base.py interface) as a Distributed Llama .m file."""
+def write_dllama_m(model, out_path: str, weights_float_type: str = "q40", progress=None,
+                   checkpoint=None) -> str:
+    """Write any open model (base.py interface) as a Distributed Llama .m file; atomically.
+    checkpoint(): called between pieces of work, where stopping is safe (it may raise)."""
     if weights_float_type not in WRITE_TYPES:
         raise DllamaError(f".m weight type must be one of {', '.join(WRITE_TYPES)}, "
                           f"got {weights_float_type!r}")
@@ -334,8 +336,12 @@ def write_dllama_m(model, out_path: str, weights_float_type: str = "q40", progre
                 src = Tensor(src.name, src.type, src.shape, _permuted(src.data, np.argsort(perm)))
             for part in convert_rows(src, t):
                 f.write(np.ascontiguousarray(part).tobytes())
+                if checkpoint is not None:
+                    checkpoint()
             if progress is not None:
                 progress(1)
+        if checkpoint is not None:
+            checkpoint()
 
     return atomic_write(out_path, write)
 

@@ -92,9 +92,10 @@ def plan_types(model, weights_float_type: str = "auto") -> dict[str, tuple[str, 
 
 
 def write_h5(model, out_path: str, weights_float_type: str = "auto", progress: bool = True,
-             source: str = "") -> str:
+             source: str = "", checkpoint=None) -> str:
     """Write any open model (base.py interface) to our HDF5 store; atomically. auto keeps
-    every tensor's type (plan_types says what becomes what)."""
+    every tensor's type (plan_types says what becomes what). checkpoint(): called between
+    pieces of work, where stopping is safe (it may raise: the temporary file is removed)."""
     import h5py
 
     from .dllama import convert_rows
@@ -129,10 +130,14 @@ def write_h5(model, out_path: str, weights_float_type: str = "auto", progress: b
                         else np.asarray(part)
                     ds[r0:r0 + part.shape[0]] = part
                     r0 += part.shape[0]
+                    if checkpoint is not None:
+                        checkpoint()
                 if bar is not None:
                     bar.update(1)
             if tok is not None:
                 _write_tokenizer(f, tok)
+        if checkpoint is not None:
+            checkpoint()
         os.replace(tmp, out_path)
     except BaseException:
         if os.path.exists(tmp):
