@@ -190,8 +190,11 @@ def _json_result(session, g, text, per_rank) -> dict:
 
 def _print_summary(g, per_rank) -> None:
     err = sys.stderr
-    print(f"prompt: {len(g.prompt_tokens)} tokens, {g.prompt_tokens_per_s:.1f} tok/s", file=err)
     n = len(g.generated_tokens)
+    if n == 0 and g.finish_reason == "length":     # --steps 0: the prompt was not run
+        print(f"prompt: {len(g.prompt_tokens)} tokens, not run (--steps 0)", file=err)
+        return
+    print(f"prompt: {len(g.prompt_tokens)} tokens, {g.prompt_tokens_per_s:.1f} tok/s", file=err)
     if n == 0:
         print(f"decode: no tokens (finish: {g.finish_reason})", file=err)
         return
