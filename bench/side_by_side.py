@@ -3,6 +3,8 @@
     python bench/side_by_side.py --llama-cpp /tmp/peers/llama.cpp/build/bin \\
         [--models smollm2 synthetic] [--threads 1 2] [--rounds 3] \\
         [--workloads prompt batch16 decode] [--no-check] [--dllama PATH/dllama]
+    python bench/side_by_side.py --llama-cpp DIR --workloads batch1 batch4 batch16 batch32 \
+        --threads 2 --rounds 2            # the batch sweep
 
 llama.cpp is built by hand from its public source in a folder outside this repository (the
 README's Speed section says how); this script only runs its binaries. For every (model,
@@ -12,9 +14,9 @@ so a drift of the machine weighs on both alike, and reports the medians and thei
 Workloads (the same token counts on both sides):
   prompt   one 128-token prompt          ours: bench_decode.py --prompt-tokens 128 --steps 1
                                          theirs: llama-bench -p 128 -n 0 (prompt tok/s)
-  batch16  16 sequences decoding together, 20-token prompts, 64 tokens each (aggregate decode
-           tok/s, prefill excluded)      ours: bench_decode.py --parallel 16
-                                         theirs: llama-batched-bench -npp 20 -ntg 64 -npl 16 (S_TG)
+  batchN   N sequences decoding together, 20-token prompts, 64 tokens each (aggregate decode
+           tok/s, prefill excluded)      ours: bench_decode.py --parallel N
+                                         theirs: llama-batched-bench -npp 20 -ntg 64 -npl N (S_TG)
   decode   one sequence, 64 tokens       ours: bench_decode.py --prompt-tokens 20 --steps 64
                                          theirs: llama-bench -p 0 -n 64 (tg64)
 Ours runs as one rank (`mpiexec -n 1`) with --nthreads T; theirs with -t T.
@@ -55,8 +57,19 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, HERE)
 
 WORKLOADS = ("prompt", "batch16", "decode")
-LABELS = {"prompt": "prompt 128", "batch16": "16 sequences decoding together (aggregate)",
-          "decode": "decode"}
+
+
+def label(workload: str) -> str:
+    if workload.startswith("batch"):
+        return f"{workload[5:]} sequences decoding together (aggregate)"
+    return {"prompt": "prompt 128", "decode": "decode"}[workload]
+
+
+def workload_arg(text: str) -> str:
+    if text in ("prompt", "decode") or (text.startswith("batch") and text[5:].isdigit()
+                                        and int(text[5:]) >= 1):
+        return text
+    raise argparse.ArgumentTypeError(f"prompt, decode or batchN (N >= 1), got {text!r}")
 FLAGS = ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile",
          "amx_int8")
 TEXT = os.path.join(ROOT, "data", "texts", "us-public-domain.txt")
@@ -99,9 +112,11 @@ def _run(cmd: list[str], timeout: float = 1800) -> str:
 
 
 def ours(model: str, workload: str, threads: int) -> float:
-    args = {"prompt": ["--prompt-tokens", "128", "--steps", "1"],
-            "batch16": ["--prompt-tokens", "20", "--steps", "64", "--parallel", "16"],
-            "decode": ["--prompt-tokens", "20", "--steps", "64"]}[workload]
+    if workload.startswith("batch"):
+        args = ["--prompt-tokens", "20", "--steps", "64", "--parallel", workload[5:]]
+    else:
+        args = {"prompt": ["--prompt-tokens", "128", "--steps", "1"],
+                "decode": ["--prompt-tokens", "20", "--steps", "64"]}[workload]
     cmd = [shutil.which("mpiexec") or "mpiexec", "-n", "1", sys.executable,
            os.path.join(HERE, "bench_decode.py"), "--model", model, "--nthreads", str(threads),
            *args]
@@ -110,9 +125,11 @@ def ours(model: str, workload: str, threads: int) -> float:
 
 
 def theirs(bin_dir: str, model: str, workload: str, threads: int) -> float:
-    if workload == "batch16":
-        cmd = [os.path.join(bin_dir, "llama-batched-bench"), "-m", model, "-c", "2048",
-               "-b", "2048", "-ub", "512", "-npp", "20", "-ntg", "64", "-npl", "16",
+    if workload.startswith("batch"):
+        n = int(workload[5:])
+        cmd = [os.path.join(bin_dir, "llama-batched-bench"), "-m", model,
+               "-c", str(max(2048, n * 96)), "-b", "2048", "-ub", "512", "-npp", "20",
+               "-ntg", "64", "-npl", str(n),
                "-t", str(threads), "--output-format", "jsonl"]
         for line in _run(cmd).splitlines():
             if line.startswith("{"):
@@ -170,7 +187,8 @@ def main() -> int:
     ap.add_argument("--models", nargs="+", default=["smollm2", "synthetic"])
     ap.add_argument("--threads", nargs="+", type=int, default=[1, 2])
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--workloads", nargs="+", choices=WORKLOADS, default=list(WORKLOADS))
+    ap.add_argument("--workloads", nargs="+", type=workload_arg, default=list(WORKLOADS),
+                    help="prompt, decode, batchN (default: prompt batch16 decode)")
     ap.add_argument("--no-check", action="store_true", help="skip the perplexity check")
     ap.add_argument("--dllama", metavar="PATH", default=None,
                     help="Distributed Llama's dllama binary: a third column (prompt, decode)")
@@ -193,7 +211,7 @@ def main() -> int:
         for case in cases:
             name, workload, threads = case
             order = ("ours", "llama.cpp") if rnd % 2 == 0 else ("llama.cpp", "ours")
-            if args.dllama and workload != "batch16":
+            if args.dllama and not workload.startswith("batch"):
                 order += ("Distributed Llama",)
             for who in order:
                 if who == "ours":
@@ -225,7 +243,7 @@ def main() -> int:
                          llama_cpp=r["llama.cpp"], dllama=r["Distributed Llama"],
                          ours_median=a, llama_cpp_median=b, dllama_median=c))
         dl = f"{c:.1f} | {a / c:.2f}" if c else "— | —"
-        lines.append(f"| {name} | {LABELS[workload]} | {threads} | {a:.1f} | {b:.1f} | "
+        lines.append(f"| {name} | {label(workload)} | {threads} | {a:.1f} | {b:.1f} | "
                      f"{a / b:.2f} | {dl} | {', '.join(f'{x:.1f}' for x in r['ours'])}; "
                      f"{', '.join(f'{x:.1f}' for x in r['llama.cpp'])} |")
     for name in models:
