@@ -22,16 +22,18 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
 
-# (label, weights, output, wire, ranks)
+# (label, weights, output, wire, ranks, KV cache type)
 VARIANTS = [
-    ("F32 weights, F32 wire (reference)", "f32", "f32", "f32", 1),
-    ("F32 weights, F32 wire, 2 ranks", "f32", "f32", "f32", 2),
-    ("F32 weights, Q80 wire, 2 ranks", "f32", "f32", "q80", 2),
-    ("Q41 layers + Q80 output (default)", "q41", "q80", "q80", 1),
-    ("Q41 layers + Q80 output, Q80 wire, 2 ranks", "q41", "q80", "q80", 2),
-    ("Q41 layers + Q41 output", "q41", "q41", "q80", 1),
-    ("Q40 layers + Q80 output", "q40", "q80", "q80", 1),
-    ("Q40 everywhere", "q40", "q40", "q80", 1),
+    ("F32 weights, F32 wire (reference)", "f32", "f32", "f32", 1, "f32"),
+    ("F32 weights, F32 wire, 2 ranks", "f32", "f32", "f32", 2, "f32"),
+    ("F32 weights, Q80 wire, 2 ranks", "f32", "f32", "q80", 2, "f32"),
+    ("F32 weights, F16 KV cache", "f32", "f32", "f32", 1, "f16"),
+    ("Q41 layers + Q80 output (default)", "q41", "q80", "q80", 1, "f32"),
+    ("Q41 layers + Q80 output, F16 KV cache", "q41", "q80", "q80", 1, "f16"),
+    ("Q41 layers + Q80 output, Q80 wire, 2 ranks", "q41", "q80", "q80", 2, "f32"),
+    ("Q41 layers + Q41 output", "q41", "q41", "q80", 1, "f32"),
+    ("Q40 layers + Q80 output", "q40", "q80", "q80", 1, "f32"),
+    ("Q40 everywhere", "q40", "q40", "q80", 1, "f32"),
 ]
 
 
@@ -44,7 +46,7 @@ def worker(args) -> None:
     comm = make_comm()
     run = RunConfig(weights_float_type=args.weights, output_float_type=args.output,
                     buffer_float_type=args.wire, max_seq_len=args.ctx, prefill_chunk=args.batch,
-                    nthreads=args.nthreads)
+                    nthreads=args.nthreads, kv_cache_float_type=args.kv)
     s = start(comm, registry.resolve(args.model) if comm.is_root else args.model, run)
     if not comm.is_root:
         s.engine.run_worker_loop()
@@ -66,6 +68,9 @@ def main() -> None:
     ap.add_argument("--weights", default="f32")
     ap.add_argument("--output", default="f32")
     ap.add_argument("--wire", default="f32")
+    ap.add_argument("--kv", default="f32")
+    ap.add_argument("--only", nargs="+", default=None, metavar="WORD",
+                    help="run the reference and the variants whose label holds one of these")
     ap.add_argument("--nthreads", type=int, default=1)
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--text", default=os.path.join(HERE, "..", "data", "texts",
@@ -79,10 +84,12 @@ def main() -> None:
         return
     import numpy as np
     rows = []
-    for label, weights, output, wire, ranks in VARIANTS:
+    chosen = [v for i, v in enumerate(VARIANTS)
+              if i == 0 or args.only is None or any(w in v[0] for w in args.only)]
+    for label, weights, output, wire, ranks, kv in chosen:
         cmd = [shutil.which("mpiexec") or "mpiexec", "-n", str(ranks), sys.executable,
                os.path.abspath(__file__), "--worker", "--weights", weights, "--output", output,
-               "--wire", wire, "--model", args.model, "--text", args.text, "--ctx",
+               "--wire", wire, "--kv", kv, "--model", args.model, "--text", args.text, "--ctx",
                str(args.ctx), "--stride", str(args.stride), "--batch", str(args.batch)]
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=7200)
         if p.returncode != 0:
