@@ -24,20 +24,22 @@ from .matmul import bind_matmul, matmul_f16, matmul_f32, matmul_q80_q40, matmul_
 from .matmul_slab import PREFETCH_ROWS
 from .norm import bind_rmsnorm_q80, rmsnorm, rmsnorm_heads, rmsnorm_q80
 from .q80 import quantize_q80_act
-from .simd import HAS_AVX2
+from .simd import HAS_AVX2, HAS_VNNI512, KERNELS
 
 # the private kernels warmup() compiles as well (parallel twins, the other ISA path)
 from .attention import _attention_block_ser, _attention_par, _attention_ser, _rope_par, _rope_rows, _rope_store
 from .ffn import _SPLIT_MIN, _silu_mul_par, _silu_mul_q80_ser, _silu_mul_q80_split, _silu_mul_rows
 from .matmul_rows import (_ACC, _rbuffers, _rows_q4_generic, _rows_q4_par, _rows_q4_serial, _rows_q8_generic,
                           _rows_q8_par, _rows_q8_serial)
+from .matmul_vnni import (_ACCV, _rows_q4_par_vnni, _rows_q4_serial_vnni, _rows_q8_par_vnni,
+                          _rows_q8_serial_vnni)
 from .matmul_f16 import _f16_rows_par, _f16_rows_serial
 from .matmul_slab import _S16, _q40_par_avx2, _q40_par_generic, _q40_serial_avx2, _q40_serial_generic, _xbuffers
 from .norm import _rmsnorm_heads, _rmsnorm_par, _rmsnorm_q80_ser, _rmsnorm_rows
 from .q80 import _quantize_q80_act, _quantize_q80_act_f16c
 
 __all__ = [
-    "HAS_AVX2", "PREFETCH_ROWS",
+    "HAS_AVX2", "HAS_VNNI512", "KERNELS", "PREFETCH_ROWS",
     "attention", "attention_block", "attention_scratch", "bind_attention_block", "bind_matmul",
     "bind_rmsnorm_q80", "bind_silu_mul_q80", "choose_threading_layer", "get_num_threads", "matmul_f16", "matmul_f32",
     "max_threads", "needed", "warmup_is_cached",
@@ -119,7 +121,8 @@ def _steps(needs, skip_warmed: bool = True) -> list[tuple[str, float, list, obje
     def _():
         quantize_q80_act(xq, xd, x)
 
-    @step("q4rows", "q4 matmul (row tiles)", 6.0, [_rows_q4_serial, _rows_q4_par, _rows_q4_generic])
+    @step("q4rows", "q4 matmul (row tiles)", 6.0, [_rows_q4_serial, _rows_q4_par, _rows_q4_generic,
+                                                   _rows_q4_serial_vnni, _rows_q4_par_vnni])
     def _():
         w41 = Q41Matrix.from_blocks(quantize_q41(f32(rows, n)))
         wr = Q40Matrix.from_blocks(quantize_q40(f32(rows, n)), layout="rows")
@@ -128,8 +131,10 @@ def _steps(needs, skip_warmed: bool = True) -> list[tuple[str, float, list, obje
             xq_, xd_ = np.zeros((T_, n), np.int8), np.ones((T_, n // QK), np.float32)
             matmul_q80_q41(o, xq_, xd_, w41)
             matmul_q80_q40(o, xq_, xd_, wr)
-            if HAS_AVX2:
-                xi, xf = _rbuffers(T_, n // QK)
+            xi, xf = _rbuffers(T_, n // QK)
+            if HAS_VNNI512:                  # (the VNNI kernels only where the CPU has them)
+                _rows_q4_par_vnni(o, xq_, xd_, xi, xf, w41.buf, rows, n // QK, w41.stride, 1, _ACCV)
+            elif HAS_AVX2:
                 _rows_q4_par(o, xq_, xd_, xi, xf, w41.buf, rows, n // QK, w41.stride, 1, _ACC)
 
     @step("q40slab", "q40 matmul (slabs)", 29.0, [_q40_serial_avx2, _q40_par_avx2,
@@ -143,15 +148,18 @@ def _steps(needs, skip_warmed: bool = True) -> list[tuple[str, float, list, obje
             xl, xh, xi = _xbuffers(T, w.nslab)
             fn(out, xq, xd, w.qs, w.d.view(np.uint16), w.rows, w.nb, w.nslab, xl, xh, xi, _S16)
 
-    @step("q8rows", "q8 matmul (output matrix)", 4.0, [_rows_q8_serial, _rows_q8_par, _rows_q8_generic])
+    @step("q8rows", "q8 matmul (output matrix)", 4.0, [_rows_q8_serial, _rows_q8_par, _rows_q8_generic,
+                                                       _rows_q8_serial_vnni, _rows_q8_par_vnni])
     def _():
         w80 = Q80Matrix.from_f32(f32(rows, n))
         for T_ in (1, 5):
             o = np.empty((T_, rows), np.float32)
             xq_, xd_ = np.zeros((T_, n), np.int8), np.ones((T_, n // QK), np.float32)
             matmul_q80_q80(o, xq_, xd_, w80)
-            if HAS_AVX2:
-                xi, xf = _rbuffers(T_, n // QK)
+            xi, xf = _rbuffers(T_, n // QK)
+            if HAS_VNNI512:
+                _rows_q8_par_vnni(o, xq_, xd_, xi, xf, w80.buf, rows, n // QK, w80.stride, _ACCV)
+            elif HAS_AVX2:
                 _rows_q8_par(o, xq_, xd_, xi, xf, w80.buf, rows, n // QK, w80.stride, _ACC)
 
     @step("fused", "rmsnorm + q80", 2.0, [_rmsnorm_q80_ser, _rmsnorm_par])
@@ -268,10 +276,16 @@ def warmup_is_cached(needs=None) -> tuple[bool, float]:
 
 
 def _wanted(dispatcher) -> bool:
-    """The AVX2 kernels and their portable twins: only one kind runs on a machine."""
+    """The kernels of this machine's path (simd.KERNELS) only: the VNNI row-tile kernels replace
+    the AVX2 ones (the slab kernel stays AVX2), the portable twins run without AVX2."""
     generic = dispatcher in (_rows_q4_generic, _rows_q8_generic, _q40_serial_generic, _q40_par_generic)
-    avx2 = dispatcher in (_rows_q4_serial, _rows_q4_par, _rows_q8_serial, _rows_q8_par, _q40_serial_avx2,
-                          _q40_par_avx2)
+    vnni = dispatcher in (_rows_q4_serial_vnni, _rows_q4_par_vnni, _rows_q8_serial_vnni, _rows_q8_par_vnni)
+    avx2_rows = dispatcher in (_rows_q4_serial, _rows_q4_par, _rows_q8_serial, _rows_q8_par)
+    avx2 = avx2_rows or dispatcher in (_q40_serial_avx2, _q40_par_avx2)
+    if vnni:
+        return HAS_VNNI512
+    if avx2_rows and HAS_VNNI512:
+        return False
     return not (generic and HAS_AVX2 or avx2 and not HAS_AVX2)
 
 
