@@ -28,14 +28,14 @@ from .simd import HAS_AVX2, HAS_VNNI512, KERNELS
 
 # the private kernels warmup() compiles as well (parallel twins, the other ISA path)
 from .attention import _attention_block_ser, _attention_par, _attention_ser, _rope_par, _rope_rows, _rope_store
-from .ffn import _SPLIT_MIN, _silu_mul_par, _silu_mul_q80_ser, _silu_mul_q80_split, _silu_mul_rows
+from .ffn import _SPLIT_MIN, _silu_mul_par, _silu_mul_q80_par, _silu_mul_q80_ser, _silu_mul_q80_split, _silu_mul_rows
 from .matmul_rows import (_ACC, _rbuffers, _rows_q4_generic, _rows_q4_par, _rows_q4_serial, _rows_q8_generic,
                           _rows_q8_par, _rows_q8_serial)
 from .matmul_vnni import (_ACCV, _rows_q4_par_vnni, _rows_q4_serial_vnni, _rows_q8_par_vnni,
                           _rows_q8_serial_vnni)
 from .matmul_f16 import _f16_rows_par, _f16_rows_serial
 from .matmul_slab import _S16, _q40_par_avx2, _q40_par_generic, _q40_serial_avx2, _q40_serial_generic, _xbuffers
-from .norm import _rmsnorm_heads, _rmsnorm_par, _rmsnorm_q80_ser, _rmsnorm_rows
+from .norm import _rmsnorm_heads, _rmsnorm_par, _rmsnorm_q80_par, _rmsnorm_q80_ser, _rmsnorm_rows
 from .q80 import _quantize_q80_act, _quantize_q80_act_f16c
 
 __all__ = [
@@ -162,18 +162,18 @@ def _steps(needs, skip_warmed: bool = True) -> list[tuple[str, float, list, obje
             elif HAS_AVX2:
                 _rows_q8_par(o, xq_, xd_, xi, xf, w80.buf, rows, n // QK, w80.stride, _ACC)
 
-    @step("fused", "rmsnorm + q80", 2.0, [_rmsnorm_q80_ser, _rmsnorm_par])
+    @step("fused", "rmsnorm + q80", 2.0, [_rmsnorm_q80_ser, _rmsnorm_q80_par])
     def _():
         y = np.empty_like(x)
         for w in (ones, ones_ro):
             rmsnorm_q80(y, xq, xd, x, w, 1e-5)
-            _rmsnorm_par(y, x, w, 1e-5, T, n)
+            _rmsnorm_q80_par(y, xq, xd, x, w, 1e-5, T, n, HAS_AVX2)
 
-    @step("fused", "silu·mul + q80", 2.0, [_silu_mul_q80_ser, _silu_mul_par])
+    @step("fused", "silu·mul + q80", 2.0, [_silu_mul_q80_ser, _silu_mul_q80_par])
     def _():
         y, gu = np.empty_like(x), np.concatenate([x, x], axis=1)
         silu_mul_q80(y, xq, xd, gu)
-        _silu_mul_par(y, gu, T, n)
+        _silu_mul_q80_par(y, xq, xd, gu, T, n, HAS_AVX2)
 
     @step("silu_split", "silu·mul + q80 (split)", 3.5, [_silu_mul_q80_split])
     def _():
