@@ -27,7 +27,7 @@ from .q80 import quantize_q80_act
 from .simd import HAS_AVX2, HAS_VNNI512, KERNELS
 
 # the private kernels warmup() compiles as well (parallel twins, the other ISA path)
-from .attention import _attention_block_ser, _attention_par, _attention_ser, _rope_par, _rope_rows, _rope_store
+from .attention import _attention_block_ser, _attention_par, _attention_rows_par, _attention_ser, _rope_par, _rope_rows, _rope_store
 from .ffn import _SPLIT_MIN, _silu_mul_par, _silu_mul_q80_par, _silu_mul_q80_ser, _silu_mul_q80_split, _silu_mul_rows
 from .matmul_rows import (_ACC, _rbuffers, _rows_q4_generic, _rows_q4_par, _rows_q4_serial, _rows_q8_generic,
                           _rows_q8_par, _rows_q8_serial)
@@ -206,7 +206,8 @@ def _steps(needs, skip_warmed: bool = True) -> list[tuple[str, float, list, obje
         for w in (ones, ones_ro):
             rmsnorm_heads(x.copy(), 16, 2, w[:16], 1e-6)
 
-    @step("attention", "attention block", 6.0, [_attention_block_ser, _rope_store, _attention_par])
+    @step("attention", "attention block", 6.0, [_attention_block_ser, _rope_store, _attention_par,
+                                                _attention_rows_par])
     def _():
         kc4 = np.stack([f32(4, 2, 16)] * 2)
         pos, slots = np.arange(T, dtype=np.int32), np.array([1, 0], np.int32)
@@ -218,10 +219,12 @@ def _steps(needs, skip_warmed: bool = True) -> list[tuple[str, float, list, obje
         attention_block(o, qkv, kc4, kc4.copy(), pos, slots, cos, sin, kvq, 0.25, (oq, od))
         attention_block(o, qkv, kc4, kc4.copy(), pos, None, cos, sin, kvq, 0.25)
         _attention_par(o, x, kc4, kc4, pos, slots, kvq, np.float32(0.25), sc, T, 4, 16, 0, T * 4)
+        _attention_rows_par(o, oq, od, 2 if HAS_AVX2 else 1, qkv, kc4, kc4.copy(), pos, slots, kvq, np.float32(0.25),
+                            sc, T, 4, 16, 2)
         _rope_store(qkv, 4, 2, kc4, kc4.copy(), pos, slots, cos, sin, 16, T)
 
     @step("kv_f16", "attention block (f16 KV cache)", 6.0, [_attention_block_ser, _rope_store,
-                                                            _attention_par, _attention_ser])
+                                                            _attention_par, _attention_ser, _attention_rows_par])
     def _():
         kc4 = np.stack([f32(4, 2, 16)] * 2).astype(np.float16)
         pos, slots = np.arange(T, dtype=np.int32), np.array([1, 0], np.int32)
@@ -234,6 +237,8 @@ def _steps(needs, skip_warmed: bool = True) -> list[tuple[str, float, list, obje
         attention_block(o, qkv, kc4, kc4.copy(), pos, None, cos, sin, kvq, 0.25)
         kb = kc4.view(np.uint16)
         _attention_par(o, x, kb, kb, pos, slots, kvq, np.float32(0.25), sc, T, 4, 16, 0, T * 4)
+        _attention_rows_par(o, oq, od, 2 if HAS_AVX2 else 1, qkv, kb, kb.copy(), pos, slots, kvq, np.float32(0.25),
+                            sc, T, 4, 16, 2)
         _rope_store(qkv, 4, 2, kb, kb.copy(), pos, slots, cos, sin, 16, T)
         attention(o, x, kc4[0], kc4[0], pos, kvq, 0.25, sc)
 
