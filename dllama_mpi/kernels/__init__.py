@@ -59,8 +59,8 @@ __all__ = [
 #   f32        rmsnorm and silu·mul on f32 activations                          f32 weights or output
 #   f16        F16 weights widened as read (f32 activations)                    f16 weights
 #   qk_norm    per-head RMSNorm of q and k                                      Qwen3
-#   q4rows     Q80 x Q4_0/Q4_1 on the row-tile layout                           q41, narrow q40
-#   q40slab    Q80 x Q4_0 on the slab layout                                    q40 with > 2047 columns
+#   q4rows     Q80 x Q4_0/Q4_1 on the row-tile layout                           q41, q40
+#   q40slab    Q80 x Q4_0 on the slab layout                                    q40 > ROW_TILE_MAX_COLS cols
 #   q8rows     Q80 x Q8_0 (the 8-bit output matrix)                             q80 output
 #   tests      the stand-alone rope and attention (tests and benchmarks only)
 ALL_NEEDS = ("q80act", "attention", "kv_f16", "fused", "silu_split", "f32", "f16", "qk_norm", "q4rows",
