@@ -81,6 +81,10 @@ def test_path_names():
     assert simd._choose_path(("avx2", "generic"), "auto") == "avx2"
     with pytest.raises(ValueError, match="DLLAMA_MPI_KERNELS"):
         simd._choose_path(("generic",), "sse9")
+    w = Q41Matrix.from_blocks(quantize_q41(np.ones((16, 32), np.float32)))
+    with pytest.raises(ValueError, match="this host runs"):      # no kernel the host lacks
+        _bound_matmul(np.empty((1, 16), np.float32), np.zeros((1, 32), np.int8), np.ones((1, 1), np.float32),
+                      w, "sse9")
 
 
 def test_bound_kernel_names():
@@ -92,6 +96,8 @@ def test_bound_kernel_names():
         assert names["avx2"].startswith("_rows_q4_") and "vnni" not in names["avx2"]
     if "vnni512" in names:
         assert "vnni" in names["vnni512"]
+        one = _bound_matmul(out[:1], xq[:1], xd[:1], w, "vnni512").func.__name__    # T < 4: the AVX2 kernel
+        assert one.startswith("_rows_q4_") and "vnni" not in one
 
 
 _CHILD = """
@@ -130,3 +136,16 @@ def test_forced_fallback(force, tmp_path):
     assert path == want
     assert has_avx2 == str(want != "generic")
     assert ("generic" in name) == (want == "generic") and "vnni" not in name
+
+
+def test_warmup_compiles_the_kernels_of_this_path():
+    """every kernel the host's path runs (kernels._wanted) is compiled by the warmup: the VNNI
+    ones on a VNNI host, with the AVX2 Q4 ones (its path below 4 tokens)"""
+    needs = {"q80act", "attention", "fused", "q4rows", "q8rows"}
+    K.warmup(needs)
+    for name, _, dispatchers, _ in K._steps(needs, skip_warmed=False):
+        if name == "q80 activations":      # (lists both quantisers; _wanted does not sort those)
+            continue
+        for d in dispatchers:
+            if K._wanted(d):
+                assert d.signatures, (name, d.__name__)

@@ -19,7 +19,7 @@ from .matmul_rows import (_ACC, _RT4, _RT8, _rbuffers, _rows_q4_generic, _rows_q
 from .matmul_slab import (_S16, _q40_par_avx2, _q40_par_generic, _q40_serial_avx2, _q40_serial_generic,
                           _xbuffers)
 from .matmul_vnni import _ACCV, _rows_q4_par_vnni, _rows_q4_serial_vnni, _rows_q8_par_vnni, _rows_q8_serial_vnni
-from .simd import KERNELS
+from .simd import HOST_PATHS, KERNELS
 
 
 def matmul_q80_q40(out: np.ndarray, xq: np.ndarray, xd: np.ndarray, w: Q40Matrix) -> None:
@@ -66,7 +66,11 @@ def _kernel_path(use) -> str:
     """use: a path name (simd.KERNEL_PATHS), True (the host's path, simd.KERNELS) or False (generic)."""
     if use is True:
         return KERNELS
-    return "generic" if use is False else use
+    if use is False:
+        return "generic"
+    if use not in HOST_PATHS:        # never compile a kernel the CPU lacks (LLVM could not select it)
+        raise ValueError(f"kernel path {use!r}: this host runs {', '.join(HOST_PATHS)}")
+    return use
 
 
 def _bound_matmul(out, xq, xd, w, use):
