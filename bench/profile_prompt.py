@@ -87,7 +87,7 @@ def main() -> None:
             best, best_k = dt, (dict(_T), dict(_N))
     s.engine.stop()
     tk, nk = best_k
-    print(f"kernel path {kernels.KERNELS}, {args.nthreads} thread(s): prompt pass of {args.tokens} tokens "
+    print(f"kernel path {getattr(kernels, 'KERNELS', '(no KERNELS: before the paths)')}, {args.nthreads} thread(s): prompt pass of {args.tokens} tokens "
           f"+ 1 decode step {best * 1e3:.1f} ms ({args.tokens / best:.1f} tok/s)")
     for label in sorted(tk, key=tk.get, reverse=True):
         print(f"  {tk[label] * 1e3:8.2f} ms  {nk[label]:4d} calls  {label}")
