@@ -126,7 +126,7 @@ def _steps(needs, skip_warmed: bool = True) -> list[tuple[str, float, list, obje
     def _():
         w41 = Q41Matrix.from_blocks(quantize_q41(f32(rows, n)))
         wr = Q40Matrix.from_blocks(quantize_q40(f32(rows, n)), layout="rows")
-        for T_ in (1, 5):
+        for T_ in (1, 9):
             o = np.empty((T_, rows), np.float32)
             xq_, xd_ = np.zeros((T_, n), np.int8), np.ones((T_, n // QK), np.float32)
             matmul_q80_q41(o, xq_, xd_, w41)
@@ -134,7 +134,7 @@ def _steps(needs, skip_warmed: bool = True) -> list[tuple[str, float, list, obje
             xi, xf = _rbuffers(T_, n // QK)
             if HAS_VNNI512:                  # (the VNNI kernels only where the CPU has them)
                 _rows_q4_par_vnni(o, xq_, xd_, xi, xf, w41.buf, rows, n // QK, w41.stride, 1, _ACCV)
-            if HAS_AVX2:                     # (also on VNNI hosts: their path below 4 tokens)
+            elif HAS_AVX2:
                 _rows_q4_par(o, xq_, xd_, xi, xf, w41.buf, rows, n // QK, w41.stride, 1, _ACC)
 
     @step("q40slab", "q40 matmul (slabs)", 29.0, [_q40_serial_avx2, _q40_par_avx2,
@@ -152,7 +152,7 @@ def _steps(needs, skip_warmed: bool = True) -> list[tuple[str, float, list, obje
                                                        _rows_q8_serial_vnni, _rows_q8_par_vnni])
     def _():
         w80 = Q80Matrix.from_f32(f32(rows, n))
-        for T_ in (1, 5):
+        for T_ in (1, 9):
             o = np.empty((T_, rows), np.float32)
             xq_, xd_ = np.zeros((T_, n), np.int8), np.ones((T_, n // QK), np.float32)
             matmul_q80_q80(o, xq_, xd_, w80)
@@ -282,15 +282,15 @@ def warmup_is_cached(needs=None) -> tuple[bool, float]:
 
 def _wanted(dispatcher) -> bool:
     """The kernels of this machine's path (simd.KERNELS) only: the VNNI row-tile kernels replace
-    the AVX2 Q80 ones and the AVX2 Q4 ones from 4 tokens (the slab kernel stays AVX2), the
-    portable twins run without AVX2."""
+    the AVX2 ones on a VNNI host (the slab kernel stays AVX2), the portable twins run without
+    AVX2."""
     generic = dispatcher in (_rows_q4_generic, _rows_q8_generic, _q40_serial_generic, _q40_par_generic)
     vnni = dispatcher in (_rows_q4_serial_vnni, _rows_q4_par_vnni, _rows_q8_serial_vnni, _rows_q8_par_vnni)
-    avx2_q8 = dispatcher in (_rows_q8_serial, _rows_q8_par)     # (the Q4 ones also serve T < 4 on VNNI)
-    avx2 = avx2_q8 or dispatcher in (_rows_q4_serial, _rows_q4_par, _q40_serial_avx2, _q40_par_avx2)
+    avx2_rows = dispatcher in (_rows_q4_serial, _rows_q4_par, _rows_q8_serial, _rows_q8_par)
+    avx2 = avx2_rows or dispatcher in (_q40_serial_avx2, _q40_par_avx2)
     if vnni:
         return HAS_VNNI512
-    if avx2_q8 and HAS_VNNI512:
+    if avx2_rows and HAS_VNNI512:
         return False
     return not (generic and HAS_AVX2 or avx2 and not HAS_AVX2)
 

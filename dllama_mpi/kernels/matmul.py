@@ -135,7 +135,7 @@ def _bound_rows_q4(out, xq, xd, buf, rows, nb, sb, hasm, path: str):
     if path == "generic":
         return partial(_rows_q4_generic, out, xq, xd, xi, xf, buf, rows, nb, sb, hasm, _ACC)
     serial = rows * nb * T < _jit._PAR_MIN_BLOCKS or rows <= 2 * _RT4 or _jit._NUM_THREADS == 1
-    if path == "vnni512" and T >= 4:      # (fewer tokens: the AVX2 kernel, no interleave to amortise)
+    if path == "vnni512":
         fn = _rows_q4_serial_vnni if serial else _rows_q4_par_vnni
         return partial(fn, out, xq, xd, xi, xf, buf, rows, nb, sb, hasm, _ACCV)
     return partial(_rows_q4_serial if serial else _rows_q4_par, out, xq, xd, xi, xf, buf, rows, nb, sb, hasm, _ACC)

@@ -27,13 +27,11 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from ..quant import QK
-from ._jit import _inline, _parallel, _serial
+from ._jit import _parallel, _serial
 from .matmul_rows import _PF_AHEAD, _RT4, _RT8, _chunk, _grid, _rows_prep, _rows_prep_range
 from .simd import _as64, _i8, _i16, _i32, _i64, _ldv, _prefetch_fn, _splat, _v8f32, _v8i32, _v16f32, _v16i16, _v32i8
 
 _NTV = 8                          # tokens per tile of the VNNI kernels (8 int32 + 8 f32 accumulators)
-_XBLOCK = 1 << 20                 # activation bytes (xq) of a token block's column chunk (in L2)
-_KC = 64                          # blocks per column chunk (Q4: 16 rows x 64 blocks = 18 KB of weights, L1)
 _v16i32 = ir.VectorType(_i32, 16)
 _v64i8 = ir.VectorType(_i8, 64)
 _v32i16 = ir.VectorType(_i16, 32)
@@ -183,82 +181,64 @@ _rows_q8v_4 = _make_rows_q8_vnni(4)
 _rows_q8v_8 = _make_rows_q8_vnni(_NTV)
 
 
-@_inline
-def _q4v_call(out, xq, xi, xf, buf, nb, sb, hasm, bo, r0, nr, t, nt, c0, c1, acc):
-    """out[t:t+nt, r0:r0+nr] (+)= the tile's sums over blocks c0..c1-1 (continuing out's partial
-    sums when c0 > 0: the same f32 operations in the same order as one pass over all blocks)."""
-    cols = xq.shape[1]
-    if c0 > 0:
-        for u in range(nt):
-            for i in range(nr):
-                acc[u * _RT4 + i] = out[t + u, r0 + i]
-    init = 1 if c0 > 0 else 0
-    args = (acc, buf, bo + c0 * sb, c1 - c0, sb, hasm, xq, t * cols + c0 * QK, cols, xi, t * nb + c0, xf,
-            (t * nb + c0) * 4, nb, init)
-    if nt == _NTV:
-        _rows_q4v_8(*args)
-    elif nt == 4:
-        _rows_q4v_4(*args)
-    else:
-        _rows_q4v_1(*args)
-    for u in range(nt):
-        for i in range(nr):
-            out[t + u, r0 + i] = acc[u * _RT4 + i]
-
-
 @_serial
 def _q4v_tiles(out, xq, xi, xf, buf, rows, nb, sb, hasm, k0, k1, t0, t1, acc):
-    """out[t0:t1, rows of tiles k0..k1-1]: 8, then 4, then 1 token(s) per unpacking of the weights.
-    Per row tile, column chunks of _KC blocks (16 x _KC blocks of weights, in L1 for all the
-    token tiles); token blocks of <= _XBLOCK activation bytes per chunk.  Each weight byte
-    comes from memory once per token block: more passes over a matrix that does not stay in
-    the cache cost more than re-reading the activation from L2 (measured on a shared Zen 4:
-    2048x5632 at T=32 with 3 passes ran at a third of the speed of one pass)."""
-    tb = max(_NTV, _XBLOCK // (min(nb, _KC) * QK) // _NTV * _NTV)
-    for ta in range(t0, t1, tb):
-        te = min(t1, ta + tb)
-        for kt in range(k0, k1):
-            bo = kt * nb * sb
-            r0 = kt * _RT4
-            nr = min(_RT4, rows - r0)
-            for c0 in range(0, nb, _KC):
-                c1 = min(nb, c0 + _KC)
-                t = ta
-                while t + _NTV <= te:
-                    _q4v_call(out, xq, xi, xf, buf, nb, sb, hasm, bo, r0, nr, t, _NTV, c0, c1, acc)
-                    t += _NTV
-                if t + 4 <= te:
-                    _q4v_call(out, xq, xi, xf, buf, nb, sb, hasm, bo, r0, nr, t, 4, c0, c1, acc)
-                    t += 4
-                while t < te:
-                    _q4v_call(out, xq, xi, xf, buf, nb, sb, hasm, bo, r0, nr, t, 1, c0, c1, acc)
-                    t += 1
+    """out[t0:t1, rows of tiles k0..k1-1], 8 tokens per unpacking of the weights.  A last group
+    of fewer than 8 tokens reuses the 8-token kernel on the range's last 8 tokens (the
+    overlapping ones get the same values again, not stored twice); a range of fewer than 8
+    tokens goes 4 then 1 at a time.  One call site per kernel: each intrinsic call site is a
+    full unrolled copy of its loop (compile time)."""
+    cols = xq.shape[1]
+    for kt in range(k0, k1):
+        bo = kt * nb * sb
+        r0 = kt * _RT4
+        nr = min(_RT4, rows - r0)
+        t = t0
+        while t < t1:
+            if t + _NTV <= t1 or t1 - t0 >= _NTV:
+                ts = min(t, t1 - _NTV)
+                _rows_q4v_8(acc, buf, bo, nb, sb, hasm, xq, ts * cols, cols, xi, ts * nb, xf, ts * nb * 4, nb, 0)
+                for u in range(t - ts, _NTV):
+                    for i in range(nr):
+                        out[ts + u, r0 + i] = acc[u * _RT4 + i]
+                t = ts + _NTV
+            elif t + 4 <= t1:
+                _rows_q4v_4(acc, buf, bo, nb, sb, hasm, xq, t * cols, cols, xi, t * nb, xf, t * nb * 4, nb, 0)
+                for u in range(4):
+                    for i in range(nr):
+                        out[t + u, r0 + i] = acc[u * _RT4 + i]
+                t += 4
+            else:
+                _rows_q4v_1(acc, buf, bo, nb, sb, hasm, xq, t * cols, cols, xi, t * nb, xf, t * nb * 4, nb, 0)
+                for i in range(nr):
+                    out[t, r0 + i] = acc[i]
+                t += 1
 
 
 @_serial
 def _q8v_tiles(out, xq, xi, xf, buf, rows, nb, sb, k0, k1, t0, t1, acc):
+    """As _q4v_tiles for the Q80 row tiles (8 rows)."""
     cols = xq.shape[1]
-    tb = max(_NTV, _XBLOCK // cols // _NTV * _NTV)
-    for ta in range(t0, t1, tb):
-        te = min(t1, ta + tb)
-        for kt in range(k0, k1):
-            bo = kt * nb * sb
-            r0 = kt * _RT8
-            nr = min(_RT8, rows - r0)
-            t = ta
-            while t + _NTV <= te:
-                _rows_q8v_8(acc, buf, bo, nb, sb, xq, t * cols, cols, xi, t * nb, xf, t * nb * 4)
-                for u in range(_NTV):
+    for kt in range(k0, k1):
+        bo = kt * nb * sb
+        r0 = kt * _RT8
+        nr = min(_RT8, rows - r0)
+        t = t0
+        while t < t1:
+            if t + _NTV <= t1 or t1 - t0 >= _NTV:
+                ts = min(t, t1 - _NTV)
+                _rows_q8v_8(acc, buf, bo, nb, sb, xq, ts * cols, cols, xi, ts * nb, xf, ts * nb * 4)
+                for u in range(t - ts, _NTV):
                     for i in range(nr):
-                        out[t + u, r0 + i] = acc[u * _RT8 + i]
-                t += _NTV
-            if t + 4 <= te:
+                        out[ts + u, r0 + i] = acc[u * _RT8 + i]
+                t = ts + _NTV
+            elif t + 4 <= t1:
                 _rows_q8v_4(acc, buf, bo, nb, sb, xq, t * cols, cols, xi, t * nb, xf, t * nb * 4)
                 for u in range(4):
                     for i in range(nr):
                         out[t + u, r0 + i] = acc[u * _RT8 + i]
                 t += 4
-            while t < te:
+            else:
                 _rows_q8v_1(acc, buf, bo, nb, sb, xq, t * cols, cols, xi, t * nb, xf, t * nb * 4)
                 for i in range(nr):
                     out[t, r0 + i] = acc[i]
