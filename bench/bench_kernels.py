@@ -1,4 +1,4 @@
-"""Kernel benchmarks (run by hand): python bench/bench_kernels.py [--quick]
+"""Kernel benchmarks (run by hand): python bench/bench_kernels.py [--quick] [--compute]
 
 Prints a read-bandwidth probe (vectorised numba sum over ~1 GB of uint64), then the row-tile
 kernels (matmul_q80_q40 / _q41 / _q80) on SmolLM2-sized narrow matrices, then
@@ -19,6 +19,8 @@ import numpy as np
 from numba import njit, prange
 
 from dllama_mpi import kernels as K
+from dllama_mpi.kernels import simd
+from dllama_mpi.kernels.matmul import _bound_matmul
 from dllama_mpi.quant import Q40Matrix, Q41Matrix, Q80Matrix, quantize_q40, quantize_q41
 
 
@@ -69,7 +71,7 @@ def bench_matmul(w: Q40Matrix, T: int, threads: int, reps: int, copies: int) -> 
     xd = np.empty((T, w.cols // 32), np.float32)
     K.quantize_q80_act(xq, xd, x)
     out = np.empty((T, w.rows), np.float32)
-    mats = [w] + [Q40Matrix(w.qs.copy(), w.d.copy(), w.rows, w.cols) for _ in range(copies - 1)]
+    mats = [w] + [_clone(w) for _ in range(copies - 1)]
     K.set_num_threads(threads)
     K.matmul_q80_q40(out, xq, xd, w)
     state = [0]
@@ -83,9 +85,10 @@ def bench_matmul(w: Q40Matrix, T: int, threads: int, reps: int, copies: int) -> 
 def _clone(w):
     """an independent copy of any runtime matrix (its arrays copied: no cache sharing)."""
     c = type(w).__new__(type(w))
-    for k in type(w).__slots__:
-        v = getattr(w, k)
-        setattr(c, k, v.copy() if isinstance(v, np.ndarray) else v)
+    for k in {k for cls in type(w).__mro__ for k in getattr(cls, "__slots__", ())}:
+        if hasattr(w, k):                  # the slots of the base classes too (rows, cols, nb)
+            v = getattr(w, k)
+            setattr(c, k, v.copy() if isinstance(v, np.ndarray) else v)
     return c
 
 
@@ -128,14 +131,62 @@ def narrow(thr_list, bw, reps: int) -> None:
                       f"{2.0 * rows * cols * 20 / t20 / 1e9:6.1f} GFLOP/s-eq")
 
 
+def compute(paths, thr_list, tokens, reps: int, kinds) -> None:
+    """Compute-bound matmuls (prompt / batched decode): GOP/s (2*rows*cols*T per call) of a
+    576x1536 and a 2048x5632 4-bit matrix at T tokens, per kernel path and thread count, the
+    paths interleaved call by call (fair on a busy machine)."""
+    rng = np.random.default_rng(3)
+    for rows, cols in [(576, 1536), (2048, 5632)]:
+        wf = (rng.standard_normal((rows, cols), dtype=np.float32) * 0.05 + 0.01).astype(np.float32)
+        mats = {"q41": Q41Matrix.from_blocks(quantize_q41(wf)), "q40": Q40Matrix.from_f32(wf),
+                "q40rows": Q40Matrix.from_blocks(quantize_q40(wf), layout="rows"), "q80": Q80Matrix.from_f32(wf)}
+        for kind in kinds:
+            w = mats[kind]
+            for T in tokens:
+                xq = np.empty((T, cols), np.int8)
+                xd = np.empty((T, cols // 32), np.float32)
+                K.quantize_q80_act(xq, xd, rng.standard_normal((T, cols), dtype=np.float32))
+                out = np.empty((T, rows), np.float32)
+                for th in thr_list:
+                    K.set_num_threads(th)
+                    calls = {p: _bound_matmul(out, xq, xd, w, p) for p in paths}
+                    best = {p: float("inf") for p in paths}
+                    for p in paths:
+                        calls[p]()
+                    n = max(1, int(2e8 // (rows * cols * T)))          # ~0.1 s per path per rep
+                    for _ in range(reps):
+                        for p in paths:
+                            t0 = time.perf_counter()
+                            for _ in range(n):
+                                calls[p]()
+                            best[p] = min(best[p], (time.perf_counter() - t0) / n)
+                    line = "  ".join(f"{p}[{calls[p].func.__name__}] {2.0 * rows * cols * T / best[p] / 1e9:6.1f}"
+                                     for p in paths)
+                    print(f"{kind:7s} {rows}x{cols} T={T:<4d}{th} thr  GOP/s: {line}", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="fewer repetitions")
     ap.add_argument("--probe-gb", type=float, default=1.0)
+    ap.add_argument("--compute", action="store_true",
+                    help="only the compute-bound matmuls (GOP/s per kernel path; see compute())")
+    ap.add_argument("--paths", default=",".join(simd.HOST_PATHS[:2]),
+                    help="kernel paths to compare with --compute (default: the host's best two)")
+    ap.add_argument("--tokens", default="1,16,128")
+    ap.add_argument("--threads", default=None, help="e.g. 1,2 (default: 1 and 2 if available)")
+    ap.add_argument("--kinds", default="q41,q40,q40rows", help="matrix kinds: q41,q40,q40rows,q80")
     args = ap.parse_args()
     reps = 3 if args.quick else 7
     maxthr = numba.config.NUMBA_NUM_THREADS
     thr_list = [1, 2] if maxthr >= 2 else [1]
+    if args.threads:
+        thr_list = [int(v) for v in args.threads.split(",")]
+    print(f"kernel path: {simd.KERNELS} (host can run {', '.join(simd.HOST_PATHS)})")
+    if args.compute:
+        paths = [p for p in args.paths.split(",") if p in simd.HOST_PATHS]
+        compute(paths, thr_list, [int(v) for v in args.tokens.split(",")], reps, args.kinds.split(","))
+        return
     K.warmup()
 
     bw = {}

@@ -13,11 +13,11 @@ def test_needed_kernels_follow_the_run():
     # SmolLM2 on one rank: Q41 layers (576 / 1536 columns), the 8-bit output matrix
     smol = kernels.needed([("q41", 576), ("q41", 576), ("q41", 1536), ("q80", 576)], 1536, 2)
     assert smol == {"q80act", "attention", "fused", "q4rows", "q8rows"}
-    # a 1.1B Q4_0 model: 2048-column matrices take the slab kernels; its 8192-unit FFN on
-    # 2 threads splits silu·mul over them
+    # a 1.1B Q4_0 model: every width takes the row tiles now (ROW_TILE_MAX_COLS), no slab
+    # kernel; its 8192-unit FFN on 2 threads splits silu·mul over them
     big = kernels.needed([("q40", 2048), ("q40", 8192), ("q40", 2048)], 8192, 2)
-    assert {"q40slab", "silu_split", "fused"} <= big and not {"q4rows", "q8rows"} & big
-    assert "q4rows" in kernels.needed([("q40", 2048), ("q40", 1024)], 1024, 2)  # narrow: row tiles
+    assert {"q4rows", "silu_split", "fused"} <= big and not {"q40slab", "q8rows"} & big
+    assert "q4rows" in kernels.needed([("q40", 2048), ("q40", 1024)], 1024, 2)
     assert "silu_split" not in kernels.needed([("q40", 2048)], 8192, 1)
     f32 = kernels.needed([("f32", 96), ("f32", 160)], 160, 1, qk_norm=True)
     assert f32 == {"q80act", "attention", "f32", "qk_norm"}

@@ -24,20 +24,22 @@ from .matmul import bind_matmul, matmul_f16, matmul_f32, matmul_q80_q40, matmul_
 from .matmul_slab import PREFETCH_ROWS
 from .norm import bind_rmsnorm_q80, rmsnorm, rmsnorm_heads, rmsnorm_q80
 from .q80 import quantize_q80_act
-from .simd import HAS_AVX2
+from .simd import HAS_AVX2, HAS_VNNI512, KERNELS
 
 # the private kernels warmup() compiles as well (parallel twins, the other ISA path)
-from .attention import _attention_block_ser, _attention_par, _attention_ser, _rope_par, _rope_rows, _rope_store
-from .ffn import _SPLIT_MIN, _silu_mul_par, _silu_mul_q80_ser, _silu_mul_q80_split, _silu_mul_rows
+from .attention import _attention_block_ser, _attention_par, _attention_rows_par, _attention_ser, _rope_par, _rope_rows, _rope_store
+from .ffn import _SPLIT_MIN, _silu_mul_par, _silu_mul_q80_par, _silu_mul_q80_ser, _silu_mul_q80_split, _silu_mul_rows
 from .matmul_rows import (_ACC, _rbuffers, _rows_q4_generic, _rows_q4_par, _rows_q4_serial, _rows_q8_generic,
                           _rows_q8_par, _rows_q8_serial)
+from .matmul_vnni import (_ACCV, _rows_q4_par_vnni, _rows_q4_serial_vnni, _rows_q8_par_vnni,
+                          _rows_q8_serial_vnni)
 from .matmul_f16 import _f16_rows_par, _f16_rows_serial
 from .matmul_slab import _S16, _q40_par_avx2, _q40_par_generic, _q40_serial_avx2, _q40_serial_generic, _xbuffers
-from .norm import _rmsnorm_heads, _rmsnorm_par, _rmsnorm_q80_ser, _rmsnorm_rows
+from .norm import _rmsnorm_heads, _rmsnorm_par, _rmsnorm_q80_par, _rmsnorm_q80_ser, _rmsnorm_rows
 from .q80 import _quantize_q80_act, _quantize_q80_act_f16c
 
 __all__ = [
-    "HAS_AVX2", "PREFETCH_ROWS",
+    "HAS_AVX2", "HAS_VNNI512", "KERNELS", "PREFETCH_ROWS",
     "attention", "attention_block", "attention_scratch", "bind_attention_block", "bind_matmul",
     "bind_rmsnorm_q80", "bind_silu_mul_q80", "choose_threading_layer", "get_num_threads", "matmul_f16", "matmul_f32",
     "max_threads", "needed", "warmup_is_cached",
@@ -57,8 +59,8 @@ __all__ = [
 #   f32        rmsnorm and silu·mul on f32 activations                          f32 weights or output
 #   f16        F16 weights widened as read (f32 activations)                    f16 weights
 #   qk_norm    per-head RMSNorm of q and k                                      Qwen3
-#   q4rows     Q80 x Q4_0/Q4_1 on the row-tile layout                           q41, narrow q40
-#   q40slab    Q80 x Q4_0 on the slab layout                                    q40 with > 2047 columns
+#   q4rows     Q80 x Q4_0/Q4_1 on the row-tile layout                           q41, q40
+#   q40slab    Q80 x Q4_0 on the slab layout                                    q40 > ROW_TILE_MAX_COLS cols
 #   q8rows     Q80 x Q8_0 (the 8-bit output matrix)                             q80 output
 #   tests      the stand-alone rope and attention (tests and benchmarks only)
 ALL_NEEDS = ("q80act", "attention", "kv_f16", "fused", "silu_split", "f32", "f16", "qk_norm", "q4rows",
@@ -119,17 +121,20 @@ def _steps(needs, skip_warmed: bool = True) -> list[tuple[str, float, list, obje
     def _():
         quantize_q80_act(xq, xd, x)
 
-    @step("q4rows", "q4 matmul (row tiles)", 6.0, [_rows_q4_serial, _rows_q4_par, _rows_q4_generic])
+    @step("q4rows", "q4 matmul (row tiles)", 6.0, [_rows_q4_serial, _rows_q4_par, _rows_q4_generic,
+                                                   _rows_q4_serial_vnni, _rows_q4_par_vnni])
     def _():
         w41 = Q41Matrix.from_blocks(quantize_q41(f32(rows, n)))
         wr = Q40Matrix.from_blocks(quantize_q40(f32(rows, n)), layout="rows")
-        for T_ in (1, 5):
+        for T_ in (1, 9):
             o = np.empty((T_, rows), np.float32)
             xq_, xd_ = np.zeros((T_, n), np.int8), np.ones((T_, n // QK), np.float32)
             matmul_q80_q41(o, xq_, xd_, w41)
             matmul_q80_q40(o, xq_, xd_, wr)
-            if HAS_AVX2:
-                xi, xf = _rbuffers(T_, n // QK)
+            xi, xf = _rbuffers(T_, n // QK)
+            if HAS_VNNI512:                  # (the VNNI kernels only where the CPU has them)
+                _rows_q4_par_vnni(o, xq_, xd_, xi, xf, w41.buf, rows, n // QK, w41.stride, 1, _ACCV)
+            elif HAS_AVX2:
                 _rows_q4_par(o, xq_, xd_, xi, xf, w41.buf, rows, n // QK, w41.stride, 1, _ACC)
 
     @step("q40slab", "q40 matmul (slabs)", 29.0, [_q40_serial_avx2, _q40_par_avx2,
@@ -143,29 +148,32 @@ def _steps(needs, skip_warmed: bool = True) -> list[tuple[str, float, list, obje
             xl, xh, xi = _xbuffers(T, w.nslab)
             fn(out, xq, xd, w.qs, w.d.view(np.uint16), w.rows, w.nb, w.nslab, xl, xh, xi, _S16)
 
-    @step("q8rows", "q8 matmul (output matrix)", 4.0, [_rows_q8_serial, _rows_q8_par, _rows_q8_generic])
+    @step("q8rows", "q8 matmul (output matrix)", 4.0, [_rows_q8_serial, _rows_q8_par, _rows_q8_generic,
+                                                       _rows_q8_serial_vnni, _rows_q8_par_vnni])
     def _():
         w80 = Q80Matrix.from_f32(f32(rows, n))
-        for T_ in (1, 5):
+        for T_ in (1, 9):
             o = np.empty((T_, rows), np.float32)
             xq_, xd_ = np.zeros((T_, n), np.int8), np.ones((T_, n // QK), np.float32)
             matmul_q80_q80(o, xq_, xd_, w80)
-            if HAS_AVX2:
-                xi, xf = _rbuffers(T_, n // QK)
+            xi, xf = _rbuffers(T_, n // QK)
+            if HAS_VNNI512:
+                _rows_q8_par_vnni(o, xq_, xd_, xi, xf, w80.buf, rows, n // QK, w80.stride, _ACCV)
+            elif HAS_AVX2:
                 _rows_q8_par(o, xq_, xd_, xi, xf, w80.buf, rows, n // QK, w80.stride, _ACC)
 
-    @step("fused", "rmsnorm + q80", 2.0, [_rmsnorm_q80_ser, _rmsnorm_par])
+    @step("fused", "rmsnorm + q80", 2.0, [_rmsnorm_q80_ser, _rmsnorm_q80_par])
     def _():
         y = np.empty_like(x)
         for w in (ones, ones_ro):
             rmsnorm_q80(y, xq, xd, x, w, 1e-5)
-            _rmsnorm_par(y, x, w, 1e-5, T, n)
+            _rmsnorm_q80_par(y, xq, xd, x, w, 1e-5, T, n, HAS_AVX2)
 
-    @step("fused", "silu·mul + q80", 2.0, [_silu_mul_q80_ser, _silu_mul_par])
+    @step("fused", "silu·mul + q80", 2.0, [_silu_mul_q80_ser, _silu_mul_q80_par])
     def _():
         y, gu = np.empty_like(x), np.concatenate([x, x], axis=1)
         silu_mul_q80(y, xq, xd, gu)
-        _silu_mul_par(y, gu, T, n)
+        _silu_mul_q80_par(y, xq, xd, gu, T, n, HAS_AVX2)
 
     @step("silu_split", "silu·mul + q80 (split)", 3.5, [_silu_mul_q80_split])
     def _():
@@ -198,7 +206,8 @@ def _steps(needs, skip_warmed: bool = True) -> list[tuple[str, float, list, obje
         for w in (ones, ones_ro):
             rmsnorm_heads(x.copy(), 16, 2, w[:16], 1e-6)
 
-    @step("attention", "attention block", 6.0, [_attention_block_ser, _rope_store, _attention_par])
+    @step("attention", "attention block", 6.0, [_attention_block_ser, _rope_store, _attention_par,
+                                                _attention_rows_par])
     def _():
         kc4 = np.stack([f32(4, 2, 16)] * 2)
         pos, slots = np.arange(T, dtype=np.int32), np.array([1, 0], np.int32)
@@ -210,10 +219,12 @@ def _steps(needs, skip_warmed: bool = True) -> list[tuple[str, float, list, obje
         attention_block(o, qkv, kc4, kc4.copy(), pos, slots, cos, sin, kvq, 0.25, (oq, od))
         attention_block(o, qkv, kc4, kc4.copy(), pos, None, cos, sin, kvq, 0.25)
         _attention_par(o, x, kc4, kc4, pos, slots, kvq, np.float32(0.25), sc, T, 4, 16, 0, T * 4)
+        _attention_rows_par(o, oq, od, 2 if HAS_AVX2 else 1, qkv, kc4, kc4.copy(), pos, slots, kvq, np.float32(0.25),
+                            sc, T, 4, 16, 2)
         _rope_store(qkv, 4, 2, kc4, kc4.copy(), pos, slots, cos, sin, 16, T)
 
     @step("kv_f16", "attention block (f16 KV cache)", 6.0, [_attention_block_ser, _rope_store,
-                                                            _attention_par, _attention_ser])
+                                                            _attention_par, _attention_ser, _attention_rows_par])
     def _():
         kc4 = np.stack([f32(4, 2, 16)] * 2).astype(np.float16)
         pos, slots = np.arange(T, dtype=np.int32), np.array([1, 0], np.int32)
@@ -226,6 +237,8 @@ def _steps(needs, skip_warmed: bool = True) -> list[tuple[str, float, list, obje
         attention_block(o, qkv, kc4, kc4.copy(), pos, None, cos, sin, kvq, 0.25)
         kb = kc4.view(np.uint16)
         _attention_par(o, x, kb, kb, pos, slots, kvq, np.float32(0.25), sc, T, 4, 16, 0, T * 4)
+        _attention_rows_par(o, oq, od, 2 if HAS_AVX2 else 1, qkv, kb, kb.copy(), pos, slots, kvq, np.float32(0.25),
+                            sc, T, 4, 16, 2)
         _rope_store(qkv, 4, 2, kb, kb.copy(), pos, slots, cos, sin, 16, T)
         attention(o, x, kc4[0], kc4[0], pos, kvq, 0.25, sc)
 
@@ -268,10 +281,17 @@ def warmup_is_cached(needs=None) -> tuple[bool, float]:
 
 
 def _wanted(dispatcher) -> bool:
-    """The AVX2 kernels and their portable twins: only one kind runs on a machine."""
+    """The kernels of this machine's path (simd.KERNELS) only: the VNNI row-tile kernels replace
+    the AVX2 ones on a VNNI host (the slab kernel stays AVX2), the portable twins run without
+    AVX2."""
     generic = dispatcher in (_rows_q4_generic, _rows_q8_generic, _q40_serial_generic, _q40_par_generic)
-    avx2 = dispatcher in (_rows_q4_serial, _rows_q4_par, _rows_q8_serial, _rows_q8_par, _q40_serial_avx2,
-                          _q40_par_avx2)
+    vnni = dispatcher in (_rows_q4_serial_vnni, _rows_q4_par_vnni, _rows_q8_serial_vnni, _rows_q8_par_vnni)
+    avx2_rows = dispatcher in (_rows_q4_serial, _rows_q4_par, _rows_q8_serial, _rows_q8_par)
+    avx2 = avx2_rows or dispatcher in (_q40_serial_avx2, _q40_par_avx2)
+    if vnni:
+        return HAS_VNNI512
+    if avx2_rows and HAS_VNNI512:
+        return False
     return not (generic and HAS_AVX2 or avx2 and not HAS_AVX2)
 
 

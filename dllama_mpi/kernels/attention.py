@@ -132,6 +132,24 @@ def _attention_par(out, q, k_cache, v_cache, positions, slots, kv_of_q, scale, s
                     scale, scratch[p - p0])
 
 
+@_parallel
+def _attention_rows_par(out, qs, d, quant, q, k_cache, v_cache, positions, slots, kv_of_q, scale, scratch, T, nq,
+                        hd, nch):
+    """All T tokens' heads in one parallel region: nch chunks, chunk c takes the tokens t = c mod
+    nch (interleaved: causal costs grow with t) and scratch row c; each token's row is quantised
+    (quant: 0 none, 1 portable, 2 F16C) as soon as its heads are done.  The same bits as
+    _attention_ser + quantize_q80_act (the same per-pair and per-row arithmetic)."""
+    for c in prange(nch):
+        for t in range(c, T, nch):
+            for h in range(nq):
+                _attend_one(out, q, k_cache[slots[t]], v_cache[slots[t]], t, h, kv_of_q[h], hd, positions[t] + 1,
+                            scale, scratch[c])
+            if quant == 2:
+                _quantize_q80_act_f16c(qs[t:t + 1], d[t:t + 1], out[t:t + 1], 1, nq * hd // QK)
+            elif quant == 1:
+                _quantize_q80_act(qs[t:t + 1], d[t:t + 1], out[t:t + 1], 1, nq * hd // QK)
+
+
 @_serial
 def _attention_ser(out, q, k_cache, v_cache, positions, slots, kv_of_q, scale, scratch, T, nq, hd):
     for p in range(T * nq):
@@ -399,9 +417,7 @@ def bind_attention_block(out, qkv, k_cache, v_cache, positions, slots, cos, sin,
                                  cos, sin, kv_of_q, scale, scratch, T, hd)
             return
         _rope_store(qkv, nq, nkv, k_cache, v_cache, positions, slots, cos, sin, hd, T)
-        _attention_run(out, qkv, k_cache, v_cache, positions, slots, kv_of_q, scale, scratch, T, nq,
-                       hd, pmax)
-        if q80 is not None:
-            quantize_q80_act(qs, d, out)
+        _attention_rows_par(out, qs, d, quant, qkv, k_cache, v_cache, positions, slots, kv_of_q, scale, scratch,
+                            T, nq, hd, min(scratch.shape[0], _jit._NUM_THREADS))
     return call
 

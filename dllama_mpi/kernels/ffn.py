@@ -54,6 +54,17 @@ def _silu_mul_par(out, gu, T, n):
         _silu_mul_rows(out, gu, t, t + 1, n)
 
 
+@_parallel
+def _silu_mul_q80_par(out, qs, d, gu, T, n, f16c):
+    """silu·mul and its Q80 in one parallel region, row by row (the same bits as the serial pair)."""
+    for t in prange(T):
+        _silu_mul_rows(out, gu, t, t + 1, n)
+        if f16c:
+            _quantize_q80_act_f16c(qs[t:t + 1], d[t:t + 1], out[t:t + 1], 1, n // QK)
+        else:
+            _quantize_q80_act(qs[t:t + 1], d[t:t + 1], out[t:t + 1], 1, n // QK)
+
+
 def _silu_mul_checks(out, gu) -> tuple[int, int]:
     _check("gate_up", gu, np.float32, ndim=2)
     T, n2 = gu.shape
@@ -100,12 +111,8 @@ def bind_silu_mul_q80(out, qs, d, gate_up):
             raise ValueError(f"gate_up: half row length {n} must be a multiple of {QK}")
         _check_out("qs", qs, np.int8, (T, n))
         _check_out("d", d, np.float32, (T, n // QK))
-    quantize = _quantize_q80_act_f16c if HAS_AVX2 else _quantize_q80_act
-    if T * n >= _PAR_MIN_WORK and T > 1:
-        def call():
-            _silu_mul_par(out, gate_up, T, n)
-            quantize(qs, d, out, T, n // QK)
-        return call
+    if T * n >= _PAR_MIN_WORK and T > 1 and _jit._NUM_THREADS > 1:
+        return partial(_silu_mul_q80_par, out, qs, d, gate_up, T, n, HAS_AVX2)
     if T == 1 and n >= _SPLIT_MIN and _jit._NUM_THREADS > 1:
         return partial(_silu_mul_q80_split, out, qs, d, gate_up, n, HAS_AVX2, _jit._NUM_THREADS)
     return partial(_silu_mul_q80_ser, out, qs, d, gate_up, T, n, HAS_AVX2)

@@ -18,7 +18,8 @@ from .matmul_rows import (_ACC, _RT4, _RT8, _rbuffers, _rows_q4_generic, _rows_q
                           _rows_q8_generic, _rows_q8_par, _rows_q8_serial)
 from .matmul_slab import (_S16, _q40_par_avx2, _q40_par_generic, _q40_serial_avx2, _q40_serial_generic,
                           _xbuffers)
-from .simd import HAS_AVX2
+from .matmul_vnni import _ACCV, _rows_q4_par_vnni, _rows_q4_serial_vnni, _rows_q8_par_vnni, _rows_q8_serial_vnni
+from .simd import HOST_PATHS, KERNELS
 
 
 def matmul_q80_q40(out: np.ndarray, xq: np.ndarray, xd: np.ndarray, w: Q40Matrix) -> None:
@@ -28,21 +29,21 @@ def matmul_q80_q40(out: np.ndarray, xq: np.ndarray, xd: np.ndarray, w: Q40Matrix
     Parallel (numba threads over row bands) when the matrix is large enough to pay for it.
     """
     _check_matmul(out, xq, xd, w, Q40Matrix)
-    _bound_matmul(out, xq, xd, w, HAS_AVX2)()
+    _bound_matmul(out, xq, xd, w, KERNELS)()
 
 
 def matmul_q80_q41(out: np.ndarray, xq: np.ndarray, xd: np.ndarray, w: Q41Matrix) -> None:
     """out[t, r] = sum_b xd[t,b] * (d[r,b] * sum_i q_i xq[t,i] + m[r,b] * sum_i xq[t,i])  for a Q41Matrix
     (GGML Q4_1 weights d*q + m): exact int block dots, the offsets fused into the f32 scaling."""
     _check_matmul(out, xq, xd, w, Q41Matrix)
-    _bound_matmul(out, xq, xd, w, HAS_AVX2)()
+    _bound_matmul(out, xq, xd, w, KERNELS)()
 
 
 def matmul_q80_q80(out: np.ndarray, xq: np.ndarray, xd: np.ndarray, w: Q80Matrix) -> None:
     """out[t, r] = sum_b d_w[r,b] * xd[t,b] * sum_i wq[r,i] xq[t,i]  for a Q80Matrix (int8 weights):
     exact int32 block dots, f32 scales."""
     _check_matmul(out, xq, xd, w, Q80Matrix)
-    _bound_matmul(out, xq, xd, w, HAS_AVX2)()
+    _bound_matmul(out, xq, xd, w, KERNELS)()
 
 
 def bind_matmul(out: np.ndarray, xq: np.ndarray, xd: np.ndarray, w):
@@ -53,7 +54,7 @@ def bind_matmul(out: np.ndarray, xq: np.ndarray, xd: np.ndarray, w):
     thread count stays as it was."""
     cls = type(w) if type(w) in (Q40Matrix, Q41Matrix, Q80Matrix) else Q40Matrix
     _check_matmul(out, xq, xd, w, cls)
-    return _bound_matmul(out, xq, xd, w, HAS_AVX2)
+    return _bound_matmul(out, xq, xd, w, KERNELS)
 
 
 def _check_matmul(out, xq, xd, w, cls) -> None:
@@ -61,32 +62,49 @@ def _check_matmul(out, xq, xd, w, cls) -> None:
         _checks(out, xq, xd, w, cls)
 
 
-def _bound_matmul(out, xq, xd, w, use_avx2: bool):
-    """The kernel call for checked arguments (functools.partial: no Python frame of ours)."""
+def _kernel_path(use) -> str:
+    """use: a path name (simd.KERNEL_PATHS), True (the host's path, simd.KERNELS) or False (generic)."""
+    if use is True:
+        return KERNELS
+    if use is False:
+        return "generic"
+    if use not in HOST_PATHS:        # never compile a kernel the CPU lacks (LLVM could not select it)
+        raise ValueError(f"kernel path {use!r}: this host runs {', '.join(HOST_PATHS)}")
+    return use
+
+
+def _bound_matmul(out, xq, xd, w, use):
+    """The kernel call for checked arguments (functools.partial: no Python frame of ours), on
+    kernel path `use` (``_kernel_path``; never one the host lacks: simd.KERNELS is the best)."""
+    path = _kernel_path(use)
     T = xq.shape[0]
     if T == 0 or w.rows == 0:
         return _noop
     if type(w) is Q41Matrix:
-        return _bound_rows_q4(out, xq, xd, w.buf, w.rows, w.nb, w.stride, 1, use_avx2)
+        return _bound_rows_q4(out, xq, xd, w.buf, w.rows, w.nb, w.stride, 1, path)
     if type(w) is not Q40Matrix:                       # Q80Matrix
         xi, xf = _rbuffers(T, w.nb)
-        args = (out, xq, xd, xi, xf, w.buf, w.rows, w.nb, w.stride, _ACC)
-        if not use_avx2:
-            return partial(_rows_q8_generic, *args)
+        if path == "generic":
+            return partial(_rows_q8_generic, out, xq, xd, xi, xf, w.buf, w.rows, w.nb, w.stride, _ACC)
         serial = w.rows * w.nb * T < _jit._PAR_MIN_BLOCKS or w.rows <= 2 * _RT8 or _jit._NUM_THREADS == 1
-        return partial(_rows_q8_serial if serial else _rows_q8_par, *args)
+        if path == "vnni512":
+            fn = _rows_q8_serial_vnni if serial else _rows_q8_par_vnni
+            return partial(fn, out, xq, xd, xi, xf, w.buf, w.rows, w.nb, w.stride, _ACCV)
+        return partial(_rows_q8_serial if serial else _rows_q8_par, out, xq, xd, xi, xf, w.buf, w.rows, w.nb,
+                       w.stride, _ACC)
     if w.layout == "rows":
-        return _bound_rows_q4(out, xq, xd, w.qs, w.rows, w.nb, 288, 0, use_avx2)
+        return _bound_rows_q4(out, xq, xd, w.qs, w.rows, w.nb, 288, 0, path)
     xl, xh, xinit = _xbuffers(T, w.nslab)
     args = (out, xq, xd, w.qs, w.d.view(np.uint16), w.rows, w.nb, w.nslab, xl, xh, xinit, _S16)
+    avx2 = path != "generic"                           # (no VNNI kernel for the slab layout)
     if w.rows * w.cols * T < 1 << 18 or w.rows < 16:
-        return partial(_q40_serial_avx2 if use_avx2 else _q40_serial_generic, *args)
-    return partial(_q40_par_avx2 if use_avx2 else _q40_par_generic, *args)
+        return partial(_q40_serial_avx2 if avx2 else _q40_serial_generic, *args)
+    return partial(_q40_par_avx2 if avx2 else _q40_par_generic, *args)
 
 
-def _matmul_unchecked(out, xq, xd, w, use_avx2: bool) -> None:
-    """matmul_q80_* without the checks, on the AVX2 or the portable kernels (tests)."""
-    _bound_matmul(out, xq, xd, w, use_avx2)()
+def _matmul_unchecked(out, xq, xd, w, use) -> None:
+    """matmul_q80_* without the checks, on kernel path `use` (``_kernel_path``; tests)."""
+    _bound_matmul(out, xq, xd, w, use)()
 
 
 def _fast_ok(out, xq, xd, w, cls) -> bool:
@@ -111,14 +129,16 @@ def _checks(out, xq, xd, w, cls) -> None:
     _check_out("out", out, np.float32, (T, w.rows))
 
 
-def _bound_rows_q4(out, xq, xd, buf, rows, nb, sb, hasm, use_avx2: bool):
+def _bound_rows_q4(out, xq, xd, buf, rows, nb, sb, hasm, path: str):
     T = xq.shape[0]
     xi, xf = _rbuffers(T, nb)
-    args = (out, xq, xd, xi, xf, buf, rows, nb, sb, hasm, _ACC)
-    if not use_avx2:
-        return partial(_rows_q4_generic, *args)
+    if path == "generic":
+        return partial(_rows_q4_generic, out, xq, xd, xi, xf, buf, rows, nb, sb, hasm, _ACC)
     serial = rows * nb * T < _jit._PAR_MIN_BLOCKS or rows <= 2 * _RT4 or _jit._NUM_THREADS == 1
-    return partial(_rows_q4_serial if serial else _rows_q4_par, *args)
+    if path == "vnni512":
+        fn = _rows_q4_serial_vnni if serial else _rows_q4_par_vnni
+        return partial(fn, out, xq, xd, xi, xf, buf, rows, nb, sb, hasm, _ACCV)
+    return partial(_rows_q4_serial if serial else _rows_q4_par, out, xq, xd, xi, xf, buf, rows, nb, sb, hasm, _ACC)
 
 
 # ---------------------------------------------------------------- f16 weights

@@ -173,7 +173,13 @@ _rows_q8_4 = _make_rows_q8(_NT)
 @_serial
 def _rows_prep(xi, xf, xq, xd, T, nb, hasm):
     """per token and block: xi = int16(-8 * sum xq), xf = (xd, 8*xd*sum if hasm else 0, xd*sum, 0)."""
-    for t in range(T):
+    _rows_prep_range(xi, xf, xq, xd, 0, T, nb, hasm)
+
+
+@_serial
+def _rows_prep_range(xi, xf, xq, xd, t0, t1, nb, hasm):
+    """_rows_prep for tokens t0..t1-1."""
+    for t in range(t0, t1):
         for b in range(nb):
             s = 0
             for i in range(QK):
@@ -187,14 +193,33 @@ def _rows_prep(xi, xf, xq, xd, T, nb, hasm):
             xf[t, b, 3] = np.float32(0.0)
 
 
+@_inline
+def _grid(T, ntile, nch, tg_min):
+    """The parallel split of a row-tile matmul into nch chunks: (token groups, row tiles per
+    chunk, tokens per group).  Token groups (each chunk preps its own tokens, streams all the
+    rows) when every chunk gets at least tg_min tokens; else row bands over all the tokens."""
+    if T >= tg_min * nch:
+        per_t = (T + nch - 1) // nch
+        return nch, ntile, per_t
+    return 1, (ntile + nch - 1) // nch, T
+
+
+@_inline
+def _chunk(c, ntg, per_r, per_t, ntile, T):
+    """(first tile, end tile, first token, end token) of chunk c of the _grid split."""
+    tg = c % ntg
+    rg = c // ntg
+    return min(ntile, rg * per_r), min(ntile, rg * per_r + per_r), min(T, tg * per_t), min(T, tg * per_t + per_t)
+
+
 @_serial
-def _rows_q4_tiles(out, xq, xi, xf, buf, rows, nb, sb, hasm, k0, k1, acc):
-    T, cols = xq.shape
+def _rows_q4_tiles(out, xq, xi, xf, buf, rows, nb, sb, hasm, k0, k1, t0, T, acc):
+    cols = xq.shape[1]
     for kt in range(k0, k1):
         bo = kt * nb * sb
         r0 = kt * _RT4
         nr = min(_RT4, rows - r0)
-        t = 0
+        t = t0
         while t + _NT <= T:
             _rows_q4_4(acc, buf, bo, nb, sb, hasm, xq, t * cols, cols, xi, t * nb, xf, t * nb * 4)
             for u in range(_NT):
@@ -212,28 +237,33 @@ def _rows_q4_tiles(out, xq, xi, xf, buf, rows, nb, sb, hasm, k0, k1, acc):
 def _rows_q4_serial(out, xq, xd, xi, xf, buf, rows, nb, sb, hasm, acc):
     T = xq.shape[0]
     _rows_prep(xi, xf, xq, xd, T, nb, hasm)
-    _rows_q4_tiles(out, xq, xi, xf, buf, rows, nb, sb, hasm, 0, (rows + _RT4 - 1) // _RT4, acc[0])
+    _rows_q4_tiles(out, xq, xi, xf, buf, rows, nb, sb, hasm, 0, (rows + _RT4 - 1) // _RT4, 0, T, acc[0])
 
 
 @_parallel
 def _rows_q4_par(out, xq, xd, xi, xf, buf, rows, nb, sb, hasm, acc):
+    """One parallel region: token groups (each chunk preps its own tokens) or row bands (_grid)."""
     T = xq.shape[0]
-    _rows_prep(xi, xf, xq, xd, T, nb, hasm)
     ntile = (rows + _RT4 - 1) // _RT4
     nch = acc.shape[0]
-    per = (ntile + nch - 1) // nch
+    ntg, per_r, per_t = _grid(T, ntile, nch, 2 * _NT)
+    if ntg == 1:
+        _rows_prep(xi, xf, xq, xd, T, nb, hasm)
     for c in prange(nch):
-        _rows_q4_tiles(out, xq, xi, xf, buf, rows, nb, sb, hasm, min(ntile, c * per), min(ntile, c * per + per), acc[c])
+        k0, k1, t0, t1 = _chunk(c, ntg, per_r, per_t, ntile, T)
+        if ntg > 1:
+            _rows_prep_range(xi, xf, xq, xd, t0, t1, nb, hasm)
+        _rows_q4_tiles(out, xq, xi, xf, buf, rows, nb, sb, hasm, k0, k1, t0, t1, acc[c])
 
 
 @_serial
-def _rows_q8_tiles(out, xq, xf, buf, rows, nb, sb, k0, k1, acc):
-    T, cols = xq.shape
+def _rows_q8_tiles(out, xq, xf, buf, rows, nb, sb, k0, k1, t0, T, acc):
+    cols = xq.shape[1]
     for kt in range(k0, k1):
         bo = kt * nb * sb
         r0 = kt * _RT8
         nr = min(_RT8, rows - r0)
-        t = 0
+        t = t0
         while t + _NT <= T:
             _rows_q8_4(acc, buf, bo, nb, sb, xq, t * cols, cols, xf, t * nb * 4)
             for u in range(_NT):
@@ -251,18 +281,22 @@ def _rows_q8_tiles(out, xq, xf, buf, rows, nb, sb, k0, k1, acc):
 def _rows_q8_serial(out, xq, xd, xi, xf, buf, rows, nb, sb, acc):
     T = xq.shape[0]
     _rows_prep(xi, xf, xq, xd, T, nb, 0)
-    _rows_q8_tiles(out, xq, xf, buf, rows, nb, sb, 0, (rows + _RT8 - 1) // _RT8, acc[0])
+    _rows_q8_tiles(out, xq, xf, buf, rows, nb, sb, 0, (rows + _RT8 - 1) // _RT8, 0, T, acc[0])
 
 
 @_parallel
 def _rows_q8_par(out, xq, xd, xi, xf, buf, rows, nb, sb, acc):
     T = xq.shape[0]
-    _rows_prep(xi, xf, xq, xd, T, nb, 0)
     ntile = (rows + _RT8 - 1) // _RT8
     nch = acc.shape[0]
-    per = (ntile + nch - 1) // nch
+    ntg, per_r, per_t = _grid(T, ntile, nch, 2 * _NT)
+    if ntg == 1:
+        _rows_prep(xi, xf, xq, xd, T, nb, 0)
     for c in prange(nch):
-        _rows_q8_tiles(out, xq, xf, buf, rows, nb, sb, min(ntile, c * per), min(ntile, c * per + per), acc[c])
+        k0, k1, t0, t1 = _chunk(c, ntg, per_r, per_t, ntile, T)
+        if ntg > 1:
+            _rows_prep_range(xi, xf, xq, xd, t0, t1, nb, 0)
+        _rows_q8_tiles(out, xq, xf, buf, rows, nb, sb, k0, k1, t0, t1, acc[c])
 
 
 @_inline

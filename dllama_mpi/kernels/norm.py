@@ -10,6 +10,7 @@ from numba import prange
 
 from ..quant import QK
 from ._checks import _F32, _check, _check_out
+from . import _jit
 from ._jit import _PAR_MIN_WORK, _parallel, _serial
 from .q80 import _check_q80_io, _quantize_q80_act, _quantize_q80_act_f16c
 from .simd import HAS_AVX2
@@ -46,6 +47,17 @@ def rmsnorm(out: np.ndarray, x: np.ndarray, weight: np.ndarray, eps: float) -> N
         _rmsnorm_rows(out, x, weight, float(eps), 0, T, n)
 
 
+@_parallel
+def _rmsnorm_q80_par(out, qs, d, x, weight, eps, T, n, f16c):
+    """rmsnorm and its Q80 in one parallel region, row by row (the same bits as the serial pair)."""
+    for t in prange(T):
+        _rmsnorm_rows(out, x, weight, eps, t, t + 1, n)
+        if f16c:
+            _quantize_q80_act_f16c(qs[t:t + 1], d[t:t + 1], out[t:t + 1], 1, n // QK)
+        else:
+            _quantize_q80_act(qs[t:t + 1], d[t:t + 1], out[t:t + 1], 1, n // QK)
+
+
 @_serial
 def _rmsnorm_q80_ser(out, qs, d, x, weight, eps, T, n, f16c):
     _rmsnorm_rows(out, x, weight, eps, 0, T, n)
@@ -68,12 +80,8 @@ def bind_rmsnorm_q80(out, qs, d, x, weight, eps: float):
     if not (type(weight) is np.ndarray and weight.dtype == _F32 and weight.shape == (n,)
             and weight.flags.c_contiguous):
         _check("weight", weight, np.float32, (n,))
-    quantize = _quantize_q80_act_f16c if HAS_AVX2 else _quantize_q80_act
-    if T * n >= _PAR_MIN_WORK and T > 1:
-        def call():
-            _rmsnorm_par(out, x, weight, float(eps), T, n)
-            quantize(qs, d, out, T, n // QK)
-        return call
+    if T * n >= _PAR_MIN_WORK and T > 1 and _jit._NUM_THREADS > 1:
+        return partial(_rmsnorm_q80_par, out, qs, d, x, weight, float(eps), T, n, HAS_AVX2)
     return partial(_rmsnorm_q80_ser, out, qs, d, x, weight, float(eps), T, n, HAS_AVX2)
 
 

@@ -3,13 +3,15 @@
 * fp16 <-> f32 conversions (``_h2f``, ``_f32_f16_f32``) and bit casts (``_i2f``); KV cache
   elements of either type (``_kv_load``, ``_kv_value``: f32, or f16 held as uint16);
 * software prefetch (``_prefetch``, and ``_prefetch_fn`` for hand-written IR);
-* AVX2 detection (``HAS_AVX2``: the kernels take their AVX2 path only on a host build);
+* the kernel path (``KERNELS``: vnni512, avx2 or generic, from the host's features, or forced
+  lower with ``DLLAMA_MPI_KERNELS``; ``HAS_AVX2``, ``HAS_VNNI512``);
 * the IR types and helpers of the hand-written vector loops (``_splat``, ``_ldv``, ``_as64``);
 * float32 exp (``_exp_neg``, ``_exp_f32``): polynomial, vectorisable under fastmath.
 """
 from __future__ import annotations
 
 import math
+import os
 
 import numba
 import numpy as np
@@ -85,18 +87,45 @@ def _kv_value(typingctx, v, ary):
     return None
 
 
-# ---------------------------------------------------------------- AVX2 detection
+# ---------------------------------------------------------------- CPU features: which kernel path
 
-def _has_avx2() -> bool:
+KERNEL_PATHS = ("vnni512", "avx2", "generic")    # best first
+
+
+def _host_paths() -> tuple:
+    """The kernel paths this host can run (always "generic"): hand-written IR only on a host
+    build (numba's CPU_NAME host/native, no CPU_FEATURES override)."""
     try:
         feats = llvm_binding.get_host_cpu_features()
         cpu = (numba.config.CPU_NAME or "host").lower()
-        return bool(feats.get("avx2", False)) and cpu in ("host", "native") and not numba.config.CPU_FEATURES
+        if cpu not in ("host", "native") or numba.config.CPU_FEATURES:
+            return ("generic",)
     except Exception:               # pragma: no cover - exotic llvmlite builds
-        return False
+        return ("generic",)
+    paths = ["generic"]
+    if feats.get("avx2", False) and feats.get("fma", False) and feats.get("f16c", False):
+        paths.insert(0, "avx2")
+        if all(feats.get(f, False) for f in ("avx512f", "avx512bw", "avx512vl", "avx512vnni")):
+            paths.insert(0, "vnni512")
+    return tuple(paths)
 
 
-HAS_AVX2 = _has_avx2()
+def _choose_path(host: tuple, env: str | None) -> str:
+    """The best host path, or the one DLLAMA_MPI_KERNELS asks for (avx2 | generic | vnni512 |
+    auto) if the host can run it; never a path the host lacks (LLVM could not select it)."""
+    want = (env or "auto").strip().lower()
+    if want in ("", "auto"):
+        return host[0]
+    if want not in KERNEL_PATHS:
+        raise ValueError(f"DLLAMA_MPI_KERNELS={env!r}: expected one of auto, {', '.join(KERNEL_PATHS)}")
+    return want if want in host else host[0]
+
+
+HOST_PATHS = _host_paths()
+# the one place the environment variable is read (at import, before any kernel is compiled)
+KERNELS = _choose_path(HOST_PATHS, os.environ.get("DLLAMA_MPI_KERNELS"))
+HAS_AVX2 = KERNELS in ("vnni512", "avx2")      # the AVX2 (256-bit) kernels and F16C conversions
+HAS_VNNI512 = KERNELS == "vnni512"             # AVX-512 VNNI row-tile matmuls (matmul_vnni)
 
 
 # ---------------------------------------------------------------- IR types and helpers (hand-written vector loops)

@@ -26,7 +26,12 @@ def rows_per_tile(g: int) -> int:
     return 1 if g >= 16 else SLAB_BLOCKS // g
 
 
-ROW_TILE_MAX_COLS = 2047  # Q40Matrix.from_blocks picks the row-tile layout for cols <= this
+# Q40Matrix.from_blocks picks the row-tile layout for cols <= this: every width now.  Measured on a
+# 2-core Zen 4 (bench/bench_kernels.py --compute --kinds q40,q40rows; see the commit message): the
+# row-tile kernels beat the slab ones on wide matrices too, at decode (T=1: 2048x5632 16.5-17.4 vs
+# 16.0 GB/s, 5632x2048 on 2 threads 30-31 vs 23 GB/s) and far more on prompts (AVX2 ~200 vs ~165
+# GOP/s, AVX-512 VNNI ~310).  The slab layout stays for layout="slab" (and older saved states).
+ROW_TILE_MAX_COLS = 1 << 30
 
 
 def pack_row_tiles(payload: np.ndarray, scales: list, rt: int, unit: int) -> np.ndarray:
