@@ -17,3 +17,11 @@ for n in 2 3 4; do
     echo "== MPI tests on $n ranks (the suite so far: $(( SECONDS - start )) s) =="
     timeout 1200 mpiexec -n "$n" bash tests/mpi/run_rank.sh tests/mpi
 done
+# The SLURM tests on a real single-node SLURM, brought up and stopped by the script (as root,
+# with apt-get where SLURM is missing); where one cannot be brought up they are reported as
+# skipped, with the reason. DLLAMA_SLURM_TESTS=0 leaves them out.
+if [ "${DLLAMA_SLURM_TESTS:-1}" != 0 ]; then
+    echo "== SLURM tests (the suite so far: $(( SECONDS - start )) s) =="
+    timeout 1800 bash tests/slurm_ci.sh
+fi
+echo "== all tests: $(( SECONDS - start )) s =="

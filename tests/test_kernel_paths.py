@@ -148,3 +148,16 @@ def test_warmup_compiles_the_kernels_of_this_path():
         for d in dispatchers:
             if K._wanted(d):
                 assert d.signatures, (name, d.__name__)
+
+
+@pytest.mark.parametrize("cls", [Q40Matrix, Q41Matrix, Q80Matrix])
+@pytest.mark.parametrize("T", [1, 5, 16])
+def test_a_slice_with_no_columns_contributes_zero(cls, T):
+    """A rank whose share of a split is empty (an expert's 96 units in 32-blocks over 4 ranks:
+    the last rank holds none of them) has rows x 0 matrices: every path writes zeros."""
+    w = cls.from_blocks(np.zeros((96, 0), np.uint8))
+    assert (w.rows, w.cols, w.nb) == (96, 0, 0)
+    for path in simd.HOST_PATHS:
+        out = np.full((T, 96), 7.0, np.float32)
+        _matmul_unchecked(out, np.zeros((T, 0), np.int8), np.zeros((T, 0), np.float32), w, path)
+        assert not out.any(), (path, out)

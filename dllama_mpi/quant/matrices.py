@@ -126,7 +126,7 @@ class QuantMatrix:
     def _file_blocks(cls, raw: np.ndarray) -> tuple[np.ndarray, int, int]:
         """raw GGML bytes ``uint8 [rows, nb*BLOCK_BYTES]`` -> (``uint8 [rows, nb, BLOCK_BYTES]``, rows, nb)."""
         raw = np.asarray(raw)
-        if raw.dtype != np.uint8 or raw.ndim != 2 or raw.shape[1] == 0 or raw.shape[1] % cls.BLOCK_BYTES:
+        if raw.dtype != np.uint8 or raw.ndim != 2 or raw.shape[1] % cls.BLOCK_BYTES:
             raise ValueError(f"{cls.__name__}.from_blocks: expected uint8 [rows, nb*{cls.BLOCK_BYTES}], "
                              f"got {raw.dtype} {raw.shape}")
         rows, nb = raw.shape[0], raw.shape[1] // cls.BLOCK_BYTES
