@@ -111,6 +111,9 @@ def _run(cmd: list[str], timeout: float = 1800) -> str:
     return p.stdout
 
 
+WEIGHT_BYTES: dict[str, int] = {}      # model -> weight bytes a decode token reads (ours)
+
+
 def ours(model: str, workload: str, threads: int) -> float:
     if workload.startswith("batch"):
         args = ["--prompt-tokens", "20", "--steps", "64", "--parallel", workload[5:]]
@@ -121,7 +124,16 @@ def ours(model: str, workload: str, threads: int) -> float:
            os.path.join(HERE, "bench_decode.py"), "--model", model, "--nthreads", str(threads),
            *args]
     r = json.loads(_run(cmd).strip().splitlines()[-1])
+    WEIGHT_BYTES[model] = r["weight_bytes_per_token"]
     return r["prompt_tok_s"] if workload == "prompt" else r["decode_tok_s"]
+
+
+def read_bandwidth() -> dict[int, float]:
+    """threads -> GB/s read by a vectorised numba sum over 1 GB (bench_kernels.probe), in a
+    fresh process so its threads do not linger in this one."""
+    code = ("import json, sys; sys.path.insert(0, %r); from bench_kernels import probe; "
+            "print(json.dumps({t: probe(1 << 30, t, 4) for t in (1, 2)}))" % HERE)
+    return {int(k): v for k, v in json.loads(_run([sys.executable, "-c", code])).items()}
 
 
 def theirs(bin_dir: str, model: str, workload: str, threads: int) -> float:
@@ -199,6 +211,7 @@ def main() -> int:
     models = {name: model_path(name) for name in args.models}
     cpu_model, flags = cpu()
     load0 = os.getloadavg()
+    bw = read_bandwidth()
     check = None
     if not args.no_check and "smollm2" in models:
         check = check_peer(args.llama_cpp, models["smollm2"], max(args.threads))
@@ -224,6 +237,8 @@ def main() -> int:
                 print(f"round {rnd + 1}: {name} {workload} {threads}t {who}: {tok:.1f} tok/s",
                       file=sys.stderr, flush=True)
     load1 = os.getloadavg()
+    bw_after = read_bandwidth()
+    bw = {t: max(bw[t], bw_after[t]) for t in bw}
     broken = check is not None and abs(check[0] / check[1] - 1) > 0.25
     lines = [f"CPU: {cpu_model} ({', '.join(flags)}); {os.cpu_count()} CPUs; load average "
              f"{load0[0]:.2f} before, {load1[0]:.2f} after; {args.rounds} interleaved rounds, "
@@ -232,9 +247,12 @@ def main() -> int:
               f"peer check: SmolLM2 perplexity llama.cpp {check[0]:.2f}, ours {check[1]:.2f}"
               + (" — llama.cpp BROKEN on this CPU: its rows are not a bar" if broken else
                  " (agree within 25%)")),
-             "", "| model | workload | threads | dllama_mpi | llama.cpp | ratio | "
+             f"read bandwidth (numba probe, best of before and after): {bw[1]:.1f} GB/s on 1 "
+             f"thread, {bw[2]:.1f} on 2; a decode row's roofline = bandwidth / the weight "
+             f"bytes a token reads",
+             "", "| model | workload | threads | dllama_mpi | of roofline | llama.cpp | ratio | "
              "Distributed Llama | ratio | runs (ours; llama.cpp) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|"]
     rows = []
     for (name, workload, threads), r in runs.items():
         a, b = statistics.median(r["ours"]), statistics.median(r["llama.cpp"])
@@ -243,7 +261,10 @@ def main() -> int:
                          llama_cpp=r["llama.cpp"], dllama=r["Distributed Llama"],
                          ours_median=a, llama_cpp_median=b, dllama_median=c))
         dl = f"{c:.1f} | {a / c:.2f}" if c else "— | —"
-        lines.append(f"| {name} | {label(workload)} | {threads} | {a:.1f} | {b:.1f} | "
+        roof = "—"
+        if workload == "decode" and models[name] in WEIGHT_BYTES:
+            roof = f"{a * WEIGHT_BYTES[models[name]] / (bw[min(threads, 2)] * 1e9):.0%}"
+        lines.append(f"| {name} | {label(workload)} | {threads} | {a:.1f} | {roof} | {b:.1f} | "
                      f"{a / b:.2f} | {dl} | {', '.join(f'{x:.1f}' for x in r['ours'])}; "
                      f"{', '.join(f'{x:.1f}' for x in r['llama.cpp'])} |")
     for name in models:
@@ -261,6 +282,7 @@ def main() -> int:
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as f:
         json.dump(dict(cpu=cpu_model, flags=flags, load=[load0, load1], check=check,
+                       read_bandwidth_gb_s=bw, weight_bytes_per_token=WEIGHT_BYTES,
                        models=models, rows=rows, table=table), f, indent=1)
     print(f"\nwritten {out}", file=sys.stderr)
     return 0
