@@ -61,7 +61,8 @@ WORKLOADS = ("prompt", "batch16", "decode")
 
 def label(workload: str) -> str:
     if workload.startswith("batch"):
-        return f"{workload[5:]} sequences decoding together (aggregate)"
+        n = int(workload[5:])
+        return "1 sequence (decode)" if n == 1 else f"{n} sequences decoding together (aggregate)"
     return {"prompt": "prompt 128", "decode": "decode"}[workload]
 
 
