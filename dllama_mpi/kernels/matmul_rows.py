@@ -35,6 +35,39 @@ _RT4, _RT8 = 16, 8
 _PF_AHEAD = 2048
 
 
+def _q4_scale_block(builder, accs, faccs, bufp, base, xfp, xfo, nb, b, has_m, fma):
+    """The float32 end of a block of a 16-row Q4 tile, for each of the tile's tokens u:
+    faccs[u] += float(accs[u]) * (d * xd)  [+ (m + 8d) * (xd * sum)  for Q41], d and m the
+    tile's 16 fp16 scales after the payload (the layout note above). The AVX2 and the VNNI
+    kernels share it, so their float results are the same bits."""
+    k = lambda v: ir.Constant(_i64, v)
+    dv = builder.fpext(builder.bitcast(_ldv(builder, bufp, builder.add(base, k(256)), _v16i16),
+                                       ir.VectorType(ir.HalfType(), 16)), _v16f32)
+    fo = [builder.add(xfo, builder.add(builder.mul(k(4 * u), nb), builder.mul(b, k(4))))
+          for u in range(len(accs))]
+    for u in range(len(accs)):
+        xd = _splat(builder, builder.load(builder.gep(xfp, [fo[u]])), 16)
+        dxd = builder.fmul(dv, xd)
+        builder.store(builder.call(fma, [builder.sitofp(accs[u], _v16f32), dxd,
+                                         builder.load(faccs[u])]), faccs[u])
+    with builder.if_then(has_m, likely=True):
+        mv = builder.fpext(builder.bitcast(_ldv(builder, bufp, builder.add(base, k(288)), _v16i16),
+                                           ir.VectorType(ir.HalfType(), 16)), _v16f32)
+        off = builder.call(fma, [dv, ir.Constant(_v16f32, [8.0] * 16), mv])     # m + 8d
+        for u in range(len(accs)):
+            cs = _splat(builder, builder.load(builder.gep(xfp, [builder.add(fo[u], k(2))])), 16)
+            builder.store(builder.call(fma, [off, cs, builder.load(faccs[u])]), faccs[u])
+
+
+def _store_tiles(builder, faccs, accp, width: int) -> None:
+    """acc[u*width : (u+1)*width] = faccs[u] for every token u of the tile."""
+    vty = ir.VectorType(ir.FloatType(), width)
+    for u in range(len(faccs)):
+        builder.store(builder.load(faccs[u]),
+                      builder.bitcast(builder.gep(accp, [ir.Constant(_i64, width * u)]),
+                                      vty.as_pointer()), align=1)
+
+
 def _make_rows_q4(nt: int):
     """acc[u*16 + i] = sum over blocks of tile rows i, tokens u < nt (see the layout note above)."""
 
@@ -80,23 +113,8 @@ def _make_rows_q4(nt: int):
                         xh = builder.bitcast(_splat(builder, xh, 16), _v32i8)
                         accs[u] = builder.add(accs[u], builder.call(maddubs, [lo, xl]))
                         accs[u] = builder.add(accs[u], builder.call(maddubs, [hi, xh]))
-                dv = builder.fpext(builder.bitcast(_ldv(builder, bufp, builder.add(base, k(256)), _v16i16),
-                                                   ir.VectorType(ir.HalfType(), 16)), _v16f32)
-                fo = [builder.add(xfo, builder.add(builder.mul(k(4 * u), nb), builder.mul(b, k(4)))) for u in range(nt)]
-                for u in range(nt):
-                    xd = _splat(builder, builder.load(builder.gep(xfp, [fo[u]])), 16)
-                    dxd = builder.fmul(dv, xd)
-                    builder.store(builder.call(fma, [builder.sitofp(accs[u], _v16f32), dxd, builder.load(faccs[u])]), faccs[u])
-                with builder.if_then(has_m, likely=True):
-                    mv = builder.fpext(builder.bitcast(_ldv(builder, bufp, builder.add(base, k(288)), _v16i16),
-                                                       ir.VectorType(ir.HalfType(), 16)), _v16f32)
-                    off = builder.call(fma, [dv, ir.Constant(_v16f32, [8.0] * 16), mv])     # m + 8d
-                    for u in range(nt):
-                        cs = _splat(builder, builder.load(builder.gep(xfp, [builder.add(fo[u], k(2))])), 16)
-                        builder.store(builder.call(fma, [off, cs, builder.load(faccs[u])]), faccs[u])
-            for u in range(nt):
-                builder.store(builder.load(faccs[u]),
-                              builder.bitcast(builder.gep(accp, [k(16 * u)]), _v16f32.as_pointer()), align=1)
+                _q4_scale_block(builder, accs, faccs, bufp, base, xfp, xfo, nb, b, has_m, fma)
+            _store_tiles(builder, faccs, accp, 16)
             return context.get_dummy_value()
         return sig, codegen
     return rows_q4

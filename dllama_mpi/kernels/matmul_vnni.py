@@ -28,7 +28,8 @@ from numba.extending import intrinsic
 
 from ..quant import QK
 from ._jit import _parallel, _serial
-from .matmul_rows import _PF_AHEAD, _RT4, _RT8, _chunk, _grid, _rows_prep, _rows_prep_range
+from .matmul_rows import (_PF_AHEAD, _RT4, _RT8, _chunk, _grid, _q4_scale_block, _rows_prep,
+                          _rows_prep_range, _store_tiles)
 from .simd import _as64, _i8, _i16, _i32, _i64, _ldv, _prefetch_fn, _splat, _v8f32, _v8i32, _v16f32, _v16i16, _v32i8
 
 _NTV = 8                          # tokens per tile of the VNNI kernels (8 int32 + 8 f32 accumulators)
@@ -96,23 +97,8 @@ def _make_rows_q4_vnni(nt: int):
                         xh = builder.load(builder.bitcast(builder.gep(xqp, [builder.add(xu, k(16 + 4 * q))]), _i32.as_pointer()), align=1)
                         accs[u] = builder.call(dp, [accs[u], lo, _splat(builder, xl, 16)])
                         accs[u] = builder.call(dp, [accs[u], hi, _splat(builder, xh, 16)])
-                dv = builder.fpext(builder.bitcast(_ldv(builder, bufp, builder.add(base, k(256)), _v16i16),
-                                                   ir.VectorType(ir.HalfType(), 16)), _v16f32)
-                fo = [builder.add(xfo, builder.add(builder.mul(k(4 * u), nbs), builder.mul(b, k(4)))) for u in range(nt)]
-                for u in range(nt):
-                    xd = _splat(builder, builder.load(builder.gep(xfp, [fo[u]])), 16)
-                    dxd = builder.fmul(dv, xd)
-                    builder.store(builder.call(fma, [builder.sitofp(accs[u], _v16f32), dxd, builder.load(faccs[u])]), faccs[u])
-                with builder.if_then(has_m, likely=True):
-                    mv = builder.fpext(builder.bitcast(_ldv(builder, bufp, builder.add(base, k(288)), _v16i16),
-                                                       ir.VectorType(ir.HalfType(), 16)), _v16f32)
-                    off = builder.call(fma, [dv, ir.Constant(_v16f32, [8.0] * 16), mv])     # m + 8d
-                    for u in range(nt):
-                        cs = _splat(builder, builder.load(builder.gep(xfp, [builder.add(fo[u], k(2))])), 16)
-                        builder.store(builder.call(fma, [off, cs, builder.load(faccs[u])]), faccs[u])
-            for u in range(nt):
-                builder.store(builder.load(faccs[u]),
-                              builder.bitcast(builder.gep(accp, [k(16 * u)]), _v16f32.as_pointer()), align=1)
+                _q4_scale_block(builder, accs, faccs, bufp, base, xfp, xfo, nbs, b, has_m, fma)
+            _store_tiles(builder, faccs, accp, 16)
             return context.get_dummy_value()
         return sig, codegen
     return rows_q4_vnni
