@@ -206,10 +206,11 @@ def _steps(needs, skip_warmed: bool = True) -> list[tuple[str, float, list, obje
         for w in (ones, ones_ro):
             rmsnorm_heads(x.copy(), 16, 2, w[:16], 1e-6)
 
-    @step("attention", "attention block", 6.0, [_attention_block_ser, _rope_store, _attention_par,
-                                                _attention_rows_par])
-    def _():
-        kc4 = np.stack([f32(4, 2, 16)] * 2)
+    def attention_calls(cache_dtype):
+        """The attention block's kernels on a cache of this element type (f32, or f16 whose
+        raw kernels take its uint16 bits)."""
+        kc4 = np.stack([f32(4, 2, 16)] * 2).astype(cache_dtype)
+        kb = kc4.view(np.uint16) if cache_dtype == np.float16 else kc4
         pos, slots = np.arange(T, dtype=np.int32), np.array([1, 0], np.int32)
         cos, sin = np.ones((4, 8), np.float32), np.zeros((4, 8), np.float32)
         kvq = np.array([0, 0, 1, 1], np.int32)
@@ -218,29 +219,22 @@ def _steps(needs, skip_warmed: bool = True) -> list[tuple[str, float, list, obje
         oq, od = np.empty((T, n), np.int8), np.empty((T, n // QK), np.float32)
         attention_block(o, qkv, kc4, kc4.copy(), pos, slots, cos, sin, kvq, 0.25, (oq, od))
         attention_block(o, qkv, kc4, kc4.copy(), pos, None, cos, sin, kvq, 0.25)
-        _attention_par(o, x, kc4, kc4, pos, slots, kvq, np.float32(0.25), sc, T, 4, 16, 0, T * 4)
-        _attention_rows_par(o, oq, od, 2 if HAS_AVX2 else 1, qkv, kc4, kc4.copy(), pos, slots, kvq, np.float32(0.25),
-                            sc, T, 4, 16, 2)
-        _rope_store(qkv, 4, 2, kc4, kc4.copy(), pos, slots, cos, sin, 16, T)
-
-    @step("kv_f16", "attention block (f16 KV cache)", 6.0, [_attention_block_ser, _rope_store,
-                                                            _attention_par, _attention_ser, _attention_rows_par])
-    def _():
-        kc4 = np.stack([f32(4, 2, 16)] * 2).astype(np.float16)
-        pos, slots = np.arange(T, dtype=np.int32), np.array([1, 0], np.int32)
-        cos, sin = np.ones((4, 8), np.float32), np.zeros((4, 8), np.float32)
-        kvq = np.array([0, 0, 1, 1], np.int32)
-        o, sc = np.empty_like(x), attention_scratch(T, 4, 4)
-        qkv = np.concatenate([x, x[:, :64]], axis=1)
-        oq, od = np.empty((T, n), np.int8), np.empty((T, n // QK), np.float32)
-        attention_block(o, qkv, kc4, kc4.copy(), pos, slots, cos, sin, kvq, 0.25, (oq, od))
-        attention_block(o, qkv, kc4, kc4.copy(), pos, None, cos, sin, kvq, 0.25)
-        kb = kc4.view(np.uint16)
         _attention_par(o, x, kb, kb, pos, slots, kvq, np.float32(0.25), sc, T, 4, 16, 0, T * 4)
         _attention_rows_par(o, oq, od, 2 if HAS_AVX2 else 1, qkv, kb, kb.copy(), pos, slots, kvq, np.float32(0.25),
                             sc, T, 4, 16, 2)
         _rope_store(qkv, 4, 2, kb, kb.copy(), pos, slots, cos, sin, 16, T)
-        attention(o, x, kc4[0], kc4[0], pos, kvq, 0.25, sc)
+        return o, x, kc4, pos, kvq, sc
+
+    @step("attention", "attention block", 6.0, [_attention_block_ser, _rope_store, _attention_par,
+                                                _attention_rows_par])
+    def _():
+        attention_calls(np.float32)
+
+    @step("kv_f16", "attention block (f16 KV cache)", 6.0, [_attention_block_ser, _rope_store,
+                                                            _attention_par, _attention_ser, _attention_rows_par])
+    def _():
+        o, x_, kc4, pos, kvq, sc = attention_calls(np.float16)
+        attention(o, x_, kc4[0], kc4[0], pos, kvq, 0.25, sc)
 
     @step("tests", "rope and attention (tests)", 4.0, [_rope_rows, _rope_par, _attention_ser])
     def _():
