@@ -20,6 +20,8 @@ import numpy as np  # noqa: E402
 
 from dllama_mpi.comm import make_comm  # noqa: E402
 from dllama_mpi.config import RunConfig  # noqa: E402
+from dllama_mpi.memory import read_bytes  # noqa: E402
+from dllama_mpi.shard import plan  # noqa: E402
 from dllama_mpi.runtime.generation import generate, generate_batch  # noqa: E402
 from dllama_mpi.apps.inference import decode_averages  # noqa: E402
 from dllama_mpi.runtime.startup import start  # noqa: E402
@@ -69,11 +71,16 @@ def main() -> None:
     s.engine.stop()
     per_rank = [decode_averages(steps[1:]) for steps in s.engine.gather_step_stats()]
     weight_bytes = sum(m.weights for m in s.memory)
+    # what a step streams: a mixture of experts reads only the chosen experts (expected
+    # count under uniform routing for `parallel` rows; random weights route near-uniformly)
+    read = sum(read_bytes(s.config, plan(s.config, m.rank, comm.size), run, args.parallel)
+               for m in s.memory)
     print(json.dumps({
         "model": os.path.basename(args.model), "ranks": comm.size, "nthreads": s.nthreads,
         "weights": run.weights_float_type, "wire": run.buffer_float_type,
         "prompt_tokens": len(prompt), "parallel": args.parallel, **speeds,
-        "weight_bytes_per_token": weight_bytes, "per_rank": per_rank}))
+        "weight_bytes_held": weight_bytes, "weight_bytes_per_token": read,
+        "per_rank": per_rank}))
 
 
 if __name__ == "__main__":

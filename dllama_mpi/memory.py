@@ -49,10 +49,14 @@ def _rows(c: ModelConfig, p: ShardPlan) -> dict[str, int]:
             "w1": p.ffn_len, "w3": p.ffn_len, "w2": c.dim}
 
 
-def weight_bytes(config: ModelConfig, p: ShardPlan, run: RunConfig) -> int:
+def weight_bytes(config: ModelConfig, p: ShardPlan, run: RunConfig,
+                 experts_read: float | None = None) -> int:
     """This rank's weights as the loaded shard holds them (model.ShardWeights.nbytes): every
-    matrix in its runtime type (run.matrix_type), stacks split where their types differ."""
+    matrix in its runtime type (run.matrix_type), stacks split where their types differ.
+    With experts_read, the bytes a step reads instead: that many experts per layer (on
+    average) of the n_experts held."""
     c = config
+    expert_share = 1.0 if experts_read is None or not c.n_experts else experts_read / c.n_experts
     rows = _rows(c, p)
     cols = {"wo": p.q_cols, "w2": p.ffn_len}
     names = layer_tensors(c)
@@ -70,9 +74,25 @@ def weight_bytes(config: ModelConfig, p: ShardPlan, run: RunConfig) -> int:
         for parts in layer_stacks(c):
             for group in stack_runs(parts, type_of):
                 last = group[0].rsplit(".", 1)[-1]
-                total += matrix_bytes(sum(rows[n.rsplit(".", 1)[-1]] for n in group),
+                nbytes = matrix_bytes(sum(rows[n.rsplit(".", 1)[-1]] for n in group),
                                       cols.get(last, c.dim), type_of(group[0]))
-    return total + matrix_bytes(p.vocab.size, c.dim, run.matrix_type("wcls"))
+                total += nbytes * expert_share if group[0].startswith("experts.") else nbytes
+    return int(total) + matrix_bytes(p.vocab.size, c.dim, run.matrix_type("wcls"))
+
+
+def experts_touched(config: ModelConfig, rows: int = 1) -> float:
+    """Experts per layer a step of `rows` tokens reads, expected under uniform routing: each
+    token picks n_experts_used of n_experts, so an expert is missed by all rows with
+    probability (1 - used/n)^rows."""
+    n, k = config.n_experts, config.n_experts_used
+    return n * (1.0 - (1.0 - k / n) ** rows) if n else 0.0
+
+
+def read_bytes(config: ModelConfig, p: ShardPlan, run: RunConfig, rows: int = 1) -> int:
+    """Weight bytes this rank streams in one step of `rows` tokens: all it holds, except the
+    experts no row chose (a dense model reads everything)."""
+    return weight_bytes(config, p, run, experts_touched(config, rows) if config.n_experts
+                        else None)
 
 
 def split_stack_rows(config: ModelConfig, p: ShardPlan, run: RunConfig) -> int:

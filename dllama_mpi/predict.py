@@ -30,7 +30,7 @@ from dataclasses import dataclass, field, replace
 
 from .comm import STEP_HEADER
 from .config import ModelConfig, RunConfig
-from .memory import RankMemory, per_rank
+from .memory import RankMemory, per_rank, read_bytes
 from .quant import QK
 from .shard import BLOCK, plan, split_blocks
 
@@ -101,7 +101,8 @@ PRESETS = _presets()
 
 def n_params(c: ModelConfig) -> int:
     """Parameters of a model of this shape (embedding and output counted apart when untied)."""
-    per_layer = (2 * c.dim + c.q_dim * c.dim * 2 + 2 * c.kv_dim * c.dim + 3 * c.hidden_dim * c.dim
+    ffn = 3 * c.hidden_dim * c.dim * max(c.n_experts, 1) + c.n_experts * c.dim  # + the router
+    per_layer = (2 * c.dim + c.q_dim * c.dim * 2 + 2 * c.kv_dim * c.dim + ffn
                  + (c.q_dim + 2 * c.kv_dim if c.attn_bias else 0)
                  + (2 * c.head_dim if c.qk_norm else 0))
     embeddings = c.vocab_size * c.dim * (1 if c.tied_embeddings else 2)
@@ -112,7 +113,9 @@ def matmul_params(c: ModelConfig, rank: int, size: int) -> int:
     """Multiply-adds per token of this rank's layer matrices (the output matrix apart)."""
     p = plan(c, rank, size)
     kv = p.kv_rows.size
-    return c.n_layers * (c.dim * (p.q_cols + 2 * kv) + c.dim * p.q_cols + 3 * c.dim * p.ffn_len)
+    experts = c.n_experts_used or 1     # a token runs that many experts' FFN slices
+    return c.n_layers * (c.dim * (p.q_cols + 2 * kv) + c.dim * p.q_cols
+                         + 3 * c.dim * p.ffn_len * experts)
 
 
 # -- links and machines --------------------------------------------------------------------
@@ -373,8 +376,9 @@ def decode_speed(c: ModelConfig, run: RunConfig, size: int, link: Link, machine:
                 + machine.token_s)
     worst = 0.0
     for m in memory:
-        stream = (m.weights + rows * kv_read_bytes(c, m.rank, size, context,
-                                                  run.kv_cache_float_type)) / bw
+        weights = m.weights if not c.n_experts else read_bytes(c, plan(c, m.rank, size), run, rows)
+        stream = (weights + rows * kv_read_bytes(c, m.rank, size, context,
+                                                 run.kv_cache_float_type)) / bw
         arith = 2 * rows * matmul_params(c, m.rank, size) / ops if rows > 1 else 0.0
         worst = max(worst, max(stream, arith))
     coll = decode_collectives(c, size, run.buffer_float_type, row_bytes, rows)

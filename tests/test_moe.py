@@ -80,6 +80,28 @@ def test_memory_counts_every_expert(tmp_path, weights):
         assert held == 4 * (c.n_layers * per_layer + c.dim + c.vocab_size * c.dim)
 
 
+@pytest.mark.parametrize("weights", ["f32", "q40"])
+def test_read_bytes_count_the_chosen_experts_only(tmp_path, weights):
+    """What a decode step streams (the planner's and the bench's roofline): everything held
+    but the experts no row chose; with many rows, nearly every expert."""
+    from dllama_mpi import memory
+    from dllama_mpi.config import RunConfig
+    from dllama_mpi.runtime.startup import start
+    from dllama_mpi.shard import plan
+    path = _file(tmp_path, "mixtral", "gguf", "q4_0" if weights == "q40" else "f32")
+    s = start(SerialComm(), path, RunConfig(weights_float_type=weights, max_seq_len=16,
+                                            nthreads=1), want_tokenizer=False)
+    c, layers = s.config, s.engine.model.w.layers
+    held = s.engine.model.w.nbytes()
+    one_expert = sum(m.nbytes() if hasattr(m, "nbytes") and callable(m.nbytes) else m.nbytes
+                     for m in layers[0].experts[0]) * c.n_layers
+    p = plan(c, 0, 1)
+    unread = c.n_experts - c.n_experts_used
+    assert memory.read_bytes(c, p, s.run, rows=1) == held - unread * one_expert
+    many = memory.read_bytes(c, p, s.run, rows=64)
+    assert held - one_expert < many <= held
+
+
 @pytest.mark.parametrize("form", ["gguf", "hf"])
 def test_info_counts_the_experts_parameters(tmp_path, capsys, form):
     from dllama_mpi.apps.info import print_info

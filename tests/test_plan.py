@@ -3,6 +3,8 @@ arithmetic against values computed by hand, its memory against memory.py and sta
 report, its bytes per token against what comm.py counts in real 1- and 2-rank runs, sane
 predictions, the smallest rank count that fits, and clean command-line errors."""
 import json
+import math
+import pathlib
 import shutil
 import subprocess
 import sys
@@ -158,6 +160,42 @@ def test_plan_of_a_model_equals_start_up_report(tiny, weights):
                                                           held.buffers)
     assert out["weights_float_type"] == s.run.weights_float_type
     assert out["buffer_float_type"] == s.run.buffer_float_type
+
+
+@pytest.mark.parametrize("kind", ["q4_k_m", "moe"])
+def test_plan_of_mixed_and_moe_files_equals_start_up_report(tmp_path, kind):
+    """A Q4_K_M file (each matrix its own runtime type) and a mixture of experts: the plan
+    holds what start-up reports; a MoE decode step streams the chosen experts only."""
+    import sys
+    sys.path.insert(0, str(pathlib.Path(__file__).parent))
+    from tiny import write_moe_gguf, write_tiny_gguf
+    from dllama_mpi.runtime.startup import start
+    path = str(tmp_path / f"{kind}.gguf")
+    if kind == "moe":
+        write_moe_gguf(path, "mixtral", "q4_0")
+    else:
+        write_tiny_gguf(path, "k8h", "q4_k_m")
+    s = start(SerialComm(), path, RunConfig(max_seq_len=40, nthreads=1), want_tokenizer=False)
+    out = plan_json("--model", path, "-n", "1", "--max-seq-len", "40")
+    r, held = out["per_rank"][0], s.memory[0]
+    assert (r["weights"], r["kv_cache"], r["buffers"]) == (held.weights, held.kv_cache,
+                                                          held.buffers)
+    assert out["weights_float_type"] == s.run.weights_float_type
+    from dllama_mpi.formats import expected_shapes, open_model
+    m = open_model(path)
+    try:
+        assert out["parameters"] == sum(math.prod(m.tensor(n).shape)
+                                        for n in expected_shapes(m.config))
+    finally:
+        m.close()
+    assert s.run.weights_float_type == ("q40" if kind == "moe" else "mixed")
+    # the decode step streams what memory.read_bytes counts: for a MoE, less than it holds
+    step = out["decode"]["compute_ms"] - out["decode"]["fixed_ms"]
+    streamed = step / 1e3 * out["stream_bytes_s"]
+    read = memory.read_bytes(s.config, predict.plan(s.config, 0, 1), s.run)
+    assert streamed == pytest.approx(read + predict.kv_read_bytes(
+        s.config, 0, 1, out["context"], s.run.kv_cache_float_type), rel=1e-6)
+    assert (read < held.weights) == (kind == "moe")
 
 
 # -- bytes per token against comm.py's counts ---------------------------------------------------

@@ -128,10 +128,11 @@ def resolve_inputs(args):
         what = (f"{args.preset} (preset: {preset.source}; as a {file_type} file)")
     else:
         from ..formats import open_model
+        from ..runtime.startup import resolve_run
         model = open_model(registry.resolve(args.model))
         try:
             config = model.config
-            run = run.resolved(model.preferred_weight_type(), model.output_type())
+            run = resolve_run(run, model)      # each matrix's own type in a mixed file
             emb = model.tensor("embedding")
             import numpy as np
             row = int(np.asarray(emb.data[0:1]).nbytes)
