@@ -1,7 +1,7 @@
 """Side by side with llama.cpp, in one sitting: ours and theirs interleaved on the same files.
 
     python bench/side_by_side.py --llama-cpp /tmp/peers/llama.cpp/build/bin \\
-        [--models smollm2 synthetic] [--threads 1 2] [--rounds 3] \\
+        [--models smollm2 synthetic synthetic-q4_k_m synthetic-moe] [--threads 1 2] [--rounds 3] \\
         [--workloads prompt batch16 decode] [--no-check] [--dllama PATH/dllama]
     python bench/side_by_side.py --llama-cpp DIR --workloads batch1 batch4 batch16 batch32 \
         --threads 2 --rounds 2            # the batch sweep
@@ -95,12 +95,15 @@ def model_path(name: str) -> str:
     if name == "smollm2":
         from dllama_mpi.registry import pull
         return pull("smollm2-135m")
-    if name == "synthetic":
-        path = os.path.join(HERE, "results", "synthetic-1.1b-q4_0.gguf")
+    if name.startswith("synthetic"):
+        # synthetic (the 1.1B, Q4_0), synthetic-TYPE (e.g. synthetic-q4_k_m), synthetic-moe
+        preset, kind = ("synthetic-moe", "q4_0") if name == "synthetic-moe" else (
+            "synthetic-1.1b", name.partition("-")[2] or "q4_0")
+        path = os.path.join(HERE, "results", f"{preset}-{kind}.gguf")
         if not os.path.exists(path):
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            subprocess.run([sys.executable, os.path.join(HERE, "make_synthetic.py"), path],
-                           check=True)
+            subprocess.run([sys.executable, os.path.join(HERE, "make_synthetic.py"), path,
+                            "--preset", preset, "--type", kind], check=True)
         return path
     return name                                  # a GGUF path
 

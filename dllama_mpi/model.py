@@ -418,12 +418,16 @@ class Transformer:
         t = inp.x.shape[0]
         for e in np.unique(top):
             rows, slot = np.nonzero(top == e)
-            if len(rows) == t:     # every row (decode): the input's own Q80 form
-                sub = _Input(inp.x, inp.q80() if self.fuse_q80 else None)
-                sub.buffers = False    # fresh outputs: kernel calls not bound (_BoundCalls)
-            else:
-                sub = _Input(np.ascontiguousarray(inp.x[rows]))
             w13, w2 = lw.experts[int(e)]
+            if len(rows) == t:
+                # every row chose e (always so in a one-sequence decode step): the dense
+                # FFN's buffers and bound kernel calls; attn_out is free here (its sum is
+                # already in x) and takes the expert's output
+                self._matmul(b["h13"], inp, w13)
+                self._matmul(b["attn_out"], self._silu_mul(b), w2)
+                out += w[rows, slot][:, None] * b["attn_out"]
+                continue
+            sub = _Input(np.ascontiguousarray(inp.x[rows]))
             h13 = np.empty((len(rows), 2 * self.plan.ffn_len), np.float32)
             self._matmul(h13, sub, w13)
             h = np.empty((len(rows), self.plan.ffn_len), np.float32)
