@@ -393,39 +393,24 @@ class Transformer:
             kernels.silu_mul(b["h"], b["h13"])
         return _Input(b["h"], self._q80(b, "h"))
 
-    def route(self, xb: np.ndarray, router: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Each row's experts [T, k] and their weights [T, k]: softmax of the router's
-        logits, the k largest, renormalised to sum 1 with config.expert_norm (Qwen3-MoE's
-        norm_topk_prob; Mixtral always). Every rank holds the same xb and router, so every
-        rank picks the same experts."""
-        c = self.config
-        logits = xb @ router.T
-        p = np.exp(logits - logits.max(axis=1, keepdims=True))
-        p /= p.sum(axis=1, keepdims=True)
-        top = np.argsort(-p, axis=1, kind="stable")[:, :c.n_experts_used]
-        w = np.take_along_axis(p, top, axis=1)
-        if c.expert_norm:
-            w = w / w.sum(axis=1, keepdims=True)
-        return top, w.astype(np.float32)
-
     def _moe(self, b, inp: _Input, lw: LayerWeights) -> None:
         """b["ffn_out"] = sum over each row's chosen experts of weight * expert(xb): only the
         chosen experts' matrices are read; this rank's slice of each gives a partial sum like
         the dense FFN's, reduced by the caller."""
         out = b["ffn_out"]
         out[...] = 0
-        top, w = self.route(inp.x, lw.router)
+        c = self.config
+        top, w = kernels.route(inp.x, lw.router, c.n_experts_used, c.expert_norm)
         t = inp.x.shape[0]
+        if t == 1:     # a one-sequence decode step: its experts in index order, as below
+            for e, weight in sorted(zip(top[0].tolist(), w[0].tolist())):
+                out += weight * self._expert_on_buffers(b, inp, lw.experts[e])
+            return
         for e in np.unique(top):
             rows, slot = np.nonzero(top == e)
             w13, w2 = lw.experts[int(e)]
             if len(rows) == t:
-                # every row chose e (always so in a one-sequence decode step): the dense
-                # FFN's buffers and bound kernel calls; attn_out is free here (its sum is
-                # already in x) and takes the expert's output
-                self._matmul(b["h13"], inp, w13)
-                self._matmul(b["attn_out"], self._silu_mul(b), w2)
-                out += w[rows, slot][:, None] * b["attn_out"]
+                out += w[rows, slot][:, None] * self._expert_on_buffers(b, inp, (w13, w2))
                 continue
             sub = _Input(np.ascontiguousarray(inp.x[rows]))
             h13 = np.empty((len(rows), 2 * self.plan.ffn_len), np.float32)
@@ -435,6 +420,14 @@ class Transformer:
             o = np.empty((len(rows), self.config.dim), np.float32)
             self._matmul(o, _Input(h), w2)
             out[rows] += w[rows, slot][:, None] * o
+
+    def _expert_on_buffers(self, b, inp: _Input, expert) -> np.ndarray:
+        """One expert on every row, in the dense FFN's buffers with bound kernel calls;
+        attn_out is free here (its sum is already in x) and takes the expert's output."""
+        w13, w2 = expert
+        self._matmul(b["h13"], inp, w13)
+        self._matmul(b["attn_out"], self._silu_mul(b), w2)
+        return b["attn_out"]
 
     def forward(self, x_in: np.ndarray, positions: np.ndarray, all_logits: bool = False,
                 slots: np.ndarray | None = None, logit_rows: np.ndarray | None = None):

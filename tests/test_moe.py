@@ -123,3 +123,45 @@ def test_conversions(tmp_path):
                                   our_logits(SerialComm(), path, IDS))
     with pytest.raises(DllamaError, match="mixture-of-experts"):
         convert(path, str(tmp_path / "m.m"), "f32", to="dllama", progress=False)
+
+
+def _route_numpy(xb, router, k, normalise):
+    """The routing as transformers writes it (softmax, top-k, renormalise), in numpy."""
+    logits = (xb.astype(np.float64) @ router.T.astype(np.float64))
+    p = np.exp(logits - logits.max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)
+    top = np.argsort(-p, axis=1, kind="stable")[:, :k]
+    w = np.take_along_axis(p, top, axis=1)
+    if normalise:
+        w = w / w.sum(axis=1, keepdims=True)
+    return top, w
+
+
+@pytest.mark.parametrize("normalise", [True, False])
+@pytest.mark.parametrize("n,k", [(8, 2), (4, 1), (16, 4), (3, 3)])
+def test_route_kernel_matches_numpy(n, k, normalise):
+    from dllama_mpi import kernels
+    rng = np.random.default_rng(n * 10 + k)
+    xb = rng.standard_normal((7, 96)).astype(np.float32)
+    router = rng.standard_normal((n, 96)).astype(np.float32)
+    top, w = kernels.route(xb, router, k, normalise)
+    ref_top, ref_w = _route_numpy(xb, router, k, normalise)
+    np.testing.assert_array_equal(top, ref_top)
+    np.testing.assert_allclose(w, ref_w, rtol=1e-5, atol=1e-7)
+
+
+def test_route_ties_take_the_lowest_index():
+    from dllama_mpi import kernels
+    router = np.zeros((6, 32), np.float32)
+    router[4] = 1.0
+    top, w = kernels.route(np.ones((1, 32), np.float32), router, 3, False)
+    assert top.tolist() == [[4, 0, 1]]
+    np.testing.assert_allclose(w[0, 1], w[0, 2])
+
+
+def test_route_rejects_bad_shapes():
+    from dllama_mpi import kernels
+    with pytest.raises(ValueError):
+        kernels.route(np.ones((1, 32), np.float32), np.ones((4, 16), np.float32), 2, True)
+    with pytest.raises(ValueError):
+        kernels.route(np.ones((1, 32), np.float32), np.ones((4, 32), np.float32), 5, True)

@@ -20,6 +20,7 @@ from ..quant import QK, ROW_TILE_MAX_COLS, Q40Matrix, Q41Matrix, Q80Matrix, quan
 from ._jit import choose_threading_layer, get_num_threads, max_threads, set_num_threads
 from .attention import attention, attention_block, attention_scratch, bind_attention_block, rope_interleaved
 from .ffn import bind_silu_mul_q80, silu_mul, silu_mul_q80
+from .moe import route
 from .matmul import bind_matmul, matmul_f16, matmul_f32, matmul_q80_q40, matmul_q80_q41, matmul_q80_q80
 from .matmul_slab import PREFETCH_ROWS
 from .norm import bind_rmsnorm_q80, rmsnorm, rmsnorm_heads, rmsnorm_q80
@@ -34,6 +35,7 @@ from .matmul_rows import (_ACC, _rbuffers, _rows_q4_generic, _rows_q4_par, _rows
 from .matmul_vnni import (_ACCV, _rows_q4_par_vnni, _rows_q4_serial_vnni, _rows_q8_par_vnni,
                           _rows_q8_serial_vnni)
 from .matmul_f16 import _f16_rows_par, _f16_rows_serial
+from .moe import _route
 from .matmul_slab import _S16, _q40_par_avx2, _q40_par_generic, _q40_serial_avx2, _q40_serial_generic, _xbuffers
 from .norm import _rmsnorm_heads, _rmsnorm_par, _rmsnorm_q80_par, _rmsnorm_q80_ser, _rmsnorm_rows
 from .q80 import _quantize_q80_act, _quantize_q80_act_f16c
@@ -42,7 +44,7 @@ __all__ = [
     "HAS_AVX2", "HAS_VNNI512", "KERNELS", "PREFETCH_ROWS",
     "attention", "attention_block", "attention_scratch", "bind_attention_block", "bind_matmul",
     "bind_rmsnorm_q80", "bind_silu_mul_q80", "choose_threading_layer", "get_num_threads", "matmul_f16", "matmul_f32",
-    "max_threads", "needed", "warmup_is_cached",
+    "max_threads", "needed", "route", "warmup_is_cached",
     "matmul_q80_q40", "matmul_q80_q41", "matmul_q80_q80", "quantize_q80_act", "rmsnorm", "rmsnorm_heads",
     "rmsnorm_q80", "rope_interleaved", "set_num_threads", "silu_mul", "silu_mul_q80", "warmup",
 ]
@@ -59,15 +61,17 @@ __all__ = [
 #   f32        rmsnorm and silu·mul on f32 activations                          f32 weights or output
 #   f16        F16 weights widened as read (f32 activations)                    f16 weights
 #   qk_norm    per-head RMSNorm of q and k                                      Qwen3
+#   moe        the router's top-k choice                                        experts
 #   q4rows     Q80 x Q4_0/Q4_1 on the row-tile layout                           q41, q40
 #   q40slab    Q80 x Q4_0 on the slab layout                                    q40 > ROW_TILE_MAX_COLS cols
 #   q8rows     Q80 x Q8_0 (the 8-bit output matrix)                             q80 output
 #   tests      the stand-alone rope and attention (tests and benchmarks only)
-ALL_NEEDS = ("q80act", "attention", "kv_f16", "fused", "silu_split", "f32", "f16", "qk_norm", "q4rows",
+ALL_NEEDS = ("q80act", "attention", "kv_f16", "fused", "silu_split", "f32", "f16", "qk_norm", "moe", "q4rows",
              "q40slab", "q8rows", "tests")
 
 
-def needed(matrices, ffn_width: int, nthreads: int, qk_norm: bool = False) -> set[str]:
+def needed(matrices, ffn_width: int, nthreads: int, qk_norm: bool = False,
+           experts: bool = False) -> set[str]:
     """The kernels (ALL_NEEDS names) a run uses. matrices: (runtime type, columns) of every
     weight matrix of this rank ("q40", "q41", "q80" or "f32"); ffn_width: its FFN hidden
     units; nthreads: its threads."""
@@ -83,6 +87,8 @@ def needed(matrices, ffn_width: int, nthreads: int, qk_norm: bool = False) -> se
         needs.add("f16")
     if qk_norm:
         needs.add("qk_norm")
+    if experts:
+        needs.add("moe")
     if "q41" in types or any(t == "q40" and cols <= ROW_TILE_MAX_COLS for t, cols in matrices):
         needs.add("q4rows")
     if any(t == "q40" and cols > ROW_TILE_MAX_COLS for t, cols in matrices):
@@ -205,6 +211,14 @@ def _steps(needs, skip_warmed: bool = True) -> list[tuple[str, float, list, obje
     def _():
         for w in (ones, ones_ro):
             rmsnorm_heads(x.copy(), 16, 2, w[:16], 1e-6)
+
+    @step("moe", "expert routing", 0.5, [_route])
+    def _():
+        router = f32(4, n)
+        router_ro = router.copy()
+        router_ro.flags.writeable = False   # a router read from the file may be read-only
+        for r in (router, router_ro):
+            route(x, r, 2, True)
 
     def attention_calls(cache_dtype):
         """The attention block's kernels on a cache of this element type (f32, or f16 whose
