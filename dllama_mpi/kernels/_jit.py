@@ -35,6 +35,11 @@ _inline_plain = njit(inline="always", cache=True)
 
 # elements of work under which a serial call beats a parallel launch
 _PAR_MIN_WORK = 1 << 16
+# the same for the fused norm and silu·mul with their Q80 output on several rows: their
+# rows split over the threads from far less work, because a serial call between two
+# parallel matmuls lets the idle threads fall asleep (GOMP_SPINCOUNT, below), and waking
+# them costs the next matmul more than the split costs
+_PAR_MIN_ROWS_WORK = 1 << 12
 # row-tile matmuls go parallel from this many weight blocks x tokens (set with the thread
 # count): OpenMP threads start a parallel region quickly; waking workqueue threads costs
 # more than a small FFN matrix takes on one core

@@ -10,7 +10,7 @@ from numba import prange
 from ..quant import QK
 from . import _jit
 from ._checks import _F32, _check, _check_out
-from ._jit import _PAR_MIN_WORK, _inline, _parallel, _serial
+from ._jit import _PAR_MIN_ROWS_WORK, _PAR_MIN_WORK, _inline, _parallel, _serial
 from .q80 import _q80_outputs_ok, _quantize_q80_act, _quantize_q80_act_f16c
 from .simd import HAS_AVX2, _exp_f32
 
@@ -111,7 +111,7 @@ def bind_silu_mul_q80(out, qs, d, gate_up):
             raise ValueError(f"gate_up: half row length {n} must be a multiple of {QK}")
         _check_out("qs", qs, np.int8, (T, n))
         _check_out("d", d, np.float32, (T, n // QK))
-    if T * n >= _PAR_MIN_WORK and T > 1 and _jit._NUM_THREADS > 1:
+    if T * n >= _PAR_MIN_ROWS_WORK and T > 1 and _jit._NUM_THREADS > 1:
         return partial(_silu_mul_q80_par, out, qs, d, gate_up, T, n, HAS_AVX2)
     if T == 1 and n >= _SPLIT_MIN and _jit._NUM_THREADS > 1:
         return partial(_silu_mul_q80_split, out, qs, d, gate_up, n, HAS_AVX2, _jit._NUM_THREADS)

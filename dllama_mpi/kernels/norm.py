@@ -11,7 +11,7 @@ from numba import prange
 from ..quant import QK
 from ._checks import _F32, _check, _check_out
 from . import _jit
-from ._jit import _PAR_MIN_WORK, _parallel, _serial
+from ._jit import _PAR_MIN_ROWS_WORK, _PAR_MIN_WORK, _parallel, _serial
 from .q80 import _check_q80_io, _quantize_q80_act, _quantize_q80_act_f16c
 from .simd import HAS_AVX2
 
@@ -80,7 +80,7 @@ def bind_rmsnorm_q80(out, qs, d, x, weight, eps: float):
     if not (type(weight) is np.ndarray and weight.dtype == _F32 and weight.shape == (n,)
             and weight.flags.c_contiguous):
         _check("weight", weight, np.float32, (n,))
-    if T * n >= _PAR_MIN_WORK and T > 1 and _jit._NUM_THREADS > 1:
+    if T * n >= _PAR_MIN_ROWS_WORK and T > 1 and _jit._NUM_THREADS > 1:
         return partial(_rmsnorm_q80_par, out, qs, d, x, weight, float(eps), T, n, HAS_AVX2)
     return partial(_rmsnorm_q80_ser, out, qs, d, x, weight, float(eps), T, n, HAS_AVX2)
 
