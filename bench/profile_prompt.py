@@ -1,10 +1,13 @@
 """Where a prompt pass spends its time, kernel by kernel (run by hand, one process):
 
     python bench/profile_prompt.py [--model smollm2-135m] [--tokens 128] [--nthreads 1] [--reps 3]
+        [--parallel N]
 
 Wraps every bound kernel call (kernels.bind_*) and every direct kernel call with a timer, runs
 the prompt `reps` times (fixed token ids, one new token) and prints per kernel the seconds per
 pass (best pass), the calls and, as "python + serial rest", the pass time the kernels miss.
+With --parallel N it profiles instead one batched decode step: N sequences (KV slots), each
+`tokens` long already, each decoding its next token in the same step (the scheduler's step).
 """
 from __future__ import annotations
 
@@ -65,6 +68,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--nthreads", type=int, default=1)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--parallel", type=int, default=0)
     args = ap.parse_args()
     _wrap_module()
     from dllama_mpi.comm import SerialComm
@@ -73,22 +77,39 @@ def main() -> None:
     from dllama_mpi.runtime.generation import generate
     from dllama_mpi.runtime.startup import start
     path = args.model if os.path.isfile(args.model) else pull(args.model, quiet=True)
-    run = RunConfig(nthreads=args.nthreads, max_seq_len=args.tokens + 8)
+    n = args.parallel
+    run = RunConfig(nthreads=args.nthreads, max_seq_len=args.tokens + 8, parallel=max(1, n))
     s = start(SerialComm(), path, run, want_tokenizer=False)
     ids = list(np.random.default_rng(0).integers(10, 1000, args.tokens))
+    if n:
+        for slot in range(n):
+            s.engine.forward(ids, 0, slot=slot)
+
+    def one_pass():
+        if n:      # every sequence's next token at position `tokens` (rewritten each pass)
+            s.engine.forward_rows(ids[:n], np.full(n, args.tokens, np.int32),
+                                  np.arange(n, dtype=np.int32), np.arange(n, dtype=np.int32))
+        else:
+            generate(s.engine, ids, 1, lambda l: int(np.argmax(l)), set(), args.tokens + 8,
+                     prefill_chunk=args.tokens)
+
     best, best_k = float("inf"), {}
     for _ in range(args.reps + 1):           # the first pass binds and warms up
         _T.clear()
         _N.clear()
         t0 = time.perf_counter()
-        generate(s.engine, ids, 1, lambda l: int(np.argmax(l)), set(), args.tokens + 8, prefill_chunk=args.tokens)
+        one_pass()
         dt = time.perf_counter() - t0
         if dt < best:
             best, best_k = dt, (dict(_T), dict(_N))
     s.engine.stop()
     tk, nk = best_k
-    print(f"kernel path {getattr(kernels, 'KERNELS', '(no KERNELS: before the paths)')}, {args.nthreads} thread(s): prompt pass of {args.tokens} tokens "
-          f"+ 1 decode step {best * 1e3:.1f} ms ({args.tokens / best:.1f} tok/s)")
+    what = (f"one decode step of {n} sequences at position {args.tokens} {best * 1e3:.1f} ms "
+            f"({n / best:.1f} tok/s)" if n else
+            f"prompt pass of {args.tokens} tokens + 1 decode step {best * 1e3:.1f} ms "
+            f"({args.tokens / best:.1f} tok/s)")
+    print(f"kernel path {getattr(kernels, 'KERNELS', '(no KERNELS: before the paths)')}, "
+          f"{args.nthreads} thread(s): {what}")
     for label in sorted(tk, key=tk.get, reverse=True):
         print(f"  {tk[label] * 1e3:8.2f} ms  {nk[label]:4d} calls  {label}")
     print(f"  {(best - sum(tk.values())) * 1e3:8.2f} ms            python + serial rest")
