@@ -7,6 +7,8 @@ Two reductions per layer: after wo and after w2 (both in-split: partial sums).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
+from typing import Callable, NamedTuple
 
 import numpy as np
 
@@ -208,6 +210,18 @@ class _Input:
         return self._q80
 
 
+class _LayerCalls(NamedTuple):
+    """A layer's steps (Transformer._layer_calls); the FFN's three are None with experts."""
+    attn_norm: Callable[[], None]
+    qkv: Callable[[], None]
+    attend: Callable[[], None]
+    wo: Callable[[], None]
+    ffn_norm: Callable[[], None]
+    w13: Callable[[], None] | None
+    silu: Callable[[], None] | None
+    w2: Callable[[], None] | None
+
+
 class _BoundCalls:
     """Kernel calls checked and bound once for the model's own buffers (kernels.bind_*). A
     decode step of a 30-layer model is ~250 small kernel calls: checking every argument on
@@ -218,11 +232,15 @@ class _BoundCalls:
         self.calls: dict = {}
 
     def __call__(self, bind, *args) -> None:
+        self.get(bind, *args)()
+
+    def get(self, bind, *args):
+        """The bound call (made once) of bind(*args), not run."""
         key = (bind, kernels.get_num_threads(), *map(id, args))
         entry = self.calls.get(key)
         if entry is None:
             entry = self.calls[key] = (bind(*args), args)
-        entry[0]()
+        return entry[0]
 
     def clear(self) -> None:
         self.calls.clear()
@@ -362,35 +380,75 @@ class Transformer:
         """The Q80 buffers of b[name] when the weights take Q80 inputs, else None."""
         return b[name + "_q80"] if self.fuse_q80 else None
 
-    def _normed(self, b, x: np.ndarray, weight: np.ndarray) -> _Input:
-        """rmsnorm(x) * weight into b["xb"] (and its Q80 form when the weights are 4-bit)."""
+    def _layer_calls(self, b, index: int, lw: LayerWeights) -> _LayerCalls:
+        """Layer `index`'s steps on the buffers b (one row count) as calls of no arguments,
+        made once per row count and thread count. A decode step of a 30-layer model is ~250
+        kernel calls; going through the helpers below for every one of them cost ~1 ms of
+        Python a SmolLM2 token. The helpers say what each step does."""
+        per_threads = b.setdefault("layer_calls", {})
+        calls = per_threads.get(kernels.get_num_threads())
+        if calls is None:
+            calls = per_threads[kernels.get_num_threads()] = [None] * len(self.w.layers)
+        lc = calls[index]
+        if lc is None:
+            xb, att, h = (_Input(b[n], self._q80(b, n)) for n in ("xb", "att", "h"))
+            dense = lw.experts is None
+            lc = calls[index] = _LayerCalls(
+                self._norm_call(b, lw.attn_norm), self._matmul_call(b["qkv"], xb, lw.wqkv),
+                self._attend_call(b, lw, index), self._matmul_call(b["attn_out"], att, lw.wo),
+                self._norm_call(b, lw.ffn_norm),
+                self._matmul_call(b["h13"], xb, lw.w13) if dense else None,
+                self._silu_call(b) if dense else None,
+                self._matmul_call(b["ffn_out"], h, lw.w2) if dense else None)
+        return lc
+
+    def _matmul_call(self, out: np.ndarray, inp: _Input, w):
+        """_matmul(out, inp, w) as a call of no arguments (bound once where it can be)."""
+        if inp.buffers and not isinstance(w, (SplitMatrix, np.ndarray)):
+            return self._bound.get(kernels.bind_matmul, out, *inp.q80(), w)
+        return partial(self._matmul, out, inp, w)
+
+    def _norm_call(self, b, weight: np.ndarray):
+        """rmsnorm(b["x"]) * weight into b["xb"] (and its Q80 form when the weights are
+        4-bit), as a call of no arguments."""
         eps = self.config.norm_eps
         if self.fuse_q80:
-            self._bound(kernels.bind_rmsnorm_q80, b["xb"], b["xb_q"], b["xb_d"], x, weight, eps)
-        else:
-            kernels.rmsnorm(b["xb"], x, weight, eps)
-        return _Input(b["xb"], self._q80(b, "xb"))
+            return self._bound.get(kernels.bind_rmsnorm_q80, b["xb"], b["xb_q"], b["xb_d"],
+                                   b["x"], weight, eps)
+        return partial(kernels.rmsnorm, b["xb"], b["x"], weight, eps)
 
-    def _attend(self, b, lw: LayerWeights, index: int) -> _Input:
-        """Attention of this rank's heads from b["qkv"] into b["att"] (and its Q80 form)."""
+    def _attend_call(self, b, lw: LayerWeights, index: int):
+        """Attention of this rank's heads from b["qkv"] into b["att"] (and its Q80 form), as
+        a call of no arguments: [+ bqkv] [q, k then RMSNorm per head], rope, the KV cache
+        write, attention."""
         c, hd, qc = self.config, self.config.head_dim, self.plan.q_cols
-        if c.attn_bias:
-            b["qkv"] += lw.bqkv
-        if c.qk_norm:  # RMSNorm of each head's q and k
-            kernels.rmsnorm_heads(b["qkv"], 0, qc // hd, lw.q_norm, c.norm_eps)
-            kernels.rmsnorm_heads(b["qkv"], qc, self.plan.kv_rows.size // hd, lw.k_norm, c.norm_eps)
         k_cache, v_cache = self.kv_layers[index]           # [slot, S, kv, hd]
-        self._bound(kernels.bind_attention_block, b["att"], b["qkv"], k_cache, v_cache,
-                    b["positions"], b["slots"], self.cos, self.sin, self.kv_of_q, self.scale,
-                    self._q80(b, "att"))
-        return _Input(b["att"], self._q80(b, "att"))
+        block = self._bound.get(kernels.bind_attention_block, b["att"], b["qkv"], k_cache,
+                                v_cache, b["positions"], b["slots"], self.cos, self.sin,
+                                self.kv_of_q, self.scale, self._q80(b, "att"))
+        if not (c.attn_bias or c.qk_norm):
+            return block
+
+        def call() -> None:
+            if c.attn_bias:
+                b["qkv"] += lw.bqkv
+            if c.qk_norm:  # RMSNorm of each head's q and k
+                kernels.rmsnorm_heads(b["qkv"], 0, qc // hd, lw.q_norm, c.norm_eps)
+                kernels.rmsnorm_heads(b["qkv"], qc, self.plan.kv_rows.size // hd, lw.k_norm,
+                                      c.norm_eps)
+            block()
+        return call
+
+    def _silu_call(self, b):
+        """silu(gate) * up from b["h13"] into b["h"] (and its Q80 form when the weights are
+        4-bit), as a call of no arguments."""
+        if self.fuse_q80:
+            return self._bound.get(kernels.bind_silu_mul_q80, b["h"], b["h_q"], b["h_d"],
+                                   b["h13"])
+        return partial(kernels.silu_mul, b["h"], b["h13"])
 
     def _silu_mul(self, b) -> _Input:
-        """silu(gate) * up from b["h13"] into b["h"] (and its Q80 form when the weights are 4-bit)."""
-        if self.fuse_q80:
-            self._bound(kernels.bind_silu_mul_q80, b["h"], b["h_q"], b["h_d"], b["h13"])
-        else:
-            kernels.silu_mul(b["h"], b["h13"])
+        self._silu_call(b)()
         return _Input(b["h"], self._q80(b, "h"))
 
     def _moe(self, b, inp: _Input, lw: LayerWeights) -> None:
@@ -445,17 +503,22 @@ class Transformer:
         x = b["x"]
         x[...] = x_in
         for index, lw in enumerate(self.w.layers):
+            step = self._layer_calls(b, index, lw)
             # attention: x += wo · attention(rope(q), rope(k), v), where [q k v] = wqkv·xb
             # [+ bqkv] [q, k then RMSNorm per head]; k and v go to the KV cache
-            self._matmul(b["qkv"], self._normed(b, x, lw.attn_norm), lw.wqkv)
-            self._matmul(b["attn_out"], self._attend(b, lw, index), lw.wo)
+            step.attn_norm()                 # xb = rmsnorm(x) * attn_norm
+            step.qkv()                       # qkv = wqkv · xb
+            step.attend()                    # att = attention(q, k, v)
+            step.wo()                        # attn_out = wo · att
             x += self.comm.allreduce_sum(b["attn_out"], self.wire)
             # feed-forward: x += w2 · (silu(w1·xb) * w3·xb), where [w1·xb w3·xb] = w13·xb
+            step.ffn_norm()                  # xb = rmsnorm(x) * ffn_norm
             if lw.experts is None:
-                self._matmul(b["h13"], self._normed(b, x, lw.ffn_norm), lw.w13)
-                self._matmul(b["ffn_out"], self._silu_mul(b), lw.w2)
+                step.w13()                   # h13 = w13 · xb
+                step.silu()                  # h = silu(h13[gate]) * h13[up]
+                step.w2()                    # ffn_out = w2 · h
             else:   # the same with the experts the router picks, weighted
-                self._moe(b, self._normed(b, x, lw.ffn_norm), lw)
+                self._moe(b, _Input(b["xb"], self._q80(b, "xb")), lw)
             x += self.comm.allreduce_sum(b["ffn_out"], self.wire)
         if logit_rows is not None:                      # logits of the chosen rows
             if len(logit_rows) == 0:

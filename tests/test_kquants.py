@@ -164,8 +164,8 @@ def test_mixed_runtime_matches_its_numpy_twin(tmp_path, monkeypatch, shape):
     f32_matmul = model_module.Transformer._matmul
 
     def q80_rounded_matmul(self, out, inp, w):
-        inp.x = dequantize_q80_parts(*quantize_q80_parts(inp.x))
-        return f32_matmul(self, out, inp, w)
+        rounded = model_module._Input(dequantize_q80_parts(*quantize_q80_parts(inp.x)))
+        return f32_matmul(self, out, rounded, w)
 
     monkeypatch.setattr(loading, "convert_slice", runtime_values)
     monkeypatch.setattr(model_module.Transformer, "_matmul", q80_rounded_matmul)

@@ -37,8 +37,8 @@ def test_4bit_runtime_matches_its_numpy_twin(tmp_path, monkeypatch, file_type, r
     f32_matmul = model_module.Transformer._matmul
 
     def q80_rounded_matmul(self, out, inp, w):
-        inp.x = dequantize_q80_parts(*quantize_q80_parts(inp.x))
-        return f32_matmul(self, out, inp, w)
+        rounded = model_module._Input(dequantize_q80_parts(*quantize_q80_parts(inp.x)))
+        return f32_matmul(self, out, rounded, w)
 
     monkeypatch.setattr(model_module.Transformer, "_matmul", q80_rounded_matmul)
     twin = our_logits(SerialComm(), path, IDS)
