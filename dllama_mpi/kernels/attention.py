@@ -13,7 +13,7 @@ from numba import prange
 from ..quant import QK
 from . import _jit
 from ._checks import _F32, _I32, _check, _check_out, _noop
-from ._jit import _PAR_MIN_WORK, _inline, _parallel, _serial
+from ._jit import _PAR_MIN_ROWS_WORK, _PAR_MIN_WORK, _inline, _parallel, _serial
 from .q80 import _q80_outputs_ok, _quantize_q80_act, _quantize_q80_act_f16c, quantize_q80_act
 from .simd import HAS_AVX2, _exp_neg, _kv_load, _kv_value
 
@@ -150,6 +150,23 @@ def _attention_rows_par(out, qs, d, quant, q, k_cache, v_cache, positions, slots
                 _quantize_q80_act(qs[t:t + 1], d[t:t + 1], out[t:t + 1], 1, nq * hd // QK)
 
 
+@_parallel
+def _attention_pairs_par(out, qs, d, quant, q, k_cache, v_cache, positions, slots, kv_of_q, scale, scratch,
+                         T, nq, hd):
+    """Fewer tokens than threads (a decode step): the (token, head) pairs over the threads,
+    pair p in scratch row p (T*nq rows), then every row's Q80. The same bits as
+    _attention_rows_par."""
+    for p in prange(T * nq):
+        t = p // nq
+        h = p - t * nq
+        _attend_one(out, q, k_cache[slots[t]], v_cache[slots[t]], t, h, kv_of_q[h], hd, positions[t] + 1,
+                    scale, scratch[p])
+    if quant == 2:
+        _quantize_q80_act_f16c(qs, d, out, T, nq * hd // QK)
+    elif quant == 1:
+        _quantize_q80_act(qs, d, out, T, nq * hd // QK)
+
+
 @_serial
 def _attention_ser(out, q, k_cache, v_cache, positions, slots, kv_of_q, scale, scratch, T, nq, hd):
     for p in range(T * nq):
@@ -283,7 +300,10 @@ def _scratch(scratch, T: int, nq: int, S: int, pmax: int) -> np.ndarray:
 
 
 def _attention_serial_ok(T: int, nq: int, hd: int, pmax: int, scratch) -> bool:
-    return T * nq * (pmax + 1) * hd < _PAR_MIN_WORK or scratch.shape[0] == 1 or _jit._NUM_THREADS == 1
+    # a decode step's attention splits from far less work than other kernels: run serially
+    # between two parallel matmuls it lets the idle threads sleep (see _jit._PAR_MIN_ROWS_WORK)
+    least = _PAR_MIN_ROWS_WORK if T < _jit._NUM_THREADS else _PAR_MIN_WORK
+    return T * nq * (pmax + 1) * hd < least or scratch.shape[0] == 1 or _jit._NUM_THREADS == 1
 
 
 def _attention_run(out, q, k_cache, v_cache, positions, slots, kv_of_q, scale, scratch, T, nq, hd,
@@ -417,7 +437,11 @@ def bind_attention_block(out, qkv, k_cache, v_cache, positions, slots, cos, sin,
                                  cos, sin, kv_of_q, scale, scratch, T, hd)
             return
         _rope_store(qkv, nq, nkv, k_cache, v_cache, positions, slots, cos, sin, hd, T)
-        _attention_rows_par(out, qs, d, quant, qkv, k_cache, v_cache, positions, slots, kv_of_q, scale, scratch,
-                            T, nq, hd, min(scratch.shape[0], _jit._NUM_THREADS))
+        if T < _jit._NUM_THREADS and T * nq <= scratch.shape[0]:
+            _attention_pairs_par(out, qs, d, quant, qkv, k_cache, v_cache, positions, slots, kv_of_q, scale,
+                                 scratch, T, nq, hd)
+        else:
+            _attention_rows_par(out, qs, d, quant, qkv, k_cache, v_cache, positions, slots, kv_of_q, scale,
+                                scratch, T, nq, hd, min(scratch.shape[0], _jit._NUM_THREADS))
     return call
 
