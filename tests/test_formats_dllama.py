@@ -240,6 +240,28 @@ def test_t_round_trip_of_smollm2_encodes_like_its_gguf(tmp_path):
         assert tok.encode(text) == ref.encode(text), text
 
 
+def test_peer_split_warning_names_vocabularies_distributed_llama_misreads(tmp_path):
+    """Distributed Llama takes ids below the BOS id as its ordinary tokens: SmolLM2's BOS is
+    id 1 (special tokens first), so convert --to dllama says its tokenizer will misread the
+    .t; a vocabulary whose specials all sit from the BOS id on gets no warning."""
+    from test_tokenizer import _smollm2_path
+    from dllama_mpi.tokenizer.dllama_t import peer_split_warning
+    smollm2 = Tokenizer.from_gguf(_smollm2_path())
+    warning = peer_split_warning(smollm2)
+    assert warning.startswith("warning: ") and "BOS id (1)" in warning
+    added = set(smollm2.hf_tokenizer.get_added_tokens_decoder())    # SmolLM2's 17, ids 0-16
+    assert f"{smollm2.vocab_size - len(added)} of this vocabulary's 49152" in warning
+    assert "warning" in peer_split_warning(Tokenizer.from_dllama_t(hand_t(tmp_path / "a.t")))
+    last = TOKENS[4:] + TOKENS[:4]                 # the same vocabulary, specials at the end
+    bos, eos = last.index(b"<|im_start|>"), last.index(b"<|im_end|>")
+    keys = [(0, 1), (1, len(last)), (2, max(map(len, last))), (3, bos),
+            (7, len(TEMPLATE.encode())), (9, 1), (10, 0)]
+    specials_last = Tokenizer.from_dllama_t(hand_t(tmp_path / "b.t", keys=keys, tokens=last,
+                                                   eos=(eos,)))
+    assert specials_last.bos_id == bos
+    assert peer_split_warning(specials_last) is None
+
+
 BAD_T = {
     "magic": (dict(magic=0x1234), "not a Distributed Llama tokenizer"),
     "old_magic": (dict(magic=0x567123), "old tokenizer format"),

@@ -152,6 +152,7 @@ def describe(plan: dict[str, tuple[str, str]], why: str = "",
 
 def _to_dllama(model, out_path: str, weights: str, progress: bool) -> list[str]:
     from ..formats.dllama import tensor_layout, write_dllama_m, write_dllama_t
+    from ..tokenizer.dllama_t import peer_split_warning
     bar = None
     if progress:
         from tqdm import tqdm
@@ -171,6 +172,9 @@ def _to_dllama(model, out_path: str, weights: str, progress: bool) -> list[str]:
         return written
     interrupt.check()
     written.append(write_dllama_t(tok, os.path.splitext(out_path)[0] + ".t"))
+    warning = peer_split_warning(tok)
+    if warning:
+        print(warning, file=sys.stderr)
     return written
 
 

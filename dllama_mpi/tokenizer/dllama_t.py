@@ -125,6 +125,24 @@ def pack_dllama_t(t: TFile) -> bytes:
     return b"".join(parts)
 
 
+def peer_split_warning(tok) -> str | None:
+    """Distributed Llama's own tokenizer takes the ids below bos_id as its regular vocabulary
+    and every id from bos_id on as special (its src/tokenizer.cpp). Where ordinary tokens sit
+    at or above the BOS id (special tokens first, as SmolLM2's: BOS is id 1), it splits text
+    into single characters with this file; dllama_mpi reads it right. The warning, or None."""
+    bos = tok.bos_id
+    if bos is None:
+        return None
+    specials = set(tok.hf_tokenizer.get_added_tokens_decoder())
+    ordinary_above = sum(1 for i in range(bos, tok.vocab_size) if i not in specials)
+    if ordinary_above == 0:
+        return None
+    return (f"warning: Distributed Llama's tokenizer takes only the ids below the BOS id "
+            f"({bos}) as ordinary tokens; {ordinary_above} of this vocabulary's "
+            f"{tok.vocab_size} lie above it, so Distributed Llama will split text into single "
+            f"characters with this .t (dllama_mpi reads it right)")
+
+
 def tfile_from_tokenizer(tok) -> TFile:
     """Token texts as the raw bytes Distributed Llama's converter writes: byte-level BPE
     tokens decoded from GPT-2's byte alphabet, SentencePiece '▁' as a space."""
