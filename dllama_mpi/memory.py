@@ -119,11 +119,13 @@ def kv_bytes(config: ModelConfig, p: ShardPlan, max_seq_len: int, n_slots: int =
             * p.kv_heads.size * config.head_dim)
 
 
-def attention_bytes(config: ModelConfig, p: ShardPlan, max_seq_len: int, rows: int) -> int:
+def attention_bytes(config: ModelConfig, p: ShardPlan, max_seq_len: int, rows: int,
+                    nthreads: int = 1) -> int:
     """The rope tables (cos and sin, f32 [S, head_dim / 2]) and attention's scratch for
-    forwards of up to `rows` rows (kernels.attention keeps one arena of min(rows x heads,
-    256) rows of S f32)."""
-    scratch = max(1, min(rows * p.q_heads.size, 256)) * max_seq_len * F32
+    forwards of up to `rows` rows on `nthreads` threads (kernels.attention.scratch_rows: one
+    arena of a row of S f32 per head of each row run at once, at most 256 or one row's)."""
+    heads = p.q_heads.size
+    scratch = min(heads * max(1, min(rows, nthreads)), max(heads, 256)) * max_seq_len * F32
     return max_seq_len * config.head_dim * F32 + scratch
 
 
@@ -166,8 +168,10 @@ class RankMemory:
         return self.kv_cache if self.kv_on_disk else 0
 
 
-def per_rank(config: ModelConfig, run: RunConfig, size: int) -> list[RankMemory]:
-    """Every rank's bytes for a run whose types are resolved (RunConfig.resolved)."""
+def per_rank(config: ModelConfig, run: RunConfig, size: int, nthreads: int | None = None) -> list[RankMemory]:
+    """Every rank's bytes for a run whose types are resolved (RunConfig.resolved), on
+    `nthreads` threads per rank (default: --nthreads, 1 when automatic)."""
+    threads = nthreads or run.nthreads or 1
     seq = run.resolved_max_seq_len(config)
     q80 = run.quantised_layers
     out = []
@@ -178,7 +182,7 @@ def per_rank(config: ModelConfig, run: RunConfig, size: int) -> list[RankMemory]
         buffers = activation_bytes(config, p, rows, size, q80, run.buffer_float_type,
                                    head_rows=run.parallel,
                                    wcls_q80=run.output_float_type not in FLOAT_FORMS)
-        buffers += (rows * split * F32 if rows > 1 else 0) + attention_bytes(config, p, seq, rows)
+        buffers += (rows * split * F32 if rows > 1 else 0) + attention_bytes(config, p, seq, rows, threads)
         out.append(RankMemory(r, weight_bytes(config, p, run),
                               kv_bytes(config, p, seq, run.parallel, run.kv_cache_float_type),
                               buffers, run.kv_storage == "disk"))

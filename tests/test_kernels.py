@@ -364,9 +364,17 @@ def test_attention(T, nq, nkv, hd, S, use_scratch, threads):
     kv_of_q = (np.arange(nq) // (nq // nkv)).astype(np.int32)
     scale = 1.0 / math.sqrt(hd)
     out = np.full((T, nq * hd), np.nan, np.float32)
-    scratch = np.empty((3, S), np.float32) if use_scratch else None   # fewer rows than pairs: chunked
+    # a given scratch with room for one row of heads and a half: one row at a time
+    scratch = np.empty((nq + nq // 2, S), np.float32) if use_scratch else None
     K.attention(out, q, kc, vc, pos, kv_of_q, scale, scratch)
     np.testing.assert_allclose(out, naive_attention(q, kc, vc, pos, kv_of_q, scale), rtol=1e-4, atol=2e-5)
+
+
+def test_attention_scratch_too_small():
+    q, kc = np.zeros((2, 4 * 16), np.float32), np.zeros((8, 2, 16), np.float32)
+    with pytest.raises(ValueError, match="scratch: needs >= 4 rows and >= 6 columns"):
+        K.attention(np.empty_like(q), q, kc, kc, np.array([3, 5], np.int32), np.array([0, 0, 1, 1], np.int32),
+                    0.25, np.empty((3, 8), np.float32))
 
 
 def test_attention_ignores_future_rows():

@@ -2,9 +2,13 @@
 store, attention and (optionally) the Q80 quantisation of the result.
 
 The KV cache is float32 or float16 (``--kv-cache-float-type f16``): the wrappers pass an f16
-cache to the kernels as its uint16 bit patterns, and the kernel bodies read and write cache
-elements through ``_kv_load`` / ``_kv_value`` (simd.py), so one body serves both types (f32:
-the same code as before; f16: values rounded to nearest-even when stored, widened when read)."""
+cache to the kernels as its uint16 bit patterns: the row products (``_dot4``, ``_axpy4``,
+simd.py) widen them as they load, and ``_kv_value`` rounds a stored value to nearest-even, so
+one body serves both types.
+
+Attention runs row by row of q (a token of one sequence): all its heads together, 4 cache
+positions at a time, so the K and V rows of its sequence stream from memory once per layer and
+the rows a thread takes next are prefetched while it works on this one."""
 from __future__ import annotations
 
 import numpy as np
@@ -15,7 +19,7 @@ from . import _jit
 from ._checks import _F32, _I32, _check, _check_out, _noop
 from ._jit import _PAR_MIN_ROWS_WORK, _PAR_MIN_WORK, _inline, _parallel, _serial
 from .q80 import _q80_outputs_ok, _quantize_q80_act, _quantize_q80_act_f16c, quantize_q80_act
-from .simd import HAS_AVX2, _exp_neg, _kv_load, _kv_value
+from .simd import HAS_AVX2, _axpy1, _axpy4, _dot1, _dot4, _exp_neg, _kv_value, _prefetch
 
 _F16 = np.dtype(np.float16)
 _KV_DTYPES = (_F32, _F16)
@@ -75,105 +79,126 @@ def rope_interleaved(x: np.ndarray, positions: np.ndarray, cos: np.ndarray, sin:
 
 # ---------------------------------------------------------------- attention
 
-@_serial
-def _attend_one(out, q, k_cache, v_cache, t, h, kvh, hd, npos, scale, sc):
-    """out[t, h*hd:(h+1)*hd] = softmax(scale * q.K[:npos]) @ V[:npos]; sc: scratch row >= npos."""
-    qo = h * hd
-    qv = q[t, qo:qo + hd]
-    m = np.float32(-3.0e38)                    # not -inf: fastmath assumes no infinities
+_K_AHEAD = 8                      # positions: how far ahead a row's K rows are prefetched
+
+
+@_inline
+def _prefetch_next(kv, nbase, rowl, a, b, step):
+    """Prefetch cache rows a..b-1 of the row a thread takes next (flat offsets from nbase)."""
+    for o in range(nbase + a * rowl, nbase + b * rowl, step):
+        _prefetch(kv, o)
+
+
+@_inline
+def _softmax_rows(sc, r0, h0, h1, npos):
+    """Scratch rows r0 + h (h0 <= h < h1), scores -> probabilities over columns 0..npos-1."""
+    for h in range(h0, h1):
+        r = r0 + h
+        m = np.float32(-3.0e38)                # not -inf: fastmath assumes no infinities
+        for j in range(npos):
+            m = max(m, sc[r, j])
+        tot = np.float32(0.0)
+        for j in range(npos):
+            e = _exp_neg(sc[r, j] - m)
+            sc[r, j] = e
+            tot += e
+        inv = np.float32(1.0) / tot
+        for j in range(npos):
+            sc[r, j] *= inv
+
+
+@_inline
+def _attend_row(out, q, kc, vc, t, s, npos, hd, kv_of_q, h0, h1, scale, sc, r0, ns, nnpos, step):
+    """Heads h0..h1-1 of row t, over rows 0..npos-1 of cache slot s, into out[t].
+
+    Position by position, 4 at a time: every head's scores against the K rows of those
+    positions, so a slot's K rows stream from memory once (the other heads of a GQA group read
+    them from L1); softmax per head (scratch rows r0 + h); then the V rows the same way. The
+    score pass prefetches the V rows of its positions and the K rows _K_AHEAD positions on;
+    with ns >= 0 the K and V rows of slot ns's first nnpos positions (the row this thread
+    takes next) are prefetched in step, so they come from cache when that row starts."""
+    S, nkv = kc.shape[1], kc.shape[2]
+    rowl = nkv * hd
+    base = s * S * rowl
+    nbase = ns * S * rowl
+    qw, ow = q.shape[1], out.shape[1]        # row lengths: flat offsets of q and out
     j4 = npos // 4 * 4
-    for j in range(0, j4, 4):                  # 4 positions per pass over q (4 independent sums)
-        k0, k1, k2, k3 = k_cache[j, kvh], k_cache[j + 1, kvh], k_cache[j + 2, kvh], k_cache[j + 3, kvh]
-        s0 = s1 = s2 = s3 = np.float32(0.0)
-        for i in range(hd):
-            s0 += qv[i] * _kv_load(k0[i])
-            s1 += qv[i] * _kv_load(k1[i])
-            s2 += qv[i] * _kv_load(k2[i])
-            s3 += qv[i] * _kv_load(k3[i])
-        sc[j], sc[j + 1], sc[j + 2], sc[j + 3] = s0 * scale, s1 * scale, s2 * scale, s3 * scale
-        m = max(m, max(max(sc[j], sc[j + 1]), max(sc[j + 2], sc[j + 3])))
+    for j in range(0, j4, 4):
+        # this row's V rows of these positions (read in the sum pass) and its K rows ahead
+        _prefetch_next(vc, base, rowl, j, j + 4, step)
+        _prefetch_next(kc, base, rowl, min(j + _K_AHEAD, npos), min(j + _K_AHEAD + 4, npos), step)
+        if ns >= 0:
+            _prefetch_next(kc, nbase, rowl, j * nnpos // npos,
+                           nnpos if j + 4 >= j4 else (j + 4) * nnpos // npos, step)
+        for h in range(h0, h1):
+            s0, s1, s2, s3 = _dot4(q, t * qw + h * hd, kc, base + j * rowl + kv_of_q[h] * hd, rowl, hd)
+            r = r0 + h
+            sc[r, j], sc[r, j + 1], sc[r, j + 2], sc[r, j + 3] = s0 * scale, s1 * scale, s2 * scale, s3 * scale
     for j in range(j4, npos):
-        kr = k_cache[j, kvh]
-        s = np.float32(0.0)
-        for i in range(hd):
-            s += qv[i] * _kv_load(kr[i])
-        s *= scale
-        sc[j] = s
-        m = max(m, s)
-    tot = np.float32(0.0)
-    for j in range(npos):
-        e = _exp_neg(sc[j] - m)
-        sc[j] = e
-        tot += e
-    inv = np.float32(1.0) / tot
-    acc = out[t, qo:qo + hd]
-    for i in range(hd):
-        acc[i] = np.float32(0.0)
-    j4 = npos // 4 * 4
-    for j in range(0, j4, 4):                  # 4 rows per pass over the accumulator
-        p0, p1, p2, p3 = sc[j] * inv, sc[j + 1] * inv, sc[j + 2] * inv, sc[j + 3] * inv
-        v0, v1, v2, v3 = v_cache[j, kvh], v_cache[j + 1, kvh], v_cache[j + 2, kvh], v_cache[j + 3, kvh]
-        for i in range(hd):
-            acc[i] += ((p0 * _kv_load(v0[i]) + p1 * _kv_load(v1[i]))
-                       + (p2 * _kv_load(v2[i]) + p3 * _kv_load(v3[i])))
+        for h in range(h0, h1):
+            sc[r0 + h, j] = _dot1(q, t * qw + h * hd, kc, base + j * rowl + kv_of_q[h] * hd, rowl, hd) * scale
+    _softmax_rows(sc, r0, h0, h1, npos)
+    for i in range(h0 * hd, h1 * hd):
+        out[t, i] = np.float32(0.0)
+    for j in range(0, j4, 4):
+        if ns >= 0:
+            _prefetch_next(vc, nbase, rowl, j * nnpos // npos,
+                           nnpos if j + 4 >= j4 else (j + 4) * nnpos // npos, step)
+        for h in range(h0, h1):
+            r = r0 + h
+            _axpy4(out, t * ow + h * hd, vc, base + j * rowl + kv_of_q[h] * hd, rowl, hd,
+                   sc[r, j], sc[r, j + 1], sc[r, j + 2], sc[r, j + 3])
     for j in range(j4, npos):
-        p = sc[j] * inv
-        vr = v_cache[j, kvh]
-        for i in range(hd):
-            acc[i] += p * _kv_load(vr[i])
+        for h in range(h0, h1):
+            _axpy1(out, t * ow + h * hd, vc, base + j * rowl + kv_of_q[h] * hd, rowl, hd, sc[r0 + h, j])
 
 
-@_parallel
-def _attention_par(out, q, k_cache, v_cache, positions, slots, kv_of_q, scale, scratch, T, nq, hd, p0, p1):
-    for p in prange(p0, p1):
-        t = p // nq
-        h = p - t * nq
-        _attend_one(out, q, k_cache[slots[t]], v_cache[slots[t]], t, h, kv_of_q[h], hd, positions[t] + 1,
-                    scale, scratch[p - p0])
-
-
-@_parallel
-def _attention_rows_par(out, qs, d, quant, q, k_cache, v_cache, positions, slots, kv_of_q, scale, scratch, T, nq,
-                        hd, nch):
-    """All T tokens' heads in one parallel region: nch chunks, chunk c takes the tokens t = c mod
-    nch (interleaved: causal costs grow with t) and scratch row c; each token's row is quantised
-    (quant: 0 none, 1 portable, 2 F16C) as soon as its heads are done.  The same bits as
-    _attention_ser + quantize_q80_act (the same per-pair and per-row arithmetic)."""
-    for c in prange(nch):
-        for t in range(c, T, nch):
-            for h in range(nq):
-                _attend_one(out, q, k_cache[slots[t]], v_cache[slots[t]], t, h, kv_of_q[h], hd, positions[t] + 1,
-                            scale, scratch[c])
-            if quant == 2:
-                _quantize_q80_act_f16c(qs[t:t + 1], d[t:t + 1], out[t:t + 1], 1, nq * hd // QK)
-            elif quant == 1:
-                _quantize_q80_act(qs[t:t + 1], d[t:t + 1], out[t:t + 1], 1, nq * hd // QK)
-
-
-@_parallel
-def _attention_pairs_par(out, qs, d, quant, q, k_cache, v_cache, positions, slots, kv_of_q, scale, scratch,
-                         T, nq, hd):
-    """Fewer tokens than threads (a decode step): the (token, head) pairs over the threads,
-    pair p in scratch row p (T*nq rows), then every row's Q80. The same bits as
-    _attention_rows_par."""
-    for p in prange(T * nq):
-        t = p // nq
-        h = p - t * nq
-        _attend_one(out, q, k_cache[slots[t]], v_cache[slots[t]], t, h, kv_of_q[h], hd, positions[t] + 1,
-                    scale, scratch[p])
+@_inline
+def _quantize_row(qs, d, out, t, quant, nblocks):
     if quant == 2:
-        _quantize_q80_act_f16c(qs, d, out, T, nq * hd // QK)
+        _quantize_q80_act_f16c(qs[t:t + 1], d[t:t + 1], out[t:t + 1], 1, nblocks)
     elif quant == 1:
-        _quantize_q80_act(qs, d, out, T, nq * hd // QK)
+        _quantize_q80_act(qs[t:t + 1], d[t:t + 1], out[t:t + 1], 1, nblocks)
+
+
+@_inline
+def _attend_rows(out, qs, d, quant, q, kc, vc, positions, slots, kv_of_q, scale, sc, T, nq, hd, c, nch, step):
+    """Rows t = c, c + nch, ... (all heads; scratch rows c*nq ...), each quantised to Q80
+    (quant: 0 none, 1 portable, 2 F16C) when done; each prefetches the next one's rows."""
+    for t in range(c, T, nch):
+        tn = t + nch
+        ns = slots[tn] if tn < T else -1
+        nn = positions[tn] + 1 if tn < T else 0
+        _attend_row(out, q, kc, vc, t, slots[t], positions[t] + 1, hd, kv_of_q, 0, nq, scale, sc, c * nq,
+                    ns, nn, step)
+        _quantize_row(qs, d, out, t, quant, nq * hd // QK)
 
 
 @_serial
-def _attention_ser(out, q, k_cache, v_cache, positions, slots, kv_of_q, scale, scratch, T, nq, hd):
-    for p in range(T * nq):
-        t = p // nq
-        h = p - t * nq
-        _attend_one(out, q, k_cache[slots[t]], v_cache[slots[t]], t, h, kv_of_q[h], hd, positions[t] + 1,
-                    scale, scratch[0])
+def _attention_ser(out, qs, d, quant, q, kc, vc, positions, slots, kv_of_q, scale, sc, T, nq, hd, step):
+    _attend_rows(out, qs, d, quant, q, kc, vc, positions, slots, kv_of_q, scale, sc, T, nq, hd, 0, 1, step)
+
+
+@_parallel
+def _attention_rows_par(out, qs, d, quant, q, kc, vc, positions, slots, kv_of_q, scale, sc, T, nq, hd, nch,
+                        step):
+    """All T rows in one parallel region: nch chunks, chunk c takes the rows t = c mod nch
+    (interleaved: causal costs grow with t). The same bits as _attention_ser."""
+    for c in prange(nch):
+        _attend_rows(out, qs, d, quant, q, kc, vc, positions, slots, kv_of_q, scale, sc, T, nq, hd, c, nch, step)
+
+
+@_parallel
+def _attention_heads_par(out, qs, d, quant, q, kc, vc, positions, slots, kv_of_q, scale, sc, T, nq, hd, nh):
+    """Fewer rows than threads (a decode step): each row's heads in nh ranges over the threads
+    (scratch rows t*nq + h), then every row's Q80. The same bits as _attention_ser."""
+    for p in prange(T * nh):
+        t = p // nh
+        g = p - t * nh
+        _attend_row(out, q, kc, vc, t, slots[t], positions[t] + 1, hd, kv_of_q, g * nq // nh,
+                    (g + 1) * nq // nh, scale, sc, t * nq, -1, 0, 64)
+    for t in range(T):
+        _quantize_row(qs, d, out, t, quant, nq * hd // QK)
 
 
 @_serial
@@ -188,9 +213,15 @@ _ATT_SCRATCH: dict = {}
 _KV_OK: set = set()                  # (nkv, kv_of_q bytes) already validated
 
 
+def scratch_rows(T: int, nq: int) -> int:
+    """Scratch rows attention takes for T rows of nq heads: nq per row run at once, at most
+    one row per thread and 256 rows or one row's (memory.attention_bytes counts the same)."""
+    return min(nq * max(1, min(T, _jit._NUM_THREADS)), max(nq, 256))
+
+
 def attention_scratch(T: int, nq: int, seq_len: int) -> np.ndarray:
-    """A scratch buffer for ``attention`` (rows = concurrent (token, head) pairs, bounded)."""
-    return np.empty((max(1, min(T * nq, 256)), seq_len), dtype=np.float32)
+    """A scratch buffer for ``attention`` (scratch_rows(T, nq) rows of seq_len)."""
+    return np.empty((scratch_rows(T, nq), seq_len), dtype=np.float32)
 
 
 def attention(out: np.ndarray, q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray,
@@ -200,7 +231,8 @@ def attention(out: np.ndarray, q: np.ndarray, k_cache: np.ndarray, v_cache: np.n
 
     q: [T, nq*hd]; k_cache, v_cache: [S, nkv, hd], float32 or float16 (both alike); kv_of_q:
     [nq] KV head of each local query head.
-    scratch (optional): float32 [R, >= max(positions)+1], R >= 1 rows; R pairs run concurrently.
+    scratch (optional): float32 [R, >= max(positions)+1], R >= nq rows; R // nq rows of q run
+    concurrently.
     """
     try:                                   # fast path when everything is right
         S, nkv, hd = k_cache.shape
@@ -232,8 +264,15 @@ def attention(out: np.ndarray, q: np.ndarray, k_cache: np.ndarray, v_cache: np.n
         return
     pmax = _check_positions(positions, T, S, nkv, kv_of_q)
     scratch = _scratch(scratch, T, nq, S, pmax)
-    _attention_run(out, q, _kv_bits(k_cache)[np.newaxis], _kv_bits(v_cache)[np.newaxis], positions,
-                   _slots0(T), kv_of_q, np.float32(scale), scratch, T, nq, hd, pmax)
+    kc, vc = _kv_bits(k_cache)[np.newaxis], _kv_bits(v_cache)[np.newaxis]
+    args = (out, *_NO_Q80, 0, q, kc, vc, positions, _slots0(T), kv_of_q, np.float32(scale), scratch, T, nq, hd)
+    nch, nh = _split(T, nq, hd, pmax, scratch)
+    if nh:
+        _attention_heads_par(*args, nh)
+    elif nch > 1:
+        _attention_rows_par(*args, nch, _line_step(kc))
+    else:
+        _attention_ser(*args, _line_step(kc))
 
 
 def _kv_dtype(cache) -> np.dtype:
@@ -281,10 +320,10 @@ def _check_positions(positions, T: int, S: int, nkv: int, kv_of_q) -> int:
 
 def _scratch(scratch, T: int, nq: int, S: int, pmax: int) -> np.ndarray:
     if scratch is None:                   # cached: no page faults on every call
-        key = (max(1, min(T * nq, 256)), S)
+        key = (scratch_rows(T, nq), S)
         scratch = _ATT_SCRATCH.get(key)
         if scratch is None:               # rows of one arena per S, sized for the most rows
-            arena = _ATT_SCRATCH.get(S)   # asked (memory.py counts one: 256 rows at most)
+            arena = _ATT_SCRATCH.get(S)   # asked (memory.py counts one)
             if arena is None or arena.shape[0] < key[0]:
                 for k in [k for k in _ATT_SCRATCH if k == S or (type(k) is tuple and k[1] == S)]:
                     del _ATT_SCRATCH[k]
@@ -294,27 +333,28 @@ def _scratch(scratch, T: int, nq: int, S: int, pmax: int) -> np.ndarray:
             scratch = _ATT_SCRATCH[key] = arena[:key[0]]
         return scratch                    # made here: right by construction
     _check("scratch", scratch, np.float32, ndim=2)
-    if scratch.shape[1] < pmax + 1 or scratch.shape[0] < 1:
-        raise ValueError(f"scratch: needs >= 1 row and >= {pmax + 1} columns, got {scratch.shape}")
+    if scratch.shape[1] < pmax + 1 or scratch.shape[0] < max(1, nq):
+        raise ValueError(f"scratch: needs >= {max(1, nq)} rows and >= {pmax + 1} columns, got {scratch.shape}")
     return scratch
 
 
-def _attention_serial_ok(T: int, nq: int, hd: int, pmax: int, scratch) -> bool:
-    # a decode step's attention splits from far less work than other kernels: run serially
-    # between two parallel matmuls it lets the idle threads sleep (see _jit._PAR_MIN_ROWS_WORK)
-    least = _PAR_MIN_ROWS_WORK if T < _jit._NUM_THREADS else _PAR_MIN_WORK
-    return T * nq * (pmax + 1) * hd < least or scratch.shape[0] == 1 or _jit._NUM_THREADS == 1
+def _split(T: int, nq: int, hd: int, pmax: int, scratch) -> tuple[int, int]:
+    """How attention runs: (1, 0) serially, below the work a parallel region pays off for (a
+    decode step's attention splits from far less than other kernels: run serially between two
+    parallel matmuls it lets the idle threads sleep, see _jit._PAR_MIN_ROWS_WORK); (0, nh):
+    fewer rows than threads, each row's heads in nh ranges; (nch, 0): rows in nch chunks."""
+    threads = _jit._NUM_THREADS
+    least = _PAR_MIN_ROWS_WORK if T < threads else _PAR_MIN_WORK
+    if threads == 1 or nq == 0 or T * nq * (pmax + 1) * hd < least:
+        return 1, 0
+    if T < threads and T * nq <= scratch.shape[0]:
+        return 0, threads // T
+    return max(1, min(threads, T, scratch.shape[0] // nq)), 0
 
 
-def _attention_run(out, q, k_cache, v_cache, positions, slots, kv_of_q, scale, scratch, T, nq, hd,
-                   pmax) -> None:
-    if _attention_serial_ok(T, nq, hd, pmax, scratch):
-        _attention_ser(out, q, k_cache, v_cache, positions, slots, kv_of_q, scale, scratch, T, nq, hd)
-        return
-    npairs, R = T * nq, scratch.shape[0]
-    for p0 in range(0, npairs, R):
-        _attention_par(out, q, k_cache, v_cache, positions, slots, kv_of_q, scale, scratch,
-                       T, nq, hd, p0, min(npairs, p0 + R))
+def _line_step(cache) -> int:
+    """Cache elements per 64-byte line (the prefetch stride)."""
+    return 64 // cache.itemsize
 
 
 # ---------------------------------------------------------------- attention block (rope + KV store + attention)
@@ -341,13 +381,10 @@ def _rope_store(qkv, nq, nkv, k_cache, v_cache, positions, slots, cos, sin, hd, 
 
 @_serial
 def _attention_block_ser(out, qs, d, quant, qkv, nq, nkv, k_cache, v_cache, positions, slots, cos, sin,
-                         kv_of_q, scale, scratch, T, hd):
+                         kv_of_q, scale, scratch, T, hd, step):
     _rope_store(qkv, nq, nkv, k_cache, v_cache, positions, slots, cos, sin, hd, T)
-    _attention_ser(out, qkv, k_cache, v_cache, positions, slots, kv_of_q, scale, scratch, T, nq, hd)
-    if quant == 2:
-        _quantize_q80_act_f16c(qs, d, out, T, nq * hd // QK)
-    elif quant == 1:
-        _quantize_q80_act(qs, d, out, T, nq * hd // QK)
+    _attention_ser(out, qs, d, quant, qkv, k_cache, v_cache, positions, slots, kv_of_q, scale, scratch, T, nq,
+                   hd, step)
 
 
 _NO_Q80 = (np.zeros((1, 1), np.int8), np.zeros((1, 1), np.float32))
@@ -425,6 +462,7 @@ def bind_attention_block(out, qkv, k_cache, v_cache, positions, slots, cos, sin,
     qs, d = q80 if q80 is not None else _NO_Q80
     quant = 0 if q80 is None else (2 if HAS_AVX2 else 1)
     k_cache, v_cache = _kv_bits(k_cache), _kv_bits(v_cache)
+    step = _line_step(k_cache)
 
     def call() -> None:
         pmax = _max_position(positions, T, S)
@@ -432,16 +470,17 @@ def bind_attention_block(out, qkv, k_cache, v_cache, positions, slots, cos, sin,
         if lo < 0 or hi >= n_slots:
             raise ValueError(f"slots: must lie in [0, {n_slots}), got [{lo}, {hi}]")
         scratch = _scratch(None, T, nq, S, pmax)
-        if _attention_serial_ok(T, nq, hd, pmax, scratch):
+        nch, nh = _split(T, nq, hd, pmax, scratch)
+        if nch == 1:
             _attention_block_ser(out, qs, d, quant, qkv, nq, nkv, k_cache, v_cache, positions, slots,
-                                 cos, sin, kv_of_q, scale, scratch, T, hd)
+                                 cos, sin, kv_of_q, scale, scratch, T, hd, step)
             return
         _rope_store(qkv, nq, nkv, k_cache, v_cache, positions, slots, cos, sin, hd, T)
-        if T < _jit._NUM_THREADS and T * nq <= scratch.shape[0]:
-            _attention_pairs_par(out, qs, d, quant, qkv, k_cache, v_cache, positions, slots, kv_of_q, scale,
-                                 scratch, T, nq, hd)
+        if nh:
+            _attention_heads_par(out, qs, d, quant, qkv, k_cache, v_cache, positions, slots, kv_of_q, scale,
+                                 scratch, T, nq, hd, nh)
         else:
             _attention_rows_par(out, qs, d, quant, qkv, k_cache, v_cache, positions, slots, kv_of_q, scale,
-                                scratch, T, nq, hd, min(scratch.shape[0], _jit._NUM_THREADS))
+                                scratch, T, nq, hd, nch, step)
     return call
 

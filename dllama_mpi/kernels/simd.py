@@ -1,16 +1,17 @@
 """Low-level building blocks of the kernels: llvmlite intrinsics and vectorisable float math.
 
 * fp16 <-> f32 conversions (``_h2f``, ``_f32_f16_f32``) and bit casts (``_i2f``); KV cache
-  elements of either type (``_kv_load``, ``_kv_value``: f32, or f16 held as uint16);
+  elements of either type (``_kv_value``: f32, or f16 held as uint16);
 * software prefetch (``_prefetch``, and ``_prefetch_fn`` for hand-written IR);
 * the kernel path (``KERNELS``: vnni512, avx2 or generic, from the host's features, or forced
   lower with ``DLLAMA_MPI_KERNELS``; ``HAS_AVX2``, ``HAS_VNNI512``);
 * the IR types and helpers of the hand-written vector loops (``_splat``, ``_ldv``, ``_as64``);
-* float32 exp (``_exp_neg``, ``_exp_f32``): polynomial, vectorisable under fastmath.
+* float32 exp (``_exp_neg``, ``_exp_f32``): polynomial, vectorisable under fastmath;
+* attention's row products over a KV cache of either type (``_dot4``/``_dot1``: q . k,
+  ``_axpy4``/``_axpy1``: out += p * v).
 """
 from __future__ import annotations
 
-import math
 import os
 
 import numba
@@ -53,21 +54,6 @@ def _f32_f16_f32(typingctx, v):
     def codegen(context, builder, signature, args):
         return builder.fpext(builder.fptrunc(args[0], ir.HalfType()), ir.FloatType())
     return sig, codegen
-
-
-@intrinsic
-def _kv_load(typingctx, x):
-    """An element of a KV cache as float32: a float32 as it is, a uint16 as the f16 it holds
-    (one kernel body serves both cache types; the f32 one compiles to what it was)."""
-    if x == types.float32:
-        def codegen(context, builder, signature, args):
-            return args[0]
-        return types.float32(x), codegen
-    if x == types.uint16:
-        def codegen(context, builder, signature, args):
-            return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
-        return types.float32(x), codegen
-    return None
 
 
 @intrinsic
@@ -184,7 +170,7 @@ def _prefetch_fn(builder):
 def _exp_neg(x):
     """exp(x) for x <= 0 in float32 (rel. error ~2e-7; 0 below -87): 2**n * poly(r), vectorisable."""
     x = max(x, np.float32(-87.0))
-    n = math.floor(x * np.float32(1.4426950408889634) + np.float32(0.5))
+    n = np.floor(x * np.float32(1.4426950408889634) + np.float32(0.5))   # float32 (math.floor: int64, float64 after)
     r = x - n * np.float32(0.693145751953125)
     r = r - n * np.float32(1.428606765330187e-06)
     p = np.float32(1.0 / 5040.0)
@@ -195,7 +181,7 @@ def _exp_neg(x):
     p = p * r + np.float32(0.5)
     p = p * r + np.float32(1.0)
     p = p * r + np.float32(1.0)
-    bits = np.int32(n + 127) << np.int32(23)
+    bits = (np.int32(n) + np.int32(127)) << np.int32(23)
     return p * _i2f(bits)
 
 
@@ -203,7 +189,7 @@ def _exp_neg(x):
 def _exp_f32(x):
     """exp(x) in float32 for any x (clamped to [-87, 88]; rel. error ~2e-7), vectorisable."""
     x = min(max(x, np.float32(-87.0)), np.float32(88.0))
-    n = math.floor(x * np.float32(1.4426950408889634) + np.float32(0.5))
+    n = np.floor(x * np.float32(1.4426950408889634) + np.float32(0.5))
     r = x - n * np.float32(0.693145751953125)
     r = r - n * np.float32(1.428606765330187e-06)
     p = np.float32(1.0 / 5040.0)
@@ -214,4 +200,148 @@ def _exp_f32(x):
     p = p * r + np.float32(0.5)
     p = p * r + np.float32(1.0)
     p = p * r + np.float32(1.0)
-    return p * _i2f(np.int32(n + 127) << np.int32(23))
+    return p * _i2f((np.int32(n) + np.int32(127)) << np.int32(23))
+
+
+# ---------------------------------------------------------------- attention's row products (any length)
+#
+# q . k for 1 or 4 cache rows, and out += p * v over 1 or 4 rows: 16 float32 lanes at a time
+# (one zmm, two ymm or four xmm: LLVM splits the vector for the host), a scalar loop for the
+# last n % 16; a cache of f16 bit patterns (uint16) is widened as it is loaded. Hand-written IR
+# because numba's loops over row slices compile to runtime alias checks and reference counts.
+
+_vhalf16 = ir.VectorType(ir.HalfType(), 16)
+
+
+def _row_ptr(context, builder, ty, val):
+    return context.make_array(ty)(context, builder, value=val).data
+
+
+def _f32x16(builder, ptr, off, f16: bool):
+    if f16:
+        return builder.fpext(builder.bitcast(_ldv(builder, ptr, off, _v16i16), _vhalf16), _v16f32)
+    return _ldv(builder, ptr, off, _v16f32)
+
+
+def _f32x1(builder, ptr, off, f16: bool):
+    v = builder.load(builder.gep(ptr, [off]))
+    return builder.fpext(builder.bitcast(v, ir.HalfType()), ir.FloatType()) if f16 else v
+
+
+def _hsum16(builder, v):
+    for n in (8, 4, 2, 1):
+        ix = ir.VectorType(_i32, n)
+        v = builder.fadd(builder.shuffle_vector(v, v, ir.Constant(ix, list(range(n)))),
+                         builder.shuffle_vector(v, v, ir.Constant(ix, list(range(n, 2 * n)))))
+    return builder.extract_element(v, ir.Constant(_i32, 0))
+
+
+def _fma16(builder):
+    return cgutils.get_or_insert_function(builder.module, ir.FunctionType(_v16f32, [_v16f32] * 3),
+                                          "llvm.fma.v16f32")
+
+
+def _kv_ok_type(q, kv) -> bool:
+    return (isinstance(q, types.Array) and q.dtype == types.float32 and isinstance(kv, types.Array)
+            and kv.dtype in (types.float32, types.uint16))
+
+
+def _dots_codegen(nrows: int):
+    def codegen(context, builder, signature, args):
+        tys = signature.args
+        qp, kp = _row_ptr(context, builder, tys[0], args[0]), _row_ptr(context, builder, tys[2], args[2])
+        f16 = tys[2].dtype == types.uint16
+        qo, ko, stride, n = (_as64(builder, args[i]) for i in (1, 3, 4, 5))
+        k = lambda v: ir.Constant(_i64, v)
+        n16 = builder.and_(n, k(-16))
+        n32 = builder.and_(n, k(-32))
+        rows = [builder.add(ko, builder.mul(stride, k(r))) for r in range(nrows)]
+        # two accumulators a row (even and odd 16-lane chunks): FMA chains half as long
+        accs = [[cgutils.alloca_once_value(builder, ir.Constant(_v16f32, None)) for _ in range(2)]
+                for _ in range(nrows)]
+        fma = _fma16(builder)
+
+        def chunk(i, half):
+            qv = _ldv(builder, qp, builder.add(qo, i), _v16f32)
+            for r in range(nrows):
+                kv = _f32x16(builder, kp, builder.add(rows[r], i), f16)
+                builder.store(builder.call(fma, [qv, kv, builder.load(accs[r][half])]), accs[r][half])
+        with cgutils.for_range_slice(builder, k(0), n32, k(32), intp=_i64) as (i, _):
+            chunk(i, 0)
+            chunk(builder.add(i, k(16)), 1)
+        with cgutils.for_range_slice(builder, n32, n16, k(16), intp=_i64) as (i, _):
+            chunk(i, 0)
+        sums = [cgutils.alloca_once_value(builder, _hsum16(builder, builder.fadd(builder.load(a[0]), builder.load(a[1]))))
+                for a in accs]
+        with cgutils.for_range_slice(builder, n16, n, k(1), intp=_i64) as (i, _):
+            qs = builder.load(builder.gep(qp, [builder.add(qo, i)]))
+            for r in range(nrows):
+                ks = _f32x1(builder, kp, builder.add(rows[r], i), f16)
+                builder.store(builder.fadd(builder.load(sums[r]), builder.fmul(qs, ks)), sums[r])
+        vals = [builder.load(s) for s in sums]
+        return vals[0] if nrows == 1 else context.make_tuple(builder, signature.return_type, vals)
+    return codegen
+
+
+@intrinsic
+def _dot4(typingctx, q, qo, kv, ko, stride, n):
+    """(q[qo:qo+n] . kv[ko + r*stride:][:n] for r in 0..3) as float32 (flat element offsets)."""
+    if not _kv_ok_type(q, kv):
+        return None
+    return types.UniTuple(types.float32, 4)(q, qo, kv, ko, stride, n), _dots_codegen(4)
+
+
+@intrinsic
+def _dot1(typingctx, q, qo, kv, ko, stride, n):
+    """q[qo:qo+n] . kv[ko:ko+n] as float32 (stride unused: the signature of _dot4)."""
+    if not _kv_ok_type(q, kv):
+        return None
+    return types.float32(q, qo, kv, ko, stride, n), _dots_codegen(1)
+
+
+def _axpys_codegen(nrows: int):
+    def codegen(context, builder, signature, args):
+        tys = signature.args
+        op, vp = _row_ptr(context, builder, tys[0], args[0]), _row_ptr(context, builder, tys[2], args[2])
+        f16 = tys[2].dtype == types.uint16
+        oo, vo, stride, n = (_as64(builder, args[i]) for i in (1, 3, 4, 5))
+        ps = list(args[6:6 + nrows])
+        k = lambda v: ir.Constant(_i64, v)
+        n16 = builder.and_(n, k(-16))
+        rows = [builder.add(vo, builder.mul(stride, k(r))) for r in range(nrows)]
+        pv = [_splat(builder, p, 16) for p in ps]
+        fma = _fma16(builder)
+        with cgutils.for_range_slice(builder, k(0), n16, k(16), intp=_i64) as (i, _):
+            optr = builder.bitcast(builder.gep(op, [builder.add(oo, i)]), _v16f32.as_pointer())
+            terms = [_f32x16(builder, vp, builder.add(rows[r], i), f16) for r in range(nrows)]
+            if nrows == 4:          # (p0 v0 + p1 v1) + (p2 v2 + p3 v3): short dependency chains
+                a = builder.call(fma, [pv[1], terms[1], builder.fmul(pv[0], terms[0])])
+                b = builder.call(fma, [pv[3], terms[3], builder.fmul(pv[2], terms[2])])
+                acc = builder.fadd(builder.load(optr, align=1), builder.fadd(a, b))
+            else:
+                acc = builder.call(fma, [pv[0], terms[0], builder.load(optr, align=1)])
+            builder.store(acc, optr, align=1)
+        with cgutils.for_range_slice(builder, n16, n, k(1), intp=_i64) as (i, _):
+            optr = builder.gep(op, [builder.add(oo, i)])
+            acc = builder.load(optr)
+            for r in range(nrows):
+                acc = builder.fadd(acc, builder.fmul(ps[r], _f32x1(builder, vp, builder.add(rows[r], i), f16)))
+            builder.store(acc, optr)
+        return context.get_dummy_value()
+    return codegen
+
+
+@intrinsic
+def _axpy4(typingctx, out, oo, v, vo, stride, n, p0, p1, p2, p3):
+    """out[oo:oo+n] += sum over r < 4 of p_r * v[vo + r*stride:][:n] (flat element offsets)."""
+    if not _kv_ok_type(out, v) or any(p != types.float32 for p in (p0, p1, p2, p3)):
+        return None
+    return types.void(out, oo, v, vo, stride, n, p0, p1, p2, p3), _axpys_codegen(4)
+
+
+@intrinsic
+def _axpy1(typingctx, out, oo, v, vo, stride, n, p0):
+    """out[oo:oo+n] += p0 * v[vo:vo+n] (stride unused: the signature of _axpy4)."""
+    if not _kv_ok_type(out, v) or p0 != types.float32:
+        return None
+    return types.void(out, oo, v, vo, stride, n, p0), _axpys_codegen(1)

@@ -187,7 +187,7 @@ def _start(comm, model_arg, run, want_tokenizer, tokenizer_path, root_check, aft
                                      status[4], status[5])
     me = shard.plan(config, comm.rank, comm.size)
     max_seq_len = run.resolved_max_seq_len(config)
-    predicted = memory_per_rank(config, run, comm.size)
+    predicted = memory_per_rank(config, run, comm.size, nthreads)
     node = comm.allgather_obj((socket.gethostname(), os.getpid()))
     ranks = [RankInfo(r, pid, host) for r, (host, pid) in enumerate(node)]
     kv = None
