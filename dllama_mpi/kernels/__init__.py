@@ -229,7 +229,7 @@ def _steps(needs, skip_warmed: bool = True) -> list[tuple[str, float, list, obje
         pos, slots = np.arange(T, dtype=np.int32), np.array([1, 0], np.int32)
         cos, sin = np.ones((4, 8), np.float32), np.zeros((4, 8), np.float32)
         kvq = np.array([0, 0, 1, 1], np.int32)
-        o, sc = np.empty_like(x), attention_scratch(T, 4, 4)
+        o, sc = np.empty_like(x), np.empty((T * 4, 4), np.float32)   # rows for 2 rows of 4 heads at once
         qkv = np.concatenate([x, x[:, :64]], axis=1)
         oq, od = np.empty((T, n), np.int8), np.empty((T, n // QK), np.float32)
         attention_block(o, qkv, kc4, kc4.copy(), pos, slots, cos, sin, kvq, 0.25, (oq, od))

@@ -176,6 +176,8 @@ def _attend_rows(out, qs, d, quant, q, kc, vc, positions, slots, kv_of_q, scale,
 
 @_serial
 def _attention_ser(out, qs, d, quant, q, kc, vc, positions, slots, kv_of_q, scale, sc, T, nq, hd, step):
+    if sc.shape[0] < nq:                   # scratch rows: one per head of a row
+        raise ValueError("attention scratch: too few rows")
     _attend_rows(out, qs, d, quant, q, kc, vc, positions, slots, kv_of_q, scale, sc, T, nq, hd, 0, 1, step)
 
 
@@ -184,6 +186,8 @@ def _attention_rows_par(out, qs, d, quant, q, kc, vc, positions, slots, kv_of_q,
                         step):
     """All T rows in one parallel region: nch chunks, chunk c takes the rows t = c mod nch
     (interleaved: causal costs grow with t). The same bits as _attention_ser."""
+    if sc.shape[0] < nch * nq:
+        raise ValueError("attention scratch: too few rows")
     for c in prange(nch):
         _attend_rows(out, qs, d, quant, q, kc, vc, positions, slots, kv_of_q, scale, sc, T, nq, hd, c, nch, step)
 
@@ -192,6 +196,8 @@ def _attention_rows_par(out, qs, d, quant, q, kc, vc, positions, slots, kv_of_q,
 def _attention_heads_par(out, qs, d, quant, q, kc, vc, positions, slots, kv_of_q, scale, sc, T, nq, hd, nh):
     """Fewer rows than threads (a decode step): each row's heads in nh ranges over the threads
     (scratch rows t*nq + h), then every row's Q80. The same bits as _attention_ser."""
+    if sc.shape[0] < T * nq:
+        raise ValueError("attention scratch: too few rows")
     for p in prange(T * nh):
         t = p // nh
         g = p - t * nh
