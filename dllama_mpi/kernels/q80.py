@@ -73,16 +73,22 @@ def _absmax32(x, t, o):
 
 @_exact
 def _quantize_q80_act_f16c(qs_out, d_out, x, T, nb):
-    """_quantize_q80_act with the hardware float16 rounding and a vectorised max (same bits)."""
+    """_quantize_q80_act with the hardware float16 rounding and a vectorised max (same bits),
+    a row at a time: its block maxima, then every block's scale and inverse in one vector loop,
+    then the values (no division or float16 rounding between a block's max and its values)."""
+    inv = np.empty(nb, np.float32)
     for t in range(T):
         for b in range(nb):
-            o = b * QK
-            amax = _absmax32(x, t, o)
-            d = amax / np.float32(127.0)
-            inv = np.float32(1.0) / d if d != np.float32(0.0) else np.float32(0.0)
-            for i in range(QK):
-                qs_out[t, o + i] = _round_away(x[t, o + i] * inv)
+            inv[b] = _absmax32(x, t, b * QK)
+        for b in range(nb):
+            d = inv[b] / np.float32(127.0)
             d_out[t, b] = _f32_f16_f32(d)
+            inv[b] = np.float32(1.0) / d if d != np.float32(0.0) else np.float32(0.0)
+        for b in range(nb):
+            ib = inv[b]
+            o = b * QK
+            for i in range(QK):
+                qs_out[t, o + i] = _round_away(x[t, o + i] * ib)
 
 
 def quantize_q80_act(qs_out: np.ndarray, d_out: np.ndarray, x: np.ndarray) -> None:
