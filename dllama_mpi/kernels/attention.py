@@ -19,7 +19,7 @@ from . import _jit
 from ._checks import _F32, _I32, _check, _check_out, _noop
 from ._jit import _PAR_MIN_ROWS_WORK, _PAR_MIN_WORK, _inline, _parallel, _serial
 from .q80 import _q80_outputs_ok, _quantize_q80_act, _quantize_q80_act_f16c, quantize_q80_act
-from .simd import HAS_AVX2, _axpy1, _axpy4, _dot1, _dot4, _exp_neg, _kv_value, _prefetch
+from .simd import HAS_AVX2, _axpy1, _axpy4, _dot1, _dot4, _exp_neg, _kv_value, _prefetch, _vsum
 
 _F16 = np.dtype(np.float16)
 _KV_DTYPES = (_F32, _F16)
@@ -97,12 +97,9 @@ def _softmax_rows(sc, r0, h0, h1, npos):
         m = np.float32(-3.0e38)                # not -inf: fastmath assumes no infinities
         for j in range(npos):
             m = max(m, sc[r, j])
-        tot = np.float32(0.0)
         for j in range(npos):
-            e = _exp_neg(sc[r, j] - m)
-            sc[r, j] = e
-            tot += e
-        inv = np.float32(1.0) / tot
+            sc[r, j] = _exp_neg(sc[r, j] - m)
+        inv = np.float32(1.0) / _vsum(sc, r * sc.shape[1], npos)
         for j in range(npos):
             sc[r, j] *= inv
 

@@ -8,7 +8,7 @@
 * the IR types and helpers of the hand-written vector loops (``_splat``, ``_ldv``, ``_as64``);
 * float32 exp (``_exp_neg``, ``_exp_f32``): polynomial, vectorisable under fastmath;
 * attention's row products over a KV cache of either type (``_dot4``/``_dot1``: q . k,
-  ``_axpy4``/``_axpy1``: out += p * v).
+  ``_axpy4``/``_axpy1``: out += p * v) and a sum in a fixed order (``_vsum``).
 """
 from __future__ import annotations
 
@@ -297,6 +297,29 @@ def _dot1(typingctx, q, qo, kv, ko, stride, n):
     if not _kv_ok_type(q, kv):
         return None
     return types.float32(q, qo, kv, ko, stride, n), _dots_codegen(1)
+
+
+@intrinsic
+def _vsum(typingctx, x, xo, n):
+    """x[xo:xo+n] summed in a fixed order (16 lanes, then their tree, then the last n % 16 in
+    turn) in every kernel it is inlined into: fastmath loops may vectorise a sum differently
+    from one caller to the next, and two kernels must give the same bits."""
+    if not (isinstance(x, types.Array) and x.dtype == types.float32):
+        return None
+
+    def codegen(context, builder, signature, args):
+        xp = _row_ptr(context, builder, signature.args[0], args[0])
+        xo, n = _as64(builder, args[1]), _as64(builder, args[2])
+        k = lambda v: ir.Constant(_i64, v)
+        n16 = builder.and_(n, k(-16))
+        acc = cgutils.alloca_once_value(builder, ir.Constant(_v16f32, None))
+        with cgutils.for_range_slice(builder, k(0), n16, k(16), intp=_i64) as (i, _):
+            builder.store(builder.fadd(builder.load(acc), _ldv(builder, xp, builder.add(xo, i), _v16f32)), acc)
+        tot = cgutils.alloca_once_value(builder, _hsum16(builder, builder.load(acc)))
+        with cgutils.for_range_slice(builder, n16, n, k(1), intp=_i64) as (i, _):
+            builder.store(builder.fadd(builder.load(tot), builder.load(builder.gep(xp, [builder.add(xo, i)]))), tot)
+        return builder.load(tot)
+    return types.float32(x, xo, n), codegen
 
 
 def _axpys_codegen(nrows: int):
