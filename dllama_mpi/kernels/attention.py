@@ -90,6 +90,14 @@ def _prefetch_next(kv, nbase, rowl, a, b, step):
 
 
 @_inline
+def _prefetch_cols(kv, base, rowl, c0, c1, a, b, step):
+    """Prefetch columns c0..c1-1 (the KV heads of this thread's heads) of cache rows a..b-1."""
+    for p in range(a, b):
+        for o in range(base + p * rowl + c0, base + p * rowl + c1, step):
+            _prefetch(kv, o)
+
+
+@_inline
 def _softmax_rows(sc, r0, h0, h1, npos):
     """Scratch rows r0 + h (h0 <= h < h1), scores -> probabilities over columns 0..npos-1."""
     for h in range(h0, h1):
@@ -119,11 +127,15 @@ def _attend_row(out, q, kc, vc, t, s, npos, hd, kv_of_q, h0, h1, scale, sc, r0, 
     base = s * S * rowl
     nbase = ns * S * rowl
     qw, ow = q.shape[1], out.shape[1]        # row lengths: flat offsets of q and out
+    g0, g1 = nkv, 0                          # the KV heads these heads read: columns c0..c1-1
+    for h in range(h0, h1):
+        g0, g1 = min(g0, kv_of_q[h]), max(g1, kv_of_q[h] + 1)
+    c0, c1 = g0 * hd, g1 * hd
     j4 = npos // 4 * 4
     for j in range(0, j4, 4):
         # this row's V rows of these positions (read in the sum pass) and its K rows ahead
-        _prefetch_next(vc, base, rowl, j, j + 4, step)
-        _prefetch_next(kc, base, rowl, min(j + _K_AHEAD, npos), min(j + _K_AHEAD + 4, npos), step)
+        _prefetch_cols(vc, base, rowl, c0, c1, j, j + 4, step)
+        _prefetch_cols(kc, base, rowl, c0, c1, min(j + _K_AHEAD, npos), min(j + _K_AHEAD + 4, npos), step)
         if ns >= 0:
             _prefetch_next(kc, nbase, rowl, j * nnpos // npos,
                            nnpos if j + 4 >= j4 else (j + 4) * nnpos // npos, step)
