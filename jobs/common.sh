@@ -20,7 +20,7 @@ NTASKS=${SLURM_NTASKS:-${NTASKS:-2}}             # ranks (outside SLURM: NTASKS,
 export SRUN_CPUS_PER_TASK=${SLURM_CPUS_PER_TASK:-${CPUS_PER_TASK:-1}}
 export NUMBA_NUM_THREADS=$SRUN_CPUS_PER_TASK
 NTHREADS=$SRUN_CPUS_PER_TASK                      # threads per rank
-# Kernels: the same numba cache as interactive runs (~/.cache/dllama_mpi/numba, or
+# Kernels: the same numba cache as interactive runs (~/.cache/dllama_mpi/numba/<digest>, or
 # $NUMBA_CACHE_DIR when exported), so a job after an interactive run compiles nothing. Rank 0
 # compiles first and the others load after it; numba writes each cache file under a temporary
 # name and renames it, so nodes sharing the home directory never read half a file, and a node

@@ -91,10 +91,28 @@ def test_numba_cache_defaults_to_the_user_cache(tmp_path):
     env["DLLAMA_MPI_CACHE"] = str(tmp_path)
     code = "import dllama_mpi, numba; print(numba.config.CACHE_DIR)"
     p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
-    assert p.stdout.strip() == str(tmp_path / "numba"), p.stderr
+    import dllama_mpi
+    assert p.stdout.strip() == str(tmp_path / "numba" / dllama_mpi._kernels_digest()), p.stderr
     env["NUMBA_CACHE_DIR"] = str(tmp_path / "mine")
     p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert p.stdout.strip() == str(tmp_path / "mine"), p.stderr
+
+
+def test_numba_cache_folder_changes_with_any_kernel_source(tmp_path):
+    """A kernel inlines helpers from other files, which numba's own check does not see: the
+    cache folder is named by a digest of every kernel and quant source."""
+    import os
+    import shutil
+    import dllama_mpi
+    here = os.path.dirname(dllama_mpi.__file__)
+    for sub in ("kernels", "quant"):
+        shutil.copytree(os.path.join(here, sub), tmp_path / sub,
+                        ignore=shutil.ignore_patterns("__pycache__"))
+    first = dllama_mpi._kernels_digest(str(tmp_path))
+    assert first == dllama_mpi._kernels_digest()
+    with open(tmp_path / "kernels" / "simd.py", "a") as f:
+        f.write("\n# an edit of a helper only\n")
+    assert dllama_mpi._kernels_digest(str(tmp_path)) != first
 
 
 @pytest.mark.parametrize("asked,expect", [(0, "2 cores / 1 rank here"), (3, "--nthreads")])

@@ -12,11 +12,12 @@ them as ``_jit._NUM_THREADS`` / ``_jit._PAR_MIN_BLOCKS`` at call time, never imp
 name (``set_num_threads`` rebinds them).
 
 Caching (``cache=True``): compiled kernels go to ``$NUMBA_CACHE_DIR``, which dllama_mpi sets
-(before numba is imported) to ``numba/`` in the user cache (``~/.cache/dllama_mpi/``, see
-``dllama_mpi/__init__.py``) unless it is set already: interactive runs, tests and batch jobs
-share it. numba checks only the file that defines a kernel, not the modules it calls into, so
-after editing ``simd``, ``q80`` or any other module whose kernels are called from another file,
-clear the cache (``rm -r ~/.cache/dllama_mpi/numba``).
+(before numba is imported) to ``numba/<digest of kernels/ and quant/>`` in the user cache
+(``~/.cache/dllama_mpi/``, see ``dllama_mpi/__init__.py``) unless it is set already:
+interactive runs, tests and batch jobs share it. numba checks only the file that defines a
+kernel, not the modules it calls into; the digest makes any edit of these sources a new
+folder. With ``$NUMBA_CACHE_DIR`` set by hand, clear it after editing ``simd``, ``q80`` or
+any other module whose kernels are called from another file.
 """
 from __future__ import annotations
 
