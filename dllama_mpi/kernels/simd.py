@@ -246,16 +246,26 @@ def _kv_ok_type(q, kv) -> bool:
             and kv.dtype in (types.float32, types.uint16))
 
 
+def _k64(v: int):
+    return ir.Constant(_i64, v)
+
+
+def _row_args(context, builder, signature, args, nrows: int):
+    """The shared arguments (a, ao, kv, ko, stride, n) of the row products: pointers of the
+    float32 array a and of the cache kv (f16: uint16 bits), a's offset, the cache offsets of
+    the nrows rows, n and n rounded down to 16 lanes."""
+    tys = signature.args
+    ap, kp = _row_ptr(context, builder, tys[0], args[0]), _row_ptr(context, builder, tys[2], args[2])
+    ao, ko, stride, n = (_as64(builder, args[i]) for i in (1, 3, 4, 5))
+    rows = [builder.add(ko, builder.mul(stride, _k64(r))) for r in range(nrows)]
+    return ap, kp, tys[2].dtype == types.uint16, ao, rows, n, builder.and_(n, _k64(-16))
+
+
 def _dots_codegen(nrows: int):
     def codegen(context, builder, signature, args):
-        tys = signature.args
-        qp, kp = _row_ptr(context, builder, tys[0], args[0]), _row_ptr(context, builder, tys[2], args[2])
-        f16 = tys[2].dtype == types.uint16
-        qo, ko, stride, n = (_as64(builder, args[i]) for i in (1, 3, 4, 5))
-        k = lambda v: ir.Constant(_i64, v)
-        n16 = builder.and_(n, k(-16))
+        qp, kp, f16, qo, rows, n, n16 = _row_args(context, builder, signature, args, nrows)
+        k = _k64
         n32 = builder.and_(n, k(-32))
-        rows = [builder.add(ko, builder.mul(stride, k(r))) for r in range(nrows)]
         # two accumulators a row (even and odd 16-lane chunks): FMA chains half as long
         accs = [[cgutils.alloca_once_value(builder, ir.Constant(_v16f32, None)) for _ in range(2)]
                 for _ in range(nrows)]
@@ -310,7 +320,7 @@ def _vsum(typingctx, x, xo, n):
     def codegen(context, builder, signature, args):
         xp = _row_ptr(context, builder, signature.args[0], args[0])
         xo, n = _as64(builder, args[1]), _as64(builder, args[2])
-        k = lambda v: ir.Constant(_i64, v)
+        k = _k64
         n16 = builder.and_(n, k(-16))
         acc = cgutils.alloca_once_value(builder, ir.Constant(_v16f32, None))
         with cgutils.for_range_slice(builder, k(0), n16, k(16), intp=_i64) as (i, _):
@@ -324,14 +334,9 @@ def _vsum(typingctx, x, xo, n):
 
 def _axpys_codegen(nrows: int):
     def codegen(context, builder, signature, args):
-        tys = signature.args
-        op, vp = _row_ptr(context, builder, tys[0], args[0]), _row_ptr(context, builder, tys[2], args[2])
-        f16 = tys[2].dtype == types.uint16
-        oo, vo, stride, n = (_as64(builder, args[i]) for i in (1, 3, 4, 5))
+        op, vp, f16, oo, rows, n, n16 = _row_args(context, builder, signature, args, nrows)
+        k = _k64
         ps = list(args[6:6 + nrows])
-        k = lambda v: ir.Constant(_i64, v)
-        n16 = builder.and_(n, k(-16))
-        rows = [builder.add(vo, builder.mul(stride, k(r))) for r in range(nrows)]
         pv = [_splat(builder, p, 16) for p in ps]
         fma = _fma16(builder)
         with cgutils.for_range_slice(builder, k(0), n16, k(16), intp=_i64) as (i, _):
