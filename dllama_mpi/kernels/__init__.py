@@ -237,7 +237,8 @@ def _steps(needs, skip_warmed: bool = True) -> list[tuple[str, float, list, obje
         quant, step = 2 if HAS_AVX2 else 1, 64 // kb.itemsize
         _attention_rows_par(o, oq, od, quant, qkv, kb, kb.copy(), pos, slots, kvq, np.float32(0.25),
                             sc, T, 4, 16, 2, step)
-        _attention_heads_par(o, oq, od, quant, qkv, kb, kb.copy(), pos, slots, kvq, np.float32(0.25), sc, T, 4, 16, 2)
+        _attention_heads_par(o, oq, od, quant, qkv, kb, kb.copy(), pos, slots, kvq, np.float32(0.25), sc, T, 4, 16, 2,
+                             step)
         _rope_store(qkv, 4, 2, kb, kb.copy(), pos, slots, cos, sin, 16, T)
         return o, x, kc4, pos, kvq, sc
 

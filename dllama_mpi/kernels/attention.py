@@ -83,15 +83,9 @@ _K_AHEAD = 8                      # positions: how far ahead a row's K rows are 
 
 
 @_inline
-def _prefetch_next(kv, nbase, rowl, a, b, step):
-    """Prefetch cache rows a..b-1 of the row a thread takes next (flat offsets from nbase)."""
-    for o in range(nbase + a * rowl, nbase + b * rowl, step):
-        _prefetch(kv, o)
-
-
-@_inline
 def _prefetch_cols(kv, base, rowl, c0, c1, a, b, step):
-    """Prefetch columns c0..c1-1 (the KV heads of this thread's heads) of cache rows a..b-1."""
+    """Prefetch columns c0..c1-1 (the KV heads a thread reads) of cache rows a..b-1 (flat
+    offsets from base, every step elements: a 64-byte line)."""
     for p in range(a, b):
         for o in range(base + p * rowl + c0, base + p * rowl + c1, step):
             _prefetch(kv, o)
@@ -137,7 +131,7 @@ def _attend_row(out, q, kc, vc, t, s, npos, hd, kv_of_q, h0, h1, scale, sc, r0, 
         _prefetch_cols(vc, base, rowl, c0, c1, j, j + 4, step)
         _prefetch_cols(kc, base, rowl, c0, c1, min(j + _K_AHEAD, npos), min(j + _K_AHEAD + 4, npos), step)
         if ns >= 0:
-            _prefetch_next(kc, nbase, rowl, j * nnpos // npos,
+            _prefetch_cols(kc, nbase, rowl, 0, rowl, j * nnpos // npos,
                            nnpos if j + 4 >= j4 else (j + 4) * nnpos // npos, step)
         for h in range(h0, h1):
             s0, s1, s2, s3 = _dot4(q, t * qw + h * hd, kc, base + j * rowl + kv_of_q[h] * hd, rowl, hd)
@@ -151,7 +145,7 @@ def _attend_row(out, q, kc, vc, t, s, npos, hd, kv_of_q, h0, h1, scale, sc, r0, 
         out[t, i] = np.float32(0.0)
     for j in range(0, j4, 4):
         if ns >= 0:
-            _prefetch_next(vc, nbase, rowl, j * nnpos // npos,
+            _prefetch_cols(vc, nbase, rowl, 0, rowl, j * nnpos // npos,
                            nnpos if j + 4 >= j4 else (j + 4) * nnpos // npos, step)
         for h in range(h0, h1):
             r = r0 + h
@@ -202,7 +196,8 @@ def _attention_rows_par(out, qs, d, quant, q, kc, vc, positions, slots, kv_of_q,
 
 
 @_parallel
-def _attention_heads_par(out, qs, d, quant, q, kc, vc, positions, slots, kv_of_q, scale, sc, T, nq, hd, nh):
+def _attention_heads_par(out, qs, d, quant, q, kc, vc, positions, slots, kv_of_q, scale, sc, T, nq, hd, nh,
+                         step):
     """Fewer rows than threads (a decode step): each row's heads in nh ranges over the threads
     (scratch rows t*nq + h), then every row's Q80. The same bits as _attention_ser."""
     if sc.shape[0] < T * nq:
@@ -211,7 +206,7 @@ def _attention_heads_par(out, qs, d, quant, q, kc, vc, positions, slots, kv_of_q
         t = p // nh
         g = p - t * nh
         _attend_row(out, q, kc, vc, t, slots[t], positions[t] + 1, hd, kv_of_q, g * nq // nh,
-                    (g + 1) * nq // nh, scale, sc, t * nq, -1, 0, 64)
+                    (g + 1) * nq // nh, scale, sc, t * nq, -1, 0, step)
     for t in range(T):
         _quantize_row(qs, d, out, t, quant, nq * hd // QK)
 
@@ -283,7 +278,7 @@ def attention(out: np.ndarray, q: np.ndarray, k_cache: np.ndarray, v_cache: np.n
     args = (out, *_NO_Q80, 0, q, kc, vc, positions, _slots0(T), kv_of_q, np.float32(scale), scratch, T, nq, hd)
     nch, nh = _split(T, nq, hd, pmax, scratch)
     if nh:
-        _attention_heads_par(*args, nh)
+        _attention_heads_par(*args, nh, _line_step(kc))
     elif nch > 1:
         _attention_rows_par(*args, nch, _line_step(kc))
     else:
@@ -493,7 +488,7 @@ def bind_attention_block(out, qkv, k_cache, v_cache, positions, slots, cos, sin,
         _rope_store(qkv, nq, nkv, k_cache, v_cache, positions, slots, cos, sin, hd, T)
         if nh:
             _attention_heads_par(out, qs, d, quant, qkv, k_cache, v_cache, positions, slots, kv_of_q, scale,
-                                 scratch, T, nq, hd, nh)
+                                 scratch, T, nq, hd, nh, step)
         else:
             _attention_rows_par(out, qs, d, quant, qkv, k_cache, v_cache, positions, slots, kv_of_q, scale,
                                 scratch, T, nq, hd, nch, step)
