@@ -234,11 +234,10 @@ def _steps(needs, skip_warmed: bool = True) -> list[tuple[str, float, list, obje
         oq, od = np.empty((T, n), np.int8), np.empty((T, n // QK), np.float32)
         attention_block(o, qkv, kc4, kc4.copy(), pos, slots, cos, sin, kvq, 0.25, (oq, od))
         attention_block(o, qkv, kc4, kc4.copy(), pos, None, cos, sin, kvq, 0.25)
-        quant, step = 2 if HAS_AVX2 else 1, 64 // kb.itemsize
+        quant = 2 if HAS_AVX2 else 1
         _attention_rows_par(o, oq, od, quant, qkv, kb, kb.copy(), pos, slots, kvq, np.float32(0.25),
-                            sc, T, 4, 16, 2, step)
-        _attention_heads_par(o, oq, od, quant, qkv, kb, kb.copy(), pos, slots, kvq, np.float32(0.25), sc, T, 4, 16, 2,
-                             step)
+                            sc, T, 4, 16, 2)
+        _attention_heads_par(o, oq, od, quant, qkv, kb, kb.copy(), pos, slots, kvq, np.float32(0.25), sc, T, 4, 16, 2)
         _rope_store(qkv, 4, 2, kb, kb.copy(), pos, slots, cos, sin, 16, T)
         return o, x, kc4, pos, kvq, sc
 

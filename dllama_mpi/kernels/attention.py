@@ -2,13 +2,13 @@
 store, attention and (optionally) the Q80 quantisation of the result.
 
 The KV cache is float32 or float16 (``--kv-cache-float-type f16``): the wrappers pass an f16
-cache to the kernels as its uint16 bit patterns: the row products (``_dot4``, ``_axpy4``,
-simd.py) widen them as they load, and ``_kv_value`` rounds a stored value to nearest-even, so
-one body serves both types.
+cache to the kernels as its uint16 bit patterns: the head products (``_qk_heads``,
+``_pv_heads``, simd.py) widen them as they load, and ``_kv_value`` rounds a stored value to
+nearest-even, so one body serves both types.
 
-Attention runs row by row of q (a token of one sequence): all its heads together, 4 cache
-positions at a time, so the K and V rows of its sequence stream from memory once per layer and
-the rows a thread takes next are prefetched while it works on this one."""
+Attention runs row by row of q (a token of one sequence): all its heads together, one cache
+position after the next, so the K and V rows of its sequence stream from memory once per layer,
+in address order."""
 from __future__ import annotations
 
 import numpy as np
@@ -19,7 +19,7 @@ from . import _jit
 from ._checks import _F32, _I32, _check, _check_out, _noop
 from ._jit import _PAR_MIN_ROWS_WORK, _PAR_MIN_WORK, _inline, _parallel, _serial
 from .q80 import _q80_outputs_ok, _quantize_q80_act, _quantize_q80_act_f16c, quantize_q80_act
-from .simd import HAS_AVX2, _axpy1, _axpy4, _dot1, _dot4, _exp_neg, _kv_value, _prefetch, _vsum
+from .simd import _NH, HAS_AVX2, _exp_neg, _kv_value, _pv_heads, _qk_heads, _vsum
 
 _F16 = np.dtype(np.float16)
 _KV_DTYPES = (_F32, _F16)
@@ -79,18 +79,6 @@ def rope_interleaved(x: np.ndarray, positions: np.ndarray, cos: np.ndarray, sin:
 
 # ---------------------------------------------------------------- attention
 
-_K_AHEAD = 8                      # positions: how far ahead a row's K rows are prefetched
-
-
-@_inline
-def _prefetch_cols(kv, base, rowl, c0, c1, a, b, step):
-    """Prefetch columns c0..c1-1 (the KV heads a thread reads) of cache rows a..b-1 (flat
-    offsets from base, every step elements: a 64-byte line)."""
-    for p in range(a, b):
-        for o in range(base + p * rowl + c0, base + p * rowl + c1, step):
-            _prefetch(kv, o)
-
-
 @_inline
 def _softmax_rows(sc, r0, h0, h1, npos):
     """Scratch rows r0 + h (h0 <= h < h1), scores -> probabilities over columns 0..npos-1."""
@@ -107,53 +95,53 @@ def _softmax_rows(sc, r0, h0, h1, npos):
 
 
 @_inline
-def _attend_row(out, q, kc, vc, t, s, npos, hd, kv_of_q, h0, h1, scale, sc, r0, ns, nnpos, step):
+def _head_runs(kv_of_q, h0, h1):
+    """Heads h0..h1-1 in runs that read one KV head, at most _NH heads each: [first heads...,
+    h1] (n_runs + 1 entries; an array, so the per-position loops do not search for them)."""
+    runs = np.empty(h1 - h0 + 1, np.int64)
+    n = 0
+    h = h0
+    while h < h1:
+        runs[n] = h
+        e = h + 1
+        while e < h1 and e - h < _NH and kv_of_q[e] == kv_of_q[h]:
+            e += 1
+        h = e
+        n += 1
+    runs[n] = h1
+    return runs[:n + 1]
+
+
+@_inline
+def _attend_row(out, q, kc, vc, t, s, npos, hd, kv_of_q, h0, h1, scale, sc, r0):
     """Heads h0..h1-1 of row t, over rows 0..npos-1 of cache slot s, into out[t].
 
-    Position by position, 4 at a time: every head's scores against the K rows of those
-    positions, so a slot's K rows stream from memory once (the other heads of a GQA group read
-    them from L1); softmax per head (scratch rows r0 + h); then the V rows the same way. The
-    score pass prefetches the V rows of its positions and the K rows _K_AHEAD positions on;
-    with ns >= 0 the K and V rows of slot ns's first nnpos positions (the row this thread
-    takes next) are prefetched in step, so they come from cache when that row starts."""
+    Position by position, in address order: the position's K row against every head (a KV
+    head's segment loaded once for the query heads that share it), into scratch rows r0 + h;
+    softmax per head; then the V rows the same way. A slot's K and V rows stream from memory
+    once and in order, which the hardware prefetchers follow (reading 4 positions of one KV
+    head at a time, their stride defeated them: 2-3x slower from memory than from cache)."""
     S, nkv = kc.shape[1], kc.shape[2]
     rowl = nkv * hd
     base = s * S * rowl
-    nbase = ns * S * rowl
-    qw, ow = q.shape[1], out.shape[1]        # row lengths: flat offsets of q and out
-    g0, g1 = nkv, 0                          # the KV heads these heads read: columns c0..c1-1
-    for h in range(h0, h1):
-        g0, g1 = min(g0, kv_of_q[h]), max(g1, kv_of_q[h] + 1)
-    c0, c1 = g0 * hd, g1 * hd
-    j4 = npos // 4 * 4
-    for j in range(0, j4, 4):
-        # this row's V rows of these positions (read in the sum pass) and its K rows ahead
-        _prefetch_cols(vc, base, rowl, c0, c1, j, j + 4, step)
-        _prefetch_cols(kc, base, rowl, c0, c1, min(j + _K_AHEAD, npos), min(j + _K_AHEAD + 4, npos), step)
-        if ns >= 0:
-            _prefetch_cols(kc, nbase, rowl, 0, rowl, j * nnpos // npos,
-                           nnpos if j + 4 >= j4 else (j + 4) * nnpos // npos, step)
-        for h in range(h0, h1):
-            s0, s1, s2, s3 = _dot4(q, t * qw + h * hd, kc, base + j * rowl + kv_of_q[h] * hd, rowl, hd)
-            r = r0 + h
-            sc[r, j], sc[r, j + 1], sc[r, j + 2], sc[r, j + 3] = s0 * scale, s1 * scale, s2 * scale, s3 * scale
-    for j in range(j4, npos):
-        for h in range(h0, h1):
-            sc[r0 + h, j] = _dot1(q, t * qw + h * hd, kc, base + j * rowl + kv_of_q[h] * hd, rowl, hd) * scale
+    qw, ow, scw = q.shape[1], out.shape[1], sc.shape[1]   # row lengths: flat offsets
+    runs = _head_runs(kv_of_q, h0, h1)
+    nr = runs.shape[0] - 1
+    for j in range(npos):
+        row = base + j * rowl
+        for u in range(nr):
+            h, e = runs[u], runs[u + 1]
+            _qk_heads(sc, (r0 + h) * scw + j, scw, q, t * qw + h * hd, kc, row + kv_of_q[h] * hd, hd, e - h, scale)
     _softmax_rows(sc, r0, h0, h1, npos)
     for i in range(h0 * hd, h1 * hd):
         out[t, i] = np.float32(0.0)
-    for j in range(0, j4, 4):
-        if ns >= 0:
-            _prefetch_cols(vc, nbase, rowl, 0, rowl, j * nnpos // npos,
-                           nnpos if j + 4 >= j4 else (j + 4) * nnpos // npos, step)
-        for h in range(h0, h1):
-            r = r0 + h
-            _axpy4(out, t * ow + h * hd, vc, base + j * rowl + kv_of_q[h] * hd, rowl, hd,
-                   sc[r, j], sc[r, j + 1], sc[r, j + 2], sc[r, j + 3])
-    for j in range(j4, npos):
-        for h in range(h0, h1):
-            _axpy1(out, t * ow + h * hd, vc, base + j * rowl + kv_of_q[h] * hd, rowl, hd, sc[r0 + h, j])
+    for j in range(npos):
+        row = base + j * rowl
+        for u in range(nr):
+            h, e = runs[u], runs[u + 1]
+            r, rl = r0 + h, r0 + e - 1             # heads past the run: their p is not used
+            _pv_heads(out, t * ow + h * hd, vc, row + kv_of_q[h] * hd, hd, e - h,
+                      sc[r, j], sc[min(r + 1, rl), j], sc[min(r + 2, rl), j], sc[min(r + 3, rl), j])
 
 
 @_inline
@@ -165,39 +153,33 @@ def _quantize_row(qs, d, out, t, quant, nblocks):
 
 
 @_inline
-def _attend_rows(out, qs, d, quant, q, kc, vc, positions, slots, kv_of_q, scale, sc, T, nq, hd, c, nch, step):
+def _attend_rows(out, qs, d, quant, q, kc, vc, positions, slots, kv_of_q, scale, sc, T, nq, hd, c, nch):
     """Rows t = c, c + nch, ... (all heads; scratch rows c*nq ...), each quantised to Q80
-    (quant: 0 none, 1 portable, 2 F16C) when done; each prefetches the next one's rows."""
+    (quant: 0 none, 1 portable, 2 F16C) when done."""
     for t in range(c, T, nch):
-        tn = t + nch
-        ns = slots[tn] if tn < T else -1
-        nn = positions[tn] + 1 if tn < T else 0
-        _attend_row(out, q, kc, vc, t, slots[t], positions[t] + 1, hd, kv_of_q, 0, nq, scale, sc, c * nq,
-                    ns, nn, step)
+        _attend_row(out, q, kc, vc, t, slots[t], positions[t] + 1, hd, kv_of_q, 0, nq, scale, sc, c * nq)
         _quantize_row(qs, d, out, t, quant, nq * hd // QK)
 
 
 @_serial
-def _attention_ser(out, qs, d, quant, q, kc, vc, positions, slots, kv_of_q, scale, sc, T, nq, hd, step):
+def _attention_ser(out, qs, d, quant, q, kc, vc, positions, slots, kv_of_q, scale, sc, T, nq, hd):
     if sc.shape[0] < nq:                   # scratch rows: one per head of a row
         raise ValueError("attention scratch: too few rows")
-    _attend_rows(out, qs, d, quant, q, kc, vc, positions, slots, kv_of_q, scale, sc, T, nq, hd, 0, 1, step)
+    _attend_rows(out, qs, d, quant, q, kc, vc, positions, slots, kv_of_q, scale, sc, T, nq, hd, 0, 1)
 
 
 @_parallel
-def _attention_rows_par(out, qs, d, quant, q, kc, vc, positions, slots, kv_of_q, scale, sc, T, nq, hd, nch,
-                        step):
+def _attention_rows_par(out, qs, d, quant, q, kc, vc, positions, slots, kv_of_q, scale, sc, T, nq, hd, nch):
     """All T rows in one parallel region: nch chunks, chunk c takes the rows t = c mod nch
     (interleaved: causal costs grow with t). The same bits as _attention_ser."""
     if sc.shape[0] < nch * nq:
         raise ValueError("attention scratch: too few rows")
     for c in prange(nch):
-        _attend_rows(out, qs, d, quant, q, kc, vc, positions, slots, kv_of_q, scale, sc, T, nq, hd, c, nch, step)
+        _attend_rows(out, qs, d, quant, q, kc, vc, positions, slots, kv_of_q, scale, sc, T, nq, hd, c, nch)
 
 
 @_parallel
-def _attention_heads_par(out, qs, d, quant, q, kc, vc, positions, slots, kv_of_q, scale, sc, T, nq, hd, nh,
-                         step):
+def _attention_heads_par(out, qs, d, quant, q, kc, vc, positions, slots, kv_of_q, scale, sc, T, nq, hd, nh):
     """Fewer rows than threads (a decode step): each row's heads in nh ranges over the threads
     (scratch rows t*nq + h), then every row's Q80. The same bits as _attention_ser."""
     if sc.shape[0] < T * nq:
@@ -206,7 +188,7 @@ def _attention_heads_par(out, qs, d, quant, q, kc, vc, positions, slots, kv_of_q
         t = p // nh
         g = p - t * nh
         _attend_row(out, q, kc, vc, t, slots[t], positions[t] + 1, hd, kv_of_q, g * nq // nh,
-                    (g + 1) * nq // nh, scale, sc, t * nq, -1, 0, step)
+                    (g + 1) * nq // nh, scale, sc, t * nq)
     for t in range(T):
         _quantize_row(qs, d, out, t, quant, nq * hd // QK)
 
@@ -278,11 +260,11 @@ def attention(out: np.ndarray, q: np.ndarray, k_cache: np.ndarray, v_cache: np.n
     args = (out, *_NO_Q80, 0, q, kc, vc, positions, _slots0(T), kv_of_q, np.float32(scale), scratch, T, nq, hd)
     nch, nh = _split(T, nq, hd, pmax, scratch)
     if nh:
-        _attention_heads_par(*args, nh, _line_step(kc))
+        _attention_heads_par(*args, nh)
     elif nch > 1:
-        _attention_rows_par(*args, nch, _line_step(kc))
+        _attention_rows_par(*args, nch)
     else:
-        _attention_ser(*args, _line_step(kc))
+        _attention_ser(*args)
 
 
 def _kv_dtype(cache) -> np.dtype:
@@ -362,11 +344,6 @@ def _split(T: int, nq: int, hd: int, pmax: int, scratch) -> tuple[int, int]:
     return max(1, min(threads, T, scratch.shape[0] // nq)), 0
 
 
-def _line_step(cache) -> int:
-    """Cache elements per 64-byte line (the prefetch stride)."""
-    return 64 // cache.itemsize
-
-
 # ---------------------------------------------------------------- attention block (rope + KV store + attention)
 
 @_serial
@@ -391,10 +368,10 @@ def _rope_store(qkv, nq, nkv, k_cache, v_cache, positions, slots, cos, sin, hd, 
 
 @_serial
 def _attention_block_ser(out, qs, d, quant, qkv, nq, nkv, k_cache, v_cache, positions, slots, cos, sin,
-                         kv_of_q, scale, scratch, T, hd, step):
+                         kv_of_q, scale, scratch, T, hd):
     _rope_store(qkv, nq, nkv, k_cache, v_cache, positions, slots, cos, sin, hd, T)
     _attention_ser(out, qs, d, quant, qkv, k_cache, v_cache, positions, slots, kv_of_q, scale, scratch, T, nq,
-                   hd, step)
+                   hd)
 
 
 _NO_Q80 = (np.zeros((1, 1), np.int8), np.zeros((1, 1), np.float32))
@@ -472,7 +449,6 @@ def bind_attention_block(out, qkv, k_cache, v_cache, positions, slots, cos, sin,
     qs, d = q80 if q80 is not None else _NO_Q80
     quant = 0 if q80 is None else (2 if HAS_AVX2 else 1)
     k_cache, v_cache = _kv_bits(k_cache), _kv_bits(v_cache)
-    step = _line_step(k_cache)
 
     def call() -> None:
         pmax = _max_position(positions, T, S)
@@ -483,14 +459,14 @@ def bind_attention_block(out, qkv, k_cache, v_cache, positions, slots, cos, sin,
         nch, nh = _split(T, nq, hd, pmax, scratch)
         if nch == 1:
             _attention_block_ser(out, qs, d, quant, qkv, nq, nkv, k_cache, v_cache, positions, slots,
-                                 cos, sin, kv_of_q, scale, scratch, T, hd, step)
+                                 cos, sin, kv_of_q, scale, scratch, T, hd)
             return
         _rope_store(qkv, nq, nkv, k_cache, v_cache, positions, slots, cos, sin, hd, T)
         if nh:
             _attention_heads_par(out, qs, d, quant, qkv, k_cache, v_cache, positions, slots, kv_of_q, scale,
-                                 scratch, T, nq, hd, nh, step)
+                                 scratch, T, nq, hd, nh)
         else:
             _attention_rows_par(out, qs, d, quant, qkv, k_cache, v_cache, positions, slots, kv_of_q, scale,
-                                scratch, T, nq, hd, nch, step)
+                                scratch, T, nq, hd, nch)
     return call
 

@@ -7,8 +7,9 @@
   lower with ``DLLAMA_MPI_KERNELS``; ``HAS_AVX2``, ``HAS_VNNI512``);
 * the IR types and helpers of the hand-written vector loops (``_splat``, ``_ldv``, ``_as64``);
 * float32 exp (``_exp_neg``, ``_exp_f32``): polynomial, vectorisable under fastmath;
-* attention's row products over a KV cache of either type (``_dot4``/``_dot1``: q . k,
-  ``_axpy4``/``_axpy1``: out += p * v) and a sum in a fixed order (``_vsum``).
+* attention's products over a KV cache of either type, for up to 4 query heads sharing a
+  cache row (``_qk_heads``: q . k, ``_pv_heads``: out += p * v), and a sum in a fixed order
+  (``_vsum``).
 """
 from __future__ import annotations
 
@@ -203,14 +204,19 @@ def _exp_f32(x):
     return p * _i2f((np.int32(n) + np.int32(127)) << np.int32(23))
 
 
-# ---------------------------------------------------------------- attention's row products (any length)
+# ---------------------------------------------------------------- attention's head products (any length)
 #
-# q . k for 1 or 4 cache rows, and out += p * v over 1 or 4 rows: 16 float32 lanes at a time
-# (one zmm, two ymm or four xmm: LLVM splits the vector for the host), a scalar loop for the
-# last n % 16; a cache of f16 bit patterns (uint16) is widened as it is loaded. Hand-written IR
-# because numba's loops over row slices compile to runtime alias checks and reference counts.
+# One cache row (a position's K or V segment of one KV head, n elements) against up to 4 query
+# heads that share it: q . k for each head (_qk_heads), and out += p * v into each head's
+# output (_pv_heads). The segment is loaded once for the heads, 16 float32 lanes at a time
+# (one zmm, two ymm or four xmm: LLVM splits the vector for the host), widened as it is loaded
+# from a cache of f16 bit patterns (uint16); a scalar loop takes the last n % 16. Attention
+# calls them position after position, so the cache streams in address order (what the
+# hardware prefetchers follow). Hand-written IR because numba's loops over row slices compile
+# to runtime alias checks and reference counts.
 
 _vhalf16 = ir.VectorType(ir.HalfType(), 16)
+_NH = 4                            # query heads per call
 
 
 def _row_ptr(context, builder, ty, val):
@@ -228,12 +234,32 @@ def _f32x1(builder, ptr, off, f16: bool):
     return builder.fpext(builder.bitcast(v, ir.HalfType()), ir.FloatType()) if f16 else v
 
 
+def _shuf(builder, a, b, lanes):
+    return builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(_i32, len(lanes)), lanes))
+
+
 def _hsum16(builder, v):
     for n in (8, 4, 2, 1):
         ix = ir.VectorType(_i32, n)
         v = builder.fadd(builder.shuffle_vector(v, v, ir.Constant(ix, list(range(n)))),
                          builder.shuffle_vector(v, v, ir.Constant(ix, list(range(n, 2 * n)))))
     return builder.extract_element(v, ir.Constant(_i32, 0))
+
+
+def _hsum16x4(builder, vs):
+    """The lane sums of four v16f32, in one tree: [sum(vs[0]), ..., sum(vs[3])] as scalars."""
+    ab = builder.fadd(_shuf(builder, vs[0], vs[1], list(range(8)) + list(range(16, 24))),
+                      _shuf(builder, vs[0], vs[1], list(range(8, 16)) + list(range(24, 32))))
+    cd = builder.fadd(_shuf(builder, vs[2], vs[3], list(range(8)) + list(range(16, 24))),
+                      _shuf(builder, vs[2], vs[3], list(range(8, 16)) + list(range(24, 32))))
+    # lanes 0-3: vs[0]'s 4 partials, 4-7: vs[1]'s, 8-11: vs[2]'s, 12-15: vs[3]'s
+    lo4 = [0, 1, 2, 3, 8, 9, 10, 11]
+    abcd = builder.fadd(_shuf(builder, ab, cd, lo4 + [16 + i for i in lo4]),
+                        _shuf(builder, ab, cd, [i + 4 for i in lo4] + [20 + i for i in lo4]))
+    und = ir.Constant(_v16f32, ir.Undefined)
+    e = builder.fadd(abcd, _shuf(builder, abcd, und, [i ^ 2 for i in range(16)]))
+    f = builder.fadd(e, _shuf(builder, e, und, [i ^ 1 for i in range(16)]))
+    return [builder.extract_element(f, ir.Constant(_i32, 4 * r)) for r in range(4)]
 
 
 def _fma16(builder):
@@ -250,63 +276,98 @@ def _k64(v: int):
     return ir.Constant(_i64, v)
 
 
-def _row_args(context, builder, signature, args, nrows: int):
-    """The shared arguments (a, ao, kv, ko, stride, n) of the row products: pointers of the
-    float32 array a and of the cache kv (f16: uint16 bits), a's offset, the cache offsets of
-    the nrows rows, n and n rounded down to 16 lanes."""
-    tys = signature.args
-    ap, kp = _row_ptr(context, builder, tys[0], args[0]), _row_ptr(context, builder, tys[2], args[2])
-    ao, ko, stride, n = (_as64(builder, args[i]) for i in (1, 3, 4, 5))
-    rows = [builder.add(ko, builder.mul(stride, _k64(r))) for r in range(nrows)]
-    return ap, kp, tys[2].dtype == types.uint16, ao, rows, n, builder.and_(n, _k64(-16))
+def _by_heads(builder, nh, body):
+    """body(m) for m = min(max(nh, 1), 4) heads, one code path per m (branch-free loops)."""
+    with builder.if_else(builder.icmp_signed("<=", nh, _k64(2))) as (few, more):
+        with few:
+            with builder.if_else(builder.icmp_signed("<=", nh, _k64(1))) as (one, two):
+                with one:
+                    body(1)
+                with two:
+                    body(2)
+        with more:
+            with builder.if_else(builder.icmp_signed("<=", nh, _k64(3))) as (three, four):
+                with three:
+                    body(3)
+                with four:
+                    body(4)
 
 
-def _dots_codegen(nrows: int):
+@intrinsic
+def _qk_heads(typingctx, sc, so, ss, q, qo, kv, ko, n, nh, scale):
+    """sc[so + i*ss] = scale * (q[qo + i*n:][:n] . kv[ko:ko+n]) for the nh <= 4 heads i < nh
+    (flat element offsets; the sums of the heads in one reduction tree, the same bits everywhere)."""
+    if not (_kv_ok_type(q, kv) and isinstance(sc, types.Array) and sc.dtype == types.float32
+            and scale == types.float32):
+        return None
+
     def codegen(context, builder, signature, args):
-        qp, kp, f16, qo, rows, n, n16 = _row_args(context, builder, signature, args, nrows)
+        tys = signature.args
+        sp, qp, kp = (_row_ptr(context, builder, tys[i], args[i]) for i in (0, 3, 5))
+        f16 = tys[5].dtype == types.uint16
+        so, ss, qo, ko, n, nh = (_as64(builder, args[i]) for i in (1, 2, 4, 6, 7, 8))
+        scale = args[9]
         k = _k64
-        n32 = builder.and_(n, k(-32))
-        # two accumulators a row (even and odd 16-lane chunks): FMA chains half as long
-        accs = [[cgutils.alloca_once_value(builder, ir.Constant(_v16f32, None)) for _ in range(2)]
-                for _ in range(nrows)]
+        n16 = builder.and_(n, k(-16))
+        fma = _fma16(builder)
+        zero = ir.Constant(_v16f32, None)
+
+        def body(m):
+            heads = [builder.add(qo, builder.mul(n, k(r))) for r in range(m)]
+            accs = [cgutils.alloca_once_value(builder, zero) for _ in range(m)]
+            with cgutils.for_range_slice(builder, k(0), n16, k(16), intp=_i64) as (i, _):
+                kv16 = _f32x16(builder, kp, builder.add(ko, i), f16)
+                for r in range(m):
+                    qv = _ldv(builder, qp, builder.add(heads[r], i), _v16f32)
+                    builder.store(builder.call(fma, [qv, kv16, builder.load(accs[r])]), accs[r])
+            vs = [builder.load(a) for a in accs]
+            tot = [_hsum16(builder, vs[0])] if m == 1 else _hsum16x4(builder, vs + [zero] * (4 - m))[:m]
+            sums = [cgutils.alloca_once_value(builder, v) for v in tot]
+            with cgutils.for_range_slice(builder, n16, n, k(1), intp=_i64) as (i, _):
+                ks = _f32x1(builder, kp, builder.add(ko, i), f16)
+                for r in range(m):
+                    qs = builder.load(builder.gep(qp, [builder.add(heads[r], i)]))
+                    builder.store(builder.fadd(builder.load(sums[r]), builder.fmul(qs, ks)), sums[r])
+            for r in range(m):
+                builder.store(builder.fmul(builder.load(sums[r]), scale),
+                              builder.gep(sp, [builder.add(so, builder.mul(ss, k(r)))]))
+        _by_heads(builder, nh, body)
+        return context.get_dummy_value()
+    return types.void(sc, so, ss, q, qo, kv, ko, n, nh, scale), codegen
+
+
+@intrinsic
+def _pv_heads(typingctx, out, oo, v, vo, n, nh, p0, p1, p2, p3):
+    """out[oo + i*n:][:n] += p_i * v[vo:vo+n] for the nh <= 4 heads i < nh (flat offsets)."""
+    if not _kv_ok_type(out, v) or any(p != types.float32 for p in (p0, p1, p2, p3)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        tys = signature.args
+        op, vp = _row_ptr(context, builder, tys[0], args[0]), _row_ptr(context, builder, tys[2], args[2])
+        f16 = tys[2].dtype == types.uint16
+        oo, vo, n, nh = (_as64(builder, args[i]) for i in (1, 3, 4, 5))
+        ps = list(args[6:10])
+        k = _k64
+        n16 = builder.and_(n, k(-16))
         fma = _fma16(builder)
 
-        def chunk(i, half):
-            qv = _ldv(builder, qp, builder.add(qo, i), _v16f32)
-            for r in range(nrows):
-                kv = _f32x16(builder, kp, builder.add(rows[r], i), f16)
-                builder.store(builder.call(fma, [qv, kv, builder.load(accs[r][half])]), accs[r][half])
-        with cgutils.for_range_slice(builder, k(0), n32, k(32), intp=_i64) as (i, _):
-            chunk(i, 0)
-            chunk(builder.add(i, k(16)), 1)
-        with cgutils.for_range_slice(builder, n32, n16, k(16), intp=_i64) as (i, _):
-            chunk(i, 0)
-        sums = [cgutils.alloca_once_value(builder, _hsum16(builder, builder.fadd(builder.load(a[0]), builder.load(a[1]))))
-                for a in accs]
-        with cgutils.for_range_slice(builder, n16, n, k(1), intp=_i64) as (i, _):
-            qs = builder.load(builder.gep(qp, [builder.add(qo, i)]))
-            for r in range(nrows):
-                ks = _f32x1(builder, kp, builder.add(rows[r], i), f16)
-                builder.store(builder.fadd(builder.load(sums[r]), builder.fmul(qs, ks)), sums[r])
-        vals = [builder.load(s) for s in sums]
-        return vals[0] if nrows == 1 else context.make_tuple(builder, signature.return_type, vals)
-    return codegen
-
-
-@intrinsic
-def _dot4(typingctx, q, qo, kv, ko, stride, n):
-    """(q[qo:qo+n] . kv[ko + r*stride:][:n] for r in 0..3) as float32 (flat element offsets)."""
-    if not _kv_ok_type(q, kv):
-        return None
-    return types.UniTuple(types.float32, 4)(q, qo, kv, ko, stride, n), _dots_codegen(4)
-
-
-@intrinsic
-def _dot1(typingctx, q, qo, kv, ko, stride, n):
-    """q[qo:qo+n] . kv[ko:ko+n] as float32 (stride unused: the signature of _dot4)."""
-    if not _kv_ok_type(q, kv):
-        return None
-    return types.float32(q, qo, kv, ko, stride, n), _dots_codegen(1)
+        def body(m):
+            pv = [_splat(builder, p, 16) for p in ps[:m]]
+            heads = [builder.add(oo, builder.mul(n, k(r))) for r in range(m)]
+            with cgutils.for_range_slice(builder, k(0), n16, k(16), intp=_i64) as (i, _):
+                v16 = _f32x16(builder, vp, builder.add(vo, i), f16)
+                for r in range(m):
+                    optr = builder.bitcast(builder.gep(op, [builder.add(heads[r], i)]), _v16f32.as_pointer())
+                    builder.store(builder.call(fma, [pv[r], v16, builder.load(optr, align=1)]), optr, align=1)
+            with cgutils.for_range_slice(builder, n16, n, k(1), intp=_i64) as (i, _):
+                vs = _f32x1(builder, vp, builder.add(vo, i), f16)
+                for r in range(m):
+                    optr = builder.gep(op, [builder.add(heads[r], i)])
+                    builder.store(builder.fadd(builder.load(optr), builder.fmul(ps[r], vs)), optr)
+        _by_heads(builder, nh, body)
+        return context.get_dummy_value()
+    return types.void(out, oo, v, vo, n, nh, p0, p1, p2, p3), codegen
 
 
 @intrinsic
@@ -330,46 +391,3 @@ def _vsum(typingctx, x, xo, n):
             builder.store(builder.fadd(builder.load(tot), builder.load(builder.gep(xp, [builder.add(xo, i)]))), tot)
         return builder.load(tot)
     return types.float32(x, xo, n), codegen
-
-
-def _axpys_codegen(nrows: int):
-    def codegen(context, builder, signature, args):
-        op, vp, f16, oo, rows, n, n16 = _row_args(context, builder, signature, args, nrows)
-        k = _k64
-        ps = list(args[6:6 + nrows])
-        pv = [_splat(builder, p, 16) for p in ps]
-        fma = _fma16(builder)
-        with cgutils.for_range_slice(builder, k(0), n16, k(16), intp=_i64) as (i, _):
-            optr = builder.bitcast(builder.gep(op, [builder.add(oo, i)]), _v16f32.as_pointer())
-            terms = [_f32x16(builder, vp, builder.add(rows[r], i), f16) for r in range(nrows)]
-            if nrows == 4:          # (p0 v0 + p1 v1) + (p2 v2 + p3 v3): short dependency chains
-                a = builder.call(fma, [pv[1], terms[1], builder.fmul(pv[0], terms[0])])
-                b = builder.call(fma, [pv[3], terms[3], builder.fmul(pv[2], terms[2])])
-                acc = builder.fadd(builder.load(optr, align=1), builder.fadd(a, b))
-            else:
-                acc = builder.call(fma, [pv[0], terms[0], builder.load(optr, align=1)])
-            builder.store(acc, optr, align=1)
-        with cgutils.for_range_slice(builder, n16, n, k(1), intp=_i64) as (i, _):
-            optr = builder.gep(op, [builder.add(oo, i)])
-            acc = builder.load(optr)
-            for r in range(nrows):
-                acc = builder.fadd(acc, builder.fmul(ps[r], _f32x1(builder, vp, builder.add(rows[r], i), f16)))
-            builder.store(acc, optr)
-        return context.get_dummy_value()
-    return codegen
-
-
-@intrinsic
-def _axpy4(typingctx, out, oo, v, vo, stride, n, p0, p1, p2, p3):
-    """out[oo:oo+n] += sum over r < 4 of p_r * v[vo + r*stride:][:n] (flat element offsets)."""
-    if not _kv_ok_type(out, v) or any(p != types.float32 for p in (p0, p1, p2, p3)):
-        return None
-    return types.void(out, oo, v, vo, stride, n, p0, p1, p2, p3), _axpys_codegen(4)
-
-
-@intrinsic
-def _axpy1(typingctx, out, oo, v, vo, stride, n, p0):
-    """out[oo:oo+n] += p0 * v[vo:vo+n] (stride unused: the signature of _axpy4)."""
-    if not _kv_ok_type(out, v) or p0 != types.float32:
-        return None
-    return types.void(out, oo, v, vo, stride, n, p0), _axpys_codegen(1)
