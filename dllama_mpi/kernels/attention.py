@@ -178,21 +178,6 @@ def _attention_rows_par(out, qs, d, quant, q, kc, vc, positions, slots, kv_of_q,
         _attend_rows(out, qs, d, quant, q, kc, vc, positions, slots, kv_of_q, scale, sc, T, nq, hd, c, nch)
 
 
-@_parallel
-def _attention_heads_par(out, qs, d, quant, q, kc, vc, positions, slots, kv_of_q, scale, sc, T, nq, hd, nh):
-    """Fewer rows than threads (a decode step): each row's heads in nh ranges over the threads
-    (scratch rows t*nq + h), then every row's Q80. The same bits as _attention_ser."""
-    if sc.shape[0] < T * nq:
-        raise ValueError("attention scratch: too few rows")
-    for p in prange(T * nh):
-        t = p // nh
-        g = p - t * nh
-        _attend_row(out, q, kc, vc, t, slots[t], positions[t] + 1, hd, kv_of_q, g * nq // nh,
-                    (g + 1) * nq // nh, scale, sc, t * nq)
-    for t in range(T):
-        _quantize_row(qs, d, out, t, quant, nq * hd // QK)
-
-
 @_serial
 def _kv_ok(kv_of_q, nkv):
     for h in range(kv_of_q.shape[0]):
@@ -258,10 +243,8 @@ def attention(out: np.ndarray, q: np.ndarray, k_cache: np.ndarray, v_cache: np.n
     scratch = _scratch(scratch, T, nq, S, pmax)
     kc, vc = _kv_bits(k_cache)[np.newaxis], _kv_bits(v_cache)[np.newaxis]
     args = (out, *_NO_Q80, 0, q, kc, vc, positions, _slots0(T), kv_of_q, np.float32(scale), scratch, T, nq, hd)
-    nch, nh = _split(T, nq, hd, pmax, scratch)
-    if nh:
-        _attention_heads_par(*args, nh)
-    elif nch > 1:
+    nch = _split(T, nq, hd, pmax, scratch)
+    if nch > 1:
         _attention_rows_par(*args, nch)
     else:
         _attention_ser(*args)
@@ -330,18 +313,18 @@ def _scratch(scratch, T: int, nq: int, S: int, pmax: int) -> np.ndarray:
     return scratch
 
 
-def _split(T: int, nq: int, hd: int, pmax: int, scratch) -> tuple[int, int]:
-    """How attention runs: (1, 0) serially, below the work a parallel region pays off for (a
-    decode step's attention splits from far less than other kernels: run serially between two
-    parallel matmuls it lets the idle threads sleep, see _jit._PAR_MIN_ROWS_WORK); (0, nh):
-    fewer rows than threads, each row's heads in nh ranges; (nch, 0): rows in nch chunks."""
+def _split(T: int, nq: int, hd: int, pmax: int, scratch) -> int:
+    """How many chunks of rows attention runs in: 1 (serially) for one row (a decode step:
+    splitting its heads over the threads broke each thread's reads into pieces of every cache
+    row, and was slower than one thread: 2 threads 518-607 us a layer, 1 thread 362-409, at
+    position 1000 of the synthetic model) or below the work a parallel region pays off for
+    (from less with fewer rows than threads: run serially between two parallel matmuls it lets
+    the idle threads sleep, see _jit._PAR_MIN_ROWS_WORK); else one chunk per thread."""
     threads = _jit._NUM_THREADS
     least = _PAR_MIN_ROWS_WORK if T < threads else _PAR_MIN_WORK
-    if threads == 1 or nq == 0 or T * nq * (pmax + 1) * hd < least:
-        return 1, 0
-    if T < threads and T * nq <= scratch.shape[0]:
-        return 0, threads // T
-    return max(1, min(threads, T, scratch.shape[0] // nq)), 0
+    if threads == 1 or T == 1 or nq == 0 or T * nq * (pmax + 1) * hd < least:
+        return 1
+    return max(1, min(threads, T, scratch.shape[0] // nq))
 
 
 # ---------------------------------------------------------------- attention block (rope + KV store + attention)
@@ -456,17 +439,13 @@ def bind_attention_block(out, qkv, k_cache, v_cache, positions, slots, cos, sin,
         if lo < 0 or hi >= n_slots:
             raise ValueError(f"slots: must lie in [0, {n_slots}), got [{lo}, {hi}]")
         scratch = _scratch(None, T, nq, S, pmax)
-        nch, nh = _split(T, nq, hd, pmax, scratch)
+        nch = _split(T, nq, hd, pmax, scratch)
         if nch == 1:
             _attention_block_ser(out, qs, d, quant, qkv, nq, nkv, k_cache, v_cache, positions, slots,
                                  cos, sin, kv_of_q, scale, scratch, T, hd)
             return
         _rope_store(qkv, nq, nkv, k_cache, v_cache, positions, slots, cos, sin, hd, T)
-        if nh:
-            _attention_heads_par(out, qs, d, quant, qkv, k_cache, v_cache, positions, slots, kv_of_q, scale,
-                                 scratch, T, nq, hd, nh)
-        else:
-            _attention_rows_par(out, qs, d, quant, qkv, k_cache, v_cache, positions, slots, kv_of_q, scale,
-                                scratch, T, nq, hd, nch)
+        _attention_rows_par(out, qs, d, quant, qkv, k_cache, v_cache, positions, slots, kv_of_q, scale,
+                            scratch, T, nq, hd, nch)
     return call
 
