@@ -455,6 +455,39 @@ def test_attention_block_rows_of_several_sequences():
         K.attention_block(out, qkv, kc, vc, pos, np.array([0, 3, 1], np.int32), cos, sin, kvq, 0.2)
 
 
+@pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason="needs 2 numba threads")
+def test_attention_long_row_same_bits_on_any_threads_and_in_a_batch():
+    """One row of many positions (a decode step at long context: its blocks of positions run
+    over the threads) gives the bits of one thread, and of the same row in a batch (its rows
+    over the threads); checked against the naive attention too."""
+    r = rng(11)
+    nq, nkv, hd, S = 8, 2, 64, 1100
+    kc = r.standard_normal((3, S, nkv, hd)).astype(np.float32)
+    vc = r.standard_normal((3, S, nkv, hd)).astype(np.float32)
+    qkv = r.standard_normal((3, (nq + 2 * nkv) * hd)).astype(np.float32)
+    pos, slots = np.array([1000, 700, 999], np.int32), np.array([0, 1, 2], np.int32)
+    cos, sin = _rope_tables(S, hd)
+    kvq = np.repeat(np.arange(nkv), nq // nkv).astype(np.int32)
+    old, rows_out = K.get_num_threads(), []
+    try:
+        for threads, rows in ((1, 1), (2, 1), (2, 3)):
+            K.set_num_threads(threads)
+            kc1, vc1, q1 = kc.copy(), vc.copy(), qkv[:rows].copy()
+            out = np.empty((rows, nq * hd), np.float32)
+            K.attention_block(out, q1, kc1, vc1, pos[:rows], slots[:rows], cos, sin, kvq, 0.125)
+            rows_out.append(out[0])
+    finally:
+        K.set_num_threads(old)
+    np.testing.assert_array_equal(rows_out[1], rows_out[0])
+    np.testing.assert_array_equal(rows_out[2], rows_out[0])
+    q, k, v = (a.copy() for a in np.split(qkv[:1], [nq * hd, (nq + nkv) * hd], axis=1))
+    K.rope_interleaved(q, pos[:1], cos, sin, hd)
+    K.rope_interleaved(k, pos[:1], cos, sin, hd)
+    kc[0, pos[0]], vc[0, pos[0]] = k.reshape(nkv, hd), v.reshape(nkv, hd)
+    np.testing.assert_allclose(rows_out[0], naive_attention(q, kc[0], vc[0], pos[:1], kvq, 0.125)[0],
+                               rtol=1e-4, atol=2e-5)
+
+
 @pytest.mark.parametrize("T", [1, 5])
 def test_rmsnorm_heads(T):
     r = rng(T)

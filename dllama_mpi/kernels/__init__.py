@@ -28,7 +28,7 @@ from .q80 import quantize_q80_act
 from .simd import HAS_AVX2, HAS_VNNI512, KERNELS
 
 # the private kernels warmup() compiles as well (parallel twins, the other ISA path)
-from .attention import (_attention_block_ser, _attention_rows_par, _attention_ser, _rope_par,
+from .attention import (_attention_block_ser, _attention_long_par, _attention_rows_par, _attention_ser, _rope_par,
                         _rope_rows, _rope_store)
 from .ffn import _SPLIT_MIN, _silu_mul_par, _silu_mul_q80_par, _silu_mul_q80_ser, _silu_mul_q80_split, _silu_mul_rows
 from .matmul_rows import (_ACC, _rbuffers, _rows_q4_generic, _rows_q4_par, _rows_q4_serial, _rows_q8_generic,
@@ -237,15 +237,19 @@ def _steps(needs, skip_warmed: bool = True) -> list[tuple[str, float, list, obje
         quant = 2 if HAS_AVX2 else 1
         _attention_rows_par(o, oq, od, quant, qkv, kb, kb.copy(), pos, slots, kvq, np.float32(0.25),
                             sc, T, 4, 16, 2)
+        _attention_long_par(o[:1], oq[:1], od[:1], quant, qkv[:1], kb, kb.copy(), pos[:1], slots[:1], kvq,
+                            np.float32(0.25), sc, 4, 16)
         _rope_store(qkv, 4, 2, kb, kb.copy(), pos, slots, cos, sin, 16, T)
         return o, x, kc4, pos, kvq, sc
 
-    @step("attention", "attention block", 6.0, [_attention_block_ser, _rope_store, _attention_rows_par])
+    @step("attention", "attention block", 6.0, [_attention_block_ser, _rope_store, _attention_rows_par,
+                                                _attention_long_par])
     def _():
         attention_calls(np.float32)
 
     @step("kv_f16", "attention block (f16 KV cache)", 6.0, [_attention_block_ser, _rope_store,
-                                                            _attention_ser, _attention_rows_par])
+                                                            _attention_ser, _attention_rows_par,
+                                                            _attention_long_par])
     def _():
         o, x_, kc4, pos, kvq, sc = attention_calls(np.float16)
         attention(o, x_, kc4[0], kc4[0], pos, kvq, 0.25, sc)

@@ -112,36 +112,63 @@ def _head_runs(kv_of_q, h0, h1):
     return runs[:n + 1]
 
 
+_VB = 128                         # positions per block of attention's V sum (for any thread count)
+
+
+@_inline
+def _scores(q, kc, t, base, rowl, hd, kv_of_q, runs, scale, sc, r0, j0, j1):
+    """Scratch rows r0 + h, columns j0..j1-1: scale * q[t, head h] . K row j, for the heads of
+    runs (_head_runs), position by position in address order (a KV head's segment loaded once
+    for the query heads that share it)."""
+    qw, scw = q.shape[1], sc.shape[1]        # row lengths: flat offsets
+    for j in range(j0, j1):
+        row = base + j * rowl
+        for u in range(runs.shape[0] - 1):
+            h, e = runs[u], runs[u + 1]
+            _qk_heads(sc, (r0 + h) * scw + j, scw, q, t * qw + h * hd, kc, row + kv_of_q[h] * hd, hd, e - h, scale)
+
+
+@_inline
+def _values(acc, ao, vc, base, rowl, hd, kv_of_q, runs, sc, r0, j0, j1):
+    """acc[flat ao + (h - first head) * hd ...] += sum over positions j0..j1-1 of
+    p[h, j] * V row j (p: scratch row r0 + h), for the heads of runs, in address order."""
+    h0 = runs[0]
+    for j in range(j0, j1):
+        row = base + j * rowl
+        for u in range(runs.shape[0] - 1):
+            h, e = runs[u], runs[u + 1]
+            r, rl = r0 + h, r0 + e - 1             # heads past the run: their p is not used
+            _pv_heads(acc, ao + (h - h0) * hd, vc, row + kv_of_q[h] * hd, hd, e - h,
+                      sc[r, j], sc[min(r + 1, rl), j], sc[min(r + 2, rl), j], sc[min(r + 3, rl), j])
+
+
 @_inline
 def _attend_row(out, q, kc, vc, t, s, npos, hd, kv_of_q, h0, h1, scale, sc, r0):
     """Heads h0..h1-1 of row t, over rows 0..npos-1 of cache slot s, into out[t].
 
-    Position by position, in address order: the position's K row against every head (a KV
-    head's segment loaded once for the query heads that share it), into scratch rows r0 + h;
-    softmax per head; then the V rows the same way. A slot's K and V rows stream from memory
-    once and in order, which the hardware prefetchers follow (reading 4 positions of one KV
-    head at a time, their stride defeated them: 2-3x slower from memory than from cache)."""
+    The scores (_scores), softmax per head, then the V rows (_values), each pass over the
+    positions in address order: a slot's K and V rows stream from memory once and in the
+    order the hardware prefetchers follow (4 positions of one KV head at a time, the order
+    before, was 2-3x slower from memory than from cache). The V sum runs in blocks of _VB
+    positions, each block's sum added to out in turn: the bits _attention_long_par gives
+    when it sums a row's blocks on several threads."""
     S, nkv = kc.shape[1], kc.shape[2]
     rowl = nkv * hd
     base = s * S * rowl
-    qw, ow, scw = q.shape[1], out.shape[1], sc.shape[1]   # row lengths: flat offsets
     runs = _head_runs(kv_of_q, h0, h1)
-    nr = runs.shape[0] - 1
-    for j in range(npos):
-        row = base + j * rowl
-        for u in range(nr):
-            h, e = runs[u], runs[u + 1]
-            _qk_heads(sc, (r0 + h) * scw + j, scw, q, t * qw + h * hd, kc, row + kv_of_q[h] * hd, hd, e - h, scale)
+    _scores(q, kc, t, base, rowl, hd, kv_of_q, runs, scale, sc, r0, 0, npos)
     _softmax_rows(sc, r0, h0, h1, npos)
+    ow, w = out.shape[1], (h1 - h0) * hd
     for i in range(h0 * hd, h1 * hd):
         out[t, i] = np.float32(0.0)
-    for j in range(npos):
-        row = base + j * rowl
-        for u in range(nr):
-            h, e = runs[u], runs[u + 1]
-            r, rl = r0 + h, r0 + e - 1             # heads past the run: their p is not used
-            _pv_heads(out, t * ow + h * hd, vc, row + kv_of_q[h] * hd, hd, e - h,
-                      sc[r, j], sc[min(r + 1, rl), j], sc[min(r + 2, rl), j], sc[min(r + 3, rl), j])
+    _values(out, t * ow + h0 * hd, vc, base, rowl, hd, kv_of_q, runs, sc, r0, 0, min(npos, _VB))
+    if npos > _VB:
+        acc = np.empty((1, w), np.float32)
+        for j0 in range(_VB, npos, _VB):
+            acc[0, :] = np.float32(0.0)
+            _values(acc, 0, vc, base, rowl, hd, kv_of_q, runs, sc, r0, j0, min(npos, j0 + _VB))
+            for i in range(w):
+                out[t, h0 * hd + i] += acc[0, i]
 
 
 @_inline
@@ -176,6 +203,36 @@ def _attention_rows_par(out, qs, d, quant, q, kc, vc, positions, slots, kv_of_q,
         raise ValueError("attention scratch: too few rows")
     for c in prange(nch):
         _attend_rows(out, qs, d, quant, q, kc, vc, positions, slots, kv_of_q, scale, sc, T, nq, hd, c, nch)
+
+
+@_parallel
+def _attention_long_par(out, qs, d, quant, q, kc, vc, positions, slots, kv_of_q, scale, sc, nq, hd):
+    """One row (a decode step) of more than _VB positions: its positions in blocks of _VB over
+    the threads, each thread's blocks in a contiguous range (scores, then after the softmax
+    each block's V sum); the block sums added in order. The same bits as _attention_ser."""
+    if sc.shape[0] < nq:
+        raise ValueError("attention scratch: too few rows")
+    npos = positions[0] + 1
+    S, nkv = kc.shape[1], kc.shape[2]
+    rowl = nkv * hd
+    base = slots[0] * S * rowl
+    nb = (npos + _VB - 1) // _VB
+    runs = _head_runs(kv_of_q, 0, nq)
+    for b in prange(nb):
+        _scores(q, kc, 0, base, rowl, hd, kv_of_q, runs, scale, sc, 0, b * _VB, min(npos, b * _VB + _VB))
+    _softmax_rows(sc, 0, 0, nq, npos)
+    w = nq * hd
+    part = np.empty((nb, w), np.float32)
+    for b in prange(nb):
+        for i in range(w):
+            part[b, i] = np.float32(0.0)
+        _values(part, b * w, vc, base, rowl, hd, kv_of_q, runs, sc, 0, b * _VB, min(npos, b * _VB + _VB))
+    for i in range(w):
+        out[0, i] = part[0, i]
+    for b in range(1, nb):
+        for i in range(w):
+            out[0, i] += part[b, i]
+    _quantize_row(qs, d, out, 0, quant, w // QK)
 
 
 @_serial
@@ -244,7 +301,9 @@ def attention(out: np.ndarray, q: np.ndarray, k_cache: np.ndarray, v_cache: np.n
     kc, vc = _kv_bits(k_cache)[np.newaxis], _kv_bits(v_cache)[np.newaxis]
     args = (out, *_NO_Q80, 0, q, kc, vc, positions, _slots0(T), kv_of_q, np.float32(scale), scratch, T, nq, hd)
     nch = _split(T, nq, hd, pmax, scratch)
-    if nch > 1:
+    if nch > 1 and T == 1:
+        _attention_long_par(*args[:-3], nq, hd)
+    elif nch > 1:
         _attention_rows_par(*args, nch)
     else:
         _attention_ser(*args)
@@ -314,16 +373,18 @@ def _scratch(scratch, T: int, nq: int, S: int, pmax: int) -> np.ndarray:
 
 
 def _split(T: int, nq: int, hd: int, pmax: int, scratch) -> int:
-    """How many chunks of rows attention runs in: 1 (serially) for one row (a decode step:
-    splitting its heads over the threads broke each thread's reads into pieces of every cache
-    row, and was slower than one thread: 2 threads 518-607 us a layer, 1 thread 362-409, at
-    position 1000 of the synthetic model) or below the work a parallel region pays off for
-    (from less with fewer rows than threads: run serially between two parallel matmuls it lets
-    the idle threads sleep, see _jit._PAR_MIN_ROWS_WORK); else one chunk per thread."""
+    """How many chunks attention runs in: 1 (serially) below the work a parallel region pays
+    off for (from less with fewer rows than threads: run serially between two parallel matmuls
+    it lets the idle threads sleep, see _jit._PAR_MIN_ROWS_WORK), and for one row of at most
+    _VB positions; one row of more runs its blocks of positions over the threads
+    (_attention_long_par: splitting its heads instead broke each thread's reads into pieces
+    of every cache row and was slower than one thread); else rows in one chunk per thread."""
     threads = _jit._NUM_THREADS
     least = _PAR_MIN_ROWS_WORK if T < threads else _PAR_MIN_WORK
-    if threads == 1 or T == 1 or nq == 0 or T * nq * (pmax + 1) * hd < least:
+    if threads == 1 or nq == 0 or T * nq * (pmax + 1) * hd < least:
         return 1
+    if T == 1:
+        return min(threads, (pmax + _VB) // _VB)
     return max(1, min(threads, T, scratch.shape[0] // nq))
 
 
@@ -445,7 +506,11 @@ def bind_attention_block(out, qkv, k_cache, v_cache, positions, slots, cos, sin,
                                  cos, sin, kv_of_q, scale, scratch, T, hd)
             return
         _rope_store(qkv, nq, nkv, k_cache, v_cache, positions, slots, cos, sin, hd, T)
-        _attention_rows_par(out, qs, d, quant, qkv, k_cache, v_cache, positions, slots, kv_of_q, scale,
-                            scratch, T, nq, hd, nch)
+        if T == 1:
+            _attention_long_par(out, qs, d, quant, qkv, k_cache, v_cache, positions, slots, kv_of_q, scale,
+                                scratch, nq, hd)
+        else:
+            _attention_rows_par(out, qs, d, quant, qkv, k_cache, v_cache, positions, slots, kv_of_q, scale,
+                                scratch, T, nq, hd, nch)
     return call
 
