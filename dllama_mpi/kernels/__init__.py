@@ -28,8 +28,8 @@ from .q80 import quantize_q80_act
 from .simd import HAS_AVX2, HAS_VNNI512, KERNELS
 
 # the private kernels warmup() compiles as well (parallel twins, the other ISA path)
-from .attention import (_attention_block_ser, _attention_long_par, _attention_rows_par, _attention_ser, _rope_par,
-                        _rope_rows, _rope_store)
+from .attention import (_attention_block_par, _attention_block_ser, _attention_long_par, _attention_rows_par,
+                        _attention_ser, _ranges, _rope_par, _rope_rows, _rope_store)
 from .ffn import _SPLIT_MIN, _silu_mul_par, _silu_mul_q80_par, _silu_mul_q80_ser, _silu_mul_q80_split, _silu_mul_rows
 from .matmul_rows import (_ACC, _rbuffers, _rows_q4_generic, _rows_q4_par, _rows_q4_serial, _rows_q8_generic,
                           _rows_q8_par, _rows_q8_serial)
@@ -239,17 +239,20 @@ def _steps(needs, skip_warmed: bool = True) -> list[tuple[str, float, list, obje
                             sc, T, 4, 16, 2)
         _attention_long_par(o[:1], oq[:1], od[:1], quant, qkv[:1], kb, kb.copy(), pos[:1], slots[:1], kvq,
                             np.float32(0.25), sc, 4, 16)
+        _attention_block_par(o, oq, od, quant, qkv, 4, 2, kb, kb.copy(), pos, slots, cos, sin, kvq,
+                             np.float32(0.25), sc, T, 16, 2)
         _rope_store(qkv, 4, 2, kb, kb.copy(), pos, slots, cos, sin, 16, T)
+        _ranges(pos, slots, T)
         return o, x, kc4, pos, kvq, sc
 
     @step("attention", "attention block", 6.0, [_attention_block_ser, _rope_store, _attention_rows_par,
-                                                _attention_long_par])
+                                                _attention_long_par, _attention_block_par, _ranges])
     def _():
         attention_calls(np.float32)
 
     @step("kv_f16", "attention block (f16 KV cache)", 6.0, [_attention_block_ser, _rope_store,
                                                             _attention_ser, _attention_rows_par,
-                                                            _attention_long_par])
+                                                            _attention_long_par, _attention_block_par])
     def _():
         o, x_, kc4, pos, kvq, sc = attention_calls(np.float16)
         attention(o, x_, kc4[0], kc4[0], pos, kvq, 0.25, sc)
