@@ -431,13 +431,18 @@ def test_attention_block(T, nq, nkv, hd, S, q80, threads):
         np.testing.assert_array_equal(d, rd)
 
 
-def test_attention_block_rows_of_several_sequences():
-    """Rows of three sequences at different positions (a batched decode step) == each alone."""
-    r = rng(7)
-    nq, nkv, hd, S = 4, 2, 32, 30
+def _three_sequences(seed, nq, nkv, hd, S):
+    """Random K and V caches of 3 KV slots and a fused qkv row for each."""
+    r = rng(seed)
     kc = r.standard_normal((3, S, nkv, hd)).astype(np.float32)
     vc = r.standard_normal((3, S, nkv, hd)).astype(np.float32)
-    qkv = r.standard_normal((3, (nq + 2 * nkv) * hd)).astype(np.float32)
+    return kc, vc, r.standard_normal((3, (nq + 2 * nkv) * hd)).astype(np.float32)
+
+
+def test_attention_block_rows_of_several_sequences():
+    """Rows of three sequences at different positions (a batched decode step) == each alone."""
+    nq, nkv, hd, S = 4, 2, 32, 30
+    kc, vc, qkv = _three_sequences(7, nq, nkv, hd, S)
     pos, slots = np.array([4, 17, 0], np.int32), np.array([2, 0, 1], np.int32)
     cos, sin = _rope_tables(S, hd)
     kvq = np.array([0, 0, 1, 1], np.int32)
@@ -460,11 +465,8 @@ def test_attention_long_row_same_bits_on_any_threads_and_in_a_batch():
     """One row of many positions (a decode step at long context: its blocks of positions run
     over the threads) gives the bits of one thread, and of the same row in a batch (its rows
     over the threads); checked against the naive attention too."""
-    r = rng(11)
     nq, nkv, hd, S = 8, 2, 64, 1100
-    kc = r.standard_normal((3, S, nkv, hd)).astype(np.float32)
-    vc = r.standard_normal((3, S, nkv, hd)).astype(np.float32)
-    qkv = r.standard_normal((3, (nq + 2 * nkv) * hd)).astype(np.float32)
+    kc, vc, qkv = _three_sequences(11, nq, nkv, hd, S)
     pos, slots = np.array([1000, 700, 999], np.int32), np.array([0, 1, 2], np.int32)
     cos, sin = _rope_tables(S, hd)
     kvq = np.repeat(np.arange(nkv), nq // nkv).astype(np.int32)

@@ -277,20 +277,18 @@ def _k64(v: int):
 
 
 def _by_heads(builder, nh, body):
-    """body(m) for m = min(max(nh, 1), 4) heads, one code path per m (branch-free loops)."""
-    with builder.if_else(builder.icmp_signed("<=", nh, _k64(2))) as (few, more):
-        with few:
-            with builder.if_else(builder.icmp_signed("<=", nh, _k64(1))) as (one, two):
-                with one:
-                    body(1)
-                with two:
-                    body(2)
-        with more:
-            with builder.if_else(builder.icmp_signed("<=", nh, _k64(3))) as (three, four):
-                with three:
-                    body(3)
-                with four:
-                    body(4)
+    """body(m) for m = nh heads (1 <= nh; 4 or more: 4), one code path per m (loops free of
+    per-head branches), chosen by one switch."""
+    end = builder.append_basic_block("heads.end")
+    blocks = [builder.append_basic_block(f"heads.{m}") for m in range(1, _NH + 1)]
+    switch = builder.switch(nh, blocks[-1])
+    for m, block in enumerate(blocks[:-1], 1):
+        switch.add_case(_k64(m), block)
+    for m, block in enumerate(blocks, 1):
+        builder.position_at_end(block)
+        body(m)
+        builder.branch(end)
+    builder.position_at_end(end)
 
 
 @intrinsic
