@@ -123,7 +123,10 @@ def attention_bytes(config: ModelConfig, p: ShardPlan, max_seq_len: int, rows: i
                     nthreads: int = 1) -> int:
     """The rope tables (cos and sin, f32 [S, head_dim / 2]) and attention's scratch for
     forwards of up to `rows` rows on `nthreads` threads (kernels.attention.scratch_rows: one
-    arena of a row of S f32 per head of each row run at once, at most 256 or one row's)."""
+    arena of a row of S f32 per head of each row run at once, at most 256 or one row's).
+    Not held, so not counted: a decode step of more than 128 positions on several threads
+    also takes, while it runs, its blocks' V sums (at most S/128 x heads x head_dim f32:
+    1 MB for 32 heads of 64 at S = 16384)."""
     heads = p.q_heads.size
     scratch = min(heads * max(1, min(rows, nthreads)), max(heads, 256)) * max_seq_len * F32
     return max_seq_len * config.head_dim * F32 + scratch
