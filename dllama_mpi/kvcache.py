@@ -146,6 +146,10 @@ class KVCache:
     def _make_folder(self, base: str) -> None:
         try:
             os.makedirs(self.folder, exist_ok=True)
+        except FileExistsError:
+            # makedirs found the folder made by another rank of the node, which then removed
+            # it before makedirs could see it was a folder: _mapped makes it again
+            pass
         except OSError as e:
             raise DllamaError(f"cannot create the KV cache in {base}: {e.strerror}") from None
 

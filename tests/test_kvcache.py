@@ -47,6 +47,25 @@ def test_two_jobs_and_ranks_in_one_folder_never_collide(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+def test_a_rank_racing_another_for_the_folder_still_makes_its_cache(tmp_path, monkeypatch):
+    """Two ranks of a node: one's makedirs meets the folder the other made, and the other
+    removes it before makedirs can see it is a folder (FileExistsError; seen once in the
+    fault suite's kv-f16-disk-2r): the cache is made all the same, and nothing is left."""
+    real, calls = os.makedirs, []
+
+    def racing(path, exist_ok=False):
+        calls.append(path)
+        if len(calls) == 1:
+            raise FileExistsError(17, "File exists", path)
+        return real(path, exist_ok=exist_ok)
+    monkeypatch.setattr(kvcache.os, "makedirs", racing)
+    kv = _cache(tmp_path, directory=str(tmp_path), job="race", tag="rank1")
+    kv.k[0, 0, 1] = 3.0
+    assert kv.k[0, 0, 1, 0, 0] == 3.0 and len(calls) >= 2
+    assert os.listdir(tmp_path) == []
+    kv.close()
+
+
 def test_job_tags_are_unique():
     assert len({kvcache.job_tag() for _ in range(50)}) == 50
 
