@@ -143,6 +143,15 @@ def _values(acc, ao, vc, base, rowl, hd, kv_of_q, runs, sc, r0, j0, j1):
 
 
 @_inline
+def _block_sum(acc, a, vc, base, rowl, hd, kv_of_q, runs, sc, r0, npos, j0):
+    """acc row a = the V sum (_values, from zero) of positions j0.. j0 + _VB - 1 (below npos)."""
+    w = acc.shape[1]
+    for i in range(w):
+        acc[a, i] = np.float32(0.0)
+    _values(acc, a * w, vc, base, rowl, hd, kv_of_q, runs, sc, r0, j0, min(npos, j0 + _VB))
+
+
+@_inline
 def _attend_row(out, q, kc, vc, t, s, npos, hd, kv_of_q, h0, h1, scale, sc, r0):
     """Heads h0..h1-1 of row t, over rows 0..npos-1 of cache slot s, into out[t].
 
@@ -165,8 +174,7 @@ def _attend_row(out, q, kc, vc, t, s, npos, hd, kv_of_q, h0, h1, scale, sc, r0):
     if npos > _VB:
         acc = np.empty((1, w), np.float32)
         for j0 in range(_VB, npos, _VB):
-            acc[0, :] = np.float32(0.0)
-            _values(acc, 0, vc, base, rowl, hd, kv_of_q, runs, sc, r0, j0, min(npos, j0 + _VB))
+            _block_sum(acc, 0, vc, base, rowl, hd, kv_of_q, runs, sc, r0, npos, j0)
             for i in range(w):
                 out[t, h0 * hd + i] += acc[0, i]
 
@@ -224,9 +232,7 @@ def _attention_long_par(out, qs, d, quant, q, kc, vc, positions, slots, kv_of_q,
     w = nq * hd
     part = np.empty((nb, w), np.float32)
     for b in prange(nb):
-        for i in range(w):
-            part[b, i] = np.float32(0.0)
-        _values(part, b * w, vc, base, rowl, hd, kv_of_q, runs, sc, 0, b * _VB, min(npos, b * _VB + _VB))
+        _block_sum(part, b, vc, base, rowl, hd, kv_of_q, runs, sc, 0, npos, b * _VB)
     for i in range(w):
         out[0, i] = part[0, i]
     for b in range(1, nb):
@@ -344,16 +350,20 @@ def _slots0(T: int) -> np.ndarray:
     return z
 
 
-def _max_position(positions, T: int, S: int) -> int:
-    pmin, pmax = (int(positions[0]),) * 2 if T == 1 else (int(positions.min()), int(positions.max()))
+def _check_ranges(positions, slots, T: int, S: int, n_slots: int) -> int:
+    """positions in [0, S) and slots in [0, n_slots), from one numba call (numpy's min and
+    max took 4.5 us a layer); the max position. T >= 1."""
+    pmin, pmax, lo, hi = _ranges(positions, slots, T)
     if pmin < 0 or pmax >= S:
         raise ValueError(f"positions: must lie in [0, {S}), got [{pmin}, {pmax}]")
-    return pmax
+    if lo < 0 or hi >= n_slots:
+        raise ValueError(f"slots: must lie in [0, {n_slots}), got [{lo}, {hi}]")
+    return int(pmax)
 
 
 def _check_positions(positions, T: int, S: int, nkv: int, kv_of_q) -> int:
     """positions in [0, S) and kv_of_q in [0, nkv) (validated once per distinct map); max position."""
-    pmax = _max_position(positions, T, S)
+    pmax = _check_ranges(positions, _slots0(T), T, S, 1)
     if kv_of_q.shape[0] and (nkv, kv_of_q.tobytes()) not in _KV_OK:
         if not _kv_ok(kv_of_q, nkv):
             raise ValueError(f"kv_of_q: must lie in [0, {nkv})")
@@ -526,11 +536,7 @@ def bind_attention_block(out, qkv, k_cache, v_cache, positions, slots, cos, sin,
     k_cache, v_cache = _kv_bits(k_cache), _kv_bits(v_cache)
 
     def call() -> None:
-        pmin, pmax, lo, hi = _ranges(positions, slots, T)     # one call: numpy's min/max cost 4.5 us
-        if pmin < 0 or pmax >= S:
-            raise ValueError(f"positions: must lie in [0, {S}), got [{pmin}, {pmax}]")
-        if lo < 0 or hi >= n_slots:
-            raise ValueError(f"slots: must lie in [0, {n_slots}), got [{lo}, {hi}]")
+        pmax = _check_ranges(positions, slots, T, S, n_slots)
         scratch = _scratch(None, T, nq, S, pmax)
         nch = _split(T, nq, hd, pmax, scratch)
         if nch == 1:
