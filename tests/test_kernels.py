@@ -348,7 +348,9 @@ def test_silu_mul(T, n, threads):
 # ---------------------------------------------------------------- attention
 
 @pytest.mark.parametrize("T", TS)
-@pytest.mark.parametrize("nq,nkv,hd,S", [(1, 1, 8, 5), (3, 1, 64, 40), (9, 3, 64, 40), (4, 2, 32, 8192)])
+# head dims 80 and 40: the V sums' 64-wide, 16-wide and scalar column passes (simd._pv_span)
+@pytest.mark.parametrize("nq,nkv,hd,S", [(1, 1, 8, 5), (3, 1, 64, 40), (9, 3, 64, 40), (4, 2, 32, 8192),
+                                         (6, 2, 80, 70), (5, 1, 40, 33)])
 @pytest.mark.parametrize("use_scratch", [False, True])
 def test_attention(T, nq, nkv, hd, S, use_scratch, threads):
     r = rng(T + nq + S)

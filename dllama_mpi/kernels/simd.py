@@ -7,9 +7,9 @@
   lower with ``DLLAMA_MPI_KERNELS``; ``HAS_AVX2``, ``HAS_VNNI512``);
 * the IR types and helpers of the hand-written vector loops (``_splat``, ``_ldv``, ``_as64``);
 * float32 exp (``_exp_neg``, ``_exp_f32``): polynomial, vectorisable under fastmath;
-* attention's products over a KV cache of either type, for up to 4 query heads sharing a
-  cache row (``_qk_heads``: q . k, ``_pv_heads``: out += p * v), and a sum in a fixed order
-  (``_vsum``).
+* attention's products over a span of KV-cache rows of either type, for up to 4 query heads
+  sharing a KV head (``_qk_span``: q . k, ``_pv_span``: out += p * v, with a prefetch of
+  the rows read next), and a sum in a fixed order (``_vsum``).
 """
 from __future__ import annotations
 
@@ -206,14 +206,17 @@ def _exp_f32(x):
 
 # ---------------------------------------------------------------- attention's head products (any length)
 #
-# One cache row (a position's K or V segment of one KV head, n elements) against up to 4 query
-# heads that share it: q . k for each head (_qk_heads), and out += p * v into each head's
-# output (_pv_heads). The segment is loaded once for the heads, 16 float32 lanes at a time
-# (one zmm, two ymm or four xmm: LLVM splits the vector for the host), widened as it is loaded
-# from a cache of f16 bit patterns (uint16); a scalar loop takes the last n % 16. Attention
-# calls them position after position, so the cache streams in address order (what the
-# hardware prefetchers follow). Hand-written IR because numba's loops over row slices compile
-# to runtime alias checks and reference counts.
+# A span of cache rows (positions; each a K or V segment of one KV head, n elements) against up
+# to 4 query heads that share the KV head: q . k for each head and position (_qk_span), and
+# out += p * v over the positions into each head's output (_pv_span). A segment is loaded once
+# for the heads, 16 float32 lanes at a time (one zmm, two ymm or four xmm: LLVM splits the
+# vector for the host), widened as it is loaded from a cache of f16 bit patterns (uint16); a
+# scalar loop takes the last n % 16. The position loop runs inside, so the V sums stay in
+# registers over the span (kept in memory from one position to the next they ran 5x slower:
+# each add waited for the store before it). Attention runs the heads' runs over a tile of
+# positions in turn, and prefetches the rows it reads next while it computes (_prefetch_bytes).
+# Hand-written IR because numba's loops over row slices compile to runtime alias checks and
+# reference counts.
 
 _vhalf16 = ir.VectorType(ir.HalfType(), 16)
 _NH = 4                            # query heads per call
@@ -291,10 +294,25 @@ def _by_heads(builder, nh, body):
     builder.position_at_end(end)
 
 
+def _prefetch_bytes(builder, ptr, off, nbytes):
+    """Prefetch nbytes (0: none) from element off of ptr (a hint: never faults). Locality 1
+    (prefetcht2: to the outer caches): faster here than t0 and t1 on the KV cache."""
+    pf = _prefetch_fn(builder)
+    row = builder.bitcast(builder.gep(ptr, [off]), ir.IntType(8).as_pointer())
+    with cgutils.for_range_slice(builder, _k64(0), nbytes, _k64(64), intp=_i64) as (b, _):
+        builder.call(pf, [builder.gep(row, [b]), ir.Constant(_i32, 0), ir.Constant(_i32, 1), ir.Constant(_i32, 1)])
+
+
+_SPAN_V = 4                        # 16-lane accumulators per head in _pv_span (16 zmm for 4 heads)
+
+
 @intrinsic
-def _qk_heads(typingctx, sc, so, ss, q, qo, kv, ko, n, nh, scale):
-    """sc[so + i*ss] = scale * (q[qo + i*n:][:n] . kv[ko:ko+n]) for the nh <= 4 heads i < nh
-    (flat element offsets; the sums of the heads in one reduction tree, the same bits everywhere)."""
+def _qk_span(typingctx, sc, so, ss, q, qo, kv, ko, stride, npos, n, nh, scale, pf, pfo, pfn, pfb):
+    """sc[so + i*ss + j] = scale * (q[qo + i*n:][:n] . kv[ko + j*stride:][:n]) for the nh <= 4
+    heads i (flat element offsets) and the positions j < npos; each position's head sums in one
+    reduction tree, the same bits in every kernel. At each position j < pfn it also
+    prefetches pfb bytes from pf[pfo + j*stride]: rows the caller reads next, requested while
+    these compute (a burst of prefetches ahead of a span was slower)."""
     if not (_kv_ok_type(q, kv) and isinstance(sc, types.Array) and sc.dtype == types.float32
             and scale == types.float32):
         return None
@@ -303,8 +321,10 @@ def _qk_heads(typingctx, sc, so, ss, q, qo, kv, ko, n, nh, scale):
         tys = signature.args
         sp, qp, kp = (_row_ptr(context, builder, tys[i], args[i]) for i in (0, 3, 5))
         f16 = tys[5].dtype == types.uint16
-        so, ss, qo, ko, n, nh = (_as64(builder, args[i]) for i in (1, 2, 4, 6, 7, 8))
-        scale = args[9]
+        so, ss, qo, ko, stride, npos, n, nh, pfo, pfn, pfb = (_as64(builder, args[i])
+                                                               for i in (1, 2, 4, 6, 7, 8, 9, 10, 13, 14, 15))
+        scale = args[11]
+        pfp = _row_ptr(context, builder, tys[12], args[12])
         k = _k64
         n16 = builder.and_(n, k(-16))
         fma = _fma16(builder)
@@ -312,60 +332,105 @@ def _qk_heads(typingctx, sc, so, ss, q, qo, kv, ko, n, nh, scale):
 
         def body(m):
             heads = [builder.add(qo, builder.mul(n, k(r))) for r in range(m)]
-            accs = [cgutils.alloca_once_value(builder, zero) for _ in range(m)]
-            with cgutils.for_range_slice(builder, k(0), n16, k(16), intp=_i64) as (i, _):
-                kv16 = _f32x16(builder, kp, builder.add(ko, i), f16)
+            outs = [builder.add(so, builder.mul(ss, k(r))) for r in range(m)]
+            with cgutils.for_range(builder, npos) as loop:
+                j = loop.index
+                kj = builder.add(ko, builder.mul(j, stride))
+                _prefetch_bytes(builder, pfp, builder.add(pfo, builder.mul(j, stride)),
+                                builder.select(builder.icmp_signed("<", j, pfn), pfb, k(0)))
+                accs = [cgutils.alloca_once_value(builder, zero) for _ in range(m)]
+                for a in accs:
+                    builder.store(zero, a)
+                with cgutils.for_range_slice(builder, k(0), n16, k(16), intp=_i64) as (i, _):
+                    kv16 = _f32x16(builder, kp, builder.add(kj, i), f16)
+                    for r in range(m):
+                        qv = _ldv(builder, qp, builder.add(heads[r], i), _v16f32)
+                        builder.store(builder.call(fma, [qv, kv16, builder.load(accs[r])]), accs[r])
+                vs = [builder.load(a) for a in accs]
+                tot = [_hsum16(builder, vs[0])] if m == 1 else _hsum16x4(builder, vs + [zero] * (4 - m))[:m]
+                sums = [cgutils.alloca_once_value(builder, v) for v in tot]
+                for a, v in zip(sums, tot):
+                    builder.store(v, a)
+                with cgutils.for_range_slice(builder, n16, n, k(1), intp=_i64) as (i, _):
+                    ks = _f32x1(builder, kp, builder.add(kj, i), f16)
+                    for r in range(m):
+                        qs = builder.load(builder.gep(qp, [builder.add(heads[r], i)]))
+                        builder.store(builder.fadd(builder.load(sums[r]), builder.fmul(qs, ks)), sums[r])
                 for r in range(m):
-                    qv = _ldv(builder, qp, builder.add(heads[r], i), _v16f32)
-                    builder.store(builder.call(fma, [qv, kv16, builder.load(accs[r])]), accs[r])
-            vs = [builder.load(a) for a in accs]
-            tot = [_hsum16(builder, vs[0])] if m == 1 else _hsum16x4(builder, vs + [zero] * (4 - m))[:m]
-            sums = [cgutils.alloca_once_value(builder, v) for v in tot]
-            with cgutils.for_range_slice(builder, n16, n, k(1), intp=_i64) as (i, _):
-                ks = _f32x1(builder, kp, builder.add(ko, i), f16)
-                for r in range(m):
-                    qs = builder.load(builder.gep(qp, [builder.add(heads[r], i)]))
-                    builder.store(builder.fadd(builder.load(sums[r]), builder.fmul(qs, ks)), sums[r])
-            for r in range(m):
-                builder.store(builder.fmul(builder.load(sums[r]), scale),
-                              builder.gep(sp, [builder.add(so, builder.mul(ss, k(r)))]))
+                    builder.store(builder.fmul(builder.load(sums[r]), scale),
+                                  builder.gep(sp, [builder.add(outs[r], j)]))
         _by_heads(builder, nh, body)
         return context.get_dummy_value()
-    return types.void(sc, so, ss, q, qo, kv, ko, n, nh, scale), codegen
+    return types.void(sc, so, ss, q, qo, kv, ko, stride, npos, n, nh, scale, pf, pfo, pfn, pfb), codegen
 
 
 @intrinsic
-def _pv_heads(typingctx, out, oo, v, vo, n, nh, p0, p1, p2, p3):
-    """out[oo + i*n:][:n] += p_i * v[vo:vo+n] for the nh <= 4 heads i < nh (flat offsets)."""
-    if not _kv_ok_type(out, v) or any(p != types.float32 for p in (p0, p1, p2, p3)):
+def _pv_span(typingctx, out, oo, v, vo, stride, npos, n, nh, p, po, ps, pf, pfo, pfn, pfb):
+    """out[oo + i*n:][:n] += p[po + i*ps + j] * v[vo + j*stride:][:n] for the nh <= 4 heads i,
+    position j = 0, 1, ... npos - 1 in turn (a fixed order: the same bits in every kernel).
+    Each head's outputs stay in registers (_SPAN_V vectors of 16 at a time) over the span,
+    loaded and stored once. pf, pfo, pfn, pfb: a prefetch at each position as _qk_span's (in
+    the first pass over the columns)."""
+    if not (_kv_ok_type(out, v) and isinstance(p, types.Array) and p.dtype == types.float32):
         return None
 
     def codegen(context, builder, signature, args):
         tys = signature.args
-        op, vp = _row_ptr(context, builder, tys[0], args[0]), _row_ptr(context, builder, tys[2], args[2])
+        op, vp, pp = (_row_ptr(context, builder, tys[i], args[i]) for i in (0, 2, 8))
         f16 = tys[2].dtype == types.uint16
-        oo, vo, n, nh = (_as64(builder, args[i]) for i in (1, 3, 4, 5))
-        ps = list(args[6:10])
+        oo, vo, stride, npos, n, nh, po, ps, pfo, pfn, pfb = (_as64(builder, args[i])
+                                                               for i in (1, 3, 4, 5, 6, 7, 9, 10, 12, 13, 14))
+        pfp = _row_ptr(context, builder, tys[11], args[11])
         k = _k64
+        wide = k(16 * _SPAN_V)
+        nw = builder.mul(builder.udiv(n, wide), wide)
         n16 = builder.and_(n, k(-16))
         fma = _fma16(builder)
+        vptr = lambda off: builder.bitcast(builder.gep(op, [off]), _v16f32.as_pointer())
+
+        def span(m, c0, nv):
+            """Columns c0 .. c0 + 16*nv of the m heads, over every position."""
+            cols = [builder.add(c0, k(16 * w)) for w in range(nv)]
+            heads = [builder.add(oo, builder.mul(n, k(r))) for r in range(m)]
+            prow = [builder.add(po, builder.mul(ps, k(r))) for r in range(m)]
+            accs = [[cgutils.alloca_once(builder, _v16f32) for _ in range(nv)] for _ in range(m)]
+            for r in range(m):
+                for w in range(nv):
+                    builder.store(builder.load(vptr(builder.add(heads[r], cols[w])), align=1), accs[r][w])
+            first = builder.icmp_signed("==", c0, k(0))
+            with cgutils.for_range(builder, npos) as loop:
+                j = loop.index
+                vj = builder.add(vo, builder.mul(j, stride))
+                _prefetch_bytes(builder, pfp, builder.add(pfo, builder.mul(j, stride)),
+                                builder.select(builder.and_(first, builder.icmp_signed("<", j, pfn)), pfb, k(0)))
+                pv = [_splat(builder, builder.load(builder.gep(pp, [builder.add(prow[r], j)])), 16)
+                      for r in range(m)]
+                for w in range(nv):
+                    v16 = _f32x16(builder, vp, builder.add(vj, cols[w]), f16)
+                    for r in range(m):
+                        builder.store(builder.call(fma, [pv[r], v16, builder.load(accs[r][w])]), accs[r][w])
+            for r in range(m):
+                for w in range(nv):
+                    builder.store(builder.load(accs[r][w]), vptr(builder.add(heads[r], cols[w])), align=1)
 
         def body(m):
-            pv = [_splat(builder, p, 16) for p in ps[:m]]
-            heads = [builder.add(oo, builder.mul(n, k(r))) for r in range(m)]
-            with cgutils.for_range_slice(builder, k(0), n16, k(16), intp=_i64) as (i, _):
-                v16 = _f32x16(builder, vp, builder.add(vo, i), f16)
-                for r in range(m):
-                    optr = builder.bitcast(builder.gep(op, [builder.add(heads[r], i)]), _v16f32.as_pointer())
-                    builder.store(builder.call(fma, [pv[r], v16, builder.load(optr, align=1)]), optr, align=1)
+            with cgutils.for_range_slice(builder, k(0), nw, wide, intp=_i64) as (c0, _):
+                span(m, c0, _SPAN_V)
+            with cgutils.for_range_slice(builder, nw, n16, k(16), intp=_i64) as (c0, _):
+                span(m, c0, 1)
             with cgutils.for_range_slice(builder, n16, n, k(1), intp=_i64) as (i, _):
-                vs = _f32x1(builder, vp, builder.add(vo, i), f16)
                 for r in range(m):
-                    optr = builder.gep(op, [builder.add(heads[r], i)])
-                    builder.store(builder.fadd(builder.load(optr), builder.fmul(ps[r], vs)), optr)
+                    optr = builder.gep(op, [builder.add(builder.add(oo, builder.mul(n, k(r))), i)])
+                    acc = cgutils.alloca_once_value(builder, builder.load(optr))
+                    with cgutils.for_range(builder, npos) as loop:
+                        j = loop.index
+                        pj = builder.load(builder.gep(pp, [builder.add(builder.add(po, builder.mul(ps, k(r))), j)]))
+                        vs = _f32x1(builder, vp, builder.add(builder.add(vo, builder.mul(j, stride)), i), f16)
+                        builder.store(builder.fadd(builder.load(acc), builder.fmul(pj, vs)), acc)
+                    builder.store(builder.load(acc), optr)
         _by_heads(builder, nh, body)
         return context.get_dummy_value()
-    return types.void(out, oo, v, vo, n, nh, p0, p1, p2, p3), codegen
+    return types.void(out, oo, v, vo, stride, npos, n, nh, p, po, ps, pf, pfo, pfn, pfb), codegen
 
 
 @intrinsic
