@@ -2,15 +2,16 @@
 store, attention and (optionally) the Q80 quantisation of the result.
 
 The KV cache is float32 or float16 (``--kv-cache-float-type f16``): the wrappers pass an f16
-cache to the kernels as its uint16 bit patterns: the head products (``_qk_span``,
-``_pv_span``, simd.py) widen them as they load, and ``_kv_value`` rounds a stored value to
-nearest-even, so one body serves both types.
+cache to the kernels as its uint16 bit patterns: the head products (``_qk_heads``,
+``_pv_heads``, ``_pv_span``, simd.py) widen them as they load, and ``_kv_value`` rounds a
+stored value to nearest-even, so one body serves both types.
 
-Attention runs row by row of q (a token of one sequence), all its heads together, over tiles of
-_TB positions: in a tile, each run of query heads that share a KV head goes over the tile's
-positions in turn, its V sums in registers. The K and V rows of its sequence stream from memory
-once per layer: each tile's first run prefetches the next tile's rows whole, and a row's last
-tile the first K rows of the row after it."""
+Attention runs row by row of q (a token of one sequence), all its heads together: the scores
+position after position in address order, the softmax, then the V sums (``_values``: in
+address order too with many KV heads, in tiles of positions with the sums in registers with
+few). The K and V rows of its sequence stream from memory once per layer; the first rows of
+each stream are prefetched ahead of it (``_attend_row``).
+"""
 from __future__ import annotations
 
 import numpy as np
@@ -21,7 +22,8 @@ from . import _jit
 from ._checks import _F32, _I32, _check, _check_out, _noop
 from ._jit import _PAR_MIN_ROWS_WORK, _PAR_MIN_WORK, _inline, _parallel, _serial
 from .q80 import _q80_outputs_ok, _quantize_q80_act, _quantize_q80_act_f16c, quantize_q80_act
-from .simd import _NH, HAS_AVX2, _exp_neg, _kv_value, _pv_span, _qk_span, _vsum
+from .simd import (_NH, HAS_AVX2, _exp_neg, _kv_value, _prefetch_rows, _pv_heads, _pv_span, _qk_heads,
+                   _vsum)
 
 _F16 = np.dtype(np.float16)
 _KV_DTYPES = (_F32, _F16)
@@ -117,56 +119,70 @@ def _head_runs(kv_of_q, h0, h1):
 _VB = 128                         # positions per block of attention's V sum (for any thread count)
 
 
-_TB = 32                          # positions per tile of the score and V passes
+_TILE_BYTES = 4096                # bytes of cache rows per tile of the V pass (_tile)
+_ADDR_RUNS = 4                    # from this many runs of heads, the V pass goes in address order
 
 
 @_inline
-def _scores(q, kc, vc, t, base, rowl, hd, kv_of_q, runs, scale, sc, r0, j0, j1):
+def _tile(nbytes):
+    """Positions per tile of the V pass for cache rows of nbytes: _TILE_BYTES of rows, 4 to 32."""
+    return max(4, min(32, _TILE_BYTES // nbytes))
+
+
+@_inline
+def _scores(q, kc, t, base, rowl, hd, kv_of_q, runs, scale, sc, r0, j0, j1):
     """Scratch rows r0 + h, columns j0..j1-1: scale * q[t, head h] . K row j, for the heads of
-    runs (_head_runs), in tiles of _TB positions: each run of heads over the tile in turn
-    (_qk_span: a KV head's segment loaded once for the query heads that share it). The cache
-    streams ahead of the reads: the first run prefetches the next tile's K rows whole, the
-    last run of the first tile the V rows the V pass starts with."""
+    runs (_head_runs), position after position in address order (what the hardware
+    prefetchers follow; _qk_heads: a KV head's segment loaded once for the query heads that
+    share it)."""
     qw, scw = q.shape[1], sc.shape[1]        # row lengths: flat offsets
-    nbytes = rowl * kc.itemsize
-    last = runs.shape[0] - 2
-    for jb in range(j0, j1, _TB):
-        je = min(j1, jb + _TB)
-        for u in range(last + 1):
+    for j in range(j0, j1):
+        row = base + j * rowl
+        for u in range(runs.shape[0] - 1):
             h, e = runs[u], runs[u + 1]
-            pf, pfo, pfn = kc, base + je * rowl, (j1 - je if u == 0 else 0)
-            if u == last and jb == j0:
-                pf, pfo, pfn = vc, base + jb * rowl, je - jb
-            _qk_span(sc, (r0 + h) * scw + jb, scw, q, t * qw + h * hd, kc, base + jb * rowl + kv_of_q[h] * hd,
-                     rowl, je - jb, hd, e - h, scale, pf, pfo, pfn, nbytes)
+            _qk_heads(sc, (r0 + h) * scw + j, scw, q, t * qw + h * hd, kc, row + kv_of_q[h] * hd, hd, e - h, scale)
 
 
 @_inline
-def _values(acc, ao, vc, base, rowl, hd, kv_of_q, runs, sc, r0, j0, j1, then, tbase, tn):
+def _values(acc, ao, vc, base, rowl, hd, kv_of_q, runs, sc, r0, j0, j1):
     """acc[flat ao + (h - first head) * hd ...] += sum over positions j0..j1-1 of
-    p[h, j] * V row j (p: scratch row r0 + h), for the heads of runs, in tiles of _TB
-    positions as _scores (_pv_span: the run's sums stay in registers over the tile). The
-    first run prefetches the next tile's V rows; in the last tile, the tn rows of `then`
-    from flat offset tbase (the K rows the next row of q starts with: its cold start
-    overlaps this row's work)."""
+    p[h, j] * V row j (p: scratch row r0 + h), for the heads of runs: position after position
+    for every head, the same additions in the same order on either path below.
+
+    Many runs of heads (_ADDR_RUNS KV heads or more here): position after position in address
+    order, every run's sums in memory (_pv_heads; a run's next add comes only after the other
+    runs'). Fewer: in tiles of positions (_tile), each run over the tile in turn (_pv_span:
+    the run's sums stay in registers over the tile; kept in memory, with 3 runs each add
+    waited for the store before it, 5x slower from cache), the first run prefetching the
+    next tile's rows."""
     h0, scw = runs[0], sc.shape[1]
+    if runs.shape[0] - 1 >= _ADDR_RUNS:
+        for j in range(j0, j1):
+            row = base + j * rowl
+            for u in range(runs.shape[0] - 1):
+                h, e = runs[u], runs[u + 1]
+                r, rl = r0 + h, r0 + e - 1             # heads past the run: their p is not used
+                _pv_heads(acc, ao + (h - h0) * hd, vc, row + kv_of_q[h] * hd, hd, e - h,
+                          sc[r, j], sc[min(r + 1, rl), j], sc[min(r + 2, rl), j], sc[min(r + 3, rl), j])
+        return
     nbytes = rowl * vc.itemsize
-    for jb in range(j0, j1, _TB):
-        je = min(j1, jb + _TB)
-        pf, pfo, pfn = (vc, base + je * rowl, j1 - je) if je < j1 else (then, tbase, tn)
+    tile = _tile(nbytes)
+    for jb in range(j0, j1, tile):
+        je = min(j1, jb + tile)
         for u in range(runs.shape[0] - 1):
             h, e = runs[u], runs[u + 1]
             _pv_span(acc, ao + (h - h0) * hd, vc, base + jb * rowl + kv_of_q[h] * hd, rowl, je - jb, hd, e - h,
-                     sc, (r0 + h) * scw + jb, scw, pf, pfo, pfn if u == 0 else 0, nbytes)
+                     sc, (r0 + h) * scw + jb, scw, vc, base + je * rowl, j1 - je if u == 0 else 0, nbytes)
 
 
 @_inline
-def _block_sum(acc, a, vc, base, rowl, hd, kv_of_q, runs, sc, r0, npos, j0, then, tbase, tn):
+def _block_sum(acc, a, vc, base, rowl, hd, kv_of_q, runs, sc, r0, npos, j0):
     """acc row a = the V sum (_values, from zero) of positions j0.. j0 + _VB - 1 (below npos)."""
     w = acc.shape[1]
     for i in range(w):
         acc[a, i] = np.float32(0.0)
-    _values(acc, a * w, vc, base, rowl, hd, kv_of_q, runs, sc, r0, j0, min(npos, j0 + _VB), then, tbase, tn)
+    _prefetch_rows(vc, base + j0 * rowl, rowl, min(_tile(rowl * vc.itemsize), npos - j0), rowl * vc.itemsize)
+    _values(acc, a * w, vc, base, rowl, hd, kv_of_q, runs, sc, r0, j0, min(npos, j0 + _VB))
 
 
 @_inline
@@ -175,27 +191,29 @@ def _attend_row(out, q, kc, vc, t, s, npos, hd, kv_of_q, h0, h1, scale, sc, r0, 
     the first K rows of the row that comes next (n_next positions of slot s_next) are
     prefetched.
 
-    The scores (_scores), softmax per head, then the V rows (_values), each pass in tiles of
-    positions with the rows it reads next prefetched (the module's docstring). The V sum runs
-    in blocks of _VB positions, each block's sum added to out in turn: the bits
-    _attention_long_par gives when it sums a row's blocks on several threads."""
+    The scores (_scores), softmax per head, then the V rows (_values). The first rows of each
+    stream are prefetched before it starts (the V rows while the scores run, the next row's K
+    rows while the V rows run), so the cold start of a row overlaps the work of the one
+    before. The V sum runs in blocks of _VB positions, each block's sum added to out in turn:
+    the bits _attention_long_par gives when it sums a row's blocks on several threads."""
     S, nkv = kc.shape[1], kc.shape[2]
     rowl = nkv * hd
     base = s * S * rowl
+    nbytes = rowl * kc.itemsize
+    first = _tile(nbytes)
     runs = _head_runs(kv_of_q, h0, h1)
-    _scores(q, kc, vc, t, base, rowl, hd, kv_of_q, runs, scale, sc, r0, 0, npos)
+    _prefetch_rows(vc, base, rowl, min(first, npos), nbytes)
+    _scores(q, kc, t, base, rowl, hd, kv_of_q, runs, scale, sc, r0, 0, npos)
+    _prefetch_rows(kc, s_next * S * rowl, rowl, min(first, n_next), nbytes)
     _softmax_rows(sc, r0, h0, h1, npos)
     ow, w = out.shape[1], (h1 - h0) * hd
     for i in range(h0 * hd, h1 * hd):
         out[t, i] = np.float32(0.0)
-    tbase, tn = s_next * S * rowl, min(_TB, n_next)
-    _values(out, t * ow + h0 * hd, vc, base, rowl, hd, kv_of_q, runs, sc, r0, 0, min(npos, _VB), kc, tbase,
-            tn if npos <= _VB else 0)
+    _values(out, t * ow + h0 * hd, vc, base, rowl, hd, kv_of_q, runs, sc, r0, 0, min(npos, _VB))
     if npos > _VB:
         acc = np.empty((1, w), np.float32)
         for j0 in range(_VB, npos, _VB):
-            _block_sum(acc, 0, vc, base, rowl, hd, kv_of_q, runs, sc, r0, npos, j0, kc, tbase,
-                       tn if j0 + _VB >= npos else 0)
+            _block_sum(acc, 0, vc, base, rowl, hd, kv_of_q, runs, sc, r0, npos, j0)
             for i in range(w):
                 out[t, h0 * hd + i] += acc[0, i]
 
@@ -250,12 +268,12 @@ def _attention_long_par(out, qs, d, quant, q, kc, vc, positions, slots, kv_of_q,
     nb = (npos + _VB - 1) // _VB
     runs = _head_runs(kv_of_q, 0, nq)
     for b in prange(nb):
-        _scores(q, kc, vc, 0, base, rowl, hd, kv_of_q, runs, scale, sc, 0, b * _VB, min(npos, b * _VB + _VB))
+        _scores(q, kc, 0, base, rowl, hd, kv_of_q, runs, scale, sc, 0, b * _VB, min(npos, b * _VB + _VB))
     _softmax_rows(sc, 0, 0, nq, npos)
     w = nq * hd
     part = np.empty((nb, w), np.float32)
     for b in prange(nb):
-        _block_sum(part, b, vc, base, rowl, hd, kv_of_q, runs, sc, 0, npos, b * _VB, kc, 0, 0)
+        _block_sum(part, b, vc, base, rowl, hd, kv_of_q, runs, sc, 0, npos, b * _VB)
     for i in range(w):
         out[0, i] = part[0, i]
     for b in range(1, nb):

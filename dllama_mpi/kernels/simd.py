@@ -7,9 +7,10 @@
   lower with ``DLLAMA_MPI_KERNELS``; ``HAS_AVX2``, ``HAS_VNNI512``);
 * the IR types and helpers of the hand-written vector loops (``_splat``, ``_ldv``, ``_as64``);
 * float32 exp (``_exp_neg``, ``_exp_f32``): polynomial, vectorisable under fastmath;
-* attention's products over a span of KV-cache rows of either type, for up to 4 query heads
-  sharing a KV head (``_qk_span``: q . k, ``_pv_span``: out += p * v, with a prefetch of
-  the rows read next), and a sum in a fixed order (``_vsum``).
+* attention's products over KV-cache rows of either type, for up to 4 query heads sharing a
+  KV head (``_qk_heads``: q . k, ``_pv_heads``: out += p * v for one row, ``_pv_span`` the
+  same over a span of rows), the prefetch of rows (``_prefetch_rows``), and a sum in a fixed
+  order (``_vsum``).
 """
 from __future__ import annotations
 
@@ -206,15 +207,13 @@ def _exp_f32(x):
 
 # ---------------------------------------------------------------- attention's head products (any length)
 #
-# A span of cache rows (positions; each a K or V segment of one KV head, n elements) against up
-# to 4 query heads that share the KV head: q . k for each head and position (_qk_span), and
-# out += p * v over the positions into each head's output (_pv_span). A segment is loaded once
-# for the heads, 16 float32 lanes at a time (one zmm, two ymm or four xmm: LLVM splits the
-# vector for the host), widened as it is loaded from a cache of f16 bit patterns (uint16); a
-# scalar loop takes the last n % 16. The position loop runs inside, so the V sums stay in
-# registers over the span (kept in memory from one position to the next they ran 5x slower:
-# each add waited for the store before it). Attention runs the heads' runs over a tile of
-# positions in turn, and prefetches the rows it reads next while it computes (_prefetch_bytes).
+# One cache row (a position's K or V segment of one KV head, n elements) against up to 4 query
+# heads that share it: q . k for each head (_qk_heads), and out += p * v into each head's
+# output (_pv_heads); _pv_span runs the latter over a span of positions with each head's
+# sums in registers (kept in memory from one position to the next, with few KV heads each add
+# waited for the store before it). A segment is loaded once for the heads, 16 float32 lanes at
+# a time (one zmm, two ymm or four xmm: LLVM splits the vector for the host), widened as it is
+# loaded from a cache of f16 bit patterns (uint16); a scalar loop takes the last n % 16.
 # Hand-written IR because numba's loops over row slices compile to runtime alias checks and
 # reference counts.
 
@@ -294,25 +293,10 @@ def _by_heads(builder, nh, body):
     builder.position_at_end(end)
 
 
-def _prefetch_bytes(builder, ptr, off, nbytes):
-    """Prefetch nbytes (0: none) from element off of ptr (a hint: never faults). Locality 1
-    (prefetcht2: to the outer caches): faster here than t0 and t1 on the KV cache."""
-    pf = _prefetch_fn(builder)
-    row = builder.bitcast(builder.gep(ptr, [off]), ir.IntType(8).as_pointer())
-    with cgutils.for_range_slice(builder, _k64(0), nbytes, _k64(64), intp=_i64) as (b, _):
-        builder.call(pf, [builder.gep(row, [b]), ir.Constant(_i32, 0), ir.Constant(_i32, 1), ir.Constant(_i32, 1)])
-
-
-_SPAN_V = 4                        # 16-lane accumulators per head in _pv_span (16 zmm for 4 heads)
-
-
 @intrinsic
-def _qk_span(typingctx, sc, so, ss, q, qo, kv, ko, stride, npos, n, nh, scale, pf, pfo, pfn, pfb):
-    """sc[so + i*ss + j] = scale * (q[qo + i*n:][:n] . kv[ko + j*stride:][:n]) for the nh <= 4
-    heads i (flat element offsets) and the positions j < npos; each position's head sums in one
-    reduction tree, the same bits in every kernel. At each position j < pfn it also
-    prefetches pfb bytes from pf[pfo + j*stride]: rows the caller reads next, requested while
-    these compute (a burst of prefetches ahead of a span was slower)."""
+def _qk_heads(typingctx, sc, so, ss, q, qo, kv, ko, n, nh, scale):
+    """sc[so + i*ss] = scale * (q[qo + i*n:][:n] . kv[ko:ko+n]) for the nh <= 4 heads i < nh
+    (flat element offsets; the sums of the heads in one reduction tree, the same bits everywhere)."""
     if not (_kv_ok_type(q, kv) and isinstance(sc, types.Array) and sc.dtype == types.float32
             and scale == types.float32):
         return None
@@ -321,10 +305,8 @@ def _qk_span(typingctx, sc, so, ss, q, qo, kv, ko, stride, npos, n, nh, scale, p
         tys = signature.args
         sp, qp, kp = (_row_ptr(context, builder, tys[i], args[i]) for i in (0, 3, 5))
         f16 = tys[5].dtype == types.uint16
-        so, ss, qo, ko, stride, npos, n, nh, pfo, pfn, pfb = (_as64(builder, args[i])
-                                                               for i in (1, 2, 4, 6, 7, 8, 9, 10, 13, 14, 15))
-        scale = args[11]
-        pfp = _row_ptr(context, builder, tys[12], args[12])
+        so, ss, qo, ko, n, nh = (_as64(builder, args[i]) for i in (1, 2, 4, 6, 7, 8))
+        scale = args[9]
         k = _k64
         n16 = builder.and_(n, k(-16))
         fma = _fma16(builder)
@@ -332,36 +314,87 @@ def _qk_span(typingctx, sc, so, ss, q, qo, kv, ko, stride, npos, n, nh, scale, p
 
         def body(m):
             heads = [builder.add(qo, builder.mul(n, k(r))) for r in range(m)]
-            outs = [builder.add(so, builder.mul(ss, k(r))) for r in range(m)]
-            with cgutils.for_range(builder, npos) as loop:
-                j = loop.index
-                kj = builder.add(ko, builder.mul(j, stride))
-                _prefetch_bytes(builder, pfp, builder.add(pfo, builder.mul(j, stride)),
-                                builder.select(builder.icmp_signed("<", j, pfn), pfb, k(0)))
-                accs = [cgutils.alloca_once_value(builder, zero) for _ in range(m)]
-                for a in accs:
-                    builder.store(zero, a)
-                with cgutils.for_range_slice(builder, k(0), n16, k(16), intp=_i64) as (i, _):
-                    kv16 = _f32x16(builder, kp, builder.add(kj, i), f16)
-                    for r in range(m):
-                        qv = _ldv(builder, qp, builder.add(heads[r], i), _v16f32)
-                        builder.store(builder.call(fma, [qv, kv16, builder.load(accs[r])]), accs[r])
-                vs = [builder.load(a) for a in accs]
-                tot = [_hsum16(builder, vs[0])] if m == 1 else _hsum16x4(builder, vs + [zero] * (4 - m))[:m]
-                sums = [cgutils.alloca_once_value(builder, v) for v in tot]
-                for a, v in zip(sums, tot):
-                    builder.store(v, a)
-                with cgutils.for_range_slice(builder, n16, n, k(1), intp=_i64) as (i, _):
-                    ks = _f32x1(builder, kp, builder.add(kj, i), f16)
-                    for r in range(m):
-                        qs = builder.load(builder.gep(qp, [builder.add(heads[r], i)]))
-                        builder.store(builder.fadd(builder.load(sums[r]), builder.fmul(qs, ks)), sums[r])
+            accs = [cgutils.alloca_once_value(builder, zero) for _ in range(m)]
+            with cgutils.for_range_slice(builder, k(0), n16, k(16), intp=_i64) as (i, _):
+                kv16 = _f32x16(builder, kp, builder.add(ko, i), f16)
                 for r in range(m):
-                    builder.store(builder.fmul(builder.load(sums[r]), scale),
-                                  builder.gep(sp, [builder.add(outs[r], j)]))
+                    qv = _ldv(builder, qp, builder.add(heads[r], i), _v16f32)
+                    builder.store(builder.call(fma, [qv, kv16, builder.load(accs[r])]), accs[r])
+            vs = [builder.load(a) for a in accs]
+            tot = [_hsum16(builder, vs[0])] if m == 1 else _hsum16x4(builder, vs + [zero] * (4 - m))[:m]
+            sums = [cgutils.alloca_once_value(builder, v) for v in tot]
+            with cgutils.for_range_slice(builder, n16, n, k(1), intp=_i64) as (i, _):
+                ks = _f32x1(builder, kp, builder.add(ko, i), f16)
+                for r in range(m):
+                    qs = builder.load(builder.gep(qp, [builder.add(heads[r], i)]))
+                    builder.store(builder.fadd(builder.load(sums[r]), builder.fmul(qs, ks)), sums[r])
+            for r in range(m):
+                builder.store(builder.fmul(builder.load(sums[r]), scale),
+                              builder.gep(sp, [builder.add(so, builder.mul(ss, k(r)))]))
         _by_heads(builder, nh, body)
         return context.get_dummy_value()
-    return types.void(sc, so, ss, q, qo, kv, ko, stride, npos, n, nh, scale, pf, pfo, pfn, pfb), codegen
+    return types.void(sc, so, ss, q, qo, kv, ko, n, nh, scale), codegen
+
+
+@intrinsic
+def _pv_heads(typingctx, out, oo, v, vo, n, nh, p0, p1, p2, p3):
+    """out[oo + i*n:][:n] += p_i * v[vo:vo+n] for the nh <= 4 heads i < nh (flat offsets)."""
+    if not _kv_ok_type(out, v) or any(p != types.float32 for p in (p0, p1, p2, p3)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        tys = signature.args
+        op, vp = _row_ptr(context, builder, tys[0], args[0]), _row_ptr(context, builder, tys[2], args[2])
+        f16 = tys[2].dtype == types.uint16
+        oo, vo, n, nh = (_as64(builder, args[i]) for i in (1, 3, 4, 5))
+        ps = list(args[6:10])
+        k = _k64
+        n16 = builder.and_(n, k(-16))
+        fma = _fma16(builder)
+
+        def body(m):
+            pv = [_splat(builder, p, 16) for p in ps[:m]]
+            heads = [builder.add(oo, builder.mul(n, k(r))) for r in range(m)]
+            with cgutils.for_range_slice(builder, k(0), n16, k(16), intp=_i64) as (i, _):
+                v16 = _f32x16(builder, vp, builder.add(vo, i), f16)
+                for r in range(m):
+                    optr = builder.bitcast(builder.gep(op, [builder.add(heads[r], i)]), _v16f32.as_pointer())
+                    builder.store(builder.call(fma, [pv[r], v16, builder.load(optr, align=1)]), optr, align=1)
+            with cgutils.for_range_slice(builder, n16, n, k(1), intp=_i64) as (i, _):
+                vs = _f32x1(builder, vp, builder.add(vo, i), f16)
+                for r in range(m):
+                    optr = builder.gep(op, [builder.add(heads[r], i)])
+                    builder.store(builder.fadd(builder.load(optr), builder.fmul(ps[r], vs)), optr)
+        _by_heads(builder, nh, body)
+        return context.get_dummy_value()
+    return types.void(out, oo, v, vo, n, nh, p0, p1, p2, p3), codegen
+
+
+def _prefetch_bytes(builder, ptr, off, nbytes):
+    """IR: prefetch nbytes (0: none) from element off of ptr (a hint: never faults). Locality 1
+    (prefetcht2: to the outer caches): faster here than t0 and t1 on the KV cache."""
+    pf = _prefetch_fn(builder)
+    row = builder.bitcast(builder.gep(ptr, [off]), ir.IntType(8).as_pointer())
+    with cgutils.for_range_slice(builder, _k64(0), nbytes, _k64(64), intp=_i64) as (b, _):
+        builder.call(pf, [builder.gep(row, [b]), ir.Constant(_i32, 0), ir.Constant(_i32, 1), ir.Constant(_i32, 1)])
+
+
+@intrinsic
+def _prefetch_rows(typingctx, ary, off, stride, nrows, nbytes):
+    """Prefetch nbytes from each of nrows rows of ary (flat element offsets off + r*stride) at
+    once: the first rows of a stream, before the hardware prefetchers have seen it."""
+    sig = types.void(ary, off, stride, nrows, nbytes)
+
+    def codegen(context, builder, signature, args):
+        ptr = _row_ptr(context, builder, signature.args[0], args[0])
+        off, stride, nrows, nbytes = (_as64(builder, args[i]) for i in (1, 2, 3, 4))
+        with cgutils.for_range(builder, nrows) as rows:
+            _prefetch_bytes(builder, ptr, builder.add(off, builder.mul(rows.index, stride)), nbytes)
+        return context.get_dummy_value()
+    return sig, codegen
+
+
+_SPAN_V = 4                        # 16-lane accumulators per head in _pv_span (16 zmm for 4 heads)
 
 
 @intrinsic
@@ -369,8 +402,9 @@ def _pv_span(typingctx, out, oo, v, vo, stride, npos, n, nh, p, po, ps, pf, pfo,
     """out[oo + i*n:][:n] += p[po + i*ps + j] * v[vo + j*stride:][:n] for the nh <= 4 heads i,
     position j = 0, 1, ... npos - 1 in turn (a fixed order: the same bits in every kernel).
     Each head's outputs stay in registers (_SPAN_V vectors of 16 at a time) over the span,
-    loaded and stored once. pf, pfo, pfn, pfb: a prefetch at each position as _qk_span's (in
-    the first pass over the columns)."""
+    loaded and stored once. At each position j < pfn it also prefetches pfb bytes from
+    pf[pfo + j*stride] (in the first pass over the columns): rows the caller reads next,
+    requested while these compute (a burst of prefetches ahead of each span was slower)."""
     if not (_kv_ok_type(out, v) and isinstance(p, types.Array) and p.dtype == types.float32):
         return None
 
