@@ -211,15 +211,24 @@ class _Input:
 
 
 class _LayerCalls(NamedTuple):
-    """A layer's steps (Transformer._layer_calls); the FFN's three are None with experts."""
-    attn_norm: Callable[[], None]
-    qkv: Callable[[], None]
-    attend: Callable[[], None]
-    wo: Callable[[], None]
-    ffn_norm: Callable[[], None]
-    w13: Callable[[], None] | None
-    silu: Callable[[], None] | None
-    w2: Callable[[], None] | None
+    """A layer's steps (Transformer._layer_calls): calls of no arguments. Where the weights
+    allow, the steps of a token-wise stretch run fused in one parallel region
+    (kernels.bind_norm_matmul, bind_ffn), else one after the other; ffn is None with experts
+    (the router runs between ffn_norm and the experts)."""
+    attn_in: Callable[[], None]            # xb = rmsnorm(x) * attn_norm; qkv = wqkv · xb
+    attend: Callable[[], None]             # att = attention(q, k, v) [+ bqkv] [q, k norms]
+    wo: Callable[[], None]                 # attn_out = wo · att
+    ffn_norm: Callable[[], None]           # xb = rmsnorm(x) * ffn_norm
+    ffn: Callable[[], None] | None         # ffn_norm, then h13 = w13 · xb, h = silu(gate) * up,
+                                           # ffn_out = w2 · h
+
+
+def _in_turn(*calls) -> Callable[[], None]:
+    """One call of no arguments that makes these calls one after the other."""
+    def run() -> None:
+        for call in calls:
+            call()
+    return run
 
 
 class _BoundCalls:
@@ -392,15 +401,32 @@ class Transformer:
         lc = calls[index]
         if lc is None:
             xb, att, h = (_Input(b[n], self._q80(b, n)) for n in ("xb", "att", "h"))
-            dense = lw.experts is None
+            attn_norm, ffn_norm = self._norm_call(b, lw.attn_norm), self._norm_call(b, lw.ffn_norm)
+            ffn = None
+            if lw.experts is None:
+                ffn = self._fused(kernels.bind_ffn, b["ffn_out"], b["h13"], *self._q80_parts(b, "h"),
+                                  *self._q80_parts(b, "xb"), b["x"], lw.ffn_norm, self.config.norm_eps,
+                                  lw.w13, lw.w2) or _in_turn(
+                    ffn_norm, self._matmul_call(b["h13"], xb, lw.w13), self._silu_call(b),
+                    self._matmul_call(b["ffn_out"], h, lw.w2))
+            attn_in = self._fused(kernels.bind_norm_matmul, b["qkv"], *self._q80_parts(b, "xb"), b["x"],
+                                  lw.attn_norm, self.config.norm_eps, lw.wqkv)
             lc = calls[index] = _LayerCalls(
-                self._norm_call(b, lw.attn_norm), self._matmul_call(b["qkv"], xb, lw.wqkv),
+                attn_in or _in_turn(attn_norm, self._matmul_call(b["qkv"], xb, lw.wqkv)),
                 self._attend_call(b, lw, index), self._matmul_call(b["attn_out"], att, lw.wo),
-                self._norm_call(b, lw.ffn_norm),
-                self._matmul_call(b["h13"], xb, lw.w13) if dense else None,
-                self._silu_call(b) if dense else None,
-                self._matmul_call(b["ffn_out"], h, lw.w2) if dense else None)
+                ffn_norm, ffn)
         return lc
+
+    def _q80_parts(self, b, name: str) -> tuple:
+        """(b[name], its Q80 values, its Q80 scales), or Nones when the weights take f32 rows."""
+        return (b[name], b[name + "_q"], b[name + "_d"]) if self.fuse_q80 else (b[name], None, None)
+
+    def _fused(self, bind, *args):
+        """The fused kernel call bind(*args) for the model's buffers (bound once), or None where
+        the stretch cannot be fused (f32 weights, other weight types, too few rows a thread)."""
+        if not self.fuse_q80:
+            return None
+        return self._bound.get(bind, *args)
 
     def _matmul_call(self, out: np.ndarray, inp: _Input, w):
         """_matmul(out, inp, w) as a call of no arguments (bound once where it can be)."""
@@ -506,18 +532,16 @@ class Transformer:
             step = self._layer_calls(b, index, lw)
             # attention: x += wo · attention(rope(q), rope(k), v), where [q k v] = wqkv·xb
             # [+ bqkv] [q, k then RMSNorm per head]; k and v go to the KV cache
-            step.attn_norm()                 # xb = rmsnorm(x) * attn_norm
-            step.qkv()                       # qkv = wqkv · xb
+            step.attn_in()                   # xb = rmsnorm(x) * attn_norm; qkv = wqkv · xb
             step.attend()                    # att = attention(q, k, v)
             step.wo()                        # attn_out = wo · att
             x += self.comm.allreduce_sum(b["attn_out"], self.wire)
             # feed-forward: x += w2 · (silu(w1·xb) * w3·xb), where [w1·xb w3·xb] = w13·xb
-            step.ffn_norm()                  # xb = rmsnorm(x) * ffn_norm
             if lw.experts is None:
-                step.w13()                   # h13 = w13 · xb
-                step.silu()                  # h = silu(h13[gate]) * h13[up]
-                step.w2()                    # ffn_out = w2 · h
+                step.ffn()                   # xb = rmsnorm(x) * ffn_norm; h13 = w13 · xb;
+                                             # h = silu(h13[gate]) * h13[up]; ffn_out = w2 · h
             else:   # the same with the experts the router picks, weighted
+                step.ffn_norm()
                 self._moe(b, _Input(b["xb"], self._q80(b, "xb")), lw)
             x += self.comm.allreduce_sum(b["ffn_out"], self.wire)
         if logit_rows is not None:                      # logits of the chosen rows

@@ -20,6 +20,7 @@ from ..quant import QK, ROW_TILE_MAX_COLS, Q40Matrix, Q41Matrix, Q80Matrix, quan
 from ._jit import choose_threading_layer, get_num_threads, max_threads, set_num_threads
 from .attention import attention, attention_block, attention_scratch, bind_attention_block, rope_interleaved
 from .ffn import bind_silu_mul_q80, silu_mul, silu_mul_q80
+from .fused_tokens import bind_ffn, bind_norm_matmul
 from .moe import route
 from .matmul import bind_matmul, matmul_f16, matmul_f32, matmul_q80_q40, matmul_q80_q41, matmul_q80_q80
 from .matmul_slab import PREFETCH_ROWS
@@ -30,6 +31,7 @@ from .simd import HAS_AVX2, HAS_VNNI512, KERNELS
 # the private kernels warmup() compiles as well (parallel twins, the other ISA path)
 from .attention import (_attention_block_par, _attention_block_ser, _attention_long_par, _attention_rows_par,
                         _attention_ser, _ranges, _rope_par, _rope_rows, _rope_store)
+from .fused_tokens import _ffn_avx2, _ffn_vnni, _norm_matmul_avx2, _norm_matmul_vnni
 from .ffn import _SPLIT_MIN, _silu_mul_par, _silu_mul_q80_par, _silu_mul_q80_ser, _silu_mul_q80_split, _silu_mul_rows
 from .matmul_rows import (_ACC, _rbuffers, _rows_q4_generic, _rows_q4_par, _rows_q4_serial, _rows_q8_generic,
                           _rows_q8_par, _rows_q8_serial)
@@ -43,8 +45,8 @@ from .q80 import _quantize_q80_act, _quantize_q80_act_f16c
 
 __all__ = [
     "HAS_AVX2", "HAS_VNNI512", "KERNELS", "PREFETCH_ROWS",
-    "attention", "attention_block", "attention_scratch", "bind_attention_block", "bind_matmul",
-    "bind_rmsnorm_q80", "bind_silu_mul_q80", "choose_threading_layer", "get_num_threads", "matmul_f16", "matmul_f32",
+    "attention", "attention_block", "attention_scratch", "bind_attention_block", "bind_ffn", "bind_matmul",
+    "bind_norm_matmul", "bind_rmsnorm_q80", "bind_silu_mul_q80", "choose_threading_layer", "get_num_threads", "matmul_f16", "matmul_f32",
     "max_threads", "needed", "route", "warmup_is_cached",
     "matmul_q80_q40", "matmul_q80_q41", "matmul_q80_q80", "quantize_q80_act", "rmsnorm", "rmsnorm_heads",
     "rmsnorm_q80", "rope_interleaved", "set_num_threads", "silu_mul", "silu_mul_q80", "warmup",
@@ -64,11 +66,12 @@ __all__ = [
 #   qk_norm    per-head RMSNorm of q and k                                      Qwen3
 #   moe        the router's top-k choice                                        experts
 #   q4rows     Q80 x Q4_0/Q4_1 on the row-tile layout                           q41, q40
+#   q4tokens   rmsnorm -> q4 matmul, and the FFN, fused by token groups         q4rows on vnni512/avx2
 #   q40slab    Q80 x Q4_0 on the slab layout                                    q40 > ROW_TILE_MAX_COLS cols
 #   q8rows     Q80 x Q8_0 (the 8-bit output matrix)                             q80 output
 #   tests      the stand-alone rope and attention (tests and benchmarks only)
 ALL_NEEDS = ("q80act", "attention", "kv_f16", "fused", "silu_split", "f32", "f16", "qk_norm", "moe", "q4rows",
-             "q40slab", "q8rows", "tests")
+             "q4tokens", "q40slab", "q8rows", "tests")
 
 
 def needed(matrices, ffn_width: int, nthreads: int, qk_norm: bool = False,
@@ -92,6 +95,8 @@ def needed(matrices, ffn_width: int, nthreads: int, qk_norm: bool = False,
         needs.add("moe")
     if "q41" in types or any(t == "q40" and cols <= ROW_TILE_MAX_COLS for t, cols in matrices):
         needs.add("q4rows")
+        if KERNELS in ("vnni512", "avx2"):
+            needs.add("q4tokens")
     if any(t == "q40" and cols > ROW_TILE_MAX_COLS for t, cols in matrices):
         needs.add("q40slab")
     if "q80" in types:
@@ -143,6 +148,24 @@ def _steps(needs, skip_warmed: bool = True) -> list[tuple[str, float, list, obje
                 _rows_q4_par_vnni(o, xq_, xd_, xi, xf, w41.buf, rows, n // QK, w41.stride, 1, _ACCV)
             elif HAS_AVX2:
                 _rows_q4_par(o, xq_, xd_, xi, xf, w41.buf, rows, n // QK, w41.stride, 1, _ACC)
+
+    @step("q4tokens", "rmsnorm + q4 matmul, the FFN (fused)", 12.0, [_norm_matmul_vnni, _ffn_vnni,
+                                                                      _norm_matmul_avx2, _ffn_avx2])
+    def _():
+        T_, ffn = 8 * get_num_threads(), 2 * n       # rows enough for every thread's token group
+        w13 = Q41Matrix.from_blocks(quantize_q41(f32(2 * ffn, n)))
+        w2 = Q41Matrix.from_blocks(quantize_q41(f32(n, ffn)))
+        x_ = f32(T_, n)
+
+        def acts(width):
+            return (np.empty((T_, width), np.float32), np.empty((T_, width), np.int8),
+                    np.empty((T_, width // QK), np.float32))
+        for w in (ones, ones_ro):
+            for call in (bind_norm_matmul(np.empty((T_, 2 * ffn), np.float32), *acts(n), x_, w, 1e-5, w13),
+                         bind_ffn(np.empty((T_, n), np.float32), np.empty((T_, 2 * ffn), np.float32),
+                                  *acts(ffn), *acts(n), x_, w, 1e-5, w13, w2)):
+                if call is not None:                 # (None on the generic path)
+                    call()
 
     @step("q40slab", "q40 matmul (slabs)", 29.0, [_q40_serial_avx2, _q40_par_avx2,
                                                   _q40_serial_generic, _q40_par_generic])
@@ -300,8 +323,10 @@ def _wanted(dispatcher) -> bool:
     the AVX2 ones on a VNNI host (the slab kernel stays AVX2), the portable twins run without
     AVX2."""
     generic = dispatcher in (_rows_q4_generic, _rows_q8_generic, _q40_serial_generic, _q40_par_generic)
-    vnni = dispatcher in (_rows_q4_serial_vnni, _rows_q4_par_vnni, _rows_q8_serial_vnni, _rows_q8_par_vnni)
-    avx2_rows = dispatcher in (_rows_q4_serial, _rows_q4_par, _rows_q8_serial, _rows_q8_par)
+    vnni = dispatcher in (_rows_q4_serial_vnni, _rows_q4_par_vnni, _rows_q8_serial_vnni, _rows_q8_par_vnni,
+                          _norm_matmul_vnni, _ffn_vnni)
+    avx2_rows = dispatcher in (_rows_q4_serial, _rows_q4_par, _rows_q8_serial, _rows_q8_par, _norm_matmul_avx2,
+                               _ffn_avx2)
     avx2 = avx2_rows or dispatcher in (_q40_serial_avx2, _q40_par_avx2)
     if vnni:
         return HAS_VNNI512
