@@ -3,15 +3,12 @@ store, attention and (optionally) the Q80 quantisation of the result.
 
 The KV cache is float32 or float16 (``--kv-cache-float-type f16``): the wrappers pass an f16
 cache to the kernels as its uint16 bit patterns: the head products (``_qk_heads``,
-``_pv_heads``, ``_pv_span``, simd.py) widen them as they load, and ``_kv_value`` rounds a
-stored value to nearest-even, so one body serves both types.
+``_pv_heads``, simd.py) widen them as they load, and ``_kv_value`` rounds a stored value to
+nearest-even, so one body serves both types.
 
-Attention runs row by row of q (a token of one sequence), all its heads together: the scores
-position after position in address order, the softmax, then the V sums (``_values``: in
-address order too with many KV heads, in tiles of positions with the sums in registers with
-few). The K and V rows of its sequence stream from memory once per layer; the first rows of
-each stream are prefetched ahead of it (``_attend_row``).
-"""
+Attention runs row by row of q (a token of one sequence): all its heads together, one cache
+position after the next, so the K and V rows of its sequence stream from memory once per layer,
+in address order."""
 from __future__ import annotations
 
 import numpy as np
@@ -22,8 +19,7 @@ from . import _jit
 from ._checks import _F32, _I32, _check, _check_out, _noop
 from ._jit import _PAR_MIN_ROWS_WORK, _PAR_MIN_WORK, _inline, _parallel, _serial
 from .q80 import _q80_outputs_ok, _quantize_q80_act, _quantize_q80_act_f16c, quantize_q80_act
-from .simd import (_NH, HAS_AVX2, _exp_neg, _kv_value, _prefetch_rows, _pv_heads, _pv_span, _qk_heads,
-                   _vsum)
+from .simd import _NH, HAS_AVX2, _exp_neg, _kv_value, _pv_heads, _qk_heads, _vsum
 
 _F16 = np.dtype(np.float16)
 _KV_DTYPES = (_F32, _F16)
@@ -119,22 +115,11 @@ def _head_runs(kv_of_q, h0, h1):
 _VB = 128                         # positions per block of attention's V sum (for any thread count)
 
 
-_TILE_BYTES = 4096                # bytes of cache rows per tile of the V pass (_tile)
-_ADDR_RUNS = 4                    # from this many runs of heads, the V pass goes in address order
-
-
-@_inline
-def _tile(nbytes):
-    """Positions per tile of the V pass for cache rows of nbytes: _TILE_BYTES of rows, 4 to 32."""
-    return max(4, min(32, _TILE_BYTES // nbytes))
-
-
 @_inline
 def _scores(q, kc, t, base, rowl, hd, kv_of_q, runs, scale, sc, r0, j0, j1):
     """Scratch rows r0 + h, columns j0..j1-1: scale * q[t, head h] . K row j, for the heads of
-    runs (_head_runs), position after position in address order (what the hardware
-    prefetchers follow; _qk_heads: a KV head's segment loaded once for the query heads that
-    share it)."""
+    runs (_head_runs), position by position in address order (a KV head's segment loaded once
+    for the query heads that share it)."""
     qw, scw = q.shape[1], sc.shape[1]        # row lengths: flat offsets
     for j in range(j0, j1):
         row = base + j * rowl
@@ -146,33 +131,15 @@ def _scores(q, kc, t, base, rowl, hd, kv_of_q, runs, scale, sc, r0, j0, j1):
 @_inline
 def _values(acc, ao, vc, base, rowl, hd, kv_of_q, runs, sc, r0, j0, j1):
     """acc[flat ao + (h - first head) * hd ...] += sum over positions j0..j1-1 of
-    p[h, j] * V row j (p: scratch row r0 + h), for the heads of runs: position after position
-    for every head, the same additions in the same order on either path below.
-
-    Many runs of heads (_ADDR_RUNS KV heads or more here): position after position in address
-    order, every run's sums in memory (_pv_heads; a run's next add comes only after the other
-    runs'). Fewer: in tiles of positions (_tile), each run over the tile in turn (_pv_span:
-    the run's sums stay in registers over the tile; kept in memory, with 3 runs each add
-    waited for the store before it, 5x slower from cache), the first run prefetching the
-    next tile's rows."""
-    h0, scw = runs[0], sc.shape[1]
-    if runs.shape[0] - 1 >= _ADDR_RUNS:
-        for j in range(j0, j1):
-            row = base + j * rowl
-            for u in range(runs.shape[0] - 1):
-                h, e = runs[u], runs[u + 1]
-                r, rl = r0 + h, r0 + e - 1             # heads past the run: their p is not used
-                _pv_heads(acc, ao + (h - h0) * hd, vc, row + kv_of_q[h] * hd, hd, e - h,
-                          sc[r, j], sc[min(r + 1, rl), j], sc[min(r + 2, rl), j], sc[min(r + 3, rl), j])
-        return
-    nbytes = rowl * vc.itemsize
-    tile = _tile(nbytes)
-    for jb in range(j0, j1, tile):
-        je = min(j1, jb + tile)
+    p[h, j] * V row j (p: scratch row r0 + h), for the heads of runs, in address order."""
+    h0 = runs[0]
+    for j in range(j0, j1):
+        row = base + j * rowl
         for u in range(runs.shape[0] - 1):
             h, e = runs[u], runs[u + 1]
-            _pv_span(acc, ao + (h - h0) * hd, vc, base + jb * rowl + kv_of_q[h] * hd, rowl, je - jb, hd, e - h,
-                     sc, (r0 + h) * scw + jb, scw, vc, base + je * rowl, j1 - je if u == 0 else 0, nbytes)
+            r, rl = r0 + h, r0 + e - 1             # heads past the run: their p is not used
+            _pv_heads(acc, ao + (h - h0) * hd, vc, row + kv_of_q[h] * hd, hd, e - h,
+                      sc[r, j], sc[min(r + 1, rl), j], sc[min(r + 2, rl), j], sc[min(r + 3, rl), j])
 
 
 @_inline
@@ -181,30 +148,24 @@ def _block_sum(acc, a, vc, base, rowl, hd, kv_of_q, runs, sc, r0, npos, j0):
     w = acc.shape[1]
     for i in range(w):
         acc[a, i] = np.float32(0.0)
-    _prefetch_rows(vc, base + j0 * rowl, rowl, min(_tile(rowl * vc.itemsize), npos - j0), rowl * vc.itemsize)
     _values(acc, a * w, vc, base, rowl, hd, kv_of_q, runs, sc, r0, j0, min(npos, j0 + _VB))
 
 
 @_inline
-def _attend_row(out, q, kc, vc, t, s, npos, hd, kv_of_q, h0, h1, scale, sc, r0, s_next, n_next):
-    """Heads h0..h1-1 of row t, over rows 0..npos-1 of cache slot s, into out[t]; meanwhile
-    the first K rows of the row that comes next (n_next positions of slot s_next) are
-    prefetched.
+def _attend_row(out, q, kc, vc, t, s, npos, hd, kv_of_q, h0, h1, scale, sc, r0):
+    """Heads h0..h1-1 of row t, over rows 0..npos-1 of cache slot s, into out[t].
 
-    The scores (_scores), softmax per head, then the V rows (_values). The first rows of each
-    stream are prefetched before it starts (the V rows while the scores run, the next row's K
-    rows while the V rows run), so the cold start of a row overlaps the work of the one
-    before. The V sum runs in blocks of _VB positions, each block's sum added to out in turn:
-    the bits _attention_long_par gives when it sums a row's blocks on several threads."""
+    The scores (_scores), softmax per head, then the V rows (_values), each pass over the
+    positions in address order: a slot's K and V rows stream from memory once and in the
+    order the hardware prefetchers follow (4 positions of one KV head at a time, the order
+    before, was 2-3x slower from memory than from cache). The V sum runs in blocks of _VB
+    positions, each block's sum added to out in turn: the bits _attention_long_par gives
+    when it sums a row's blocks on several threads."""
     S, nkv = kc.shape[1], kc.shape[2]
     rowl = nkv * hd
     base = s * S * rowl
-    nbytes = rowl * kc.itemsize
-    first = _tile(nbytes)
     runs = _head_runs(kv_of_q, h0, h1)
-    _prefetch_rows(vc, base, rowl, min(first, npos), nbytes)
     _scores(q, kc, t, base, rowl, hd, kv_of_q, runs, scale, sc, r0, 0, npos)
-    _prefetch_rows(kc, s_next * S * rowl, rowl, min(first, n_next), nbytes)
     _softmax_rows(sc, r0, h0, h1, npos)
     ow, w = out.shape[1], (h1 - h0) * hd
     for i in range(h0 * hd, h1 * hd):
@@ -231,9 +192,7 @@ def _attend_rows(out, qs, d, quant, q, kc, vc, positions, slots, kv_of_q, scale,
     """Rows t = c, c + nch, ... (all heads; scratch rows c*nq ...), each quantised to Q80
     (quant: 0 none, 1 portable, 2 F16C) when done."""
     for t in range(c, T, nch):
-        nxt = min(t + nch, T - 1)
-        _attend_row(out, q, kc, vc, t, slots[t], positions[t] + 1, hd, kv_of_q, 0, nq, scale, sc, c * nq,
-                    slots[nxt], positions[nxt] + 1 if t + nch < T else 0)
+        _attend_row(out, q, kc, vc, t, slots[t], positions[t] + 1, hd, kv_of_q, 0, nq, scale, sc, c * nq)
         _quantize_row(qs, d, out, t, quant, nq * hd // QK)
 
 

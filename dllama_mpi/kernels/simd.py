@@ -7,10 +7,9 @@
   lower with ``DLLAMA_MPI_KERNELS``; ``HAS_AVX2``, ``HAS_VNNI512``);
 * the IR types and helpers of the hand-written vector loops (``_splat``, ``_ldv``, ``_as64``);
 * float32 exp (``_exp_neg``, ``_exp_f32``): polynomial, vectorisable under fastmath;
-* attention's products over KV-cache rows of either type, for up to 4 query heads sharing a
-  KV head (``_qk_heads``: q . k, ``_pv_heads``: out += p * v for one row, ``_pv_span`` the
-  same over a span of rows), the prefetch of rows (``_prefetch_rows``), and a sum in a fixed
-  order (``_vsum``).
+* attention's products over a KV cache of either type, for up to 4 query heads sharing a
+  cache row (``_qk_heads``: q . k, ``_pv_heads``: out += p * v), and a sum in a fixed order
+  (``_vsum``).
 """
 from __future__ import annotations
 
@@ -209,13 +208,12 @@ def _exp_f32(x):
 #
 # One cache row (a position's K or V segment of one KV head, n elements) against up to 4 query
 # heads that share it: q . k for each head (_qk_heads), and out += p * v into each head's
-# output (_pv_heads); _pv_span runs the latter over a span of positions with each head's
-# sums in registers (kept in memory from one position to the next, with few KV heads each add
-# waited for the store before it). A segment is loaded once for the heads, 16 float32 lanes at
-# a time (one zmm, two ymm or four xmm: LLVM splits the vector for the host), widened as it is
-# loaded from a cache of f16 bit patterns (uint16); a scalar loop takes the last n % 16.
-# Hand-written IR because numba's loops over row slices compile to runtime alias checks and
-# reference counts.
+# output (_pv_heads). The segment is loaded once for the heads, 16 float32 lanes at a time
+# (one zmm, two ymm or four xmm: LLVM splits the vector for the host), widened as it is loaded
+# from a cache of f16 bit patterns (uint16); a scalar loop takes the last n % 16. Attention
+# calls them position after position, so the cache streams in address order (what the
+# hardware prefetchers follow). Hand-written IR because numba's loops over row slices compile
+# to runtime alias checks and reference counts.
 
 _vhalf16 = ir.VectorType(ir.HalfType(), 16)
 _NH = 4                            # query heads per call
@@ -368,103 +366,6 @@ def _pv_heads(typingctx, out, oo, v, vo, n, nh, p0, p1, p2, p3):
         _by_heads(builder, nh, body)
         return context.get_dummy_value()
     return types.void(out, oo, v, vo, n, nh, p0, p1, p2, p3), codegen
-
-
-def _prefetch_bytes(builder, ptr, off, nbytes):
-    """IR: prefetch nbytes (0: none) from element off of ptr (a hint: never faults). Locality 1
-    (prefetcht2: to the outer caches): faster here than t0 and t1 on the KV cache."""
-    pf = _prefetch_fn(builder)
-    row = builder.bitcast(builder.gep(ptr, [off]), ir.IntType(8).as_pointer())
-    with cgutils.for_range_slice(builder, _k64(0), nbytes, _k64(64), intp=_i64) as (b, _):
-        builder.call(pf, [builder.gep(row, [b]), ir.Constant(_i32, 0), ir.Constant(_i32, 1), ir.Constant(_i32, 1)])
-
-
-@intrinsic
-def _prefetch_rows(typingctx, ary, off, stride, nrows, nbytes):
-    """Prefetch nbytes from each of nrows rows of ary (flat element offsets off + r*stride) at
-    once: the first rows of a stream, before the hardware prefetchers have seen it."""
-    sig = types.void(ary, off, stride, nrows, nbytes)
-
-    def codegen(context, builder, signature, args):
-        ptr = _row_ptr(context, builder, signature.args[0], args[0])
-        off, stride, nrows, nbytes = (_as64(builder, args[i]) for i in (1, 2, 3, 4))
-        with cgutils.for_range(builder, nrows) as rows:
-            _prefetch_bytes(builder, ptr, builder.add(off, builder.mul(rows.index, stride)), nbytes)
-        return context.get_dummy_value()
-    return sig, codegen
-
-
-_SPAN_V = 4                        # 16-lane accumulators per head in _pv_span (16 zmm for 4 heads)
-
-
-@intrinsic
-def _pv_span(typingctx, out, oo, v, vo, stride, npos, n, nh, p, po, ps, pf, pfo, pfn, pfb):
-    """out[oo + i*n:][:n] += p[po + i*ps + j] * v[vo + j*stride:][:n] for the nh <= 4 heads i,
-    position j = 0, 1, ... npos - 1 in turn (a fixed order: the same bits in every kernel).
-    Each head's outputs stay in registers (_SPAN_V vectors of 16 at a time) over the span,
-    loaded and stored once. At each position j < pfn it also prefetches pfb bytes from
-    pf[pfo + j*stride] (in the first pass over the columns): rows the caller reads next,
-    requested while these compute (a burst of prefetches ahead of each span was slower)."""
-    if not (_kv_ok_type(out, v) and isinstance(p, types.Array) and p.dtype == types.float32):
-        return None
-
-    def codegen(context, builder, signature, args):
-        tys = signature.args
-        op, vp, pp = (_row_ptr(context, builder, tys[i], args[i]) for i in (0, 2, 8))
-        f16 = tys[2].dtype == types.uint16
-        oo, vo, stride, npos, n, nh, po, ps, pfo, pfn, pfb = (_as64(builder, args[i])
-                                                               for i in (1, 3, 4, 5, 6, 7, 9, 10, 12, 13, 14))
-        pfp = _row_ptr(context, builder, tys[11], args[11])
-        k = _k64
-        wide = k(16 * _SPAN_V)
-        nw = builder.mul(builder.udiv(n, wide), wide)
-        n16 = builder.and_(n, k(-16))
-        fma = _fma16(builder)
-        vptr = lambda off: builder.bitcast(builder.gep(op, [off]), _v16f32.as_pointer())
-
-        def span(m, c0, nv):
-            """Columns c0 .. c0 + 16*nv of the m heads, over every position."""
-            cols = [builder.add(c0, k(16 * w)) for w in range(nv)]
-            heads = [builder.add(oo, builder.mul(n, k(r))) for r in range(m)]
-            prow = [builder.add(po, builder.mul(ps, k(r))) for r in range(m)]
-            accs = [[cgutils.alloca_once(builder, _v16f32) for _ in range(nv)] for _ in range(m)]
-            for r in range(m):
-                for w in range(nv):
-                    builder.store(builder.load(vptr(builder.add(heads[r], cols[w])), align=1), accs[r][w])
-            first = builder.icmp_signed("==", c0, k(0))
-            with cgutils.for_range(builder, npos) as loop:
-                j = loop.index
-                vj = builder.add(vo, builder.mul(j, stride))
-                _prefetch_bytes(builder, pfp, builder.add(pfo, builder.mul(j, stride)),
-                                builder.select(builder.and_(first, builder.icmp_signed("<", j, pfn)), pfb, k(0)))
-                pv = [_splat(builder, builder.load(builder.gep(pp, [builder.add(prow[r], j)])), 16)
-                      for r in range(m)]
-                for w in range(nv):
-                    v16 = _f32x16(builder, vp, builder.add(vj, cols[w]), f16)
-                    for r in range(m):
-                        builder.store(builder.call(fma, [pv[r], v16, builder.load(accs[r][w])]), accs[r][w])
-            for r in range(m):
-                for w in range(nv):
-                    builder.store(builder.load(accs[r][w]), vptr(builder.add(heads[r], cols[w])), align=1)
-
-        def body(m):
-            with cgutils.for_range_slice(builder, k(0), nw, wide, intp=_i64) as (c0, _):
-                span(m, c0, _SPAN_V)
-            with cgutils.for_range_slice(builder, nw, n16, k(16), intp=_i64) as (c0, _):
-                span(m, c0, 1)
-            with cgutils.for_range_slice(builder, n16, n, k(1), intp=_i64) as (i, _):
-                for r in range(m):
-                    optr = builder.gep(op, [builder.add(builder.add(oo, builder.mul(n, k(r))), i)])
-                    acc = cgutils.alloca_once_value(builder, builder.load(optr))
-                    with cgutils.for_range(builder, npos) as loop:
-                        j = loop.index
-                        pj = builder.load(builder.gep(pp, [builder.add(builder.add(po, builder.mul(ps, k(r))), j)]))
-                        vs = _f32x1(builder, vp, builder.add(builder.add(vo, builder.mul(j, stride)), i), f16)
-                        builder.store(builder.fadd(builder.load(acc), builder.fmul(pj, vs)), acc)
-                    builder.store(builder.load(acc), optr)
-        _by_heads(builder, nh, body)
-        return context.get_dummy_value()
-    return types.void(out, oo, v, vo, stride, npos, n, nh, p, po, ps, pf, pfo, pfn, pfb), codegen
 
 
 @intrinsic
