@@ -31,7 +31,7 @@ from .simd import HAS_AVX2, HAS_VNNI512, KERNELS
 # the private kernels warmup() compiles as well (parallel twins, the other ISA path)
 from .attention import (_attention_block_par, _attention_block_ser, _attention_long_par, _attention_rows_par,
                         _attention_ser, _ranges, _rope_par, _rope_rows, _rope_store)
-from .fused_tokens import _ffn_avx2, _ffn_vnni, _norm_matmul_avx2, _norm_matmul_vnni
+from .fused_tokens import _ffn_vnni, _norm_matmul_vnni
 from .ffn import _SPLIT_MIN, _silu_mul_par, _silu_mul_q80_par, _silu_mul_q80_ser, _silu_mul_q80_split, _silu_mul_rows
 from .matmul_rows import (_ACC, _rbuffers, _rows_q4_generic, _rows_q4_par, _rows_q4_serial, _rows_q8_generic,
                           _rows_q8_par, _rows_q8_serial)
@@ -66,7 +66,7 @@ __all__ = [
 #   qk_norm    per-head RMSNorm of q and k                                      Qwen3
 #   moe        the router's top-k choice                                        experts
 #   q4rows     Q80 x Q4_0/Q4_1 on the row-tile layout                           q41, q40
-#   q4tokens   rmsnorm -> q4 matmul, and the FFN, fused by token groups         q4rows on vnni512/avx2
+#   q4tokens   rmsnorm -> q4 matmul, and the FFN, fused by token groups         q4rows on vnni512
 #   q40slab    Q80 x Q4_0 on the slab layout                                    q40 > ROW_TILE_MAX_COLS cols
 #   q8rows     Q80 x Q8_0 (the 8-bit output matrix)                             q80 output
 #   tests      the stand-alone rope and attention (tests and benchmarks only)
@@ -95,7 +95,7 @@ def needed(matrices, ffn_width: int, nthreads: int, qk_norm: bool = False,
         needs.add("moe")
     if "q41" in types or any(t == "q40" and cols <= ROW_TILE_MAX_COLS for t, cols in matrices):
         needs.add("q4rows")
-        if KERNELS in ("vnni512", "avx2"):
+        if KERNELS == "vnni512":
             needs.add("q4tokens")
     if any(t == "q40" and cols > ROW_TILE_MAX_COLS for t, cols in matrices):
         needs.add("q40slab")
@@ -149,8 +149,7 @@ def _steps(needs, skip_warmed: bool = True) -> list[tuple[str, float, list, obje
             elif HAS_AVX2:
                 _rows_q4_par(o, xq_, xd_, xi, xf, w41.buf, rows, n // QK, w41.stride, 1, _ACC)
 
-    @step("q4tokens", "rmsnorm + q4 matmul, the FFN (fused)", 12.0, [_norm_matmul_vnni, _ffn_vnni,
-                                                                      _norm_matmul_avx2, _ffn_avx2])
+    @step("q4tokens", "rmsnorm + q4 matmul, the FFN (fused)", 12.0, [_norm_matmul_vnni, _ffn_vnni])
     def _():
         T_, ffn = 8 * get_num_threads(), 2 * n       # rows enough for every thread's token group
         w13 = Q41Matrix.from_blocks(quantize_q41(f32(2 * ffn, n)))
@@ -164,7 +163,7 @@ def _steps(needs, skip_warmed: bool = True) -> list[tuple[str, float, list, obje
             for call in (bind_norm_matmul(np.empty((T_, 2 * ffn), np.float32), *acts(n), x_, w, 1e-5, w13),
                          bind_ffn(np.empty((T_, n), np.float32), np.empty((T_, 2 * ffn), np.float32),
                                   *acts(ffn), *acts(n), x_, w, 1e-5, w13, w2)):
-                if call is not None:                 # (None on the generic path)
+                if call is not None:                 # (None off the vnni512 path)
                     call()
 
     @step("q40slab", "q40 matmul (slabs)", 29.0, [_q40_serial_avx2, _q40_par_avx2,
@@ -325,8 +324,7 @@ def _wanted(dispatcher) -> bool:
     generic = dispatcher in (_rows_q4_generic, _rows_q8_generic, _q40_serial_generic, _q40_par_generic)
     vnni = dispatcher in (_rows_q4_serial_vnni, _rows_q4_par_vnni, _rows_q8_serial_vnni, _rows_q8_par_vnni,
                           _norm_matmul_vnni, _ffn_vnni)
-    avx2_rows = dispatcher in (_rows_q4_serial, _rows_q4_par, _rows_q8_serial, _rows_q8_par, _norm_matmul_avx2,
-                               _ffn_avx2)
+    avx2_rows = dispatcher in (_rows_q4_serial, _rows_q4_par, _rows_q8_serial, _rows_q8_par)
     avx2 = avx2_rows or dispatcher in (_q40_serial_avx2, _q40_par_avx2)
     if vnni:
         return HAS_VNNI512

@@ -3,16 +3,17 @@ attention's input projection), and the whole SwiGLU feed-forward (RMSNorm, gate 
 down).
 
 Every step of such a stretch reads only its own token's row of the step before, so when the
-matmuls split their work by token groups (``matmul_rows._grid``: from 8 tokens a thread with the
-VNNI kernels, 8 with the AVX2 ones) each thread can run its tokens through every step with no
-barrier between: one parallel region instead of four (the FFN), or two. A parallel region a step
-cost the 2-thread FFN of 16 SmolLM2 rows 11% (222 µs a layer against 197 fused) and left its 2
-threads at 1.68x one; fused, 1.90x (1.98x for 128 rows).
+matmuls split their work by token groups (``matmul_rows._grid``: from 8 tokens a thread) each
+thread can run its tokens through every step with no barrier between: one parallel region
+instead of four (the FFN), or two. A parallel region a step cost the 2-thread FFN of 16
+SmolLM2 rows 11% (222 µs a layer against 197 fused) and left its 2 threads at 1.68x one;
+fused, 1.90x (1.98x for 128 rows).
 
 The steps are the unfused kernels' own helpers on each thread's rows, so the results are the
-same bits. Row-tile Q4 weights (Q40 in the row layout, Q41) on the vnni512 and avx2 paths only;
-``bind_*`` return None where a stretch cannot be fused (other weight types, the generic path,
-fewer than 8 tokens a thread) and the caller runs the steps one by one.
+same bits. Row-tile Q4 weights (Q40 in the row layout, Q41) on the vnni512 path only (the AVX2
+twins would be the same kernels with the AVX2 tiles: a second copy of each, for hosts without
+AVX-512 VNNI, left out); ``bind_*`` return None where a stretch cannot be fused (other weight
+types, the other paths, fewer than 8 tokens a thread) and the caller runs the steps one by one.
 """
 from __future__ import annotations
 
@@ -25,13 +26,13 @@ from ..quant import QK, Q40Matrix, Q41Matrix
 from . import _jit
 from ._jit import _inline, _parallel
 from .ffn import _silu_mul_rows
-from .matmul_rows import _ACC, _NT, _RT4, _rbuffers, _rows_prep_range, _rows_q4_tiles
+from .matmul_rows import _RT4, _rbuffers, _rows_prep_range
 from .matmul_vnni import _ACCV, _NTV, _q4v_tiles
 from .norm import _rmsnorm_rows
 from .q80 import _quantize_q80_act_f16c
 from .simd import KERNELS
 
-_TOKENS_MIN = {"vnni512": _NTV, "avx2": 2 * _NT}   # tokens a thread from which the matmuls split by tokens
+_TOKENS_MIN = _NTV                # tokens a thread from which the matmuls split by tokens
 
 
 @_inline
@@ -54,56 +55,34 @@ def _span(T, nch, c):
     return min(T, c * per), min(T, c * per + per)
 
 
+@_inline
+def _matmul_rows(out, xq, xd, xi, xf, buf, rows, nb, sb, hasm, t0, t1, acc):
+    """Rows t0..t1-1 of out = (xq, xd) · w^T for a row-tile Q4 matrix w (buf ...): their
+    activation sums, then every row tile (the VNNI matmul's own steps)."""
+    _rows_prep_range(xi, xf, xq, xd, t0, t1, nb, hasm)
+    _q4v_tiles(out, xq, xi, xf, buf, rows, nb, sb, hasm, 0, (rows + _RT4 - 1) // _RT4, t0, t1, acc)
+
+
 @_parallel
 def _norm_matmul_vnni(out, xb, xbq, xbd, x, weight, eps, buf, rows, nb, sb, hasm, xi, xf, acc, nch):
-    T = x.shape[0]
     for c in prange(nch):
-        t0, t1 = _span(T, nch, c)
+        t0, t1 = _span(x.shape[0], nch, c)
         _norm_q80_rows(xb, xbq, xbd, x, weight, eps, t0, t1)
-        _rows_prep_range(xi, xf, xbq, xbd, t0, t1, nb, hasm)
-        _q4v_tiles(out, xbq, xi, xf, buf, rows, nb, sb, hasm, 0, (rows + _RT4 - 1) // _RT4, t0, t1, acc[c])
-
-
-@_parallel
-def _norm_matmul_avx2(out, xb, xbq, xbd, x, weight, eps, buf, rows, nb, sb, hasm, xi, xf, acc, nch):
-    T = x.shape[0]
-    for c in prange(nch):
-        t0, t1 = _span(T, nch, c)
-        _norm_q80_rows(xb, xbq, xbd, x, weight, eps, t0, t1)
-        _rows_prep_range(xi, xf, xbq, xbd, t0, t1, nb, hasm)
-        _rows_q4_tiles(out, xbq, xi, xf, buf, rows, nb, sb, hasm, 0, (rows + _RT4 - 1) // _RT4, t0, t1, acc[c])
+        _matmul_rows(out, xbq, xbd, xi, xf, buf, rows, nb, sb, hasm, t0, t1, acc[c])
 
 
 @_parallel
 def _ffn_vnni(out, h13, h, hq, hd, xb, xbq, xbd, x, weight, eps, b13, r13, nb13, sb13, m13, xi13, xf13,
               b2, r2, nb2, sb2, m2, xi2, xf2, acc, nch):
-    T = x.shape[0]
     for c in prange(nch):
-        t0, t1 = _span(T, nch, c)
+        t0, t1 = _span(x.shape[0], nch, c)
         _norm_q80_rows(xb, xbq, xbd, x, weight, eps, t0, t1)
-        _rows_prep_range(xi13, xf13, xbq, xbd, t0, t1, nb13, m13)
-        _q4v_tiles(h13, xbq, xi13, xf13, b13, r13, nb13, sb13, m13, 0, (r13 + _RT4 - 1) // _RT4, t0, t1, acc[c])
+        _matmul_rows(h13, xbq, xbd, xi13, xf13, b13, r13, nb13, sb13, m13, t0, t1, acc[c])
         _silu_q80_rows(h, hq, hd, h13, t0, t1)
-        _rows_prep_range(xi2, xf2, hq, hd, t0, t1, nb2, m2)
-        _q4v_tiles(out, hq, xi2, xf2, b2, r2, nb2, sb2, m2, 0, (r2 + _RT4 - 1) // _RT4, t0, t1, acc[c])
+        _matmul_rows(out, hq, hd, xi2, xf2, b2, r2, nb2, sb2, m2, t0, t1, acc[c])
 
 
-@_parallel
-def _ffn_avx2(out, h13, h, hq, hd, xb, xbq, xbd, x, weight, eps, b13, r13, nb13, sb13, m13, xi13, xf13,
-              b2, r2, nb2, sb2, m2, xi2, xf2, acc, nch):
-    T = x.shape[0]
-    for c in prange(nch):
-        t0, t1 = _span(T, nch, c)
-        _norm_q80_rows(xb, xbq, xbd, x, weight, eps, t0, t1)
-        _rows_prep_range(xi13, xf13, xbq, xbd, t0, t1, nb13, m13)
-        _rows_q4_tiles(h13, xbq, xi13, xf13, b13, r13, nb13, sb13, m13, 0, (r13 + _RT4 - 1) // _RT4, t0, t1,
-                       acc[c])
-        _silu_q80_rows(h, hq, hd, h13, t0, t1)
-        _rows_prep_range(xi2, xf2, hq, hd, t0, t1, nb2, m2)
-        _rows_q4_tiles(out, hq, xi2, xf2, b2, r2, nb2, sb2, m2, 0, (r2 + _RT4 - 1) // _RT4, t0, t1, acc[c])
-
-
-_KERNELS = {"vnni512": (_norm_matmul_vnni, _ffn_vnni, _ACCV), "avx2": (_norm_matmul_avx2, _ffn_avx2, _ACC)}
+_KERNELS = {"vnni512": (_norm_matmul_vnni, _ffn_vnni, _ACCV)}
 
 
 def _q4_tiles(w):
@@ -117,7 +96,7 @@ def _q4_tiles(w):
 
 def _fusable(T: int, path: str, *mats) -> bool:
     nch = _jit._NUM_THREADS
-    return (path in _KERNELS and T >= _TOKENS_MIN[path] * nch
+    return (path in _KERNELS and T >= _TOKENS_MIN * nch
             and all(_q4_tiles(w) is not None and w.rows for w in mats))
 
 
