@@ -51,6 +51,8 @@ def _wrap_module():
         if name.startswith("bind_"):
             def bind(*a, _fn=fn, _name=name, **k):
                 bound = _fn(*a, **k)
+                if bound is None:            # a fused stretch that cannot run here (fused_tokens)
+                    return None
                 inner = getattr(bound, "func", None)
                 return _timed(_label(getattr(inner, "__name__", _name), a), bound)
             setattr(kernels, name, bind)
