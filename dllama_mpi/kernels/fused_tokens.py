@@ -101,7 +101,9 @@ def _fusable(T: int, path: str, *mats) -> bool:
 
 
 def _q80_rows_ok(a, q, d, n: int, T: int) -> bool:
-    return (a.shape == (T, n) and q.shape == (T, n) and d.shape == (T, n // QK) and a.dtype == np.float32
+    """a [T, n] f32 rows and their Q80 (q int8 [T, n], d f32 [T, n/32]), all writeable."""
+    return (n % QK == 0 and a.shape == (T, n) and q.shape == (T, n) and d.shape == (T, n // QK)
+            and a.dtype == np.float32
             and q.dtype == np.int8 and d.dtype == np.float32
             and all(v.flags.c_contiguous and v.flags.writeable for v in (a, q, d)))
 
@@ -112,7 +114,7 @@ def bind_norm_matmul(out, xb, xbq, xbd, x, weight, eps: float, w, path: str = KE
     bind_rmsnorm_q80 and bind_matmul). Arrays the model's own (checked here once)."""
     T, n = x.shape
     if not (_fusable(T, path, w) and w.cols == n and out.shape == (T, w.rows) and out.dtype == np.float32
-            and out.flags.c_contiguous and x.dtype == np.float32 and x.flags.c_contiguous
+            and out.flags.c_contiguous and out.flags.writeable and x.dtype == np.float32 and x.flags.c_contiguous
             and weight.shape == (n,) and weight.dtype == np.float32 and _q80_rows_ok(xb, xbq, xbd, n, T)):
         return None
     buf, rows, nb, sb, hasm = _q4_tiles(w)
@@ -129,6 +131,7 @@ def bind_ffn(out, h13, h, hq, hd, xb, xbq, xbd, x, weight, eps: float, w13, w2, 
     if not (_fusable(T, path, w13, w2) and w13.cols == n and w13.rows % 2 == 0 and w2.cols == w13.rows // 2
             and out.shape == (T, w2.rows) and h13.shape == (T, w13.rows)
             and all(a.dtype == np.float32 and a.flags.c_contiguous for a in (out, h13, x))
+            and out.flags.writeable and h13.flags.writeable
             and weight.shape == (n,) and weight.dtype == np.float32
             and _q80_rows_ok(xb, xbq, xbd, n, T) and _q80_rows_ok(h, hq, hd, w2.cols, T)):
         return None
