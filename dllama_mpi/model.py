@@ -419,7 +419,7 @@ class Transformer:
 
     def _q80_parts(self, b, name: str) -> tuple:
         """(b[name], its Q80 values, its Q80 scales), or Nones when the weights take f32 rows."""
-        return (b[name], b[name + "_q"], b[name + "_d"]) if self.fuse_q80 else (b[name], None, None)
+        return (b[name], *(self._q80(b, name) or (None, None)))
 
     def _fused(self, bind, *args):
         """The fused kernel call bind(*args) for the model's buffers (bound once), or None where

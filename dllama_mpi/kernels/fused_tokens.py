@@ -22,10 +22,11 @@ from functools import partial
 import numpy as np
 from numba import prange
 
-from ..quant import QK, Q40Matrix, Q41Matrix
+from ..quant import QK
 from . import _jit
 from ._jit import _inline, _parallel
 from .ffn import _silu_mul_rows
+from .matmul import q4_row_tiles
 from .matmul_rows import _RT4, _rbuffers, _rows_prep_range
 from .matmul_vnni import _ACCV, _NTV, _q4v_tiles
 from .norm import _rmsnorm_rows
@@ -82,22 +83,9 @@ def _ffn_vnni(out, h13, h, hq, hd, xb, xbq, xbd, x, weight, eps, b13, r13, nb13,
         _matmul_rows(out, hq, hd, xi2, xf2, b2, r2, nb2, sb2, m2, t0, t1, acc[c])
 
 
-_KERNELS = {"vnni512": (_norm_matmul_vnni, _ffn_vnni, _ACCV)}
-
-
-def _q4_tiles(w):
-    """(buffer, rows, blocks a row, record bytes, has offsets) of a row-tile Q4 matrix, else None."""
-    if type(w) is Q41Matrix:
-        return w.buf, w.rows, w.nb, w.stride, 1
-    if type(w) is Q40Matrix and w.layout == "rows":
-        return w.qs, w.rows, w.nb, 288, 0
-    return None
-
-
 def _fusable(T: int, path: str, *mats) -> bool:
-    nch = _jit._NUM_THREADS
-    return (path in _KERNELS and T >= _TOKENS_MIN * nch
-            and all(_q4_tiles(w) is not None and w.rows for w in mats))
+    return (path == "vnni512" and T >= _TOKENS_MIN * _jit._NUM_THREADS
+            and all(q4_row_tiles(w) is not None and w.rows for w in mats))
 
 
 def _q80_rows_ok(a, q, d, n: int, T: int) -> bool:
@@ -117,10 +105,9 @@ def bind_norm_matmul(out, xb, xbq, xbd, x, weight, eps: float, w, path: str = KE
             and out.flags.c_contiguous and out.flags.writeable and x.dtype == np.float32 and x.flags.c_contiguous
             and weight.shape == (n,) and weight.dtype == np.float32 and _q80_rows_ok(xb, xbq, xbd, n, T)):
         return None
-    buf, rows, nb, sb, hasm = _q4_tiles(w)
-    kernel, _, acc = _KERNELS[path]
-    return partial(kernel, out, xb, xbq, xbd, x, weight, float(eps), buf, rows, nb, sb, hasm,
-                   *_rbuffers(T, nb), acc, _jit._NUM_THREADS)
+    buf, rows, nb, sb, hasm = q4_row_tiles(w)
+    return partial(_norm_matmul_vnni, out, xb, xbq, xbd, x, weight, float(eps), buf, rows, nb, sb, hasm,
+                   *_rbuffers(T, nb), _ACCV, _jit._NUM_THREADS)
 
 
 def bind_ffn(out, h13, h, hq, hd, xb, xbq, xbd, x, weight, eps: float, w13, w2, path: str = KERNELS):
@@ -135,9 +122,8 @@ def bind_ffn(out, h13, h, hq, hd, xb, xbq, xbd, x, weight, eps: float, w13, w2, 
             and weight.shape == (n,) and weight.dtype == np.float32
             and _q80_rows_ok(xb, xbq, xbd, n, T) and _q80_rows_ok(h, hq, hd, w2.cols, T)):
         return None
-    b13, r13, nb13, sb13, m13 = _q4_tiles(w13)
-    b2, r2, nb2, sb2, m2 = _q4_tiles(w2)
-    _, kernel, acc = _KERNELS[path]
-    return partial(kernel, out, h13, h, hq, hd, xb, xbq, xbd, x, weight, float(eps),
+    b13, r13, nb13, sb13, m13 = q4_row_tiles(w13)
+    b2, r2, nb2, sb2, m2 = q4_row_tiles(w2)
+    return partial(_ffn_vnni, out, h13, h, hq, hd, xb, xbq, xbd, x, weight, float(eps),
                    b13, r13, nb13, sb13, m13, *_rbuffers(T, nb13), b2, r2, nb2, sb2, m2, *_rbuffers(T, nb2),
-                   acc, _jit._NUM_THREADS)
+                   _ACCV, _jit._NUM_THREADS)

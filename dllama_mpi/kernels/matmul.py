@@ -80,8 +80,9 @@ def _bound_matmul(out, xq, xd, w, use):
     T = xq.shape[0]
     if T == 0 or w.rows == 0:
         return _noop
-    if type(w) is Q41Matrix:
-        return _bound_rows_q4(out, xq, xd, w.buf, w.rows, w.nb, w.stride, 1, path)
+    tiles = q4_row_tiles(w)
+    if tiles is not None:
+        return _bound_rows_q4(out, xq, xd, *tiles, path)
     if type(w) is not Q40Matrix:                       # Q80Matrix
         xi, xf = _rbuffers(T, w.nb)
         if path == "generic":
@@ -92,14 +93,22 @@ def _bound_matmul(out, xq, xd, w, use):
             return partial(fn, out, xq, xd, xi, xf, w.buf, w.rows, w.nb, w.stride, _ACCV)
         return partial(_rows_q8_serial if serial else _rows_q8_par, out, xq, xd, xi, xf, w.buf, w.rows, w.nb,
                        w.stride, _ACC)
-    if w.layout == "rows":
-        return _bound_rows_q4(out, xq, xd, w.qs, w.rows, w.nb, 288, 0, path)
     xl, xh, xinit = _xbuffers(T, w.nslab)
     args = (out, xq, xd, w.qs, w.d.view(np.uint16), w.rows, w.nb, w.nslab, xl, xh, xinit, _S16)
     avx2 = path != "generic"                           # (no VNNI kernel for the slab layout)
     if w.rows * w.cols * T < 1 << 18 or w.rows < 16:
         return partial(_q40_serial_avx2 if avx2 else _q40_serial_generic, *args)
     return partial(_q40_par_avx2 if avx2 else _q40_par_generic, *args)
+
+
+def q4_row_tiles(w):
+    """(buffer, rows, blocks a row, record bytes, has offsets) of a Q4 matrix on the row-tile
+    layout (Q41, or Q40 with layout "rows"), what the row-tile kernels take; else None."""
+    if type(w) is Q41Matrix:
+        return w.buf, w.rows, w.nb, w.stride, 1
+    if type(w) is Q40Matrix and w.layout == "rows":
+        return w.qs, w.rows, w.nb, 288, 0
+    return None
 
 
 def _matmul_unchecked(out, xq, xd, w, use) -> None:
