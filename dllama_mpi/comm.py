@@ -38,6 +38,7 @@ class _Base:
 
     rank: int
     size: int
+    sums_identity = False   # allreduce_sum returns its input unchanged (one process, no wire)
 
     @property
     def is_root(self) -> bool:
@@ -70,6 +71,8 @@ class _Base:
 
 class SerialComm(_Base):
     """One process: collectives are identities."""
+
+    sums_identity = True
 
     def __init__(self):
         self.rank, self.size = 0, 1

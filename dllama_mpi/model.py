@@ -221,6 +221,9 @@ class _LayerCalls(NamedTuple):
     ffn_norm: Callable[[], None]           # xb = rmsnorm(x) * ffn_norm
     ffn: Callable[[], None] | None         # ffn_norm, then h13 = w13 · xb, h = silu(gate) * up,
                                            # ffn_out = w2 · h
+    whole: Callable[[], bool] | None       # the whole layer, both residual adds included, in one
+                                           # parallel region (one rank: kernels.bind_layer); False
+                                           # when this step cannot (then the steps above run)
 
 
 def _in_turn(*calls) -> Callable[[], None]:
@@ -414,8 +417,21 @@ class Transformer:
             lc = calls[index] = _LayerCalls(
                 attn_in or _in_turn(attn_norm, self._matmul_call(b["qkv"], xb, lw.wqkv)),
                 self._attend_call(b, lw, index), self._matmul_call(b["attn_out"], att, lw.wo),
-                ffn_norm, ffn)
+                ffn_norm, ffn, self._whole_layer_call(b, index, lw))
         return lc
+
+    def _whole_layer_call(self, b, index: int, lw: LayerWeights):
+        """The layer in one parallel region (kernels.bind_layer), or None: only on one rank
+        (no partial sums between its steps), for a plain Llama layer of 4-bit weights."""
+        c = self.config
+        if not self.comm.sums_identity or lw.experts is not None or c.attn_bias or c.qk_norm:
+            return None
+        k_cache, v_cache = self.kv_layers[index]
+        return self._fused(kernels.bind_layer, b["x"], c.norm_eps, lw.attn_norm, lw.ffn_norm,
+                           *self._q80_parts(b, "xb"), b["qkv"], *self._q80_parts(b, "att"), b["attn_out"],
+                           b["h13"], *self._q80_parts(b, "h"), b["ffn_out"], lw.wqkv, lw.wo, lw.w13, lw.w2,
+                           k_cache, v_cache, b["positions"], b["slots"], self.cos, self.sin, self.kv_of_q,
+                           self.scale)
 
     def _q80_parts(self, b, name: str) -> tuple:
         """(b[name], its Q80 values, its Q80 scales), or Nones when the weights take f32 rows."""
@@ -530,6 +546,8 @@ class Transformer:
         x[...] = x_in
         for index, lw in enumerate(self.w.layers):
             step = self._layer_calls(b, index, lw)
+            if step.whole is not None and step.whole():
+                continue                     # the layer below, in one parallel region
             # attention: x += wo · attention(rope(q), rope(k), v), where [q k v] = wqkv·xb
             # [+ bqkv] [q, k then RMSNorm per head]; k and v go to the KV cache
             step.attn_in()                   # xb = rmsnorm(x) * attn_norm; qkv = wqkv · xb

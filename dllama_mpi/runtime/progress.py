@@ -120,7 +120,9 @@ def kernels_needed(config: ModelConfig, p, run: RunConfig, nthreads: int) -> set
     layers = set(run.tensor_types.values()) if run.tensor_types else {w}
     matrices = [(t, cols) for t in layers for cols in (config.dim, p.q_cols, p.ffn_len)]
     matrices.append((o, config.dim))
-    return kernels.needed(matrices, p.ffn_len, nthreads, config.qk_norm, config.n_experts > 0)
+    plain = not (config.qk_norm or config.attn_bias or config.n_experts)
+    return kernels.needed(matrices, p.ffn_len, nthreads, config.qk_norm, config.n_experts > 0,
+                          whole_layers=p.size == 1 and plain)
 
 
 def warm_kernels(comm, needs: set[str], stages: Stages, what: str = "") -> None:

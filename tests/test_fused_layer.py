@@ -1,0 +1,130 @@
+"""A whole layer in one parallel region (kernels/fused_layer.py, one rank) gives the bits of the
+layer run step by step: the logits of prompts, of decode steps of many sequences and of mixed
+steps, at 1 and 2 threads, with Q4_0 and Q4_1 weights and f32 and f16 KV caches. It runs only
+where every sequence's rows lie in one thread's token group; bind_layer says None where the
+layer cannot run so."""
+import numpy as np
+import pytest
+
+from dllama_mpi import kernels as K
+from dllama_mpi.comm import SerialComm
+from dllama_mpi.config import RunConfig
+from dllama_mpi.kernels import simd
+from dllama_mpi.quant import Q41Matrix, quantize_q41
+from dllama_mpi.runtime.startup import start
+from tiny import write_tiny_gguf
+
+FUSED = "vnni512" in simd.HOST_PATHS
+N_SEQ = 18
+PROMPT_LENS = [9 + 2 * i for i in range(N_SEQ)]
+needs_vnni = pytest.mark.skipif(not FUSED, reason="the fused layer runs on the vnni512 path only "
+                                                  "(no AVX-512 VNNI here)")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("fused_layer")
+    return {w: write_tiny_gguf(str(folder / f"{w}.gguf"), "q40_9h", w) for w in ("q4_0", "q4_1")}
+
+
+@pytest.fixture
+def keep_threads():
+    old = K.get_num_threads()
+    yield
+    K.set_num_threads(old)
+
+
+def _run(path, nthreads, kv, monkeypatch, whole: bool):
+    """Logits of every step below, and per whole-layer call whether it ran (kernels.bind_layer
+    wrapped: with whole=False it binds nothing and the steps run one by one)."""
+    runs = []
+    real = K.bind_layer
+
+    def bind(*args, **kw):
+        call = real(*args, **kw) if whole else None
+        if call is None:
+            return None
+
+        def counted():
+            runs.append(call())
+            return runs[-1]
+        return counted
+    with monkeypatch.context() as m:
+        m.setattr(K, "bind_layer", bind)
+        run = RunConfig(max_seq_len=64, parallel=N_SEQ, nthreads=nthreads, kv_cache_float_type=kv)
+        engine = start(SerialComm(), path, run, want_tokenizer=False).engine
+        runs.clear()                              # (the warmup's layer, on the first start)
+        r = np.random.default_rng(0)
+        ids = r.integers(3, 300, 200).tolist()
+        lens = list(PROMPT_LENS)
+        out = [engine.forward(ids[i:i + n], 0, all_logits=True, slot=i) for i, n in enumerate(lens)]
+        rows = np.arange(N_SEQ, dtype=np.int32)
+        for step in range(3):                     # every sequence one row: decode steps
+            out.append(engine.forward_rows(ids[50 + step:50 + step + N_SEQ], np.array(lens, np.int32) + step,
+                                           rows, rows))
+        lens = [n + 3 for n in lens]
+        # sequence 0's 6 rows and one row of 12 others: apart in 2 token groups of 9
+        slots = np.array([0] * 6 + list(range(1, 13)), np.int32)
+        positions = np.array([lens[0] + i for i in range(6)] + lens[1:13], np.int32)
+        out.append(engine.forward_rows(ids[100:118], positions, slots, np.arange(18, dtype=np.int32)))
+        lens[0] += 6
+        # sequence 13's 10 rows and one row of 8 others: in both token groups on 2 threads
+        slots = np.array([13] * 10 + list(range(1, 9)), np.int32)
+        positions = np.array([lens[13] + i for i in range(10)] + lens[1:9], np.int32)
+        out.append(engine.forward_rows(ids[120:138], positions, slots, np.arange(18, dtype=np.int32)))
+        engine.stop()
+    return out, runs
+
+
+@needs_vnni
+@pytest.mark.parametrize("weights", ["q4_0", "q4_1"])
+@pytest.mark.parametrize("kv", ["f32", "f16"])
+@pytest.mark.parametrize("nthreads", [1, 2])
+def test_whole_layer_gives_the_bits_of_its_steps(weights, kv, nthreads, tiny, monkeypatch, keep_threads):
+    got, runs = _run(tiny[weights], nthreads, kv, monkeypatch, whole=True)
+    want, none = _run(tiny[weights], nthreads, kv, monkeypatch, whole=False)
+    assert none == []
+    assert len(got) == len(want) == N_SEQ + 5
+    for step, (g, w) in enumerate(zip(got, want)):
+        assert np.array_equal(g, w), f"step {step}"
+    layers = 2
+    if nthreads == 1:          # one token group: every step of 8 rows or more (every step here)
+        assert runs == [True] * (N_SEQ + 5) * layers
+    else:                      # not the prompts of 16 rows or more (bound: in both groups), nor the
+        prompts = sum(n >= 16 for n in PROMPT_LENS)     # shorter ones (not bound); the decode steps
+        assert runs == [False] * prompts * layers + [True] * 4 * layers + [False] * layers
+
+
+def _layer_args(T, wo=None, slots=None):
+    """bind_layer's arguments for a layer of 2 query heads and 1 KV head of 32 on 64 columns."""
+    r = np.random.default_rng(1)
+    n, hd, ffn = 64, 32, 96
+
+    def q41(rows, cols):
+        return Q41Matrix.from_blocks(quantize_q41(r.standard_normal((rows, cols)).astype(np.float32)))
+
+    def acts(width):
+        return np.zeros((T, width), np.float32), np.zeros((T, width), np.int8), np.zeros((T, width // 32), np.float32)
+    cache = np.zeros((T, 8, 1, hd), np.float32)
+    return (r.standard_normal((T, n)).astype(np.float32), 1e-5, np.ones(n, np.float32), np.ones(n, np.float32),
+            *acts(n), np.zeros((T, 4 * hd), np.float32), *acts(2 * hd), np.zeros((T, n), np.float32),
+            np.zeros((T, 2 * ffn), np.float32), *acts(ffn), np.zeros((T, n), np.float32),
+            q41(4 * hd, n), q41(n, 2 * hd) if wo is None else wo, q41(2 * ffn, n), q41(n, ffn),
+            cache, cache.copy(), np.zeros(T, np.int32),
+            np.arange(T, dtype=np.int32) if slots is None else slots,
+            np.ones((8, hd // 2), np.float32), np.zeros((8, hd // 2), np.float32), np.zeros(2, np.int32), 0.2)
+
+
+@needs_vnni
+def test_bind_layer_says_where_it_cannot_run(keep_threads):
+    K.set_num_threads(2)
+    assert K.bind_layer(*_layer_args(16)) is not None
+    assert K.bind_layer(*_layer_args(15)) is None                        # fewer than 8 rows a thread
+    assert K.bind_layer(*_layer_args(16), path="avx2") is None           # the vnni512 path only
+    f32_wo = np.zeros((64, 64), np.float32)
+    assert K.bind_layer(*_layer_args(16, wo=f32_wo)) is None             # a matrix not of Q4 row tiles
+    crossing = K.bind_layer(*_layer_args(16, slots=np.array([0] * 10 + list(range(1, 7)), np.int32)))
+    assert crossing() is False                                           # slot 0 in both token groups
+    bad = K.bind_layer(*_layer_args(16, slots=np.full(16, 99, np.int32)))
+    with pytest.raises(ValueError, match="slots"):                       # checked at every call
+        bad()
