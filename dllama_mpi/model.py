@@ -221,9 +221,6 @@ class _LayerCalls(NamedTuple):
     ffn_norm: Callable[[], None]           # xb = rmsnorm(x) * ffn_norm
     ffn: Callable[[], None] | None         # ffn_norm, then h13 = w13 · xb, h = silu(gate) * up,
                                            # ffn_out = w2 · h
-    whole: Callable[[], bool] | None       # the whole layer, both residual adds included, in one
-                                           # parallel region (one rank: kernels.bind_layer); False
-                                           # when this step cannot (then the steps above run)
 
 
 def _in_turn(*calls) -> Callable[[], None]:
@@ -417,21 +414,29 @@ class Transformer:
             lc = calls[index] = _LayerCalls(
                 attn_in or _in_turn(attn_norm, self._matmul_call(b["qkv"], xb, lw.wqkv)),
                 self._attend_call(b, lw, index), self._matmul_call(b["attn_out"], att, lw.wo),
-                ffn_norm, ffn, self._whole_layer_call(b, index, lw))
+                ffn_norm, ffn)
         return lc
 
-    def _whole_layer_call(self, b, index: int, lw: LayerWeights):
-        """The layer in one parallel region (kernels.bind_layer), or None: only on one rank
-        (no partial sums between its steps), for a plain Llama layer of 4-bit weights."""
-        c = self.config
-        if not self.comm.sums_identity or lw.experts is not None or c.attn_bias or c.qk_norm:
-            return None
-        k_cache, v_cache = self.kv_layers[index]
-        return self._fused(kernels.bind_layer, b["x"], c.norm_eps, lw.attn_norm, lw.ffn_norm,
-                           *self._q80_parts(b, "xb"), b["qkv"], *self._q80_parts(b, "att"), b["attn_out"],
-                           b["h13"], *self._q80_parts(b, "h"), b["ffn_out"], lw.wqkv, lw.wo, lw.w13, lw.w2,
-                           k_cache, v_cache, b["positions"], b["slots"], self.cos, self.sin, self.kv_of_q,
-                           self.scale)
+    def _all_layers_call(self, b):
+        """Every layer in one parallel region (kernels.bind_layers), or None: only on one rank
+        (no partial sums between the steps), for plain Llama layers of 4-bit weights. Made
+        once per row count and thread count; its call returns False for a step it cannot run."""
+        per_threads = b.setdefault("all_layers", {})
+        n = kernels.get_num_threads()
+        if n in per_threads:
+            return per_threads[n]
+        c, layers = self.config, self.w.layers
+        call = None
+        if (self.fuse_q80 and self.comm.sums_identity and not (c.attn_bias or c.qk_norm)
+                and all(lw.experts is None for lw in layers)):
+            call = kernels.bind_layers(
+                b["x"], c.norm_eps, *self._q80_parts(b, "xb"), b["qkv"], *self._q80_parts(b, "att"),
+                b["attn_out"], b["h13"], *self._q80_parts(b, "h"), b["ffn_out"],
+                [(lw.attn_norm, lw.ffn_norm, lw.wqkv, lw.wo, lw.w13, lw.w2, *self.kv_layers[i])
+                 for i, lw in enumerate(layers)],
+                b["positions"], b["slots"], self.cos, self.sin, self.kv_of_q, self.scale)
+        per_threads[n] = call
+        return call
 
     def _q80_parts(self, b, name: str) -> tuple:
         """(b[name], its Q80 values, its Q80 scales), or Nones when the weights take f32 rows."""
@@ -544,24 +549,24 @@ class Transformer:
                              f"({self.kv.max_seq_len} positions)")
         x = b["x"]
         x[...] = x_in
-        for index, lw in enumerate(self.w.layers):
-            step = self._layer_calls(b, index, lw)
-            if step.whole is not None and step.whole():
-                continue                     # the layer below, in one parallel region
-            # attention: x += wo · attention(rope(q), rope(k), v), where [q k v] = wqkv·xb
-            # [+ bqkv] [q, k then RMSNorm per head]; k and v go to the KV cache
-            step.attn_in()                   # xb = rmsnorm(x) * attn_norm; qkv = wqkv · xb
-            step.attend()                    # att = attention(q, k, v)
-            step.wo()                        # attn_out = wo · att
-            x += self.comm.allreduce_sum(b["attn_out"], self.wire)
-            # feed-forward: x += w2 · (silu(w1·xb) * w3·xb), where [w1·xb w3·xb] = w13·xb
-            if lw.experts is None:
-                step.ffn()                   # xb = rmsnorm(x) * ffn_norm; h13 = w13 · xb;
-                                             # h = silu(h13[gate]) * h13[up]; ffn_out = w2 · h
-            else:   # the same with the experts the router picks, weighted
-                step.ffn_norm()
-                self._moe(b, _Input(b["xb"], self._q80(b, "xb")), lw)
-            x += self.comm.allreduce_sum(b["ffn_out"], self.wire)
+        all_layers = self._all_layers_call(b)
+        if all_layers is None or not all_layers():   # else every layer ran in one parallel region
+            for index, lw in enumerate(self.w.layers):
+                step = self._layer_calls(b, index, lw)
+                # attention: x += wo · attention(rope(q), rope(k), v), where [q k v] = wqkv·xb
+                # [+ bqkv] [q, k then RMSNorm per head]; k and v go to the KV cache
+                step.attn_in()                   # xb = rmsnorm(x) * attn_norm; qkv = wqkv · xb
+                step.attend()                    # att = attention(q, k, v)
+                step.wo()                        # attn_out = wo · att
+                x += self.comm.allreduce_sum(b["attn_out"], self.wire)
+                # feed-forward: x += w2 · (silu(w1·xb) * w3·xb), where [w1·xb w3·xb] = w13·xb
+                if lw.experts is None:
+                    step.ffn()                   # xb = rmsnorm(x) * ffn_norm; h13 = w13 · xb;
+                                                 # h = silu(h13[gate]) * h13[up]; ffn_out = w2 · h
+                else:   # the same with the experts the router picks, weighted
+                    step.ffn_norm()
+                    self._moe(b, _Input(b["xb"], self._q80(b, "xb")), lw)
+                x += self.comm.allreduce_sum(b["ffn_out"], self.wire)
         if logit_rows is not None:                      # logits of the chosen rows
             if len(logit_rows) == 0:
                 return np.zeros((0, c.vocab_size), np.float32) if self.comm.is_root else None

@@ -1,8 +1,8 @@
-"""A whole layer in one parallel region (kernels/fused_layer.py, one rank) gives the bits of the
-layer run step by step: the logits of prompts, of decode steps of many sequences and of mixed
+"""Every layer in one parallel region (kernels/fused_layer.py, one rank) gives the bits of the
+layers run step by step: the logits of prompts, of decode steps of many sequences and of mixed
 steps, at 1 and 2 threads, with Q4_0 and Q4_1 weights and f32 and f16 KV caches. It runs only
-where every sequence's rows lie in one thread's token group; bind_layer says None where the
-layer cannot run so."""
+where every sequence's rows lie in one thread's token group; bind_layers says None where the
+layers cannot run so."""
 import numpy as np
 import pytest
 
@@ -35,10 +35,11 @@ def keep_threads():
 
 
 def _run(path, nthreads, kv, monkeypatch, whole: bool):
-    """Logits of every step below, and per whole-layer call whether it ran (kernels.bind_layer
-    wrapped: with whole=False it binds nothing and the steps run one by one)."""
+    """Logits of every step below, and per step whether its layers ran in one region
+    (kernels.bind_layers wrapped: with whole=False it binds nothing and the steps run one by
+    one)."""
     runs = []
-    real = K.bind_layer
+    real = K.bind_layers
 
     def bind(*args, **kw):
         call = real(*args, **kw) if whole else None
@@ -50,10 +51,10 @@ def _run(path, nthreads, kv, monkeypatch, whole: bool):
             return runs[-1]
         return counted
     with monkeypatch.context() as m:
-        m.setattr(K, "bind_layer", bind)
+        m.setattr(K, "bind_layers", bind)
         run = RunConfig(max_seq_len=64, parallel=N_SEQ, nthreads=nthreads, kv_cache_float_type=kv)
         engine = start(SerialComm(), path, run, want_tokenizer=False).engine
-        runs.clear()                              # (the warmup's layer, on the first start)
+        runs.clear()                              # (the warmup's layers, on the first start)
         r = np.random.default_rng(0)
         ids = r.integers(3, 300, 200).tolist()
         lens = list(PROMPT_LENS)
@@ -87,16 +88,16 @@ def test_whole_layer_gives_the_bits_of_its_steps(weights, kv, nthreads, tiny, mo
     assert len(got) == len(want) == N_SEQ + 5
     for step, (g, w) in enumerate(zip(got, want)):
         assert np.array_equal(g, w), f"step {step}"
-    layers = 2
     if nthreads == 1:          # one token group: every step of 8 rows or more (every step here)
-        assert runs == [True] * (N_SEQ + 5) * layers
+        assert runs == [True] * (N_SEQ + 5)
     else:                      # not the prompts of 16 rows or more (bound: in both groups), nor the
         prompts = sum(n >= 16 for n in PROMPT_LENS)     # shorter ones (not bound); the decode steps
-        assert runs == [False] * prompts * layers + [True] * 4 * layers + [False] * layers
+        assert runs == [False] * prompts + [True] * 4 + [False]
 
 
 def _layer_args(T, wo=None, slots=None):
-    """bind_layer's arguments for a layer of 2 query heads and 1 KV head of 32 on 64 columns."""
+    """bind_layers' arguments for two layers of 2 query heads and 1 KV head of 32 on 64
+    columns (the second layer's wo: `wo`)."""
     r = np.random.default_rng(1)
     n, hd, ffn = 64, 32, 96
 
@@ -105,26 +106,27 @@ def _layer_args(T, wo=None, slots=None):
 
     def acts(width):
         return np.zeros((T, width), np.float32), np.zeros((T, width), np.int8), np.zeros((T, width // 32), np.float32)
-    cache = np.zeros((T, 8, 1, hd), np.float32)
-    return (r.standard_normal((T, n)).astype(np.float32), 1e-5, np.ones(n, np.float32), np.ones(n, np.float32),
-            *acts(n), np.zeros((T, 4 * hd), np.float32), *acts(2 * hd), np.zeros((T, n), np.float32),
-            np.zeros((T, 2 * ffn), np.float32), *acts(ffn), np.zeros((T, n), np.float32),
-            q41(4 * hd, n), q41(n, 2 * hd) if wo is None else wo, q41(2 * ffn, n), q41(n, ffn),
-            cache, cache.copy(), np.zeros(T, np.int32),
+    def layer(wo=None):
+        cache = np.zeros((T, 8, 1, hd), np.float32)
+        return (np.ones(n, np.float32), np.ones(n, np.float32), q41(4 * hd, n),
+                q41(n, 2 * hd) if wo is None else wo, q41(2 * ffn, n), q41(n, ffn), cache, cache.copy())
+    return (r.standard_normal((T, n)).astype(np.float32), 1e-5, *acts(n), np.zeros((T, 4 * hd), np.float32),
+            *acts(2 * hd), np.zeros((T, n), np.float32), np.zeros((T, 2 * ffn), np.float32), *acts(ffn),
+            np.zeros((T, n), np.float32), [layer(), layer(wo)], np.zeros(T, np.int32),
             np.arange(T, dtype=np.int32) if slots is None else slots,
             np.ones((8, hd // 2), np.float32), np.zeros((8, hd // 2), np.float32), np.zeros(2, np.int32), 0.2)
 
 
 @needs_vnni
-def test_bind_layer_says_where_it_cannot_run(keep_threads):
+def test_bind_layers_says_where_they_cannot_run(keep_threads):
     K.set_num_threads(2)
-    assert K.bind_layer(*_layer_args(16)) is not None
-    assert K.bind_layer(*_layer_args(15)) is None                        # fewer than 8 rows a thread
-    assert K.bind_layer(*_layer_args(16), path="avx2") is None           # the vnni512 path only
+    assert K.bind_layers(*_layer_args(16)) is not None
+    assert K.bind_layers(*_layer_args(15)) is None                        # fewer than 8 rows a thread
+    assert K.bind_layers(*_layer_args(16), path="avx2") is None           # the vnni512 path only
     f32_wo = np.zeros((64, 64), np.float32)
-    assert K.bind_layer(*_layer_args(16, wo=f32_wo)) is None             # a matrix not of Q4 row tiles
-    crossing = K.bind_layer(*_layer_args(16, slots=np.array([0] * 10 + list(range(1, 7)), np.int32)))
+    assert K.bind_layers(*_layer_args(16, wo=f32_wo)) is None             # a matrix not of Q4 row tiles (2nd layer)
+    crossing = K.bind_layers(*_layer_args(16, slots=np.array([0] * 10 + list(range(1, 7)), np.int32)))
     assert crossing() is False                                           # slot 0 in both token groups
-    bad = K.bind_layer(*_layer_args(16, slots=np.full(16, 99, np.int32)))
+    bad = K.bind_layers(*_layer_args(16, slots=np.full(16, 99, np.int32)))
     with pytest.raises(ValueError, match="slots"):                       # checked at every call
         bad()

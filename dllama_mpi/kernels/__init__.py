@@ -20,7 +20,7 @@ from ..quant import QK, ROW_TILE_MAX_COLS, Q40Matrix, Q41Matrix, Q80Matrix, quan
 from ._jit import choose_threading_layer, get_num_threads, max_threads, set_num_threads
 from .attention import attention, attention_block, attention_scratch, bind_attention_block, rope_interleaved
 from .ffn import bind_silu_mul_q80, silu_mul, silu_mul_q80
-from .fused_layer import bind_layer
+from .fused_layer import bind_layers
 from .fused_tokens import bind_ffn, bind_norm_matmul
 from .moe import route
 from .matmul import bind_matmul, matmul_f16, matmul_f32, matmul_q80_q40, matmul_q80_q41, matmul_q80_q80
@@ -32,7 +32,7 @@ from .simd import HAS_AVX2, HAS_VNNI512, KERNELS
 # the private kernels warmup() compiles as well (parallel twins, the other ISA path)
 from .attention import (_attention_block_par, _attention_block_ser, _attention_long_par, _attention_rows_par,
                         _attention_ser, _ranges, _rope_par, _rope_rows, _rope_store)
-from .fused_layer import _layer_vnni
+from .fused_layer import _layers_vnni
 from .fused_tokens import _ffn_vnni, _norm_matmul_vnni
 from .ffn import _SPLIT_MIN, _silu_mul_par, _silu_mul_q80_par, _silu_mul_q80_ser, _silu_mul_q80_split, _silu_mul_rows
 from .matmul_rows import (_ACC, _rbuffers, _rows_q4_generic, _rows_q4_par, _rows_q4_serial, _rows_q8_generic,
@@ -48,7 +48,7 @@ from .q80 import _quantize_q80_act, _quantize_q80_act_f16c
 __all__ = [
     "HAS_AVX2", "HAS_VNNI512", "KERNELS", "PREFETCH_ROWS",
     "attention", "attention_block", "attention_scratch", "bind_attention_block", "bind_ffn", "bind_matmul",
-    "bind_layer", "bind_norm_matmul", "bind_rmsnorm_q80", "bind_silu_mul_q80", "choose_threading_layer", "get_num_threads", "matmul_f16", "matmul_f32",
+    "bind_layers", "bind_norm_matmul", "bind_rmsnorm_q80", "bind_silu_mul_q80", "choose_threading_layer", "get_num_threads", "matmul_f16", "matmul_f32",
     "max_threads", "needed", "route", "warmup_is_cached",
     "matmul_q80_q40", "matmul_q80_q41", "matmul_q80_q80", "quantize_q80_act", "rmsnorm", "rmsnorm_heads",
     "rmsnorm_q80", "rope_interleaved", "set_num_threads", "silu_mul", "silu_mul_q80", "warmup",
@@ -69,7 +69,7 @@ __all__ = [
 #   moe        the router's top-k choice                                        experts
 #   q4rows     Q80 x Q4_0/Q4_1 on the row-tile layout                           q41, q40
 #   q4tokens   rmsnorm -> q4 matmul, and the FFN, fused by token groups         q4rows on vnni512
-#   q4layer    a whole layer in one parallel region (one rank)                  q4tokens, plain layers
+#   q4layer    every layer in one parallel region (one rank)                    q4tokens, plain layers
 #   q40slab    Q80 x Q4_0 on the slab layout                                    q40 > ROW_TILE_MAX_COLS cols
 #   q8rows     Q80 x Q8_0 (the 8-bit output matrix)                             q80 output
 #   tests      the stand-alone rope and attention (tests and benchmarks only)
@@ -173,7 +173,8 @@ def _steps(needs, skip_warmed: bool = True) -> list[tuple[str, float, list, obje
                     call()
 
     def whole_layer(cache_dtype):
-        """A layer of 2 query heads, 1 KV head of 32 and 8 tokens a thread (distinct slots)."""
+        """A model of one layer of 2 query heads, 1 KV head of 32; 8 tokens a thread (distinct
+        slots)."""
         T_, hd, ffn = 8 * get_num_threads(), 32, 2 * n
         x_ = f32(T_, n)
         w = {name: Q41Matrix.from_blocks(quantize_q41(f32(r, c)))
@@ -183,16 +184,16 @@ def _steps(needs, skip_warmed: bool = True) -> list[tuple[str, float, list, obje
         def acts(width):
             return (np.empty((T_, width), np.float32), np.empty((T_, width), np.int8),
                     np.empty((T_, width // QK), np.float32))
-        call = bind_layer(x_, 1e-5, ones_ro, ones_ro, *acts(n), np.empty((T_, 4 * hd), np.float32),
-                          *acts(2 * hd), np.empty((T_, n), np.float32), np.empty((T_, 2 * ffn), np.float32),
-                          *acts(ffn), np.empty((T_, n), np.float32), w["wqkv"], w["wo"], w["w13"], w["w2"],
-                          cache, cache.copy(), np.zeros(T_, np.int32), np.arange(T_, dtype=np.int32),
-                          np.ones((4, hd // 2), np.float32), np.zeros((4, hd // 2), np.float32),
-                          np.zeros(2, np.int32), 0.25)
+        layer = (ones, ones, w["wqkv"], w["wo"], w["w13"], w["w2"], cache, cache.copy())
+        call = bind_layers(x_, 1e-5, *acts(n), np.empty((T_, 4 * hd), np.float32), *acts(2 * hd),
+                           np.empty((T_, n), np.float32), np.empty((T_, 2 * ffn), np.float32), *acts(ffn),
+                           np.empty((T_, n), np.float32), [layer], np.zeros(T_, np.int32),
+                           np.arange(T_, dtype=np.int32), np.ones((4, hd // 2), np.float32),
+                           np.zeros((4, hd // 2), np.float32), np.zeros(2, np.int32), 0.25)
         if call is not None:                     # (None off the vnni512 path)
             call()
 
-    @step("q4layer", "a whole layer (fused)", 12.0, [_layer_vnni])
+    @step("q4layer", "every layer in one region (fused)", 12.0, [_layers_vnni])
     def _():
         whole_layer(np.float32)
         if "kv_f16" in needs:
@@ -355,7 +356,7 @@ def _wanted(dispatcher) -> bool:
     AVX2."""
     generic = dispatcher in (_rows_q4_generic, _rows_q8_generic, _q40_serial_generic, _q40_par_generic)
     vnni = dispatcher in (_rows_q4_serial_vnni, _rows_q4_par_vnni, _rows_q8_serial_vnni, _rows_q8_par_vnni,
-                          _norm_matmul_vnni, _ffn_vnni, _layer_vnni)
+                          _norm_matmul_vnni, _ffn_vnni, _layers_vnni)
     avx2_rows = dispatcher in (_rows_q4_serial, _rows_q4_par, _rows_q8_serial, _rows_q8_par)
     avx2 = avx2_rows or dispatcher in (_q40_serial_avx2, _q40_par_avx2)
     if vnni:

@@ -1,23 +1,25 @@
-"""A whole decoder layer in one parallel region, for one rank whose token groups are independent.
+"""Every decoder layer in one parallel region, on one rank whose token groups are independent.
 
 On one rank nothing is summed between a layer's steps (no other rank's partial sums), and in
 a step where every token's sequence lies in one thread's token group (the sequences decoding
 together each have one row; a prompt chunk on one thread), each thread can take its tokens
 through the whole layer with no barrier: RMSNorm, q|k|v, rope and the KV-cache store, attention
 (every row reads only its own sequence's K and V rows, which its own thread wrote), wo and the
-residual add, then the FFN stretch of ``fused_tokens`` and the second residual add. One parallel
-region a layer instead of four, and no Python between them.
+residual add, then the FFN stretch of ``fused_tokens`` and the second residual add -- and on
+through every layer: one parallel region a forward pass instead of four a layer, and no Python
+between them.
 
 The steps are the unfused kernels' own helpers on each thread's rows (the row-tile matmul, the
 fused norm and silu·mul with their Q80, ``attention``'s row and its rope and store), so the
-results are the same bits as the layer run step by step. The vnni512 path and row-tile Q4
-weights only, as ``fused_tokens``; ``bind_layer`` returns None where the layer cannot run so,
+results are the same bits as the layers run step by step. The vnni512 path and row-tile Q4
+weights only, as ``fused_tokens``; ``bind_layers`` returns None where the layers cannot run so,
 and its call returns False for a step whose sequences cross token groups (then the caller runs
 the steps)."""
 from __future__ import annotations
 
 import numpy as np
 from numba import prange
+from numba.typed import List
 
 from ..quant import QK
 from . import _jit
@@ -47,29 +49,40 @@ def _add_rows(x, y, t0, t1):
             x[t, i] += y[t, i]
 
 
+@_inline
+def _layer_rows(x, eps, xb, xbq, xbd, qkv, att, attq, attd, attn_out, h13, h, hq, hs, ffn_out, layer, positions,
+                slots, cos, sin, kv_of_q, scale, scratch, nq, nkv, hd, t0, t1, acc, c):
+    """Rows t0..t1-1 of x through one layer (the model's forward, step by step, on these rows)."""
+    attn_norm, ffn_norm, wqkv, wo, w13, w2, k_cache, v_cache = layer
+    # attention: x += wo · attention(rope(q), rope(k), v), [q k v] = wqkv · rmsnorm(x)
+    _norm_q80_rows(xb, xbq, xbd, x, attn_norm, eps, t0, t1)
+    _tiles(qkv, xbq, xbd, wqkv, t0, t1, acc)
+    for t in range(t0, t1):                     # every row's k and v stored before any attends
+        _rope_store_row(qkv, nq, nkv, k_cache, v_cache, positions, slots, cos, sin, hd, t)
+    for t in range(t0, t1):
+        _attend_row(att, qkv, k_cache, v_cache, t, slots[t], positions[t] + 1, hd, kv_of_q, 0, nq, scale,
+                    scratch, c * nq)
+        _quantize_row(attq, attd, att, t, 2, nq * hd // QK)
+    _tiles(attn_out, attq, attd, wo, t0, t1, acc)
+    _add_rows(x, attn_out, t0, t1)
+    # feed-forward: x += w2 · (silu(w1 · xb) * w3 · xb), xb = rmsnorm(x)
+    _norm_q80_rows(xb, xbq, xbd, x, ffn_norm, eps, t0, t1)
+    _tiles(h13, xbq, xbd, w13, t0, t1, acc)
+    _silu_q80_rows(h, hq, hs, h13, t0, t1)
+    _tiles(ffn_out, hq, hs, w2, t0, t1, acc)
+    _add_rows(x, ffn_out, t0, t1)
+
+
 @_parallel
-def _layer_vnni(x, eps, attn_norm, ffn_norm, xb, xbq, xbd, qkv, att, attq, attd, attn_out, h13, h, hq, hs,
-                ffn_out, wqkv, wo, w13, w2, k_cache, v_cache, positions, slots, cos, sin, kv_of_q, scale, scratch,
-                nq, nkv, hd, acc, nch):
+def _layers_vnni(x, eps, xb, xbq, xbd, qkv, att, attq, attd, attn_out, h13, h, hq, hs, ffn_out, layers, positions,
+                 slots, cos, sin, kv_of_q, scale, scratch, nq, nkv, hd, acc, nch):
+    """Every layer, each thread its token group (_span) through all of them: one parallel
+    region a forward pass."""
     for c in prange(nch):
         t0, t1 = _span(x.shape[0], nch, c)
-        # attention: x += wo · attention(rope(q), rope(k), v), [q k v] = wqkv · rmsnorm(x)
-        _norm_q80_rows(xb, xbq, xbd, x, attn_norm, eps, t0, t1)
-        _tiles(qkv, xbq, xbd, wqkv, t0, t1, acc[c])
-        for t in range(t0, t1):                 # every row's k and v stored before any attends
-            _rope_store_row(qkv, nq, nkv, k_cache, v_cache, positions, slots, cos, sin, hd, t)
-        for t in range(t0, t1):
-            _attend_row(att, qkv, k_cache, v_cache, t, slots[t], positions[t] + 1, hd, kv_of_q, 0, nq, scale,
-                        scratch, c * nq)
-            _quantize_row(attq, attd, att, t, 2, nq * hd // QK)
-        _tiles(attn_out, attq, attd, wo, t0, t1, acc[c])
-        _add_rows(x, attn_out, t0, t1)
-        # feed-forward: x += w2 · (silu(w1 · xb) * w3 · xb), xb = rmsnorm(x)
-        _norm_q80_rows(xb, xbq, xbd, x, ffn_norm, eps, t0, t1)
-        _tiles(h13, xbq, xbd, w13, t0, t1, acc[c])
-        _silu_q80_rows(h, hq, hs, h13, t0, t1)
-        _tiles(ffn_out, hq, hs, w2, t0, t1, acc[c])
-        _add_rows(x, ffn_out, t0, t1)
+        for i in range(len(layers)):
+            _layer_rows(x, eps, xb, xbq, xbd, qkv, att, attq, attd, attn_out, h13, h, hq, hs, ffn_out, layers[i],
+                        positions, slots, cos, sin, kv_of_q, scale, scratch, nq, nkv, hd, t0, t1, acc[c], c)
 
 
 @_serial
@@ -92,33 +105,40 @@ def _f32_rows(T: int, *arrays) -> bool:
                for a in arrays)
 
 
-def bind_layer(x, eps: float, attn_norm, ffn_norm, xb, xbq, xbd, qkv, att, attq, attd, attn_out, h13, h, hq, hs,
-               ffn_out, wqkv, wo, w13, w2, k_cache, v_cache, positions, slots, cos, sin, kv_of_q, scale: float,
-               path: str = KERNELS):
-    """One Llama layer on one rank, x [T, dim] updated in place, in one parallel region: the
-    call (no arguments; True when it ran, False when the step's sequences cross token groups
-    and the caller must run the steps), or None where the layer cannot run so. The other
-    arrays are the layer's activations (the model's buffers: xb, qkv, att, attn_out, h13, h,
-    ffn_out and the Q80 of xb, att, h), its norm weights and matrices, and attention's
-    arguments as ``bind_attention_block``'s (positions and slots read, and checked, at every
-    call). Checked here once."""
-    T, dim = x.shape
-    n_slots, S, nkv, hd = k_cache.shape
-    nq = att.shape[1] // hd if hd else 0
-    nch = _jit._NUM_THREADS
-    mats = (wqkv, wo, w13, w2)
-    if not (_fusable(T, path, *mats) and nq and hd % 2 == 0 and nq * hd == att.shape[1]
-            and k_cache.dtype in _KV_DTYPES and v_cache.dtype == k_cache.dtype and v_cache.shape == k_cache.shape
-            and k_cache.flags.c_contiguous and v_cache.flags.c_contiguous
-            and k_cache.flags.writeable and v_cache.flags.writeable
+def _layer_ok(layer, dim: int, nq: int, nkv: int, hd: int, cache_shape, T: int, path: str) -> bool:
+    attn_norm, ffn_norm, wqkv, wo, w13, w2, k_cache, v_cache = layer
+    return (_fusable(T, path, wqkv, wo, w13, w2)
             and wqkv.cols == dim and wqkv.rows == (nq + 2 * nkv) * hd and wo.cols == nq * hd and wo.rows == dim
             and w13.cols == dim and w13.rows % 2 == 0 and w2.cols == w13.rows // 2 and w2.rows == dim
+            and all(w.shape == (dim,) and w.dtype == _F32 for w in (attn_norm, ffn_norm))
+            and k_cache.dtype in _KV_DTYPES and v_cache.dtype == k_cache.dtype
+            and k_cache.shape == v_cache.shape == cache_shape
+            and all(c.flags.c_contiguous and c.flags.writeable for c in (k_cache, v_cache)))
+
+
+def bind_layers(x, eps: float, xb, xbq, xbd, qkv, att, attq, attd, attn_out, h13, h, hq, hs, ffn_out, layers,
+                positions, slots, cos, sin, kv_of_q, scale: float, path: str = KERNELS):
+    """Every Llama layer on one rank, x [T, dim] updated in place, in one parallel region: the
+    call (no arguments; True when it ran, False when the step's sequences cross token groups
+    and the caller must run the layers step by step), or None where they cannot run so.
+    layers: per layer (attn_norm, ffn_norm, wqkv, wo, w13, w2, k_cache, v_cache). The other
+    arrays are the activations (the model's buffers: xb, qkv, att, attn_out, h13, h, ffn_out
+    and the Q80 of xb, att, h) and attention's arguments as ``bind_attention_block``'s
+    (positions and slots read, and checked, at every call). Checked here once."""
+    T, dim = x.shape
+    if not layers:
+        return None
+    cache_shape = layers[0][6].shape
+    n_slots, S, nkv, hd = cache_shape
+    nq = att.shape[1] // hd if hd else 0
+    nch = _jit._NUM_THREADS
+    if not (nq and hd % 2 == 0 and nq * hd == att.shape[1]
+            and all(_layer_ok(layer, dim, nq, nkv, hd, cache_shape, T, path) for layer in layers)
             and _f32_rows(T, x, qkv, attn_out, h13, ffn_out)
             and (x.shape, qkv.shape, attn_out.shape, h13.shape, ffn_out.shape)
-            == ((T, dim), (T, wqkv.rows), (T, dim), (T, w13.rows), (T, dim))
-            and all(w.shape == (dim,) and w.dtype == _F32 for w in (attn_norm, ffn_norm))
+            == ((T, dim), (T, layers[0][2].rows), (T, dim), (T, layers[0][4].rows), (T, dim))
             and _q80_rows_ok(xb, xbq, xbd, dim, T) and _q80_rows_ok(att, attq, attd, nq * hd, T)
-            and _q80_rows_ok(h, hq, hs, w2.cols, T)
+            and _q80_rows_ok(h, hq, hs, layers[0][5].cols, T)
             and positions.dtype == _I32 and slots.dtype == _I32 and positions.shape == slots.shape == (T,)
             and kv_of_q.dtype == _I32 and kv_of_q.shape == (nq,) and _kv_ok(kv_of_q, nkv)
             and cos.dtype == sin.dtype == _F32 and cos.shape == sin.shape and cos.shape[1] * 2 == hd
@@ -130,14 +150,17 @@ def bind_layer(x, eps: float, attn_norm, ffn_norm, xb, xbq, xbd, qkv, att, attq,
         return (*q4_row_tiles(w), *_rbuffers(T, w.cols // QK))
     # the norm weights as writeable copies: one numba type whether the model's are read-only
     # views of the file or arrays of their own (each mix would be a kernel compiled apart)
-    args = (x, np.float32(eps), attn_norm.copy(), ffn_norm.copy(), xb, xbq, xbd, qkv, att, attq, attd, attn_out, h13, h, hq, hs,
-            ffn_out, tiles(wqkv), tiles(wo), tiles(w13), tiles(w2), _kv_bits(k_cache), _kv_bits(v_cache),
-            positions, slots, cos, sin, kv_of_q, np.float32(scale))
+    kernel_layers = List()
+    for attn_norm, ffn_norm, wqkv, wo, w13, w2, k_cache, v_cache in layers:
+        kernel_layers.append((attn_norm.copy(), ffn_norm.copy(), tiles(wqkv), tiles(wo), tiles(w13), tiles(w2),
+                              _kv_bits(k_cache), _kv_bits(v_cache)))
+    args = (x, np.float32(eps), xb, xbq, xbd, qkv, att, attq, attd, attn_out, h13, h, hq, hs, ffn_out,
+            kernel_layers, positions, slots, cos, sin, kv_of_q, np.float32(scale))
 
     def call() -> bool:
         pmax = _check_ranges(positions, slots, T, S, n_slots)
         if not _groups_apart(slots, T, nch, n_slots):
             return False
-        _layer_vnni(*args, _scratch(None, T, nq, S, pmax), nq, nkv, hd, _ACCV, nch)
+        _layers_vnni(*args, _scratch(None, T, nq, S, pmax), nq, nkv, hd, _ACCV, nch)
         return True
     return call
