@@ -1,6 +1,7 @@
 """Every layer in one parallel region (kernels/fused_layer.py, one rank) gives the bits of the
 layers run step by step: the logits of prompts, of decode steps of many sequences and of mixed
-steps, at 1 and 2 threads, with Q4_0 and Q4_1 weights and f32 and f16 KV caches. It runs only
+steps, at 1 and 2 threads, with Q4_0 and Q4_1 weights and f32 and f16 KV caches; and of the
+unfused kernels on both fused paths (avx2 forced on a VNNI host). It runs only
 where every sequence's rows lie in one thread's token group; bind_layers says None where the
 layers cannot run so."""
 import numpy as np
@@ -10,15 +11,17 @@ from dllama_mpi import kernels as K
 from dllama_mpi.comm import SerialComm
 from dllama_mpi.config import RunConfig
 from dllama_mpi.kernels import simd
+from dllama_mpi.kernels.matmul import _matmul_unchecked
 from dllama_mpi.quant import Q41Matrix, quantize_q41
 from dllama_mpi.runtime.startup import start
+from test_kernels import threads  # noqa: F401  (the fixture)
 from tiny import write_tiny_gguf
 
-FUSED = "vnni512" in simd.HOST_PATHS
+FUSED = [p for p in simd.HOST_PATHS if p in ("vnni512", "avx2")]
 N_SEQ = 18
 PROMPT_LENS = [9 + 2 * i for i in range(N_SEQ)]
-needs_vnni = pytest.mark.skipif(not FUSED, reason="the fused layer runs on the vnni512 path only "
-                                                  "(no AVX-512 VNNI here)")
+needs_fused = pytest.mark.skipif(not FUSED, reason="the fused layers run on the vnni512 and avx2 "
+                                                   "paths (neither here)")
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +80,7 @@ def _run(path, nthreads, kv, monkeypatch, whole: bool):
     return out, runs
 
 
-@needs_vnni
+@needs_fused
 @pytest.mark.parametrize("weights", ["q4_0", "q4_1"])
 @pytest.mark.parametrize("kv", ["f32", "f16"])
 @pytest.mark.parametrize("nthreads", [1, 2])
@@ -95,9 +98,9 @@ def test_whole_layer_gives_the_bits_of_its_steps(weights, kv, nthreads, tiny, mo
         assert runs == [False] * prompts + [True] * 4 + [False]
 
 
-def _layer_args(T, wo=None, slots=None):
+def _layer_args(T, wo=None, slots=None, positions=None, kv=np.float32):
     """bind_layers' arguments for two layers of 2 query heads and 1 KV head of 32 on 64
-    columns (the second layer's wo: `wo`)."""
+    columns (the second layer's wo: `wo`), their caches' earlier positions random."""
     r = np.random.default_rng(1)
     n, hd, ffn = 64, 32, 96
 
@@ -107,22 +110,61 @@ def _layer_args(T, wo=None, slots=None):
     def acts(width):
         return np.zeros((T, width), np.float32), np.zeros((T, width), np.int8), np.zeros((T, width // 32), np.float32)
     def layer(wo=None):
-        cache = np.zeros((T, 8, 1, hd), np.float32)
-        return (np.ones(n, np.float32), np.ones(n, np.float32), q41(4 * hd, n),
-                q41(n, 2 * hd) if wo is None else wo, q41(2 * ffn, n), q41(n, ffn), cache, cache.copy())
+        cache = r.standard_normal((2, T, 8, 1, hd)).astype(kv)
+        norms = (1 + 0.1 * r.standard_normal((2, n))).astype(np.float32)
+        return (norms[0], norms[1], q41(4 * hd, n), q41(n, 2 * hd) if wo is None else wo, q41(2 * ffn, n),
+                q41(n, ffn), cache[0], cache[1])
     return (r.standard_normal((T, n)).astype(np.float32), 1e-5, *acts(n), np.zeros((T, 4 * hd), np.float32),
             *acts(2 * hd), np.zeros((T, n), np.float32), np.zeros((T, 2 * ffn), np.float32), *acts(ffn),
-            np.zeros((T, n), np.float32), [layer(), layer(wo)], np.zeros(T, np.int32),
+            np.zeros((T, n), np.float32), [layer(), layer(wo)],
+            np.zeros(T, np.int32) if positions is None else positions,
             np.arange(T, dtype=np.int32) if slots is None else slots,
             np.ones((8, hd // 2), np.float32), np.zeros((8, hd // 2), np.float32), np.zeros(2, np.int32), 0.2)
 
 
-@needs_vnni
+def _by_steps(args, path):
+    """x after bind_layers' layers, each run by the unfused kernels on kernel path `path`."""
+    (x, eps, xb, xbq, xbd, qkv, att, attq, attd, attn_out, h13, h, hq, hs, ffn_out, layers, positions, slots,
+     cos, sin, kv_of_q, scale) = args
+    x = x.copy()
+    for attn_norm, ffn_norm, wqkv, wo, w13, w2, k_cache, v_cache in layers:
+        K.rmsnorm_q80(xb, xbq, xbd, x, attn_norm, eps)
+        _matmul_unchecked(qkv, xbq, xbd, wqkv, path)
+        K.attention_block(att, qkv, k_cache, v_cache, positions, slots, cos, sin, kv_of_q, scale, (attq, attd))
+        _matmul_unchecked(attn_out, attq, attd, wo, path)
+        x += attn_out
+        K.rmsnorm_q80(xb, xbq, xbd, x, ffn_norm, eps)
+        _matmul_unchecked(h13, xbq, xbd, w13, path)
+        K.silu_mul_q80(h, hq, hs, h13)
+        _matmul_unchecked(ffn_out, hq, hs, w2, path)
+        x += ffn_out
+    return x
+
+
+@needs_fused
+@pytest.mark.parametrize("path", FUSED)
+@pytest.mark.parametrize("kv", [np.float32, np.float16])
+@pytest.mark.parametrize("T", [16, 21])
+def test_layers_give_the_bits_of_the_unfused_kernels(path, kv, T, threads):  # noqa: F811
+    """Two layers of 16 and 21 rows (each its own sequence, at positions 3..) on 1 and 2
+    threads, f32 and f16 KV caches: x is what the unfused kernels give on the same path."""
+    positions = (3 + np.arange(T) % 4).astype(np.int32)
+    want_args, got_args = (_layer_args(T, positions=positions, kv=kv) for _ in range(2))
+    want = _by_steps(want_args, path)
+    call = K.bind_layers(*got_args, path=path)
+    assert call is not None and call() is True
+    np.testing.assert_array_equal(got_args[0], want)
+    for (*_, kc, vc), (*_, kc_want, vc_want) in zip(got_args[15], want_args[15]):
+        np.testing.assert_array_equal(kc, kc_want)
+        np.testing.assert_array_equal(vc, vc_want)
+
+
+@needs_fused
 def test_bind_layers_says_where_they_cannot_run(keep_threads):
     K.set_num_threads(2)
     assert K.bind_layers(*_layer_args(16)) is not None
     assert K.bind_layers(*_layer_args(15)) is None                        # fewer than 8 rows a thread
-    assert K.bind_layers(*_layer_args(16), path="avx2") is None           # the vnni512 path only
+    assert K.bind_layers(*_layer_args(16), path="generic") is None        # not on the portable path
     f32_wo = np.zeros((64, 64), np.float32)
     assert K.bind_layers(*_layer_args(16, wo=f32_wo)) is None             # a matrix not of Q4 row tiles (2nd layer)
     crossing = K.bind_layers(*_layer_args(16, slots=np.array([0] * 10 + list(range(1, 7)), np.int32)))

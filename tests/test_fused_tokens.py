@@ -1,6 +1,6 @@
 """The fused token-wise stretches (kernels/fused_tokens.py) give the bits of their steps run
-one by one (rmsnorm_q80, the row-tile matmul, silu_mul_q80) on the vnni512 path, on 1 and 2
-threads; where they cannot be fused, bind_* say so (None)."""
+one by one (rmsnorm_q80, the row-tile matmul, silu_mul_q80) on the vnni512 and avx2 paths
+(the avx2 one forced on a VNNI host), on 1 and 2 threads; where they cannot be fused, bind_* say so (None)."""
 import numpy as np
 import pytest
 
@@ -11,7 +11,7 @@ from dllama_mpi.quant import Q40Matrix, Q41Matrix, Q80Matrix, quantize_q40, quan
 
 from test_kernels import threads  # noqa: F401  (the fixture)
 
-FUSED = [p for p in simd.HOST_PATHS if p == "vnni512"]
+FUSED = [p for p in simd.HOST_PATHS if p in ("vnni512", "avx2")]
 
 
 def _matrix(kind, rows, cols, r):
@@ -38,7 +38,7 @@ def _unfused_ffn(x, weight, eps, w13, w2, path):
     return out, xb, xbq, xbd, h13, h, hq, hd
 
 
-@pytest.mark.skipif(not FUSED, reason="the fused stretches run on the vnni512 path only (no AVX-512 VNNI here)")
+@pytest.mark.skipif(not FUSED, reason="the fused stretches run on the vnni512 and avx2 paths (neither here)")
 @pytest.mark.parametrize("path", FUSED)
 @pytest.mark.parametrize("kind13,kind2", [("q41", "q41"), ("q40", "q40"), ("q40", "q41")])
 @pytest.mark.parametrize("T", [16, 17, 40])
@@ -70,7 +70,7 @@ def test_ffn_and_norm_matmul_give_the_bits_of_their_steps(path, kind13, kind2, T
 
 
 def test_what_cannot_be_fused_is_said(threads):  # noqa: F811
-    """Too few rows a thread, an 8-bit or a slab matrix, the avx2 and generic paths: None."""
+    """Too few rows a thread, an 8-bit or a slab matrix, the generic path: None."""
     r = np.random.default_rng(0)
     n, ffn = 64, 96
     path = FUSED[0] if FUSED else "generic"
@@ -83,8 +83,7 @@ def test_what_cannot_be_fused_is_said(threads):  # noqa: F811
 
     rows_a_thread = 8
     assert ffn_call(rows_a_thread * threads - 1) is None
-    for other in ("avx2", "generic"):
-        assert ffn_call(rows_a_thread * threads, path=other) is None
+    assert ffn_call(rows_a_thread * threads, path="generic") is None
     w80 = Q80Matrix.from_blocks(quantize_q80(r.standard_normal((n, ffn)).astype(np.float32)))
     assert ffn_call(64, w2=w80) is None
     slab = Q40Matrix.from_blocks(quantize_q40(r.standard_normal((2 * ffn, n)).astype(np.float32)), "slab")

@@ -32,8 +32,8 @@ from .simd import HAS_AVX2, HAS_VNNI512, KERNELS
 # the private kernels warmup() compiles as well (parallel twins, the other ISA path)
 from .attention import (_attention_block_par, _attention_block_ser, _attention_long_par, _attention_rows_par,
                         _attention_ser, _ranges, _rope_par, _rope_rows, _rope_store)
-from .fused_layer import _layers_vnni
-from .fused_tokens import _ffn_vnni, _norm_matmul_vnni
+from .fused_layer import _layers_fused
+from .fused_tokens import _ffn_fused, _norm_matmul_fused
 from .ffn import _SPLIT_MIN, _silu_mul_par, _silu_mul_q80_par, _silu_mul_q80_ser, _silu_mul_q80_split, _silu_mul_rows
 from .matmul_rows import (_ACC, _rbuffers, _rows_q4_generic, _rows_q4_par, _rows_q4_serial, _rows_q8_generic,
                           _rows_q8_par, _rows_q8_serial)
@@ -68,7 +68,7 @@ __all__ = [
 #   qk_norm    per-head RMSNorm of q and k                                      Qwen3
 #   moe        the router's top-k choice                                        experts
 #   q4rows     Q80 x Q4_0/Q4_1 on the row-tile layout                           q41, q40
-#   q4tokens   rmsnorm -> q4 matmul, and the FFN, fused by token groups         q4rows on vnni512
+#   q4tokens   rmsnorm -> q4 matmul, and the FFN, fused by token groups         q4rows on vnni512, avx2
 #   q4layer    every layer in one parallel region (one rank)                    q4tokens, plain layers
 #   q40slab    Q80 x Q4_0 on the slab layout                                    q40 > ROW_TILE_MAX_COLS cols
 #   q8rows     Q80 x Q8_0 (the 8-bit output matrix)                             q80 output
@@ -99,7 +99,7 @@ def needed(matrices, ffn_width: int, nthreads: int, qk_norm: bool = False,
         needs.add("moe")
     if "q41" in types or any(t == "q40" and cols <= ROW_TILE_MAX_COLS for t, cols in matrices):
         needs.add("q4rows")
-        if KERNELS == "vnni512":
+        if KERNELS in ("vnni512", "avx2"):
             needs.add("q4tokens")
             if whole_layers:
                 needs.add("q4layer")
@@ -155,7 +155,7 @@ def _steps(needs, skip_warmed: bool = True) -> list[tuple[str, float, list, obje
             elif HAS_AVX2:
                 _rows_q4_par(o, xq_, xd_, xi, xf, w41.buf, rows, n // QK, w41.stride, 1, _ACC)
 
-    @step("q4tokens", "rmsnorm + q4 matmul, the FFN (fused)", 12.0, [_norm_matmul_vnni, _ffn_vnni])
+    @step("q4tokens", "rmsnorm + q4 matmul, the FFN (fused)", 12.0, [_norm_matmul_fused, _ffn_fused])
     def _():
         T_, ffn = 8 * get_num_threads(), 2 * n       # rows enough for every thread's token group
         w13 = Q41Matrix.from_blocks(quantize_q41(f32(2 * ffn, n)))
@@ -169,7 +169,7 @@ def _steps(needs, skip_warmed: bool = True) -> list[tuple[str, float, list, obje
             for call in (bind_norm_matmul(np.empty((T_, 2 * ffn), np.float32), *acts(n), x_, w, 1e-5, w13),
                          bind_ffn(np.empty((T_, n), np.float32), np.empty((T_, 2 * ffn), np.float32),
                                   *acts(ffn), *acts(n), x_, w, 1e-5, w13, w2)):
-                if call is not None:                 # (None off the vnni512 path)
+                if call is not None:                 # (None on the portable path)
                     call()
 
     def whole_layer(cache_dtype):
@@ -190,10 +190,10 @@ def _steps(needs, skip_warmed: bool = True) -> list[tuple[str, float, list, obje
                            np.empty((T_, n), np.float32), [layer], np.zeros(T_, np.int32),
                            np.arange(T_, dtype=np.int32), np.ones((4, hd // 2), np.float32),
                            np.zeros((4, hd // 2), np.float32), np.zeros(2, np.int32), 0.25)
-        if call is not None:                     # (None off the vnni512 path)
+        if call is not None:                     # (None on the portable path)
             call()
 
-    @step("q4layer", "every layer in one region (fused)", 12.0, [_layers_vnni])
+    @step("q4layer", "every layer in one region (fused)", 12.0, [_layers_fused])
     def _():
         whole_layer(np.float32)
         if "kv_f16" in needs:
@@ -353,12 +353,12 @@ def warmup_is_cached(needs=None) -> tuple[bool, float]:
 def _wanted(dispatcher) -> bool:
     """The kernels of this machine's path (simd.KERNELS) only: the VNNI row-tile kernels replace
     the AVX2 ones on a VNNI host (the slab kernel stays AVX2), the portable twins run without
-    AVX2."""
+    AVX2, the fused stretches with either's tiles."""
     generic = dispatcher in (_rows_q4_generic, _rows_q8_generic, _q40_serial_generic, _q40_par_generic)
-    vnni = dispatcher in (_rows_q4_serial_vnni, _rows_q4_par_vnni, _rows_q8_serial_vnni, _rows_q8_par_vnni,
-                          _norm_matmul_vnni, _ffn_vnni, _layers_vnni)
+    vnni = dispatcher in (_rows_q4_serial_vnni, _rows_q4_par_vnni, _rows_q8_serial_vnni, _rows_q8_par_vnni)
     avx2_rows = dispatcher in (_rows_q4_serial, _rows_q4_par, _rows_q8_serial, _rows_q8_par)
-    avx2 = avx2_rows or dispatcher in (_q40_serial_avx2, _q40_par_avx2)
+    fused = dispatcher in (_norm_matmul_fused, _ffn_fused, _layers_fused)    # (vnni512 or avx2 tiles)
+    avx2 = avx2_rows or fused or dispatcher in (_q40_serial_avx2, _q40_par_avx2)
     if vnni:
         return HAS_VNNI512
     if avx2_rows and HAS_VNNI512:

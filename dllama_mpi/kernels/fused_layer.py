@@ -11,8 +11,8 @@ between them.
 
 The steps are the unfused kernels' own helpers on each thread's rows (the row-tile matmul, the
 fused norm and silu·mul with their Q80, ``attention``'s row and its rope and store), so the
-results are the same bits as the layers run step by step. The vnni512 path and row-tile Q4
-weights only, as ``fused_tokens``; ``bind_layers`` returns None where the layers cannot run so,
+results are the same bits as the layers run step by step. Row-tile Q4 weights on the vnni512
+and avx2 paths, as ``fused_tokens``; ``bind_layers`` returns None where the layers cannot run so,
 and its call returns False for a step whose sequences cross token groups (then the caller runs
 the steps)."""
 from __future__ import annotations
@@ -27,19 +27,18 @@ from ._checks import _F32, _I32
 from ._jit import _inline, _parallel, _serial
 from .attention import _KV_DTYPES, _attend_row, _check_ranges, _kv_bits, _kv_ok, _quantize_row, _rope_store_row
 from .attention import _scratch, scratch_rows
-from .fused_tokens import _fusable, _matmul_rows, _norm_q80_rows, _q80_rows_ok, _silu_q80_rows, _span
+from .fused_tokens import _PATH_TAGS, _fusable, _matmul_rows, _norm_q80_rows, _q80_rows_ok, _silu_q80_rows, _span
 from .matmul import q4_row_tiles
 from .matmul_rows import _rbuffers
-from .matmul_vnni import _ACCV
 from .simd import KERNELS
 
 
 @_inline
-def _tiles(out, xq, xd, w, t0, t1, acc):
+def _tiles(tag, out, xq, xd, w, t0, t1, acc):
     """Rows t0..t1-1 of out = (xq, xd) · w^T, w = (buffer, rows, blocks, record bytes, has
     offsets, xi, xf): a matrix's row tiles and its activation-sum buffers."""
     buf, rows, nb, sb, hasm, xi, xf = w
-    _matmul_rows(out, xq, xd, xi, xf, buf, rows, nb, sb, hasm, t0, t1, acc)
+    _matmul_rows(tag, out, xq, xd, xi, xf, buf, rows, nb, sb, hasm, t0, t1, acc)
 
 
 @_inline
@@ -50,39 +49,40 @@ def _add_rows(x, y, t0, t1):
 
 
 @_inline
-def _layer_rows(x, eps, xb, xbq, xbd, qkv, att, attq, attd, attn_out, h13, h, hq, hs, ffn_out, layer, positions,
-                slots, cos, sin, kv_of_q, scale, scratch, nq, nkv, hd, t0, t1, acc, c):
-    """Rows t0..t1-1 of x through one layer (the model's forward, step by step, on these rows)."""
+def _layer_rows(tag, x, eps, acts, layer, attn, t0, t1, acc, c):
+    """Rows t0..t1-1 of x through one layer (the model's forward, step by step, on these rows).
+    acts: the activation buffers; attn: attention's arguments (a call of more than 30
+    arguments is one of *args in Python's bytecode, which numba cannot inline)."""
+    xb, xbq, xbd, qkv, att, attq, attd, attn_out, h13, h, hq, hs, ffn_out = acts
+    positions, slots, cos, sin, kv_of_q, scale, scratch, nq, nkv, hd = attn
     attn_norm, ffn_norm, wqkv, wo, w13, w2, k_cache, v_cache = layer
     # attention: x += wo · attention(rope(q), rope(k), v), [q k v] = wqkv · rmsnorm(x)
     _norm_q80_rows(xb, xbq, xbd, x, attn_norm, eps, t0, t1)
-    _tiles(qkv, xbq, xbd, wqkv, t0, t1, acc)
+    _tiles(tag, qkv, xbq, xbd, wqkv, t0, t1, acc)
     for t in range(t0, t1):                     # every row's k and v stored before any attends
         _rope_store_row(qkv, nq, nkv, k_cache, v_cache, positions, slots, cos, sin, hd, t)
     for t in range(t0, t1):
         _attend_row(att, qkv, k_cache, v_cache, t, slots[t], positions[t] + 1, hd, kv_of_q, 0, nq, scale,
                     scratch, c * nq)
         _quantize_row(attq, attd, att, t, 2, nq * hd // QK)
-    _tiles(attn_out, attq, attd, wo, t0, t1, acc)
+    _tiles(tag, attn_out, attq, attd, wo, t0, t1, acc)
     _add_rows(x, attn_out, t0, t1)
     # feed-forward: x += w2 · (silu(w1 · xb) * w3 · xb), xb = rmsnorm(x)
     _norm_q80_rows(xb, xbq, xbd, x, ffn_norm, eps, t0, t1)
-    _tiles(h13, xbq, xbd, w13, t0, t1, acc)
+    _tiles(tag, h13, xbq, xbd, w13, t0, t1, acc)
     _silu_q80_rows(h, hq, hs, h13, t0, t1)
-    _tiles(ffn_out, hq, hs, w2, t0, t1, acc)
+    _tiles(tag, ffn_out, hq, hs, w2, t0, t1, acc)
     _add_rows(x, ffn_out, t0, t1)
 
 
 @_parallel
-def _layers_vnni(x, eps, xb, xbq, xbd, qkv, att, attq, attd, attn_out, h13, h, hq, hs, ffn_out, layers, positions,
-                 slots, cos, sin, kv_of_q, scale, scratch, nq, nkv, hd, acc, nch):
+def _layers_fused(tag, x, eps, acts, layers, attn, acc, nch):
     """Every layer, each thread its token group (_span) through all of them: one parallel
     region a forward pass."""
     for c in prange(nch):
         t0, t1 = _span(x.shape[0], nch, c)
         for i in range(len(layers)):
-            _layer_rows(x, eps, xb, xbq, xbd, qkv, att, attq, attd, attn_out, h13, h, hq, hs, ffn_out, layers[i],
-                        positions, slots, cos, sin, kv_of_q, scale, scratch, nq, nkv, hd, t0, t1, acc[c], c)
+            _layer_rows(tag, x, eps, acts, layers[i], attn, t0, t1, acc[c], c)
 
 
 @_serial
@@ -154,13 +154,15 @@ def bind_layers(x, eps: float, xb, xbq, xbd, qkv, att, attq, attd, attn_out, h13
     for attn_norm, ffn_norm, wqkv, wo, w13, w2, k_cache, v_cache in layers:
         kernel_layers.append((attn_norm.copy(), ffn_norm.copy(), tiles(wqkv), tiles(wo), tiles(w13), tiles(w2),
                               _kv_bits(k_cache), _kv_bits(v_cache)))
-    args = (x, np.float32(eps), xb, xbq, xbd, qkv, att, attq, attd, attn_out, h13, h, hq, hs, ffn_out,
-            kernel_layers, positions, slots, cos, sin, kv_of_q, np.float32(scale))
+    tag, acc = _PATH_TAGS[path]
+    acts = (xb, xbq, xbd, qkv, att, attq, attd, attn_out, h13, h, hq, hs, ffn_out)
+    eps, scale = np.float32(eps), np.float32(scale)
 
     def call() -> bool:
         pmax = _check_ranges(positions, slots, T, S, n_slots)
         if not _groups_apart(slots, T, nch, n_slots):
             return False
-        _layers_vnni(*args, _scratch(None, T, nq, S, pmax), nq, nkv, hd, _ACCV, nch)
+        attn = (positions, slots, cos, sin, kv_of_q, scale, _scratch(None, T, nq, S, pmax), nq, nkv, hd)
+        _layers_fused(tag, x, eps, acts, kernel_layers, attn, acc, nch)
         return True
     return call

@@ -10,24 +10,27 @@ SmolLM2 rows 11% (222 µs a layer against 197 fused) and left its 2 threads at 1
 fused, 1.90x (1.98x for 128 rows).
 
 The steps are the unfused kernels' own helpers on each thread's rows, so the results are the
-same bits. Row-tile Q4 weights (Q40 in the row layout, Q41) on the vnni512 path only (the AVX2
-twins would be the same kernels with the AVX2 tiles: a second copy of each, for hosts without
-AVX-512 VNNI, left out); ``bind_*`` return None where a stretch cannot be fused (other weight
-types, the other paths, fewer than 8 tokens a thread) and the caller runs the steps one by one.
+same bits. Row-tile Q4 weights (Q40 in the row layout, Q41), on the vnni512 and avx2 paths:
+one body for both, whose row-tile kernel (``_q4_tiles``) numba picks when it compiles from the
+type of a tag argument (``_PATH_TAGS``: an empty array whose dtype names the path), so a host
+without AVX-512 VNNI never compiles the VNNI tiles. ``bind_*`` return None where a stretch
+cannot be fused (other weight types, the portable path, fewer than 8 tokens a thread) and the
+caller runs the steps one by one.
 """
 from __future__ import annotations
 
 from functools import partial
 
 import numpy as np
-from numba import prange
+from numba import prange, types
+from numba.extending import overload
 
 from ..quant import QK
 from . import _jit
 from ._jit import _inline, _parallel
 from .ffn import _silu_mul_rows
 from .matmul import q4_row_tiles
-from .matmul_rows import _RT4, _rbuffers, _rows_prep_range
+from .matmul_rows import _ACC, _RT4, _rbuffers, _rows_prep_range, _rows_q4_tiles
 from .matmul_vnni import _ACCV, _NTV, _q4v_tiles
 from .norm import _rmsnorm_rows
 from .q80 import _quantize_q80_act_f16c
@@ -56,35 +59,56 @@ def _span(T, nch, c):
     return min(T, c * per), min(T, c * per + per)
 
 
+# the fused paths as numba types: (tag, per-thread tile sums) of each
+_PATH_TAGS = {"vnni512": (np.zeros(0, np.int8), _ACCV), "avx2": (np.zeros(0, np.int16), _ACC)}
+
+
+def _q4_tiles(tag, out, xq, xi, xf, buf, rows, nb, sb, hasm, k0, k1, t0, t1, acc):
+    """The row tiles k0..k1-1 of tokens t0..t1-1 by the row-tile kernel of the path tag names
+    (_PATH_TAGS); chosen when numba compiles the caller."""
+
+
+@overload(_q4_tiles)
+def _q4_tiles_of_path(tag, out, xq, xi, xf, buf, rows, nb, sb, hasm, k0, k1, t0, t1, acc):
+    if tag.dtype == types.int8:
+        def vnni(tag, out, xq, xi, xf, buf, rows, nb, sb, hasm, k0, k1, t0, t1, acc):
+            _q4v_tiles(out, xq, xi, xf, buf, rows, nb, sb, hasm, k0, k1, t0, t1, acc)
+        return vnni
+
+    def avx2(tag, out, xq, xi, xf, buf, rows, nb, sb, hasm, k0, k1, t0, t1, acc):
+        _rows_q4_tiles(out, xq, xi, xf, buf, rows, nb, sb, hasm, k0, k1, t0, t1, acc)
+    return avx2
+
+
 @_inline
-def _matmul_rows(out, xq, xd, xi, xf, buf, rows, nb, sb, hasm, t0, t1, acc):
+def _matmul_rows(tag, out, xq, xd, xi, xf, buf, rows, nb, sb, hasm, t0, t1, acc):
     """Rows t0..t1-1 of out = (xq, xd) · w^T for a row-tile Q4 matrix w (buf ...): their
-    activation sums, then every row tile (the VNNI matmul's own steps)."""
+    activation sums, then every row tile (the path's matmul's own steps)."""
     _rows_prep_range(xi, xf, xq, xd, t0, t1, nb, hasm)
-    _q4v_tiles(out, xq, xi, xf, buf, rows, nb, sb, hasm, 0, (rows + _RT4 - 1) // _RT4, t0, t1, acc)
+    _q4_tiles(tag, out, xq, xi, xf, buf, rows, nb, sb, hasm, 0, (rows + _RT4 - 1) // _RT4, t0, t1, acc)
 
 
 @_parallel
-def _norm_matmul_vnni(out, xb, xbq, xbd, x, weight, eps, buf, rows, nb, sb, hasm, xi, xf, acc, nch):
+def _norm_matmul_fused(tag, out, xb, xbq, xbd, x, weight, eps, buf, rows, nb, sb, hasm, xi, xf, acc, nch):
     for c in prange(nch):
         t0, t1 = _span(x.shape[0], nch, c)
         _norm_q80_rows(xb, xbq, xbd, x, weight, eps, t0, t1)
-        _matmul_rows(out, xbq, xbd, xi, xf, buf, rows, nb, sb, hasm, t0, t1, acc[c])
+        _matmul_rows(tag, out, xbq, xbd, xi, xf, buf, rows, nb, sb, hasm, t0, t1, acc[c])
 
 
 @_parallel
-def _ffn_vnni(out, h13, h, hq, hd, xb, xbq, xbd, x, weight, eps, b13, r13, nb13, sb13, m13, xi13, xf13,
-              b2, r2, nb2, sb2, m2, xi2, xf2, acc, nch):
+def _ffn_fused(tag, out, h13, h, hq, hd, xb, xbq, xbd, x, weight, eps, b13, r13, nb13, sb13, m13, xi13, xf13,
+               b2, r2, nb2, sb2, m2, xi2, xf2, acc, nch):
     for c in prange(nch):
         t0, t1 = _span(x.shape[0], nch, c)
         _norm_q80_rows(xb, xbq, xbd, x, weight, eps, t0, t1)
-        _matmul_rows(h13, xbq, xbd, xi13, xf13, b13, r13, nb13, sb13, m13, t0, t1, acc[c])
+        _matmul_rows(tag, h13, xbq, xbd, xi13, xf13, b13, r13, nb13, sb13, m13, t0, t1, acc[c])
         _silu_q80_rows(h, hq, hd, h13, t0, t1)
-        _matmul_rows(out, hq, hd, xi2, xf2, b2, r2, nb2, sb2, m2, t0, t1, acc[c])
+        _matmul_rows(tag, out, hq, hd, xi2, xf2, b2, r2, nb2, sb2, m2, t0, t1, acc[c])
 
 
 def _fusable(T: int, path: str, *mats) -> bool:
-    return (path == "vnni512" and T >= _TOKENS_MIN * _jit._NUM_THREADS
+    return (path in _PATH_TAGS and T >= _TOKENS_MIN * _jit._NUM_THREADS
             and all(q4_row_tiles(w) is not None and w.rows for w in mats))
 
 
@@ -106,8 +130,9 @@ def bind_norm_matmul(out, xb, xbq, xbd, x, weight, eps: float, w, path: str = KE
             and weight.shape == (n,) and weight.dtype == np.float32 and _q80_rows_ok(xb, xbq, xbd, n, T)):
         return None
     buf, rows, nb, sb, hasm = q4_row_tiles(w)
-    return partial(_norm_matmul_vnni, out, xb, xbq, xbd, x, weight, float(eps), buf, rows, nb, sb, hasm,
-                   *_rbuffers(T, nb), _ACCV, _jit._NUM_THREADS)
+    tag, acc = _PATH_TAGS[path]
+    return partial(_norm_matmul_fused, tag, out, xb, xbq, xbd, x, weight, float(eps), buf, rows, nb, sb, hasm,
+                   *_rbuffers(T, nb), acc, _jit._NUM_THREADS)
 
 
 def bind_ffn(out, h13, h, hq, hd, xb, xbq, xbd, x, weight, eps: float, w13, w2, path: str = KERNELS):
@@ -124,6 +149,7 @@ def bind_ffn(out, h13, h, hq, hd, xb, xbq, xbd, x, weight, eps: float, w13, w2, 
         return None
     b13, r13, nb13, sb13, m13 = q4_row_tiles(w13)
     b2, r2, nb2, sb2, m2 = q4_row_tiles(w2)
-    return partial(_ffn_vnni, out, h13, h, hq, hd, xb, xbq, xbd, x, weight, float(eps),
+    tag, acc = _PATH_TAGS[path]
+    return partial(_ffn_fused, tag, out, h13, h, hq, hd, xb, xbq, xbd, x, weight, float(eps),
                    b13, r13, nb13, sb13, m13, *_rbuffers(T, nb13), b2, r2, nb2, sb2, m2, *_rbuffers(T, nb2),
-                   _ACCV, _jit._NUM_THREADS)
+                   acc, _jit._NUM_THREADS)
