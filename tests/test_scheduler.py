@@ -188,23 +188,56 @@ def test_mixed_steps_equal_sequences_alone(tiny):
 
 
 def test_token_budget_is_respected(tiny):
-    """Every step carries all decode rows and a chunk of what is left of the budget."""
+    """Every step carries all decode rows and chunks of what is left of the budget: prompts
+    in admission order, each chunk but a step's last one ending its prompt (the next prompt
+    starts in the same step)."""
     s = session(tiny, 3)
     rec = Recorder(s.engine)
     sched = Scheduler(rec, n_slots=3, max_seq_len=MAX_SEQ, eos_ids=set(), token_budget=6)
+    planned, two_chunks, forward = [], 0, sched._forward
+
+    def record(decode, chunks):   # (decode rows, per chunk (slot, rows, whether it ends its prompt))
+        planned.append((len(decode), [(pre.slot, len(c), pre.pos + len(c) == len(pre.prompt))
+                                      for pre, c in chunks]))
+        forward(decode, chunks)
+    sched._forward = record
     for p in prompts(s.config.vocab_size, [20, 25, 9, 14], seed=4):
         sched.submit(p, greedy(7))
     while sched.step():
         pass
-    assert sched.steps_total == len(rec.steps)
+    assert sched.steps_total == len(rec.steps) == len(planned)
     for st in rec.steps:
         assert len(st["tokens"]) <= 6
-        per_slot = {sl: st["slots"].count(sl) for sl in set(st["slots"])}
-        assert sum(1 for n in per_slot.values() if n > 1) <= 1      # at most one chunk
+    for n_decode, chunks in planned:
+        assert n_decode + sum(n for _, n, _ in chunks) <= 6
+        assert all(ends for _, _, ends in chunks[:-1])    # every chunk but the last ends its prompt
+        two_chunks += len(chunks) > 1
+    assert two_chunks                           # a prompt ended and the next began in one step
     full = [st for st in rec.steps if len(st["tokens"]) == 6 and len(set(st["slots"])) > 1]
-    assert full                                # decode rows + a chunk filling the budget
+    assert full                                # decode rows + chunks filling the budget
     assert sched.prefill_rows_total == sum(len(p) for p in prompts(s.config.vocab_size,
                                                                    [20, 25, 9, 14], seed=4))
+
+
+def test_requests_that_arrive_together_are_prefilled_together(tiny):
+    """8 prompts submitted at once, 4 to 7 tokens each (43 in all), budget 32: the first step
+    carries the first 6 prompts whole (31 tokens) and 1 token of the 7th; the next, beside the
+    6 decode rows, the rest of the 7th and all of the 8th; then all 8 decode together. Each
+    sequence's tokens are those it makes alone."""
+    s = session(tiny, 8)
+    rec = Recorder(s.engine)
+    sched = Scheduler(rec, n_slots=8, max_seq_len=MAX_SEQ, eos_ids=set(), token_budget=32)
+    ps = prompts(s.config.vocab_size, [4, 5, 6, 7, 4, 5, 6, 6], seed=6)
+    handles = [sched.submit(p, greedy(5)) for p in ps]
+    while sched.step():
+        pass
+    first, second, third = rec.steps[:3]
+    assert first["slots"] == [sl for sl in range(6) for _ in ps[sl]] + [6]
+    assert second["slots"] == list(range(6)) + [6] * 5 + [7] * 6
+    assert sorted(third["slots"]) == list(range(8)) and len(third["tokens"]) == 8
+    ref = session(tiny, 1).engine
+    for p, h in zip(ps, handles):
+        assert h.wait(0).generated_tokens == alone(ref, p, 5)
 
 
 def test_policy_on_a_fake_engine():

@@ -2,9 +2,10 @@
 
 Requests arrive at any time from any thread (submit: a lock and a condition); the scheduler
 thread alone drives the engine. Each engine step carries one row for every decoding
-sequence plus at most one prompt chunk of one prefilling sequence, within a token budget
-(decode rows first; the chunk gets what is left, at least one token), so a long prompt
-never stalls the running streams: continuous batching with chunked prefill, in one forward.
+sequence plus prompt chunks of the prefilling sequences, in admission order, within a token
+budget (decode rows first; the chunks get what is left, at least one token), so a long
+prompt never stalls the running streams, and requests that arrive together are prefilled
+together: continuous batching with chunked prefill, in one forward.
 
 A sequence ends on a stop id (not emitted), a stop string (never emitted: text that could
 still become one is held back), max_tokens, the context end, cancellation (any thread, any
@@ -32,6 +33,12 @@ from .stops import TextStream
 # a prefix held by another slot is copied when it saves at least this many positions of
 # prefill (a copy is a broadcast step of its own)
 MIN_COPY_POSITIONS = 16
+
+
+def _shared(a: list[int], b: list[int]) -> int:
+    """How many leading tokens a and b share, counted up to MIN_COPY_POSITIONS."""
+    n = min(len(a), len(b), MIN_COPY_POSITIONS)
+    return next((i for i in range(n) if a[i] != b[i]), n)
 
 
 class Scheduler:
@@ -166,20 +173,24 @@ class Scheduler:
 
     def step(self) -> bool:
         """One engine step: reap cancellations, admit, then one forward of the decode rows
-        and at most one prompt chunk. False if there was nothing to do."""
+        and the prompt chunks that fit the budget. False if there was nothing to do."""
         if self._loop_thread not in (None, threading.current_thread()):
             raise DllamaError("step() called while run() drives the scheduler in another thread")
         self._reap_cancelled()
         self._admit()
         decode = [s for s in self._running if not s.prefilling]
-        pre = next((s for s in self._running if s.prefilling), None)
-        if pre is not None and self.prefill_alone:
+        prefilling = [s for s in self._running if s.prefilling]
+        if prefilling and self.prefill_alone:
             decode = []
-        if not decode and pre is None:
+        if not decode and not prefilling:
             return False
-        room = max(1, self.token_budget - len(decode))
-        chunk = pre.prompt[pre.pos:pre.pos + room] if pre is not None else []
-        self._forward(decode, pre, chunk)
+        room, chunks = max(1, self.token_budget - len(decode)), []
+        for pre in prefilling:
+            if room == 0:
+                break
+            chunks.append((pre, pre.prompt[pre.pos:pre.pos + room]))
+            room -= len(chunks[-1][1])
+        self._forward(decode, chunks)
         return True
 
     def _reap_cancelled(self) -> None:
@@ -192,12 +203,14 @@ class Scheduler:
             self._finish(s, "cancelled")
 
     def _admit(self) -> None:
-        """Give the oldest waiting request a free slot when no sequence is prefilling (one
-        prompt chunk per step: admitting more would only hold slots)."""
-        while not any(s.prefilling for s in self._running):
+        """Give waiting requests free slots, oldest first, while the next step has room for
+        a chunk of theirs: the prompts already prefilling leave some of the token budget
+        (admitting more would only hold slots). A prompt that shares at least
+        MIN_COPY_POSITIONS tokens with one being prefilled waits for it, to copy them."""
+        while self._prefill_room() > 0:
             free = [i for i, sl in enumerate(self.slots) if sl.seq is None]
             with self._cond:
-                if not free or not self._waiting:
+                if not free or not self._waiting or self._waits_for_prefill(self._waiting[0].prompt):
                     return
                 seq = self._waiting.popleft()
                 self._running.append(seq)
@@ -213,6 +226,21 @@ class Scheduler:
             seq.slot, seq.pos, seq.cached_tokens = slot, cached, cached
             self.prompt_tokens_total += len(seq.prompt)
             self.cached_tokens_total += cached
+
+    def _prefill_room(self) -> int:
+        """Tokens of the next step's budget that the decode rows and the prompts being
+        prefilled leave (prefill_alone: the budget, only while nothing prefills)."""
+        prefilling = [s for s in self._running if s.prefilling]
+        if self.prefill_alone:
+            return 0 if prefilling else self.token_budget
+        decode = len(self._running) - len(prefilling)
+        return max(1, self.token_budget - decode) - sum(len(s.prompt) - s.pos for s in prefilling)
+
+    def _waits_for_prefill(self, prompt) -> bool:
+        """A prompt sharing MIN_COPY_POSITIONS leading tokens with one being prefilled (the
+        n choices of a prompt, a common system prompt): better copied once it is done."""
+        return self.prefix_cache and any(_shared(prompt, s.prompt) >= MIN_COPY_POSITIONS
+                                         for s in self._running if s.prefilling)
 
     def _copy_longer_prefix(self, prompt, slot: int, cached: int) -> int:
         """When another slot (a running sequence's too: the n choices of one prompt, a shared
@@ -238,39 +266,43 @@ class Scheduler:
         return max(free, key=lambda i: (self.slots[i].shared_prefix(prompt),
                                         -self.slots[i].last_used))
 
-    def _forward(self, decode: list[Sequence], pre: Sequence | None, chunk: list[int]) -> None:
-        tokens = [s.next_token for s in decode] + chunk
+    def _forward(self, decode: list[Sequence], chunks: list[tuple[Sequence, list[int]]]) -> None:
+        """One forward: a row for each decoding sequence, then each prompt chunk's rows."""
+        tokens = [s.next_token for s in decode]
         positions = [s.pos for s in decode]
         slots = [s.slot for s in decode]
-        if pre is not None:
+        completing = []                   # (prompt that completes, the row of its last token)
+        for pre, chunk in chunks:
+            tokens += chunk
             positions += range(pre.pos, pre.pos + len(chunk))
             slots += [pre.slot] * len(chunk)
-        completes = pre is not None and pre.pos + len(chunk) == len(pre.prompt)
+            if pre.pos + len(chunk) == len(pre.prompt):
+                completing.append((pre, len(tokens) - 1))
         t0 = time.perf_counter()
         try:
-            if len(decode) + (pre is not None) == 1:   # one sequence: its last row's logits
+            if len(decode) + len(chunks) == 1:        # one sequence: its last row's logits
                 logits = self.engine.forward(tokens, positions[0], slot=slots[0])
+                rows = [0] * (len(decode) + len(completing))
             else:
-                want = list(range(len(decode))) + ([len(tokens) - 1] if completes else [])
+                want = list(range(len(decode))) + [row for _, row in completing]
                 logits = self.engine.forward_rows(     # None: every row (decode-only steps)
                     tokens, positions, slots, logit_rows=None if len(want) == len(tokens) else want)
+                rows = list(range(len(want)))
         except BaseException as e:
-            for s in decode + ([pre] if pre is not None else []):
+            for s in decode + [pre for pre, _ in chunks]:
                 self.slots[s.slot].tokens.clear()      # what the cache holds is unknown
                 self._finish(s, "error", f"{type(e).__name__}: {e}")
             raise
-        self._count(time.perf_counter() - t0, len(decode), len(chunk))
+        self._count(time.perf_counter() - t0, len(decode), len(tokens) - len(decode))
         for s in decode:
             self.slots[s.slot].tokens.append(s.next_token)
             s.pos += 1
-        if pre is not None:
+        for pre, chunk in chunks:
             self.slots[pre.slot].tokens.extend(chunk)
             pre.pos += len(chunk)
         self._reap_cancelled()            # cancelled during the forward: no more tokens
-        for row, s in enumerate(decode):
+        for s, row in zip(decode + [pre for pre, _ in completing], rows):
             self._take(s, logits[row])
-        if completes:
-            self._take(pre, logits[-1])
 
     def _count(self, seconds: float, n_decode: int, n_chunk: int) -> None:
         self.steps_total += 1
