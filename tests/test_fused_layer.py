@@ -76,6 +76,7 @@ def _run(path, nthreads, kv, monkeypatch, whole: bool):
         slots = np.array([13] * 10 + list(range(1, 9)), np.int32)
         positions = np.array([lens[13] + i for i in range(10)] + lens[1:9], np.int32)
         out.append(engine.forward_rows(ids[120:138], positions, slots, np.arange(18, dtype=np.int32)))
+        out.append(engine.forward(ids[140:141], lens[0], slot=0))      # one sequence, one row
         engine.stop()
     return out, runs
 
@@ -88,14 +89,14 @@ def test_whole_layer_gives_the_bits_of_its_steps(weights, kv, nthreads, tiny, mo
     got, runs = _run(tiny[weights], nthreads, kv, monkeypatch, whole=True)
     want, none = _run(tiny[weights], nthreads, kv, monkeypatch, whole=False)
     assert none == []
-    assert len(got) == len(want) == N_SEQ + 5
+    assert len(got) == len(want) == N_SEQ + 6
     for step, (g, w) in enumerate(zip(got, want)):
         assert np.array_equal(g, w), f"step {step}"
-    if nthreads == 1:          # one token group: every step of 8 rows or more (every step here)
-        assert runs == [True] * (N_SEQ + 5)
+    if nthreads == 1:          # one token group: every step, one row or many
+        assert runs == [True] * (N_SEQ + 6)
     else:                      # not the prompts of 16 rows or more (bound: in both groups), nor the
         prompts = sum(n >= 16 for n in PROMPT_LENS)     # shorter ones (not bound); the decode steps
-        assert runs == [False] * prompts + [True] * 4 + [False]
+        assert runs == [False] * prompts + [True] * 4 + [False]     # (one row: not bound)
 
 
 def _layer_args(T, wo=None, slots=None, positions=None, kv=np.float32):
@@ -164,6 +165,9 @@ def test_bind_layers_says_where_they_cannot_run(keep_threads):
     K.set_num_threads(2)
     assert K.bind_layers(*_layer_args(16)) is not None
     assert K.bind_layers(*_layer_args(15)) is None                        # fewer than 8 rows a thread
+    K.set_num_threads(1)
+    assert K.bind_layers(*_layer_args(1)) is not None                     # on one thread, any rows
+    K.set_num_threads(2)
     assert K.bind_layers(*_layer_args(16), path="generic") is None        # not on the portable path
     f32_wo = np.zeros((64, 64), np.float32)
     assert K.bind_layers(*_layer_args(16, wo=f32_wo)) is None             # a matrix not of Q4 row tiles (2nd layer)

@@ -2,7 +2,7 @@
 
 On one rank nothing is summed between a layer's steps (no other rank's partial sums), and in
 a step where every token's sequence lies in one thread's token group (the sequences decoding
-together each have one row; a prompt chunk on one thread), each thread can take its tokens
+together each have one row; any step on one thread), each thread can take its tokens
 through the whole layer with no barrier: RMSNorm, q|k|v, rope and the KV-cache store, attention
 (every row reads only its own sequence's K and V rows, which its own thread wrote), wo and the
 residual add, then the FFN stretch of ``fused_tokens`` and the second residual add -- and on
@@ -27,7 +27,7 @@ from ._checks import _F32, _I32
 from ._jit import _inline, _parallel, _serial
 from .attention import _KV_DTYPES, _attend_row, _check_ranges, _kv_bits, _kv_ok, _quantize_row, _rope_store_row
 from .attention import _scratch, scratch_rows
-from .fused_tokens import _PATH_TAGS, _fusable, _matmul_rows, _norm_q80_rows, _q80_rows_ok, _silu_q80_rows, _span
+from .fused_tokens import _PATH_TAGS, _TOKENS_MIN, _fusable, _matmul_rows, _norm_q80_rows, _q80_rows_ok, _silu_q80_rows, _span
 from .matmul import q4_row_tiles
 from .matmul_rows import _rbuffers
 from .simd import KERNELS
@@ -107,7 +107,8 @@ def _f32_rows(T: int, *arrays) -> bool:
 
 def _layer_ok(layer, dim: int, nq: int, nkv: int, hd: int, cache_shape, T: int, path: str) -> bool:
     attn_norm, ffn_norm, wqkv, wo, w13, w2, k_cache, v_cache = layer
-    return (_fusable(T, path, wqkv, wo, w13, w2)
+    one_thread = _jit._NUM_THREADS == 1       # one token group holds every row, however few
+    return (_fusable(T, path, wqkv, wo, w13, w2, tokens_min=1 if one_thread else _TOKENS_MIN)
             and wqkv.cols == dim and wqkv.rows == (nq + 2 * nkv) * hd and wo.cols == nq * hd and wo.rows == dim
             and w13.cols == dim and w13.rows % 2 == 0 and w2.cols == w13.rows // 2 and w2.rows == dim
             and all(w.shape == (dim,) and w.dtype == _F32 for w in (attn_norm, ffn_norm))

@@ -107,8 +107,8 @@ def _ffn_fused(tag, out, h13, h, hq, hd, xb, xbq, xbd, x, weight, eps, b13, r13,
         _matmul_rows(tag, out, hq, hd, xi2, xf2, b2, r2, nb2, sb2, m2, t0, t1, acc[c])
 
 
-def _fusable(T: int, path: str, *mats) -> bool:
-    return (path in _PATH_TAGS and T >= _TOKENS_MIN * _jit._NUM_THREADS
+def _fusable(T: int, path: str, *mats, tokens_min: int = _TOKENS_MIN) -> bool:
+    return (path in _PATH_TAGS and T >= tokens_min * _jit._NUM_THREADS
             and all(q4_row_tiles(w) is not None and w.rows for w in mats))
 
 
