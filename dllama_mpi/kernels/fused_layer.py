@@ -27,7 +27,8 @@ from ._checks import _F32, _I32
 from ._jit import _inline, _parallel, _serial
 from .attention import _KV_DTYPES, _attend_row, _check_ranges, _kv_bits, _kv_ok, _quantize_row, _rope_store_row
 from .attention import _scratch, scratch_rows
-from .fused_tokens import _PATH_TAGS, _TOKENS_MIN, _fusable, _matmul_rows, _norm_q80_rows, _q80_rows_ok, _silu_q80_rows, _span
+from .fused_tokens import (_PATH_TAGS, _TOKENS_MIN, _fusable, _matmul_rows, _norm_q80_rows, _q80_rows_ok,
+                           _silu_q80_rows, _span)
 from .matmul import q4_row_tiles
 from .matmul_rows import _rbuffers
 from .simd import KERNELS
