@@ -274,6 +274,7 @@ class Transformer:
         self._head_rows = 0
         self._parts: dict[tuple, list[np.ndarray]] = {}        # split stacks' part outputs
         self._bound = _BoundCalls()
+        self._norms = None          # the layers' norm weights for kernels.bind_layers
         self.wcls_q80 = not isinstance(weights.wcls, np.ndarray)  # the final norm makes Q80 too
 
     def buffer_nbytes(self) -> int:
@@ -429,10 +430,13 @@ class Transformer:
         call = None
         if (self.fuse_q80 and self.comm.sums_identity and not (c.attn_bias or c.qk_norm)
                 and all(lw.experts is None for lw in layers)):
+            if self._norms is None:     # writeable, as the kernel takes them: copied once, not
+                self._norms = [tuple(np.require(w, requirements="W") for w in (lw.attn_norm, lw.ffn_norm))
+                               for lw in layers]                # once per row count
             call = kernels.bind_layers(
                 b["x"], c.norm_eps, *self._q80_parts(b, "xb"), b["qkv"], *self._q80_parts(b, "att"),
                 b["attn_out"], b["h13"], *self._q80_parts(b, "h"), b["ffn_out"],
-                [(lw.attn_norm, lw.ffn_norm, lw.wqkv, lw.wo, lw.w13, lw.w2, *self.kv_layers[i])
+                [(*self._norms[i], lw.wqkv, lw.wo, lw.w13, lw.w2, *self.kv_layers[i])
                  for i, lw in enumerate(layers)],
                 b["positions"], b["slots"], self.cos, self.sin, self.kv_of_q, self.scale)
         per_threads[n] = call

@@ -150,12 +150,12 @@ def bind_layers(x, eps: float, xb, xbq, xbd, qkv, att, attq, attd, attn_out, h13
 
     def tiles(w):
         return (*q4_row_tiles(w), *_rbuffers(T, w.cols // QK))
-    # the norm weights as writeable copies: one numba type whether the model's are read-only
-    # views of the file or arrays of their own (each mix would be a kernel compiled apart)
+    def writeable(norm):   # one numba type whether a norm is a read-only view of the file or
+        return norm if norm.flags.writeable else norm.copy()   # not (each a kernel compiled apart)
     kernel_layers = List()
     for attn_norm, ffn_norm, wqkv, wo, w13, w2, k_cache, v_cache in layers:
-        kernel_layers.append((attn_norm.copy(), ffn_norm.copy(), tiles(wqkv), tiles(wo), tiles(w13), tiles(w2),
-                              _kv_bits(k_cache), _kv_bits(v_cache)))
+        kernel_layers.append((writeable(attn_norm), writeable(ffn_norm), tiles(wqkv), tiles(wo), tiles(w13),
+                              tiles(w2), _kv_bits(k_cache), _kv_bits(v_cache)))
     tag, acc = _PATH_TAGS[path]
     acts = (xb, xbq, xbd, qkv, att, attq, attd, attn_out, h13, h, hq, hs, ffn_out)
     eps, scale = np.float32(eps), np.float32(scale)
