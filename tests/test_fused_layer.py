@@ -1,9 +1,8 @@
 """Every layer in one parallel region (kernels/fused_layer.py, one rank) gives the bits of the
 layers run step by step: the logits of prompts, of decode steps of many sequences and of mixed
 steps, at 1 and 2 threads, with Q4_0 and Q4_1 weights and f32 and f16 KV caches; and of the
-unfused kernels on both fused paths (avx2 forced on a VNNI host). It runs only
-where every sequence's rows lie in one thread's token group; bind_layers says None where the
-layers cannot run so."""
+unfused kernels on both fused paths (avx2 forced on a VNNI host), by token groups and by row
+bands; bind_layers says None where the layers cannot run so."""
 import numpy as np
 import pytest
 
@@ -92,11 +91,10 @@ def test_whole_layer_gives_the_bits_of_its_steps(weights, kv, nthreads, tiny, mo
     assert len(got) == len(want) == N_SEQ + 6
     for step, (g, w) in enumerate(zip(got, want)):
         assert np.array_equal(g, w), f"step {step}"
-    if nthreads == 1:          # one token group: every step, one row or many
-        assert runs == [True] * (N_SEQ + 6)
-    else:                      # not the prompts of 16 rows or more (bound: in both groups), nor the
-        prompts = sum(n >= 16 for n in PROMPT_LENS)     # shorter ones (not bound); the decode steps
-        assert runs == [False] * prompts + [True] * 4 + [False]     # (one row: not bound)
+    # every step in one region: on one thread one token group; on two, the decode steps and the
+    # step whose sequences keep to token groups by groups, the prompts (a sequence in both
+    # groups, or fewer than 16 rows), the crossing step and the one-row step by row bands
+    assert runs == [True] * (N_SEQ + 6)
 
 
 def _layer_args(T, wo=None, slots=None, positions=None, kv=np.float32):
@@ -111,7 +109,7 @@ def _layer_args(T, wo=None, slots=None, positions=None, kv=np.float32):
     def acts(width):
         return np.zeros((T, width), np.float32), np.zeros((T, width), np.int8), np.zeros((T, width // 32), np.float32)
     def layer(wo=None):
-        cache = r.standard_normal((2, T, 8, 1, hd)).astype(kv)
+        cache = r.standard_normal((2, T, 24, 1, hd)).astype(kv)
         norms = (1 + 0.1 * r.standard_normal((2, n))).astype(np.float32)
         return (norms[0], norms[1], q41(4 * hd, n), q41(n, 2 * hd) if wo is None else wo, q41(2 * ffn, n),
                 q41(n, ffn), cache[0], cache[1])
@@ -120,7 +118,7 @@ def _layer_args(T, wo=None, slots=None, positions=None, kv=np.float32):
             np.zeros((T, n), np.float32), [layer(), layer(wo)],
             np.zeros(T, np.int32) if positions is None else positions,
             np.arange(T, dtype=np.int32) if slots is None else slots,
-            np.ones((8, hd // 2), np.float32), np.zeros((8, hd // 2), np.float32), np.zeros(2, np.int32), 0.2)
+            np.ones((24, hd // 2), np.float32), np.zeros((24, hd // 2), np.float32), np.zeros(2, np.int32), 0.2)
 
 
 def _by_steps(args, path):
@@ -145,14 +143,20 @@ def _by_steps(args, path):
 @needs_fused
 @pytest.mark.parametrize("path", FUSED)
 @pytest.mark.parametrize("kv", [np.float32, np.float16])
-@pytest.mark.parametrize("T", [16, 21])
-def test_layers_give_the_bits_of_the_unfused_kernels(path, kv, T, threads):  # noqa: F811
-    """Two layers of 16 and 21 rows (each its own sequence, at positions 3..) on 1 and 2
-    threads, f32 and f16 KV caches: x is what the unfused kernels give on the same path."""
-    positions = (3 + np.arange(T) % 4).astype(np.int32)
-    want_args, got_args = (_layer_args(T, positions=positions, kv=kv) for _ in range(2))
+@pytest.mark.parametrize("T, one_sequence, by", [(1, False, ""), (5, False, ""), (16, False, ""), (21, False, ""),
+                                                  (16, True, ""), (16, False, "bands")])
+def test_layers_give_the_bits_of_the_unfused_kernels(path, kv, T, one_sequence, by, threads):  # noqa: F811
+    """Two layers of 1 to 21 rows (each its own sequence at positions 3.., or one sequence's
+    rows at positions 3..3+T-1) on 1 and 2 threads (by token groups or by row bands, or
+    forced by bands), f32 and f16 KV caches: x and the caches are what the unfused kernels
+    give on the same path."""
+    if one_sequence:
+        positions, slots = (3 + np.arange(T)).astype(np.int32), np.zeros(T, np.int32)
+    else:
+        positions, slots = (3 + np.arange(T) % 4).astype(np.int32), np.arange(T, dtype=np.int32)
+    want_args, got_args = (_layer_args(T, positions=positions, slots=slots, kv=kv) for _ in range(2))
     want = _by_steps(want_args, path)
-    call = K.bind_layers(*got_args, path=path)
+    call = K.bind_layers(*got_args, path=path, by=by)
     assert call is not None and call() is True
     np.testing.assert_array_equal(got_args[0], want)
     for (*_, kc, vc), (*_, kc_want, vc_want) in zip(got_args[15], want_args[15]):
@@ -164,7 +168,7 @@ def test_layers_give_the_bits_of_the_unfused_kernels(path, kv, T, threads):  # n
 def test_bind_layers_says_where_they_cannot_run(keep_threads):
     K.set_num_threads(2)
     assert K.bind_layers(*_layer_args(16)) is not None
-    assert K.bind_layers(*_layer_args(15)) is None                        # fewer than 8 rows a thread
+    assert K.bind_layers(*_layer_args(15)) is not None                    # fewer than 8 rows a thread: bands
     K.set_num_threads(1)
     assert K.bind_layers(*_layer_args(1)) is not None                     # on one thread, any rows
     K.set_num_threads(2)
@@ -172,7 +176,7 @@ def test_bind_layers_says_where_they_cannot_run(keep_threads):
     f32_wo = np.zeros((64, 64), np.float32)
     assert K.bind_layers(*_layer_args(16, wo=f32_wo)) is None             # a matrix not of Q4 row tiles (2nd layer)
     crossing = K.bind_layers(*_layer_args(16, slots=np.array([0] * 10 + list(range(1, 7)), np.int32)))
-    assert crossing() is False                                           # slot 0 in both token groups
+    assert crossing() is True                                            # slot 0 in both groups: bands
     bad = K.bind_layers(*_layer_args(16, slots=np.full(16, 99, np.int32)))
     with pytest.raises(ValueError, match="slots"):                       # checked at every call
         bad()

@@ -33,6 +33,7 @@ from .simd import HAS_AVX2, HAS_VNNI512, KERNELS
 from .attention import (_attention_block_par, _attention_block_ser, _attention_long_par, _attention_rows_par,
                         _attention_ser, _ranges, _rope_par, _rope_rows, _rope_store)
 from .fused_layer import _layers_fused
+from .layer_bands import _layers_banded
 from .fused_tokens import _ffn_fused, _norm_matmul_fused
 from .ffn import _SPLIT_MIN, _silu_mul_par, _silu_mul_q80_par, _silu_mul_q80_ser, _silu_mul_q80_split, _silu_mul_rows
 from .matmul_rows import (_ACC, _rbuffers, _rows_q4_generic, _rows_q4_par, _rows_q4_serial, _rows_q8_generic,
@@ -172,10 +173,10 @@ def _steps(needs, skip_warmed: bool = True) -> list[tuple[str, float, list, obje
                 if call is not None:                 # (None on the portable path)
                     call()
 
-    def whole_layer(cache_dtype):
-        """A model of one layer of 2 query heads, 1 KV head of 32; 8 tokens a thread (distinct
-        slots)."""
-        T_, hd, ffn = 8 * get_num_threads(), 32, 2 * n
+    def whole_layer(cache_dtype, T_, by):
+        """A model of one layer of 2 query heads, 1 KV head of 32, T_ tokens (distinct slots),
+        run `by` token groups or row bands."""
+        hd, ffn = 32, 2 * n
         x_ = f32(T_, n)
         w = {name: Q41Matrix.from_blocks(quantize_q41(f32(r, c)))
              for name, r, c in (("wqkv", 4 * hd, n), ("wo", n, 2 * hd), ("w13", 2 * ffn, n), ("w2", n, ffn))}
@@ -189,15 +190,16 @@ def _steps(needs, skip_warmed: bool = True) -> list[tuple[str, float, list, obje
                            np.empty((T_, n), np.float32), np.empty((T_, 2 * ffn), np.float32), *acts(ffn),
                            np.empty((T_, n), np.float32), [layer], np.zeros(T_, np.int32),
                            np.arange(T_, dtype=np.int32), np.ones((4, hd // 2), np.float32),
-                           np.zeros((4, hd // 2), np.float32), np.zeros(2, np.int32), 0.25)
+                           np.zeros((4, hd // 2), np.float32), np.zeros(2, np.int32), 0.25, by=by)
         if call is not None:                     # (None on the portable path)
             call()
 
-    @step("q4layer", "every layer in one region (fused)", 12.0, [_layers_fused])
+    @step("q4layer", "every layer in one region (fused)", 12.0, [_layers_fused, _layers_banded])
     def _():
-        whole_layer(np.float32)
-        if "kv_f16" in needs:
-            whole_layer(np.float16)
+        for T_, by in ((8 * get_num_threads(), "groups"), (1, "bands")):
+            whole_layer(np.float32, T_, by)
+            if "kv_f16" in needs:
+                whole_layer(np.float16, T_, by)
 
     @step("q40slab", "q40 matmul (slabs)", 29.0, [_q40_serial_avx2, _q40_par_avx2,
                                                   _q40_serial_generic, _q40_par_generic])
@@ -357,7 +359,7 @@ def _wanted(dispatcher) -> bool:
     generic = dispatcher in (_rows_q4_generic, _rows_q8_generic, _q40_serial_generic, _q40_par_generic)
     vnni = dispatcher in (_rows_q4_serial_vnni, _rows_q4_par_vnni, _rows_q8_serial_vnni, _rows_q8_par_vnni)
     avx2_rows = dispatcher in (_rows_q4_serial, _rows_q4_par, _rows_q8_serial, _rows_q8_par)
-    fused = dispatcher in (_norm_matmul_fused, _ffn_fused, _layers_fused)    # (vnni512 or avx2 tiles)
+    fused = dispatcher in (_norm_matmul_fused, _ffn_fused, _layers_fused, _layers_banded)    # (vnni512 or avx2 tiles)
     avx2 = avx2_rows or fused or dispatcher in (_q40_serial_avx2, _q40_par_avx2)
     if vnni:
         return HAS_VNNI512

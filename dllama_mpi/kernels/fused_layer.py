@@ -13,8 +13,9 @@ The steps are the unfused kernels' own helpers on each thread's rows (the row-ti
 fused norm and silu·mul with their Q80, ``attention``'s row and its rope and store), so the
 results are the same bits as the layers run step by step. Row-tile Q4 weights on the vnni512
 and avx2 paths, as ``fused_tokens``; ``bind_layers`` returns None where the layers cannot run so,
-and its call returns False for a step whose sequences cross token groups (then the caller runs
-the steps)."""
+and its call runs a step whose sequences cross token groups, or with fewer than 8 rows a thread,
+by ``layer_bands`` (the threads splitting each step, meeting at barriers), or returns False where
+that cannot run either (then the caller runs the steps)."""
 from __future__ import annotations
 
 import numpy as np
@@ -27,8 +28,10 @@ from ._checks import _F32, _I32
 from ._jit import _inline, _parallel, _serial
 from .attention import _KV_DTYPES, _attend_row, _check_ranges, _kv_bits, _kv_ok, _quantize_row, _rope_store_row
 from .attention import _scratch, scratch_rows
+from .barrier import barrier_state, reset_state
 from .fused_tokens import (_PATH_TAGS, _TOKENS_MIN, _fusable, _matmul_rows, _norm_q80_rows, _q80_rows_ok,
                            _silu_q80_rows, _span)
+from .layer_bands import _layers_banded
 from .matmul import q4_row_tiles
 from .matmul_rows import _rbuffers
 from .simd import KERNELS
@@ -108,8 +111,7 @@ def _f32_rows(T: int, *arrays) -> bool:
 
 def _layer_ok(layer, dim: int, nq: int, nkv: int, hd: int, cache_shape, T: int, path: str) -> bool:
     attn_norm, ffn_norm, wqkv, wo, w13, w2, k_cache, v_cache = layer
-    one_thread = _jit._NUM_THREADS == 1       # one token group holds every row, however few
-    return (_fusable(T, path, wqkv, wo, w13, w2, tokens_min=1 if one_thread else _TOKENS_MIN)
+    return (_fusable(T, path, wqkv, wo, w13, w2, tokens_min=0)
             and wqkv.cols == dim and wqkv.rows == (nq + 2 * nkv) * hd and wo.cols == nq * hd and wo.rows == dim
             and w13.cols == dim and w13.rows % 2 == 0 and w2.cols == w13.rows // 2 and w2.rows == dim
             and all(w.shape == (dim,) and w.dtype == _F32 for w in (attn_norm, ffn_norm))
@@ -119,14 +121,17 @@ def _layer_ok(layer, dim: int, nq: int, nkv: int, hd: int, cache_shape, T: int, 
 
 
 def bind_layers(x, eps: float, xb, xbq, xbd, qkv, att, attq, attd, attn_out, h13, h, hq, hs, ffn_out, layers,
-                positions, slots, cos, sin, kv_of_q, scale: float, path: str = KERNELS):
+                positions, slots, cos, sin, kv_of_q, scale: float, path: str = KERNELS, by: str = ""):
     """Every Llama layer on one rank, x [T, dim] updated in place, in one parallel region: the
-    call (no arguments; True when it ran, False when the step's sequences cross token groups
-    and the caller must run the layers step by step), or None where they cannot run so.
+    call (no arguments; True when it ran, False when it could not and the caller must run the
+    layers step by step), or None where they cannot run so. Each thread takes its token group
+    through every layer where the step's sequences keep to token groups of at least 8 rows
+    (any rows on one thread), else the threads split each step (``layer_bands``).
     layers: per layer (attn_norm, ffn_norm, wqkv, wo, w13, w2, k_cache, v_cache). The other
     arrays are the activations (the model's buffers: xb, qkv, att, attn_out, h13, h, ffn_out
     and the Q80 of xb, att, h) and attention's arguments as ``bind_attention_block``'s
-    (positions and slots read, and checked, at every call). Checked here once."""
+    (positions and slots read, and checked, at every call). Checked here once. by: "groups" or
+    "bands" runs only that way (tests and the warmup; "bands" on one thread too)."""
     T, dim = x.shape
     if not layers:
         return None
@@ -144,8 +149,12 @@ def bind_layers(x, eps: float, xb, xbq, xbd, qkv, att, attq, attd, attn_out, h13
             and positions.dtype == _I32 and slots.dtype == _I32 and positions.shape == slots.shape == (T,)
             and kv_of_q.dtype == _I32 and kv_of_q.shape == (nq,) and _kv_ok(kv_of_q, nkv)
             and cos.dtype == sin.dtype == _F32 and cos.shape == sin.shape and cos.shape[1] * 2 == hd
-            and cos.shape[0] >= S and cos.flags.c_contiguous and sin.flags.c_contiguous
-            and scratch_rows(T, nq) >= nch * nq):
+            and cos.shape[0] >= S and cos.flags.c_contiguous and sin.flags.c_contiguous):
+        return None
+    by_groups = (by != "bands" and T >= (1 if nch == 1 else _TOKENS_MIN) * nch
+                 and scratch_rows(T, nq) >= nch * nq)
+    by_bands = by != "groups" and (nch > 1 or by == "bands") and hd % QK == 0   # (h: whole 32-blocks)
+    if not (by_groups or by_bands):
         return None
 
     def tiles(w):
@@ -160,11 +169,21 @@ def bind_layers(x, eps: float, xb, xbq, xbd, qkv, att, attq, attd, attn_out, h13
     acts = (xb, xbq, xbd, qkv, att, attq, attd, attn_out, h13, h, hq, hs, ffn_out)
     eps, scale = np.float32(eps), np.float32(scale)
 
+    state, ran = barrier_state(), np.zeros(nch, np.int64)
+    bands_failed = []       # the threads did not all run at once (barrier._rendezvous): not again
+
     def call() -> bool:
         pmax = _check_ranges(positions, slots, T, S, n_slots)
-        if not _groups_apart(slots, T, nch, n_slots):
-            return False
         attn = (positions, slots, cos, sin, kv_of_q, scale, _scratch(None, T, nq, S, pmax), nq, nkv, hd)
-        _layers_fused(tag, x, eps, acts, kernel_layers, attn, acc, nch)
-        return True
+        if by_groups and _groups_apart(slots, T, nch, n_slots):
+            _layers_fused(tag, x, eps, acts, kernel_layers, attn, acc, nch)
+            return True
+        if not by_bands or bands_failed:
+            return False
+        reset_state(state)
+        _layers_banded(tag, x, eps, acts, kernel_layers, attn, acc, nch, state, ran)
+        if ran.all():
+            return True
+        bands_failed.append(True)
+        return False
     return call
