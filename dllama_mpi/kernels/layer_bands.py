@@ -42,10 +42,22 @@ def _band(n, unit, nch, c):
 
 
 @_inline
+def _row(a, t, lo, hi):
+    """a[t, lo:hi] as a C-contiguous array of one row (what the row kernels take; a slice of
+    several rows' columns is strided, and its loops do not vectorise)."""
+    return a[t, lo:hi].reshape((1, hi - lo))
+
+
+@_inline
 def _prep(w, xq, xd, t0, t1, b0, b1):
     """The activation sums of w's input (_rows_prep_range) for tokens t0..t1-1, blocks b0..b1-1."""
     buf, rows, nb, sb, hasm, xi, xf = w
-    _rows_prep_range(xi[:, b0:b1], xf[:, b0:b1], xq[:, b0 * QK:b1 * QK], xd[:, b0:b1], t0, t1, b1 - b0, hasm)
+    if b0 == 0 and b1 == nb:
+        _rows_prep_range(xi, xf, xq, xd, t0, t1, nb, hasm)
+    else:
+        for t in range(t0, t1):
+            _rows_prep_range(_row(xi, t, b0, b1), xf[t, b0:b1].reshape((1, b1 - b0, 4)),
+                             _row(xq, t, b0 * QK, b1 * QK), _row(xd, t, b0, b1), 0, 1, b1 - b0, hasm)
 
 
 @_inline
@@ -75,7 +87,9 @@ def _matmul_add(tag, x, out, xq, w, T, nch, c, acc):
 @_inline
 def _q80_blocks(q, d, a, T, b0, b1):
     """The Q80 of blocks b0..b1-1 of every row of a (each block on its own: the whole row's bits)."""
-    _quantize_q80_act_f16c(q[:, b0 * QK:b1 * QK], d[:, b0:b1], a[:, b0 * QK:b1 * QK], T, b1 - b0)
+    for t in range(T):
+        _quantize_q80_act_f16c(_row(q, t, b0 * QK, b1 * QK), _row(d, t, b0, b1), _row(a, t, b0 * QK, b1 * QK),
+                               1, b1 - b0)
 
 
 @_inline
