@@ -6,7 +6,9 @@ costs ~10-20 µs. With one chunk per thread (``prange(nch)``, nch = the thread c
 static schedule gives each thread one chunk) the chunks run at once, and they can meet at a
 counter: each adds one to it; the last resets it and advances a generation number that the
 others wait on (spinning with ``pause``, then giving the core away with ``sched_yield`` when a
-thread is slow to come: an oversubscribed node).
+thread is slow to come: an oversubscribed node). A region counts those yields: on a busy node a
+thread that waits may hand its core to another process for a whole time slice, and the caller
+then runs its steps another way for a while (``fused_layer``).
 
 That the chunks run at once is not a given (a threading layer may run two chunks on one
 thread, one after the other, and the first would wait for ever), so a region first meets at
@@ -93,26 +95,30 @@ def _sched_yield(typingctx):
 
 @_inline
 def _wait_while(state, idx, value):
-    """Spin until state[idx] != value, yielding the core now and then."""
+    """Spin until state[idx] != value, yielding the core now and then; the yields."""
     spins = 0
+    yields = 0
     while _load_acquire(state, idx) == value:
         _pause()
         spins += 1
         if spins >= _SPINS:
             _sched_yield()
             spins = 0
+            yields += 1
+    return yields
 
 
 @_inline
 def _barrier(state, n):
     """Every one of the n chunks of the region waits here until all have come; what each wrote
-    before is then seen by all."""
+    before is then seen by all. The times this chunk gave its core away while it waited (a
+    wait of more than _SPINS pauses: a thread of the region descheduled, a busy node)."""
     gen = _load_acquire(state, _GEN)
     if _fetch_add(state, _COUNT, np.int64(1)) == n - 1:
         _store_release(state, _COUNT, np.int64(0))
         _fetch_add(state, _GEN, np.int64(1))
-    else:
-        _wait_while(state, _GEN, gen)
+        return 0
+    return _wait_while(state, _GEN, gen)
 
 
 @_inline

@@ -94,22 +94,24 @@ def _q80_blocks(q, d, a, T, b0, b1):
 
 @_inline
 def _layer_bands(tag, x, eps, acts, layer, attn, T, acc, c, nch, state):
-    """This thread's share of one layer of every row (the module's table), x updated in place."""
+    """This thread's share of one layer of every row (the module's table), x updated in place;
+    the times it gave its core away at the barriers."""
     xb, xbq, xbd, qkv, att, attq, attd, attn_out, h13, h, hq, hs, ffn_out = acts
     positions, slots, cos, sin, kv_of_q, scale, scratch, nq, nkv, hd = attn
     attn_norm, ffn_norm, wqkv, wo, w13, w2, k_cache, v_cache = layer
     t0, t1 = _span(T, nch, c)
     nbx = x.shape[1] // QK
+    yields = 0
     # attention: x += wo · attention(rope(q), rope(k), v), [q k v] = wqkv · rmsnorm(x)
     _norm_q80_rows(xb, xbq, xbd, x, attn_norm, eps, t0, t1)
     _prep(wqkv, xbq, xbd, t0, t1, 0, nbx)
-    _barrier(state, nch)
+    yields += _barrier(state, nch)
     k0, k1 = _band((wqkv[1] + _RT4 - 1) // _RT4, 1, nch, c)
     _tile_rows(tag, qkv, xbq, wqkv, k0, k1, T, acc)
-    _barrier(state, nch)
+    yields += _barrier(state, nch)
     for t in range(t0, t1):
         _rope_store_row(qkv, nq, nkv, k_cache, v_cache, positions, slots, cos, sin, hd, t)
-    _barrier(state, nch)
+    yields += _barrier(state, nch)
     h0, h1 = _band(nq, 1, nch, c)
     for t in range(T):
         _attend_row(att, qkv, k_cache, v_cache, t, slots[t], positions[t] + 1, hd, kv_of_q, h0, h1, scale,
@@ -117,13 +119,13 @@ def _layer_bands(tag, x, eps, acts, layer, attn, T, acc, c, nch, state):
     b0, b1 = h0 * hd // QK, h1 * hd // QK
     _q80_blocks(attq, attd, att, T, b0, b1)
     _prep(wo, attq, attd, 0, T, b0, b1)
-    _barrier(state, nch)
+    yields += _barrier(state, nch)
     _matmul_add(tag, x, attn_out, attq, wo, T, nch, c, acc)
-    _barrier(state, nch)
+    yields += _barrier(state, nch)
     # feed-forward: x += w2 · (silu(w1 · xb) * w3 · xb), xb = rmsnorm(x); h13 = [w1·xb | w3·xb]
     _norm_q80_rows(xb, xbq, xbd, x, ffn_norm, eps, t0, t1)
     _prep(w13, xbq, xbd, t0, t1, 0, nbx)
-    _barrier(state, nch)
+    yields += _barrier(state, nch)
     n = h.shape[1]
     u0, u1 = _band(n, QK, nch, c)                       # hidden units: whole 32-blocks (and row tiles)
     _tile_rows(tag, h13, xbq, w13, u0 // _RT4, u1 // _RT4, T, acc)
@@ -133,20 +135,24 @@ def _layer_bands(tag, x, eps, acts, layer, attn, T, acc, c, nch, state):
             h[t, i] = _silu_times(h13[t, i], h13[t, n + i])
     _q80_blocks(hq, hs, h, T, u0 // QK, u1 // QK)
     _prep(w2, hq, hs, 0, T, u0 // QK, u1 // QK)
-    _barrier(state, nch)
+    yields += _barrier(state, nch)
     _matmul_add(tag, x, ffn_out, hq, w2, T, nch, c, acc)
-    _barrier(state, nch)
+    yields += _barrier(state, nch)
+    return yields
 
 
 @_parallel
 def _layers_banded(tag, x, eps, acts, layers, attn, acc, nch, state, ran):
     """Every layer, the threads splitting each step (_layer_bands): one parallel region a
-    forward pass. ran[c] = 1 in every chunk when the chunks met (barrier._rendezvous), else 0
-    and nothing was computed."""
+    forward pass. ran[c, 0] = 1 in every chunk when the chunks met (barrier._rendezvous), else
+    0 and nothing was computed; ran[c, 1] = the times chunk c gave its core away waiting."""
     T = x.shape[0]
     for c in prange(nch):
-        ran[c] = 0
+        ran[c, 0] = 0
+        ran[c, 1] = 0
         if _rendezvous(state, nch):
+            yields = 0
             for i in range(len(layers)):
-                _layer_bands(tag, x, eps, acts, layers[i], attn, T, acc[c], c, nch, state)
-            ran[c] = 1
+                yields += _layer_bands(tag, x, eps, acts, layers[i], attn, T, acc[c], c, nch, state)
+            ran[c, 0] = 1
+            ran[c, 1] = yields
