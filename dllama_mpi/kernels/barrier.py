@@ -6,9 +6,10 @@ costs ~10-20 µs. With one chunk per thread (``prange(nch)``, nch = the thread c
 static schedule gives each thread one chunk) the chunks run at once, and they can meet at a
 counter: each adds one to it; the last resets it and advances a generation number that the
 others wait on (spinning with ``pause``, then giving the core away with ``sched_yield`` when a
-thread is slow to come: an oversubscribed node). A region counts those yields: on a busy node a
-thread that waits may hand its core to another process for a whole time slice, and the caller
-then runs its steps another way for a while (``fused_layer``).
+thread is slow to come: an oversubscribed node). A region counts the yields that gave the core
+away (timed: one that finds no other thread returns at once): on a busy node a thread that waits
+may hand its core to another process for a whole time slice, and the caller then runs its steps
+another way for a while (``fused_layer``).
 
 That the chunks run at once is not a given (a threading layer may run two chunks on one
 thread, one after the other, and the first would wait for ever), so a region first meets at
@@ -33,6 +34,9 @@ STATE_LEN = 24
 _FAILED_MARK = np.int64(1 << 40)   # added to the arrival count by a rendezvous that gave up
 _SPINS = 4000                   # pause instructions before each sched_yield while waiting
 _RENDEZVOUS_YIELDS = 2000       # sched_yield calls before the rendezvous gives up (~0.1-0.2 s)
+# a sched_yield that returns this many time-stamp cycles later (~0.1-0.3 ms) ran another process:
+# one that finds no other thread to run returns in ~1 µs
+_LONG_YIELD = 300_000
 
 _i64 = ir.IntType(64)
 
@@ -85,6 +89,15 @@ def _pause(typingctx):
 
 
 @intrinsic
+def _cycles(typingctx):
+    """The CPU's time-stamp counter (llvm.readcyclecounter: rdtsc; a constant rate)."""
+    def codegen(context, builder, sig, args):
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_i64, []), "llvm.readcyclecounter")
+        return builder.call(fn, [])
+    return types.int64(), codegen
+
+
+@intrinsic
 def _sched_yield(typingctx):
     def codegen(context, builder, sig, args):
         fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.IntType(32), []), "sched_yield")
@@ -95,24 +108,27 @@ def _sched_yield(typingctx):
 
 @_inline
 def _wait_while(state, idx, value):
-    """Spin until state[idx] != value, yielding the core now and then; the yields."""
+    """Spin until state[idx] != value, yielding the core now and then; the yields that gave
+    the core away (to another process: the call returned _LONG_YIELD cycles or more later)."""
     spins = 0
-    yields = 0
+    long_yields = 0
     while _load_acquire(state, idx) == value:
         _pause()
         spins += 1
         if spins >= _SPINS:
+            t = _cycles()
             _sched_yield()
+            if _cycles() - t >= _LONG_YIELD:
+                long_yields += 1
             spins = 0
-            yields += 1
-    return yields
+    return long_yields
 
 
 @_inline
 def _barrier(state, n):
     """Every one of the n chunks of the region waits here until all have come; what each wrote
-    before is then seen by all. The times this chunk gave its core away while it waited (a
-    wait of more than _SPINS pauses: a thread of the region descheduled, a busy node)."""
+    before is then seen by all. The times this chunk gave its core away to another process
+    while it waited (_wait_while: a busy node)."""
     gen = _load_acquire(state, _GEN)
     if _fetch_add(state, _COUNT, np.int64(1)) == n - 1:
         _store_release(state, _COUNT, np.int64(0))

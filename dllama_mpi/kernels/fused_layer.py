@@ -36,10 +36,10 @@ from .matmul import q4_row_tiles
 from .matmul_rows import _rbuffers
 from .simd import KERNELS
 
-# steps run by the steps' own regions after _BUSY_STREAK calls in a row by row bands in which a
-# thread waited long at a barrier (another process on its core): SmolLM2, 2 threads beside a
-# busy process, 33 tok/s by row bands every step against 91-95 by the steps
-_BUSY_STREAK, _BUSY_STEPS = 4, 64
+# steps run by the steps' own regions once row bands' threads gave their cores away to another
+# process at barriers (a busy node; see call()): SmolLM2, 2 threads beside a busy process, 82-84
+# tok/s by row bands every step against 92-96 by the steps
+_BUSY_STEPS = 64
 
 
 @_inline
@@ -179,7 +179,7 @@ def bind_layers(x, eps: float, xb, xbq, xbd, qkv, att, attq, attd, attn_out, h13
 
     state, ran = barrier_state(), np.zeros((nch, 2), np.int64)
     bands_failed = []       # the threads did not all run at once (barrier._rendezvous): not again
-    bands_skip = [0, 0]     # steps left to run another way (a busy node); calls in a row that waited
+    bands_skip = [0, 0]     # steps left to run another way (a busy node); the busy score
 
     def call() -> bool:
         pmax = _check_ranges(positions, slots, T, S, n_slots)
@@ -197,11 +197,12 @@ def bind_layers(x, eps: float, xb, xbq, xbd, qkv, att, attq, attd, attn_out, h13
         if not ran[:, 0].all():
             bands_failed.append(True)
             return False
-        # a thread gave its core away at a barrier (4.5% of calls on a quiet node, 87% beside a
-        # busy process): after _BUSY_STREAK such calls in a row, the steps' regions, whose
-        # threads sleep when they wait, for _BUSY_STEPS steps
-        bands_skip[1] = bands_skip[1] + 1 if ran[:, 1].any() else 0
-        if bands_skip[1] >= _BUSY_STREAK:
+        # a thread gave its core away to another process at a barrier (no call of 400 on a
+        # quiet node, 12% beside a busy process): +16 to a score, -1 for a call without;
+        # at 32 (two such calls close together) the steps' regions, whose threads sleep when
+        # they wait, run the next _BUSY_STEPS steps
+        bands_skip[1] = bands_skip[1] + 16 if ran[:, 1].any() else max(0, bands_skip[1] - 1)
+        if bands_skip[1] >= 32:
             bands_skip[:] = [_BUSY_STEPS, 0]
         return True
 
