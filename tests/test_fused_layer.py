@@ -99,11 +99,11 @@ def test_whole_layer_gives_the_bits_of_its_steps(weights, kv, nthreads, tiny, mo
         assert runs == [n < 16 for n in PROMPT_LENS] + [True] * 4 + [False, True]
 
 
-def _layer_args(T, wo=None, slots=None, positions=None, kv=np.float32):
+def _layer_args(T, wo=None, slots=None, positions=None, kv=np.float32, ffn=96):
     """bind_layers' arguments for two layers of 2 query heads and 1 KV head of 32 on 64
     columns (the second layer's wo: `wo`), their caches' earlier positions random."""
     r = np.random.default_rng(1)
-    n, hd, ffn = 64, 32, 96
+    n, hd = 64, 32
 
     def q41(rows, cols):
         return Q41Matrix.from_blocks(quantize_q41(r.standard_normal((rows, cols)).astype(np.float32)))
@@ -145,18 +145,20 @@ def _by_steps(args, path):
 @needs_fused
 @pytest.mark.parametrize("path", FUSED)
 @pytest.mark.parametrize("kv", [np.float32, np.float16])
-@pytest.mark.parametrize("T, one_sequence, by", [(1, False, ""), (5, False, ""), (16, False, ""), (21, False, ""),
-                                                  (12, True, ""), (16, False, "bands")])
-def test_layers_give_the_bits_of_the_unfused_kernels(path, kv, T, one_sequence, by, threads):  # noqa: F811
+@pytest.mark.parametrize("T, one_sequence, by, ffn", [(1, False, "", 96), (5, False, "", 96), (16, False, "", 96),
+                                                       (21, False, "", 96), (12, True, "", 96),
+                                                       (16, False, "bands", 96), (5, False, "", 64)])
+def test_layers_give_the_bits_of_the_unfused_kernels(path, kv, T, one_sequence, by, ffn, threads):  # noqa: F811
     """Two layers of 1 to 21 rows (each its own sequence at positions 3.., or one sequence's
     rows at positions 3..3+T-1) on 1 and 2 threads (by token groups or by row bands, or
-    forced by bands), f32 and f16 KV caches: x and the caches are what the unfused kernels
-    give on the same path."""
+    forced by bands; an FFN as wide as the model, whose w13 and w2 take inputs of one width),
+    f32 and f16 KV caches: x and the caches are what the unfused kernels give on the same
+    path."""
     if one_sequence:
         positions, slots = (3 + np.arange(T)).astype(np.int32), np.zeros(T, np.int32)
     else:
         positions, slots = (3 + np.arange(T) % 4).astype(np.int32), np.arange(T, dtype=np.int32)
-    want_args, got_args = (_layer_args(T, positions=positions, slots=slots, kv=kv) for _ in range(2))
+    want_args, got_args = (_layer_args(T, positions=positions, slots=slots, kv=kv, ffn=ffn) for _ in range(2))
     want = _by_steps(want_args, path)
     call = K.bind_layers(*got_args, path=path, by=by)
     assert call is not None and call() is True

@@ -165,14 +165,18 @@ def bind_layers(x, eps: float, xb, xbq, xbd, qkv, att, attq, attd, attn_out, h13
     if not (by_groups or by_bands):
         return None
 
-    def tiles(w):
-        return (*q4_row_tiles(w), *_rbuffers(T, w.cols // QK))
+    def tiles(w, sums=None):
+        return (*q4_row_tiles(w), *(sums or _rbuffers(T, w.cols // QK)))
+    # w2's activation sums apart: by row bands a thread prepares its blocks of them while another
+    # may still read w13's, the same shared buffers when the FFN is as wide as the model
+    nb2 = layers[0][5].cols // QK
+    w2_sums = (np.empty((T, nb2), np.int16), np.empty((T, nb2, 4), np.float32))
     def writeable(norm):   # one numba type whether a norm is a read-only view of the file or
         return norm if norm.flags.writeable else norm.copy()   # not (each a kernel compiled apart)
     kernel_layers = List()
     for attn_norm, ffn_norm, wqkv, wo, w13, w2, k_cache, v_cache in layers:
         kernel_layers.append((writeable(attn_norm), writeable(ffn_norm), tiles(wqkv), tiles(wo), tiles(w13),
-                              tiles(w2), _kv_bits(k_cache), _kv_bits(v_cache)))
+                              tiles(w2, w2_sums), _kv_bits(k_cache), _kv_bits(v_cache)))
     tag, acc = _PATH_TAGS[path]
     acts = (xb, xbq, xbd, qkv, att, attq, attd, attn_out, h13, h, hq, hs, ffn_out)
     eps, scale = np.float32(eps), np.float32(scale)
