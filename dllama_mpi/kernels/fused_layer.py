@@ -182,10 +182,11 @@ def bind_layers(x, eps: float, xb, xbq, xbd, qkv, att, attq, attd, attn_out, h13
     eps, scale = np.float32(eps), np.float32(scale)
 
     state, ran = barrier_state(), np.zeros((nch, 2), np.int64)
-    bands_failed = []       # the threads did not all run at once (barrier._rendezvous): not again
-    bands_skip = [0, 0]     # steps left to run another way (a busy node); the busy score
+    bands_failed = False    # the threads did not all run at once (barrier._rendezvous): not again
+    skip_steps = busy = 0   # steps left to run another way (a busy node); the busy score
 
     def call() -> bool:
+        nonlocal bands_failed, skip_steps, busy
         pmax = _check_ranges(positions, slots, T, S, n_slots)
         attn = (positions, slots, cos, sin, kv_of_q, scale, _scratch(None, T, nq, S, pmax), nq, nkv, hd)
         if by_groups and _groups_apart(slots, T, nch, n_slots):
@@ -193,21 +194,21 @@ def bind_layers(x, eps: float, xb, xbq, xbd, qkv, att, attq, attd, attn_out, h13
             return True
         if not by_bands or bands_failed:
             return False
-        if bands_skip[0]:
-            bands_skip[0] -= 1
+        if skip_steps:
+            skip_steps -= 1
             return False
         reset_state(state)
         _layers_banded(tag, x, eps, acts, kernel_layers, attn, acc, nch, state, ran)
         if not ran[:, 0].all():
-            bands_failed.append(True)
+            bands_failed = True
             return False
         # a thread gave its core away to another process at a barrier (no call of 400 on a
         # quiet node, 12% beside a busy process): +16 to a score, -1 for a call without;
         # at 32 (two such calls close together) the steps' regions, whose threads sleep when
         # they wait, run the next _BUSY_STEPS steps
-        bands_skip[1] = bands_skip[1] + 16 if ran[:, 1].any() else max(0, bands_skip[1] - 1)
-        if bands_skip[1] >= 32:
-            bands_skip[:] = [_BUSY_STEPS, 0]
+        busy = busy + 16 if ran[:, 1].any() else max(0, busy - 1)
+        if busy >= 32:
+            skip_steps, busy = _BUSY_STEPS, 0
         return True
 
     return call
