@@ -1,7 +1,7 @@
 """Every layer in one parallel region (kernels/fused_layer.py, one rank) gives the bits of the
 layers run step by step: the logits of prompts, of decode steps of many sequences and of mixed
 steps, at 1 and 2 threads, with Q4_0 and Q4_1 weights and f32 and f16 KV caches; and of the
-unfused kernels on both fused paths (avx2 forced on a VNNI host), by token groups and by row
+unfused kernels on every fused path (avxvnni and avx2 forced on an AVX-512 VNNI host), by token groups and by row
 bands; bind_layers says None where the layers cannot run so."""
 import numpy as np
 import pytest
@@ -10,17 +10,18 @@ from dllama_mpi import kernels as K
 from dllama_mpi.comm import SerialComm
 from dllama_mpi.config import RunConfig
 from dllama_mpi.kernels import simd
+from dllama_mpi.kernels.fused_tokens import _PATH_TAGS
 from dllama_mpi.kernels.matmul import _matmul_unchecked
 from dllama_mpi.quant import Q41Matrix, quantize_q41
 from dllama_mpi.runtime.startup import start
 from test_kernels import threads  # noqa: F401  (the fixture)
 from tiny import write_tiny_gguf
 
-FUSED = [p for p in simd.HOST_PATHS if p in ("vnni512", "avx2")]
+FUSED = [p for p in simd.HOST_PATHS if p in _PATH_TAGS]     # vnni512, avxvnni, avx2
 N_SEQ = 18
 PROMPT_LENS = [9 + 2 * i for i in range(N_SEQ)]
-needs_fused = pytest.mark.skipif(not FUSED, reason="the fused layers run on the vnni512 and avx2 "
-                                                   "paths (neither here)")
+needs_fused = pytest.mark.skipif(not FUSED, reason="the fused layers run on the vnni512, avxvnni and "
+                                                   "avx2 paths (none here)")
 
 
 @pytest.fixture(scope="module")

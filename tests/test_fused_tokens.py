@@ -1,17 +1,18 @@
 """The fused token-wise stretches (kernels/fused_tokens.py) give the bits of their steps run
-one by one (rmsnorm_q80, the row-tile matmul, silu_mul_q80) on the vnni512 and avx2 paths
-(the avx2 one forced on a VNNI host), on 1 and 2 threads; where they cannot be fused, bind_* say so (None)."""
+one by one (rmsnorm_q80, the row-tile matmul, silu_mul_q80) on the vnni512, avxvnni and avx2
+paths (the lower ones forced on an AVX-512 VNNI host), on 1 and 2 threads; where they cannot be fused, bind_* say so (None)."""
 import numpy as np
 import pytest
 
 from dllama_mpi import kernels as K
 from dllama_mpi.kernels import simd
+from dllama_mpi.kernels.fused_tokens import _PATH_TAGS
 from dllama_mpi.kernels.matmul import _matmul_unchecked
 from dllama_mpi.quant import Q40Matrix, Q41Matrix, Q80Matrix, quantize_q40, quantize_q41, quantize_q80
 
 from test_kernels import threads  # noqa: F401  (the fixture)
 
-FUSED = [p for p in simd.HOST_PATHS if p in ("vnni512", "avx2")]
+FUSED = [p for p in simd.HOST_PATHS if p in _PATH_TAGS]     # vnni512, avxvnni, avx2
 
 
 def _matrix(kind, rows, cols, r):
@@ -38,7 +39,7 @@ def _unfused_ffn(x, weight, eps, w13, w2, path):
     return out, xb, xbq, xbd, h13, h, hq, hd
 
 
-@pytest.mark.skipif(not FUSED, reason="the fused stretches run on the vnni512 and avx2 paths (neither here)")
+@pytest.mark.skipif(not FUSED, reason="the fused stretches run on the vnni512, avxvnni and avx2 paths (none here)")
 @pytest.mark.parametrize("path", FUSED)
 @pytest.mark.parametrize("kind13,kind2", [("q41", "q41"), ("q40", "q40"), ("q40", "q41")])
 @pytest.mark.parametrize("T", [16, 17, 40])

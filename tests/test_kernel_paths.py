@@ -1,4 +1,4 @@
-"""The kernel paths (simd.KERNELS: vnni512, avx2, generic) of the row-tile matmuls.
+"""The kernel paths (simd.KERNELS: vnni512, avxvnni, avx2, generic) of the row-tile matmuls.
 
 Every path the host can run is checked against the numpy twin (exact integer block dots, f32
 scales), and the SIMD paths against each other bit for bit: the VNNI kernels sum the same exact
@@ -16,6 +16,7 @@ import pytest
 from dllama_mpi import kernels as K
 from dllama_mpi.kernels import simd
 from dllama_mpi.kernels.matmul import _bound_matmul, _matmul_unchecked
+from dllama_mpi.kernels.matmul_vnni import VNNI_TAGS
 from dllama_mpi.quant import (Q40Matrix, Q41Matrix, Q80Matrix, dequantize_q40, dequantize_q41, dequantize_q80,
                               quantize_q40, quantize_q41, quantize_q80)
 
@@ -74,7 +75,10 @@ def test_extremes_paths():
 
 def test_path_names():
     assert simd.KERNELS in simd.HOST_PATHS and simd.HOST_PATHS[-1] == "generic"
-    assert K.HAS_AVX2 == (simd.KERNELS in ("vnni512", "avx2"))
+    assert K.HAS_AVX2 == (simd.KERNELS in ("vnni512", "avxvnni", "avx2"))
+    assert K.HAS_VNNI == (simd.KERNELS in ("vnni512", "avxvnni"))
+    assert simd._choose_path(("avxvnni", "avx2", "generic"), "vnni512") == "avxvnni"
+    assert simd._choose_path(("vnni512", "avxvnni", "avx2", "generic"), "avxvnni") == "avxvnni"
     assert simd._choose_path(("avx2", "generic"), "vnni512") == "avx2"      # never above the host
     assert simd._choose_path(("vnni512", "avx2", "generic"), "generic") == "generic"
     assert simd._choose_path(("vnni512", "avx2", "generic"), None) == "vnni512"
@@ -94,9 +98,11 @@ def test_bound_kernel_names():
     assert names["generic"] == "_rows_q4_generic"
     if "avx2" in names:
         assert names["avx2"].startswith("_rows_q4_") and "vnni" not in names["avx2"]
-    if "vnni512" in names:
-        assert "vnni" in names["vnni512"]
-        assert "vnni" in _bound_matmul(out[:1], xq[:1], xd[:1], w, "vnni512").func.__name__
+    for vnni in ("vnni512", "avxvnni"):
+        if vnni in names:
+            assert "vnni" in names[vnni]
+            bound = _bound_matmul(out[:1], xq[:1], xd[:1], w, vnni)
+            assert "vnni" in bound.func.__name__ and bound.args[0] is VNNI_TAGS[vnni]
 
 
 _CHILD = """
@@ -161,3 +167,47 @@ def test_a_slice_with_no_columns_contributes_zero(cls, T):
         out = np.full((T, 96), 7.0, np.float32)
         _matmul_unchecked(out, np.zeros((T, 0), np.int8), np.zeros((T, 0), np.float32), w, path)
         assert not out.any(), (path, out)
+
+
+_RETARGET = """
+import re, sys
+import numpy as np
+from llvmlite import binding as llvm
+from dllama_mpi.kernels.matmul import _matmul_unchecked
+from dllama_mpi.kernels.matmul_vnni import _rows_q4_serial_vnni, _rows_q8_serial_vnni
+from dllama_mpi import kernels as K
+from dllama_mpi.quant import Q41Matrix, Q80Matrix, quantize_q41, quantize_q80
+K.set_num_threads(1)
+r = np.random.default_rng(0)
+xq, xd, out = np.zeros((3, 64), np.int8), np.ones((3, 2), np.float32), np.empty((3, 64), np.float32)
+for w in (Q41Matrix.from_blocks(quantize_q41(r.standard_normal((64, 64)).astype(np.float32))),
+          Q80Matrix.from_blocks(quantize_q80(r.standard_normal((64, 64)).astype(np.float32)))):
+    _matmul_unchecked(out, xq, xd, w, "avxvnni")          # compiled here (a fresh cache folder)
+llvm.initialize_native_target()
+llvm.initialize_native_asmprinter()
+for cpu in sys.argv[1:]:
+    tm = llvm.Target.from_triple(llvm.get_process_triple()).create_target_machine(cpu=cpu, opt=3)
+    for kernel in (_rows_q4_serial_vnni, _rows_q8_serial_vnni):
+        for ir_text in kernel.inspect_llvm().values():
+            # the IR as compiled for this host, less its per-function CPU attributes
+            ir_text = re.sub(r'"(target-cpu|target-features|tune-cpu)"="[^"]*"', "", ir_text)
+            asm = tm.emit_assembly(llvm.parse_assembly(ir_text))
+            print(cpu, kernel.__name__, asm.count("{vex}\\tvpdpbusd"), asm.count("%zmm"))
+"""
+
+
+@pytest.mark.skipif("avxvnni" not in simd.HOST_PATHS, reason="compiling the VNNI kernels needs a VNNI host")
+def test_avxvnni_kernels_compile_for_cpus_without_avx512(tmp_path):
+    """The avxvnni path is meant for CPUs with AVX-VNNI and no AVX-512 (Alder Lake and later
+    Intel client cores, Sierra Forest E-core Xeons), which this host may not be: its kernels'
+    LLVM IR, compiled for those CPUs, selects the VEX-encoded vpdpbusd and no 512-bit register
+    (a CPU without the instruction aborts LLVM instead: hence a subprocess)."""
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))
+    out = subprocess.run([sys.executable, "-c", _RETARGET, "alderlake", "sierraforest"], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = [ln.split() for ln in out.stdout.splitlines()]
+    assert {(cpu, kernel) for cpu, kernel, *_ in lines} == {
+        (cpu, k) for cpu in ("alderlake", "sierraforest") for k in ("_rows_q4_serial_vnni", "_rows_q8_serial_vnni")}
+    for cpu, kernel, vex_dots, zmm in lines:
+        assert int(vex_dots) > 0 and int(zmm) == 0, (cpu, kernel, vex_dots, zmm)

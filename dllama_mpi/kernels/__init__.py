@@ -27,7 +27,7 @@ from .matmul import bind_matmul, matmul_f16, matmul_f32, matmul_q80_q40, matmul_
 from .matmul_slab import PREFETCH_ROWS
 from .norm import bind_rmsnorm_q80, rmsnorm, rmsnorm_heads, rmsnorm_q80
 from .q80 import quantize_q80_act
-from .simd import HAS_AVX2, HAS_VNNI512, KERNELS
+from .simd import HAS_AVX2, HAS_VNNI, KERNELS
 
 # the private kernels warmup() compiles as well (parallel twins, the other ISA path)
 from .attention import (_attention_block_par, _attention_block_ser, _attention_long_par, _attention_rows_par,
@@ -38,7 +38,7 @@ from .fused_tokens import _ffn_fused, _norm_matmul_fused
 from .ffn import _SPLIT_MIN, _silu_mul_par, _silu_mul_q80_par, _silu_mul_q80_ser, _silu_mul_q80_split, _silu_mul_rows
 from .matmul_rows import (_ACC, _rbuffers, _rows_q4_generic, _rows_q4_par, _rows_q4_serial, _rows_q8_generic,
                           _rows_q8_par, _rows_q8_serial)
-from .matmul_vnni import (_ACCV, _rows_q4_par_vnni, _rows_q4_serial_vnni, _rows_q8_par_vnni,
+from .matmul_vnni import (VNNI_TAGS, _ACCV, _rows_q4_par_vnni, _rows_q4_serial_vnni, _rows_q8_par_vnni,
                           _rows_q8_serial_vnni)
 from .matmul_f16 import _f16_rows_par, _f16_rows_serial
 from .moe import _route
@@ -47,7 +47,7 @@ from .norm import _rmsnorm_heads, _rmsnorm_par, _rmsnorm_q80_par, _rmsnorm_q80_s
 from .q80 import _quantize_q80_act, _quantize_q80_act_f16c
 
 __all__ = [
-    "HAS_AVX2", "HAS_VNNI512", "KERNELS", "PREFETCH_ROWS",
+    "HAS_AVX2", "HAS_VNNI", "KERNELS", "PREFETCH_ROWS",
     "attention", "attention_block", "attention_scratch", "bind_attention_block", "bind_ffn", "bind_matmul",
     "bind_layers", "bind_norm_matmul", "bind_rmsnorm_q80", "bind_silu_mul_q80", "choose_threading_layer", "get_num_threads", "matmul_f16", "matmul_f32",
     "max_threads", "needed", "route", "warmup_is_cached",
@@ -69,7 +69,7 @@ __all__ = [
 #   qk_norm    per-head RMSNorm of q and k                                      Qwen3
 #   moe        the router's top-k choice                                        experts
 #   q4rows     Q80 x Q4_0/Q4_1 on the row-tile layout                           q41, q40
-#   q4tokens   rmsnorm -> q4 matmul, and the FFN, fused by token groups         q4rows on vnni512, avx2
+#   q4tokens   rmsnorm -> q4 matmul, and the FFN, fused by token groups         q4rows on a SIMD path
 #   q4layer    every layer in one parallel region (one rank)                    q4tokens, plain layers
 #   q40slab    Q80 x Q4_0 on the slab layout                                    q40 > ROW_TILE_MAX_COLS cols
 #   q8rows     Q80 x Q8_0 (the 8-bit output matrix)                             q80 output
@@ -100,7 +100,7 @@ def needed(matrices, ffn_width: int, nthreads: int, qk_norm: bool = False,
         needs.add("moe")
     if "q41" in types or any(t == "q40" and cols <= ROW_TILE_MAX_COLS for t, cols in matrices):
         needs.add("q4rows")
-        if KERNELS in ("vnni512", "avx2"):
+        if HAS_AVX2:                     # (every path but the portable one)
             needs.add("q4tokens")
             if whole_layers:
                 needs.add("q4layer")
@@ -151,8 +151,8 @@ def _steps(needs, skip_warmed: bool = True) -> list[tuple[str, float, list, obje
             matmul_q80_q41(o, xq_, xd_, w41)
             matmul_q80_q40(o, xq_, xd_, wr)
             xi, xf = _rbuffers(T_, n // QK)
-            if HAS_VNNI512:                  # (the VNNI kernels only where the CPU has them)
-                _rows_q4_par_vnni(o, xq_, xd_, xi, xf, w41.buf, rows, n // QK, w41.stride, 1, _ACCV)
+            if HAS_VNNI:                     # (the VNNI kernels only where the CPU has them)
+                _rows_q4_par_vnni(VNNI_TAGS[KERNELS], o, xq_, xd_, xi, xf, w41.buf, rows, n // QK, w41.stride, 1, _ACCV)
             elif HAS_AVX2:
                 _rows_q4_par(o, xq_, xd_, xi, xf, w41.buf, rows, n // QK, w41.stride, 1, _ACC)
 
@@ -221,7 +221,7 @@ def _steps(needs, skip_warmed: bool = True) -> list[tuple[str, float, list, obje
             xq_, xd_ = np.zeros((T_, n), np.int8), np.ones((T_, n // QK), np.float32)
             matmul_q80_q80(o, xq_, xd_, w80)
             xi, xf = _rbuffers(T_, n // QK)
-            if HAS_VNNI512:
+            if HAS_VNNI:
                 _rows_q8_par_vnni(o, xq_, xd_, xi, xf, w80.buf, rows, n // QK, w80.stride, _ACCV)
             elif HAS_AVX2:
                 _rows_q8_par(o, xq_, xd_, xi, xf, w80.buf, rows, n // QK, w80.stride, _ACC)
@@ -359,11 +359,11 @@ def _wanted(dispatcher) -> bool:
     generic = dispatcher in (_rows_q4_generic, _rows_q8_generic, _q40_serial_generic, _q40_par_generic)
     vnni = dispatcher in (_rows_q4_serial_vnni, _rows_q4_par_vnni, _rows_q8_serial_vnni, _rows_q8_par_vnni)
     avx2_rows = dispatcher in (_rows_q4_serial, _rows_q4_par, _rows_q8_serial, _rows_q8_par)
-    fused = dispatcher in (_norm_matmul_fused, _ffn_fused, _layers_fused, _layers_banded)    # (vnni512 or avx2 tiles)
+    fused = dispatcher in (_norm_matmul_fused, _ffn_fused, _layers_fused, _layers_banded)    # (VNNI or avx2 tiles)
     avx2 = avx2_rows or fused or dispatcher in (_q40_serial_avx2, _q40_par_avx2)
     if vnni:
-        return HAS_VNNI512
-    if avx2_rows and HAS_VNNI512:
+        return HAS_VNNI
+    if avx2_rows and HAS_VNNI:
         return False
     return not (generic and HAS_AVX2 or avx2 and not HAS_AVX2)
 

@@ -11,8 +11,8 @@ between them.
 
 The steps are the unfused kernels' own helpers on each thread's rows (the row-tile matmul, the
 fused norm and silu·mul with their Q80, ``attention``'s row and its rope and store), so the
-results are the same bits as the layers run step by step. Row-tile Q4 weights on the vnni512
-and avx2 paths, as ``fused_tokens``; ``bind_layers`` returns None where the layers cannot run so,
+results are the same bits as the layers run step by step. Row-tile Q4 weights on the SIMD
+paths (vnni512, avxvnni, avx2), as ``fused_tokens``; ``bind_layers`` returns None where the layers cannot run so,
 and a step of fewer than 8 rows a thread runs by ``layer_bands`` (the threads splitting each step,
 meeting at barriers). The call returns False for a step it cannot run (one of 8 rows a thread or
 more whose sequences cross token groups): then the caller runs the steps."""

@@ -10,10 +10,10 @@ SmolLM2 rows 11% (222 µs a layer against 197 fused) and left its 2 threads at 1
 fused, 1.90x (1.98x for 128 rows).
 
 The steps are the unfused kernels' own helpers on each thread's rows, so the results are the
-same bits. Row-tile Q4 weights (Q40 in the row layout, Q41), on the vnni512 and avx2 paths:
-one body for both, whose row-tile kernel (``_q4_tiles``) numba picks when it compiles from the
-type of a tag argument (``_PATH_TAGS``: an empty array whose dtype names the path), so a host
-without AVX-512 VNNI never compiles the VNNI tiles. ``bind_*`` return None where a stretch
+same bits. Row-tile Q4 weights (Q40 in the row layout, Q41), on the vnni512, avxvnni and avx2
+paths: one body for all, whose row-tile kernel (``_q4_tiles``) numba picks when it compiles from
+the type of a tag argument (``_PATH_TAGS``: an empty array whose dtype names the path), so a host
+without VNNI never compiles the VNNI tiles. ``bind_*`` return None where a stretch
 cannot be fused (other weight types, the portable path, fewer than 8 tokens a thread) and the
 caller runs the steps one by one.
 """
@@ -31,7 +31,7 @@ from ._jit import _inline, _parallel
 from .ffn import _silu_mul_rows
 from .matmul import q4_row_tiles
 from .matmul_rows import _ACC, _RT4, _rbuffers, _rows_prep_range, _rows_q4_tiles
-from .matmul_vnni import _ACCV, _NTV, _q4v_tiles
+from .matmul_vnni import VNNI_TAGS, _ACCV, _NTV, _q4v_tiles
 from .norm import _rmsnorm_rows
 from .q80 import _quantize_q80_act_f16c
 from .simd import KERNELS
@@ -60,7 +60,7 @@ def _span(T, nch, c):
 
 
 # the fused paths as numba types: (tag, per-thread tile sums) of each
-_PATH_TAGS = {"vnni512": (np.zeros(0, np.int8), _ACCV), "avx2": (np.zeros(0, np.int16), _ACC)}
+_PATH_TAGS = {**{path: (tag, _ACCV) for path, tag in VNNI_TAGS.items()}, "avx2": (np.zeros(0, np.int16), _ACC)}
 
 
 def _q4_tiles(tag, out, xq, xi, xf, buf, rows, nb, sb, hasm, k0, k1, t0, t1, acc):
@@ -70,9 +70,9 @@ def _q4_tiles(tag, out, xq, xi, xf, buf, rows, nb, sb, hasm, k0, k1, t0, t1, acc
 
 @overload(_q4_tiles)
 def _q4_tiles_of_path(tag, out, xq, xi, xf, buf, rows, nb, sb, hasm, k0, k1, t0, t1, acc):
-    if tag.dtype == types.int8:
+    if tag.dtype in (types.int8, types.uint8):
         def vnni(tag, out, xq, xi, xf, buf, rows, nb, sb, hasm, k0, k1, t0, t1, acc):
-            _q4v_tiles(out, xq, xi, xf, buf, rows, nb, sb, hasm, k0, k1, t0, t1, acc)
+            _q4v_tiles(tag, out, xq, xi, xf, buf, rows, nb, sb, hasm, k0, k1, t0, t1, acc)
         return vnni
 
     def avx2(tag, out, xq, xi, xf, buf, rows, nb, sb, hasm, k0, k1, t0, t1, acc):

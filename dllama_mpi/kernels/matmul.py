@@ -18,7 +18,7 @@ from .matmul_rows import (_ACC, _RT4, _RT8, _rbuffers, _rows_q4_generic, _rows_q
                           _rows_q8_generic, _rows_q8_par, _rows_q8_serial)
 from .matmul_slab import (_S16, _q40_par_avx2, _q40_par_generic, _q40_serial_avx2, _q40_serial_generic,
                           _xbuffers)
-from .matmul_vnni import _ACCV, _rows_q4_par_vnni, _rows_q4_serial_vnni, _rows_q8_par_vnni, _rows_q8_serial_vnni
+from .matmul_vnni import VNNI_TAGS, _ACCV, _rows_q4_par_vnni, _rows_q4_serial_vnni, _rows_q8_par_vnni, _rows_q8_serial_vnni
 from .simd import HOST_PATHS, KERNELS
 
 
@@ -88,7 +88,7 @@ def _bound_matmul(out, xq, xd, w, use):
         if path == "generic":
             return partial(_rows_q8_generic, out, xq, xd, xi, xf, w.buf, w.rows, w.nb, w.stride, _ACC)
         serial = w.rows * w.nb * T < _jit._PAR_MIN_BLOCKS or w.rows <= 2 * _RT8 or _jit._NUM_THREADS == 1
-        if path == "vnni512":
+        if path in VNNI_TAGS:                          # (256-bit vpdpbusd on both VNNI paths)
             fn = _rows_q8_serial_vnni if serial else _rows_q8_par_vnni
             return partial(fn, out, xq, xd, xi, xf, w.buf, w.rows, w.nb, w.stride, _ACCV)
         return partial(_rows_q8_serial if serial else _rows_q8_par, out, xq, xd, xi, xf, w.buf, w.rows, w.nb,
@@ -144,9 +144,9 @@ def _bound_rows_q4(out, xq, xd, buf, rows, nb, sb, hasm, path: str):
     if path == "generic":
         return partial(_rows_q4_generic, out, xq, xd, xi, xf, buf, rows, nb, sb, hasm, _ACC)
     serial = rows * nb * T < _jit._PAR_MIN_BLOCKS or rows <= 2 * _RT4 or _jit._NUM_THREADS == 1
-    if path == "vnni512":
+    if path in VNNI_TAGS:
         fn = _rows_q4_serial_vnni if serial else _rows_q4_par_vnni
-        return partial(fn, out, xq, xd, xi, xf, buf, rows, nb, sb, hasm, _ACCV)
+        return partial(fn, VNNI_TAGS[path], out, xq, xd, xi, xf, buf, rows, nb, sb, hasm, _ACCV)
     return partial(_rows_q4_serial if serial else _rows_q4_par, out, xq, xd, xi, xf, buf, rows, nb, sb, hasm, _ACC)
 
 

@@ -1,9 +1,12 @@
-"""Q80 x (Q4, Q41, Q80) matmul on the row-tile layout with AVX-512 VNNI (``vpdpbusd``).
+"""Q80 x (Q4, Q41, Q80) matmul on the row-tile layout with VNNI (``vpdpbusd``).
 
 The same layout, prep and results as ``matmul_rows`` (whose layout note this follows): only the
-inner products change.  These kernels are compiled only where ``simd.KERNELS == "vnni512"``
-(LLVM cannot select ``vpdpbusd`` on a CPU without AVX-512 VNNI; the dispatch in ``matmul`` and
-the warmup never call them elsewhere).
+inner products change.  These kernels are compiled only on the VNNI paths (``simd.KERNELS``
+vnni512 or avxvnni: LLVM cannot select ``vpdpbusd`` on a CPU without VNNI; the dispatch in
+``matmul`` and the warmup never call them elsewhere).  The Q4 kernels' vectors are 512 bits wide
+on vnni512 and two 256-bit halves on avxvnni (AVX-VNNI has no 512-bit form), as the tag argument
+(``VNNI_TAGS``) says; the Q80 kernels are 256-bit on both.  Either way the int32 block sums are
+the same exact integers, hence the same float32 results.
 
 Q4 (RT = 16 rows, 2-byte units): the units of byte pairs p and p+1 of the 16 rows are
 interleaved (one shufflevector per pair of 32-byte loads, shared by all the tile's tokens) into
@@ -33,6 +36,10 @@ from .matmul_rows import (_PF_AHEAD, _RT4, _RT8, _chunk, _grid, _q4_scale_block,
 from .simd import _as64, _i8, _i16, _i32, _i64, _ldv, _prefetch_fn, _splat, _v8f32, _v8i32, _v16f32, _v16i16, _v32i8
 
 _NTV = 8                          # tokens per tile of the VNNI kernels (8 int32 + 8 f32 accumulators)
+# the VNNI paths as numba types (an empty array whose dtype names the path): the Q4 kernels'
+# vpdpbusd on 512-bit vectors (AVX-512 VNNI) or on 256-bit ones (AVX-VNNI, or AVX-512 VNNI + VL)
+VNNI_TAGS = {"vnni512": np.zeros(0, np.int8), "avxvnni": np.zeros(0, np.uint8)}
+_TAG_WIDTH = {"int8": 512, "uint8": 256}
 _v16i32 = ir.VectorType(_i32, 16)
 _v64i8 = ir.VectorType(_i8, 64)
 _v32i16 = ir.VectorType(_i16, 32)
@@ -46,22 +53,45 @@ def _vpdpbusd(builder, width: int):
                                           f"llvm.x86.avx512.vpdpbusd.{width}")
 
 
+_LOW8, _HIGH8 = list(range(8)), list(range(8, 16))
+
+
+def _dot_16_rows(builder, width: int):
+    """(acc, w, x4) -> acc + the 4-byte dots of w's 16 int32 lanes (unsigned bytes) with the
+    4 signed bytes x4 in every lane: one 512-bit vpdpbusd, or one on each 256-bit half (AVX-VNNI,
+    whose VEX form LLVM selects for the same intrinsic where AVX-512 is missing)."""
+    if width == 512:
+        dp = _vpdpbusd(builder, 512)
+        return lambda acc, w, x4: builder.call(dp, [acc, w, _splat(builder, x4, 16)])
+    dp = _vpdpbusd(builder, 256)
+
+    def dot(acc, w, x4):
+        xv = _splat(builder, x4, 8)
+        halves = [builder.call(dp, [builder.shuffle_vector(acc, acc, ir.Constant(ir.VectorType(_i32, 8), h)),
+                                    builder.shuffle_vector(w, w, ir.Constant(ir.VectorType(_i32, 8), h)), xv])
+                  for h in (_LOW8, _HIGH8)]
+        return builder.shuffle_vector(halves[0], halves[1], ir.Constant(ir.VectorType(_i32, 16), list(range(16))))
+    return dot
+
+
 def _make_rows_q4_vnni(nt: int):
-    """acc[u*16 + i] = sum over blocks of tile rows i, tokens u < nt (as matmul_rows._make_rows_q4)."""
+    """acc[u*16 + i] = sum over blocks of tile rows i, tokens u < nt (as matmul_rows._make_rows_q4),
+    with ``vpdpbusd`` as wide as the tag says (VNNI_TAGS: 512 bits, or two 256-bit halves)."""
 
     @intrinsic
-    def rows_q4_vnni(typingctx, acc, buf, bo, nb, sb, hasm, xq, xo, xs, xi, xio, xf, xfo, nbs, init):
-        sig = types.void(acc, buf, bo, nb, sb, hasm, xq, xo, xs, xi, xio, xf, xfo, nbs, init)
+    def rows_q4_vnni(typingctx, tag, acc, buf, bo, nb, sb, hasm, xq, xo, xs, xi, xio, xf, xfo, nbs, init):
+        sig = types.void(tag, acc, buf, bo, nb, sb, hasm, xq, xo, xs, xi, xio, xf, xfo, nbs, init)
+        width = _TAG_WIDTH[str(tag.dtype)]
 
         def codegen(context, builder, signature, args):
-            tys = signature.args
+            tys, args = signature.args[1:], args[1:]
 
             def data(i):
                 return context.make_array(tys[i])(context, builder, value=args[i]).data
             accp, bufp, xqp, xip, xfp = data(0), data(1), data(6), data(9), data(11)
             bo, nb, sb, hasm, xo, xs, xio, xfo, nbs, init = (
                 _as64(builder, args[i]) for i in (2, 3, 4, 5, 7, 8, 10, 12, 13, 14))
-            dp = _vpdpbusd(builder, 512)
+            dp = _dot_16_rows(builder, width)
             fma = cgutils.get_or_insert_function(
                 builder.module, ir.FunctionType(_v16f32, [_v16f32] * 3), "llvm.fma.v16f32")
             low4 = ir.Constant(_v64i8, [15] * 64)
@@ -95,8 +125,8 @@ def _make_rows_q4_vnni(nt: int):
                         xu = builder.add(xb, builder.mul(k(u), xs))
                         xl = builder.load(builder.bitcast(builder.gep(xqp, [builder.add(xu, k(4 * q))]), _i32.as_pointer()), align=1)
                         xh = builder.load(builder.bitcast(builder.gep(xqp, [builder.add(xu, k(16 + 4 * q))]), _i32.as_pointer()), align=1)
-                        accs[u] = builder.call(dp, [accs[u], lo, _splat(builder, xl, 16)])
-                        accs[u] = builder.call(dp, [accs[u], hi, _splat(builder, xh, 16)])
+                        accs[u] = dp(accs[u], lo, xl)
+                        accs[u] = dp(accs[u], hi, xh)
                 _q4_scale_block(builder, accs, faccs, bufp, base, xfp, xfo, nbs, b, has_m, fma)
             _store_tiles(builder, faccs, accp, 16)
             return context.get_dummy_value()
@@ -168,7 +198,7 @@ _rows_q8v_8 = _make_rows_q8_vnni(_NTV)
 
 
 @_serial
-def _q4v_tiles(out, xq, xi, xf, buf, rows, nb, sb, hasm, k0, k1, t0, t1, acc):
+def _q4v_tiles(tag, out, xq, xi, xf, buf, rows, nb, sb, hasm, k0, k1, t0, t1, acc):
     """out[t0:t1, rows of tiles k0..k1-1], 8 tokens per unpacking of the weights.  A last group
     of fewer than 8 tokens reuses the 8-token kernel on the range's last 8 tokens (the
     overlapping ones get the same values again, not stored twice); a range of fewer than 8
@@ -183,19 +213,19 @@ def _q4v_tiles(out, xq, xi, xf, buf, rows, nb, sb, hasm, k0, k1, t0, t1, acc):
         while t < t1:
             if t + _NTV <= t1 or t1 - t0 >= _NTV:
                 ts = min(t, t1 - _NTV)
-                _rows_q4v_8(acc, buf, bo, nb, sb, hasm, xq, ts * cols, cols, xi, ts * nb, xf, ts * nb * 4, nb, 0)
+                _rows_q4v_8(tag, acc, buf, bo, nb, sb, hasm, xq, ts * cols, cols, xi, ts * nb, xf, ts * nb * 4, nb, 0)
                 for u in range(t - ts, _NTV):
                     for i in range(nr):
                         out[ts + u, r0 + i] = acc[u * _RT4 + i]
                 t = ts + _NTV
             elif t + 4 <= t1:
-                _rows_q4v_4(acc, buf, bo, nb, sb, hasm, xq, t * cols, cols, xi, t * nb, xf, t * nb * 4, nb, 0)
+                _rows_q4v_4(tag, acc, buf, bo, nb, sb, hasm, xq, t * cols, cols, xi, t * nb, xf, t * nb * 4, nb, 0)
                 for u in range(4):
                     for i in range(nr):
                         out[t + u, r0 + i] = acc[u * _RT4 + i]
                 t += 4
             else:
-                _rows_q4v_1(acc, buf, bo, nb, sb, hasm, xq, t * cols, cols, xi, t * nb, xf, t * nb * 4, nb, 0)
+                _rows_q4v_1(tag, acc, buf, bo, nb, sb, hasm, xq, t * cols, cols, xi, t * nb, xf, t * nb * 4, nb, 0)
                 for i in range(nr):
                     out[t, r0 + i] = acc[i]
                 t += 1
@@ -232,14 +262,14 @@ def _q8v_tiles(out, xq, xi, xf, buf, rows, nb, sb, k0, k1, t0, t1, acc):
 
 
 @_serial
-def _rows_q4_serial_vnni(out, xq, xd, xi, xf, buf, rows, nb, sb, hasm, acc):
+def _rows_q4_serial_vnni(tag, out, xq, xd, xi, xf, buf, rows, nb, sb, hasm, acc):
     T = xq.shape[0]
     _rows_prep(xi, xf, xq, xd, T, nb, hasm)
-    _q4v_tiles(out, xq, xi, xf, buf, rows, nb, sb, hasm, 0, (rows + _RT4 - 1) // _RT4, 0, T, acc[0])
+    _q4v_tiles(tag, out, xq, xi, xf, buf, rows, nb, sb, hasm, 0, (rows + _RT4 - 1) // _RT4, 0, T, acc[0])
 
 
 @_parallel
-def _rows_q4_par_vnni(out, xq, xd, xi, xf, buf, rows, nb, sb, hasm, acc):
+def _rows_q4_par_vnni(tag, out, xq, xd, xi, xf, buf, rows, nb, sb, hasm, acc):
     """One parallel region: token groups (each chunk preps its own tokens) or row bands (_grid)."""
     T = xq.shape[0]
     ntile = (rows + _RT4 - 1) // _RT4
@@ -251,7 +281,7 @@ def _rows_q4_par_vnni(out, xq, xd, xi, xf, buf, rows, nb, sb, hasm, acc):
         k0, k1, t0, t1 = _chunk(c, ntg, per_r, per_t, ntile, T)
         if ntg > 1:
             _rows_prep_range(xi, xf, xq, xd, t0, t1, nb, hasm)
-        _q4v_tiles(out, xq, xi, xf, buf, rows, nb, sb, hasm, k0, k1, t0, t1, acc[c])
+        _q4v_tiles(tag, out, xq, xi, xf, buf, rows, nb, sb, hasm, k0, k1, t0, t1, acc[c])
 
 
 @_serial

@@ -3,8 +3,8 @@
 * fp16 <-> f32 conversions (``_h2f``, ``_f32_f16_f32``) and bit casts (``_i2f``); KV cache
   elements of either type (``_kv_value``: f32, or f16 held as uint16);
 * software prefetch (``_prefetch``, and ``_prefetch_fn`` for hand-written IR);
-* the kernel path (``KERNELS``: vnni512, avx2 or generic, from the host's features, or forced
-  lower with ``DLLAMA_MPI_KERNELS``; ``HAS_AVX2``, ``HAS_VNNI512``);
+* the kernel path (``KERNELS``: vnni512, avxvnni, avx2 or generic, from the host's features, or
+  forced lower with ``DLLAMA_MPI_KERNELS``; ``HAS_AVX2``, ``HAS_VNNI``);
 * the IR types and helpers of the hand-written vector loops (``_splat``, ``_ldv``, ``_as64``);
 * float32 exp (``_exp_neg``, ``_exp_f32``): polynomial, vectorisable under fastmath;
 * attention's products over a KV cache of either type, for up to 4 query heads sharing a
@@ -76,7 +76,7 @@ def _kv_value(typingctx, v, ary):
 
 # ---------------------------------------------------------------- CPU features: which kernel path
 
-KERNEL_PATHS = ("vnni512", "avx2", "generic")    # best first
+KERNEL_PATHS = ("vnni512", "avxvnni", "avx2", "generic")    # best first
 
 
 def _host_paths() -> tuple:
@@ -92,14 +92,19 @@ def _host_paths() -> tuple:
     paths = ["generic"]
     if feats.get("avx2", False) and feats.get("fma", False) and feats.get("f16c", False):
         paths.insert(0, "avx2")
-        if all(feats.get(f, False) for f in ("avx512f", "avx512bw", "avx512vl", "avx512vnni")):
+        avx512 = all(feats.get(f, False) for f in ("avx512f", "avx512bw", "avx512vl", "avx512vnni"))
+        # 256-bit vpdpbusd: VEX-encoded with AVX-VNNI (Intel client and E-core Xeon CPUs, which
+        # lack AVX-512), EVEX-encoded with AVX-512 VNNI + VL (so an AVX-512 host tests it)
+        if avx512 or feats.get("avxvnni", False):
+            paths.insert(0, "avxvnni")
+        if avx512:
             paths.insert(0, "vnni512")
     return tuple(paths)
 
 
 def _choose_path(host: tuple, env: str | None) -> str:
-    """The best host path, or the one DLLAMA_MPI_KERNELS asks for (avx2 | generic | vnni512 |
-    auto) if the host can run it; never a path the host lacks (LLVM could not select it)."""
+    """The best host path, or the one DLLAMA_MPI_KERNELS asks for (vnni512 | avxvnni | avx2 |
+    generic | auto) if the host can run it; never a path the host lacks (LLVM could not select it)."""
     want = (env or "auto").strip().lower()
     if want in ("", "auto"):
         return host[0]
@@ -111,8 +116,8 @@ def _choose_path(host: tuple, env: str | None) -> str:
 HOST_PATHS = _host_paths()
 # the one place the environment variable is read (at import, before any kernel is compiled)
 KERNELS = _choose_path(HOST_PATHS, os.environ.get("DLLAMA_MPI_KERNELS"))
-HAS_AVX2 = KERNELS in ("vnni512", "avx2")      # the AVX2 (256-bit) kernels and F16C conversions
-HAS_VNNI512 = KERNELS == "vnni512"             # AVX-512 VNNI row-tile matmuls (matmul_vnni)
+HAS_AVX2 = KERNELS != "generic"                # the AVX2 (256-bit) kernels and F16C conversions
+HAS_VNNI = KERNELS in ("vnni512", "avxvnni")   # the VNNI row-tile matmuls (matmul_vnni)
 
 
 # ---------------------------------------------------------------- IR types and helpers (hand-written vector loops)
