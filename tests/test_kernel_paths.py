@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from dllama_mpi import kernels as K
+from dllama_mpi.errors import DllamaError
 from dllama_mpi.kernels import simd
 from dllama_mpi.kernels.matmul import _bound_matmul, _matmul_unchecked
 from dllama_mpi.kernels.matmul_vnni import VNNI_TAGS
@@ -83,7 +84,7 @@ def test_path_names():
     assert simd._choose_path(("vnni512", "avx2", "generic"), "generic") == "generic"
     assert simd._choose_path(("vnni512", "avx2", "generic"), None) == "vnni512"
     assert simd._choose_path(("avx2", "generic"), "auto") == "avx2"
-    with pytest.raises(ValueError, match="DLLAMA_MPI_KERNELS"):
+    with pytest.raises(DllamaError, match="DLLAMA_MPI_KERNELS"):
         simd._choose_path(("generic",), "sse9")
     w = Q41Matrix.from_blocks(quantize_q41(np.ones((16, 32), np.float32)))
     with pytest.raises(ValueError, match="this host runs"):      # no kernel the host lacks
@@ -141,6 +142,17 @@ def test_forced_fallback(force, tmp_path):
     assert path == want
     assert has_avx2 == str(want != "generic")
     assert ("generic" in name) == (want == "generic") and "vnni" not in name
+
+
+def test_unknown_forced_path_is_one_error_line():
+    """A DLLAMA_MPI_KERNELS the program does not know: one `error:` line, exit 1, no traceback."""
+    env = dict(os.environ, DLLAMA_MPI_KERNELS="sse9")
+    res = subprocess.run([sys.executable, "-m", "dllama_mpi", "inference", "--help"], env=env,
+                         capture_output=True, text=True, timeout=300,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert res.returncode == 1 and res.stdout == ""
+    assert res.stderr.splitlines() == ["error: DLLAMA_MPI_KERNELS='sse9': expected one of auto, "
+                                       + ", ".join(simd.KERNEL_PATHS)]
 
 
 def test_warmup_compiles_the_kernels_of_this_path():

@@ -23,6 +23,7 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from ..errors import DllamaError
 from ._jit import _inline
 
 # ---------------------------------------------------------------- fp16 <-> f32, bit casts
@@ -109,7 +110,7 @@ def _choose_path(host: tuple, env: str | None) -> str:
     if want in ("", "auto"):
         return host[0]
     if want not in KERNEL_PATHS:
-        raise ValueError(f"DLLAMA_MPI_KERNELS={env!r}: expected one of auto, {', '.join(KERNEL_PATHS)}")
+        raise DllamaError(f"DLLAMA_MPI_KERNELS={env!r}: expected one of auto, {', '.join(KERNEL_PATHS)}")
     return want if want in host else host[0]
 
 
