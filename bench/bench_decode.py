@@ -50,8 +50,9 @@ def main() -> None:
         return
     rng = np.random.default_rng(0)
     prompt = rng.integers(3, s.config.vocab_size, args.prompt_tokens).tolist()
-    # warm-up forward (first-call costs), then reset the cache positions by starting at 0
-    s.engine.forward(prompt[:2], 0)
+    # warm-up forward of the whole prompt (first-call costs; llama-bench warms up with the same
+    # prompt too), then reset the cache positions by starting at 0
+    s.engine.forward(prompt, 0)
     greedy = lambda l: int(np.argmax(l))  # noqa: E731
     if args.parallel > 1:
         prompts = [rng.integers(3, s.config.vocab_size, args.prompt_tokens).tolist()
