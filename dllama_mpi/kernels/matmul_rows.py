@@ -120,8 +120,16 @@ def _make_rows_q4(nt: int):
     return rows_q4
 
 
+# tokens a Q4 tile takes at once: 2, where the Q80 kernel takes simd._NT = 4. Four tokens' int16
+# and float32 sums and the 16 unpacked weight vectors of a block do not fit AVX2's 16 vector
+# registers: LLVM spills the weights, and one block's loop (~350 instructions) outgrows what a
+# core keeps in flight. On a Zen 3 (1 thread) 2 tokens gave 141-143 GOP/s against 127-131 for
+# Q4_0 (Q4_1 130-134 against 124-126), and a 128-token prompt of the synthetic 1.1B model
+# 58.7-60.3 -> 68.8-69.1 tok/s; 3 tokens were no faster than 4, and the Q80 kernel was slower
+# with 2 (98-104 against 109-117)
+_NT_Q4 = 2
 _rows_q4_1 = _make_rows_q4(1)
-_rows_q4_4 = _make_rows_q4(_NT)
+_rows_q4_2 = _make_rows_q4(_NT_Q4)
 
 
 def _make_rows_q8(nt: int):
@@ -238,12 +246,12 @@ def _rows_q4_tiles(out, xq, xi, xf, buf, rows, nb, sb, hasm, k0, k1, t0, T, acc)
         r0 = kt * _RT4
         nr = min(_RT4, rows - r0)
         t = t0
-        while t + _NT <= T:
-            _rows_q4_4(acc, buf, bo, nb, sb, hasm, xq, t * cols, cols, xi, t * nb, xf, t * nb * 4)
-            for u in range(_NT):
+        while t + _NT_Q4 <= T:
+            _rows_q4_2(acc, buf, bo, nb, sb, hasm, xq, t * cols, cols, xi, t * nb, xf, t * nb * 4)
+            for u in range(_NT_Q4):
                 for i in range(nr):
                     out[t + u, r0 + i] = acc[u * _RT4 + i]
-            t += _NT
+            t += _NT_Q4
         while t < T:
             _rows_q4_1(acc, buf, bo, nb, sb, hasm, xq, t * cols, cols, xi, t * nb, xf, t * nb * 4)
             for i in range(nr):
