@@ -87,7 +87,7 @@ def main() -> int:
     if rc:
         return 1
     host = target.create_target_machine(cpu=llvm.get_host_cpu_name(),
-                                        features=llvm.get_host_cpu_features().flatten(), opt=3)
+                                        features=features.flatten(), opt=3)
     engine = llvm.create_mcjit_compiler(module, host)
     engine.finalize_object()
     run = ctypes.CFUNCTYPE(None, *[ctypes.c_void_p] * 4)(engine.get_function_address("tile_dot"))
